@@ -1,0 +1,17 @@
+"""Public ops: every op model code calls is a registered `generalist::` op with a reference
+implementation, a fake implementation and autograd (one file per op)."""
+
+from generalist.ops._attention_checks import set_value_checks
+from generalist.ops._registry import BackendError
+from generalist.ops.attention import BACKENDS as ATTENTION_BACKENDS
+from generalist.ops.attention import flash_attn_func, flash_attn_varlen_func
+from generalist.ops.varlen import varlen_positions
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "BackendError",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "set_value_checks",
+    "varlen_positions",
+]

@@ -1,0 +1,129 @@
+"""Input validation for the attention op: every error a caller can cause is a ValueError that
+names the argument.
+
+Shape, dtype and device checks are static and also run under torch.compile. Checks on the
+*values* of cu_seqlens / prefix_lens need them on the host (a device sync), so they run in
+eager mode only, and can be switched off with `set_value_checks(False)` on a hot GPU path
+whose packer already guarantees them.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the eager value checks on cu_seqlens and prefix_lens on or off; returns the old setting."""
+    global _value_checks
+    old, _value_checks = _value_checks, bool(enabled)
+    return old
+
+
+def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
+
+
+def _check_common(q, k, v) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q has unsupported dtype {q.dtype}; supported: float16, bfloat16, float32 (float64 on the reference backend)")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k and v must share a dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
+    h, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k head dim {k.shape[-1]} differs from q head dim {d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"q's number of heads ({h}) must be a multiple of k/v's ({hkv}) for GQA/MQA")
+
+
+def check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    scale = float(softmax_scale)
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return scale
+
+
+def check_dense(q, k, v) -> None:
+    _check_tensor("q", q, 4, "(B, Sq, H, D)")
+    _check_tensor("k", k, 4, "(B, Sk, Hkv, D)")
+    _check_tensor("v", v, 4, "(B, Sk, Hkv, D)")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"batch size differs: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    _check_common(q, k, v)
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, prefix_lens):
+    """Validates varlen inputs; returns (max_seqlen_q, max_seqlen_k) as ints."""
+    _check_tensor("q", q, 3, "(Tq, H, D)")
+    _check_tensor("k", k, 3, "(Tk, Hkv, D)")
+    _check_tensor("v", v, 3, "(Tk, Hkv, D)")
+    _check_common(q, k, v)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, cu, 1, "(B+1,)")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        if cu.shape[0] < 1:
+            raise ValueError(f"{name} must have at least one entry (B+1 with B >= 0)")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.shape[0] - 1} sequences but cu_seqlens_k has {cu_seqlens_k.shape[0] - 1}"
+        )
+    maxes = []
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        try:
+            m = operator.index(m)
+        except TypeError:
+            raise ValueError(f"{name} must be an int, got {type(m).__name__}") from None
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0, got {m}")
+        maxes.append(m)
+    if prefix_lens is not None:
+        _check_tensor("prefix_lens", prefix_lens, 1, "(B,)")
+        if prefix_lens.dtype != torch.int32:
+            raise ValueError(f"prefix_lens must be int32, got {prefix_lens.dtype}")
+        if prefix_lens.shape[0] != cu_seqlens_q.shape[0] - 1:
+            raise ValueError(f"prefix_lens has {prefix_lens.shape[0]} entries but there are {cu_seqlens_q.shape[0] - 1} sequences")
+        if prefix_lens.device != q.device:
+            raise ValueError(f"prefix_lens is on {prefix_lens.device} but q is on {q.device}")
+        if not causal:
+            raise ValueError("prefix_lens needs causal=True (keys after the prefix are seen causally); without causal every key is visible already")
+    if _value_checks and not torch.compiler.is_compiling():
+        _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", maxes[0])
+        _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", maxes[1])
+        if prefix_lens is not None and prefix_lens.numel() and int(prefix_lens.min()) < 0:
+            raise ValueError(f"prefix_lens must be >= 0, got {prefix_lens.tolist()}")
+    return maxes[0], maxes[1]
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, but entry {i} ({values[i]}) < entry {i - 1} ({values[i - 1]})")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] is {values[-1]} but the packed tensor has {total} tokens")
+    longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name} is {max_seqlen} but a sequence in {name} has length {longest}")

@@ -1,0 +1,67 @@
+"""A small registry of named implementations, shared by the ops that have several backends.
+
+An op declares the names it knows (so a typo fails fast) and its implementations register
+under those names with a priority and a `unsupported(*inputs) -> str | None` predicate that
+says why it cannot serve particular inputs. "auto" picks the highest-priority implementation
+that can serve; an explicitly named one that cannot raises instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class BackendError(ValueError):
+    """The `backend` argument names an implementation that cannot serve these inputs."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    priority: int  # "auto" prefers higher
+    unsupported: Callable[..., str | None]  # None when it can serve the inputs, else why not
+    functions: dict[str, Callable[..., Any]]  # e.g. {"forward": ..., "backward": ...}
+
+
+class Registry:
+    def __init__(self, op: str, known: tuple[str, ...]):
+        self.op = op
+        self.known = known
+        self._impls: dict[str, Implementation] = {}
+
+    def register(self, impl: Implementation) -> None:
+        if impl.name not in self.known:
+            raise ValueError(f"{self.op}: unknown backend name {impl.name!r}; known: {self.known}")
+        self._impls[impl.name] = impl
+
+    def available(self) -> list[str]:
+        return sorted(self._impls, key=lambda n: -self._impls[n].priority)
+
+    def check_name(self, name: str) -> None:
+        if name != "auto" and name not in self.known:
+            raise BackendError(
+                f"{self.op}: unknown backend {name!r}; choose one of {('auto',) + self.known}"
+            )
+
+    def resolve(self, name: str, *inputs: Any) -> Implementation:
+        self.check_name(name)
+        if name == "auto":
+            reasons = []
+            for candidate in self.available():
+                impl = self._impls[candidate]
+                why = impl.unsupported(*inputs)
+                if why is None:
+                    return impl
+                reasons.append(f"{candidate}: {why}")
+            raise BackendError(f"{self.op}: no backend can serve these inputs ({'; '.join(reasons)})")
+        impl = self._impls.get(name)
+        if impl is None:
+            raise BackendError(
+                f"{self.op}: backend {name!r} is not available in this installation "
+                f"(available: {self.available()})"
+            )
+        why = impl.unsupported(*inputs)
+        if why is not None:
+            raise BackendError(f"{self.op}: backend {name!r} cannot serve these inputs: {why}")
+        return impl
