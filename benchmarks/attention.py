@@ -36,7 +36,13 @@ def _time_once(fn) -> float:
 
 
 def paired(fn_a, fn_b, reps: int):
-    """Median time of a, of b, and median of per-pair ratios a/b, interleaved."""
+    """Median time of a, of b, and median of per-pair ratios a/b, interleaved (CPU); on GPU
+    the ratio of triton.testing.do_bench medians."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        ta, tb = do_bench(fn_a) / 1e3, do_bench(fn_b) / 1e3
+        return ta, tb, ta / tb
     for _ in range(2):
         fn_a(), fn_b()
     ta, tb = [], []

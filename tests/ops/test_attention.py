@@ -182,3 +182,19 @@ def test_backend_selection(gen):
             with pytest.raises(BackendError, match=f"backend '{name}' is not available"):
                 _run(case, False, backend=name)
     torch.testing.assert_close(_run(case, True, backend="auto"), _run(case, True, backend="reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_backend_on_cuda(gen, dtype):
+    from generalist.ops import ATTENTION_BACKENDS
+
+    case = random_varlen([1, 97, 0, 300], [5, 97, 3, 256], 8, 2, 64, dtype=dtype, prefix="mid", device="cuda",
+                         generator=gen)
+    want, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True, prefix_lens=case.prefix_lens)
+    same, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True,
+                              prefix_lens=case.prefix_lens, dtype=dtype)
+    baseline = (same.double() - want).abs().max().item()
+    for backend in ATTENTION_BACKENDS.available():
+        out = _run(case, True, backend=backend)
+        assert (out.double() - want).abs().max().item() <= 2 * baseline + ATOL[dtype], backend

@@ -78,3 +78,13 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_reference(gen):
+    assert _ext.cuda_built(), f"generalist._C has no CUDA kernels ({_ext.import_error}); build with GENERALIST_CUDA=ON"
+    lens = _lens(gen, 3000)
+    cu = cu_seqlens(lens, device="cuda")
+    got = varlen_positions(cu, sum(lens))
+    want = varlen_positions_reference(cu.cpu(), sum(lens))
+    assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
