@@ -5,6 +5,7 @@ from generalist.ops._attention_checks import set_value_checks
 from generalist.ops._registry import BackendError
 from generalist.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from generalist.ops.attention import flash_attn_func, flash_attn_varlen_func
+from generalist.ops.moe import MOE_BACKENDS, grouped_mm, permute, unpermute
 from generalist.ops.varlen import varlen_positions
 
 __all__ = [
@@ -12,6 +13,10 @@ __all__ = [
     "BackendError",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "grouped_mm",
+    "MOE_BACKENDS",
+    "permute",
+    "unpermute",
     "set_value_checks",
     "varlen_positions",
 ]

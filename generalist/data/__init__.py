@@ -1,0 +1,1 @@
+"""Examples, their encoding into model inputs, and packing into varlen streams."""

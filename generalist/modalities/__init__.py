@@ -1,0 +1,87 @@
+"""Modalities: one embedder per modality, all with the same contract.
+
+Shapes: L tokens of one example, D d_model.
+
+Every embedder is an nn.Module whose `forward(data)` takes ONE example's raw data and returns
+`(tokens_LD, positions_L3)`: float (L, D) embeddings without any position embedding, and int64
+(L, 3) coordinates (axis 0 time / sequence index, axis 1 row or frequency, axis 2 column; unused
+axes are 0). `embedder.max_positions` gives the exclusive bound of each axis under its config,
+so the model can size per-axis position tables. Raw data per modality:
+
+    text   1-D int ids (tensor, array or list)                      positions (i, 0, 0)
+    image  float (H, W) / (C, H, W), or uint8 (H, W) / (H, W, C)      positions (0, row, col)
+    audio  (mono float waveform (N,), sample_rate)                  positions (time, freq, 0)
+    video  (T, H, W, C) or (T, H, W), float in [0, 1] or uint8      positions (time, row, col)
+    table  (column_ids (F,) int, values (F,) float, NaN = missing)  positions (i, 0, 0)
+
+`build_embedders` returns them as an nn.ModuleDict keyed by modality name; `MODALITIES` maps
+each name to its modality id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .audio import AudioConfig, AudioEmbed, log_mel, resample
+from .image import ImageConfig, ImageEmbed
+from .table import TableConfig, TableEmbed
+from .text import SPECIAL_TOKENS, TextConfig, TextEmbed, TextTokenizer
+from .video import VideoConfig, VideoEmbed
+
+MODALITIES: dict[str, int] = {"text": 0, "image": 1, "audio": 2, "video": 3, "table": 4}
+
+# name -> (config class, embedder class)
+EMBEDDERS: dict[str, tuple[type, type[nn.Module]]] = {
+    "text": (TextConfig, TextEmbed),
+    "image": (ImageConfig, ImageEmbed),
+    "audio": (AudioConfig, AudioEmbed),
+    "video": (VideoConfig, VideoEmbed),
+    "table": (TableConfig, TableEmbed),
+}
+
+
+def build_embedders(d_model: int, text_vocab_size: int,
+                    configs: dict[str, Any] | None = None) -> nn.ModuleDict:
+    """One embedder per modality, keyed by name in `MODALITIES` order.
+
+    configs maps a modality name to its config (overriding the default), to a dict of that
+    config's fields (as stored in a checkpoint's JSON), or to None (leaving that modality out). The text config defaults to TextConfig(text_vocab_size); a given one
+    must agree with text_vocab_size.
+    """
+    configs = dict(configs or {})
+    unknown = sorted(set(configs) - set(EMBEDDERS))
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
+    embedders = nn.ModuleDict()
+    for name in MODALITIES:
+        config_cls, embed_cls = EMBEDDERS[name]
+        if name in configs and configs[name] is None:
+            continue
+        if name in configs:
+            cfg = configs[name]
+            if isinstance(cfg, dict):
+                fields = {"vocab_size": text_vocab_size, **cfg} if name == "text" else cfg
+                try:
+                    cfg = config_cls(**fields)
+                except TypeError as error:
+                    raise ValueError(f"configs[{name!r}]: {error}") from None
+            if not isinstance(cfg, config_cls):
+                raise ValueError(f"configs[{name!r}] must be of type {config_cls.__name__}; "
+                                 f"got {type(cfg).__name__}")
+        else:
+            cfg = TextConfig(text_vocab_size) if name == "text" else config_cls()
+        if name == "text" and cfg.vocab_size != text_vocab_size:
+            raise ValueError(f"configs['text'].vocab_size is {cfg.vocab_size} but "
+                             f"text_vocab_size is {text_vocab_size}")
+        embedders[name] = embed_cls(cfg, d_model)
+    return embedders
+
+
+__all__ = [
+    "MODALITIES", "EMBEDDERS", "build_embedders", "SPECIAL_TOKENS",
+    "TextTokenizer", "TextConfig", "TextEmbed", "ImageConfig", "ImageEmbed",
+    "AudioConfig", "AudioEmbed", "log_mel", "resample", "VideoConfig", "VideoEmbed",
+    "TableConfig", "TableEmbed",
+]

@@ -1,0 +1,138 @@
+"""Images: ViT-style non-overlapping patches, each linearly projected to one token.
+
+Shapes: C channels, H height, W width, P patch side, R = H // P patch rows, Q = W // P patch
+columns, L = R * Q tokens, K = C * P * P values per patch, D d_model.
+
+Accepted layouts (the dtype decides the layout, so there is never a guess):
+    floating tensor or numpy array   (H, W) grayscale, or (C, H, W) channel-first with C in {1, 3};
+                                     values are used as given (expected in [0, 1]).
+    uint8 tensor or numpy array      (H, W) grayscale, or (H, W, C) channel-last with C in {1, 3},
+                                     the layout of decoded image files; divided by 255.
+Any other dtype is refused. Grayscale is repeated to `ImageConfig.channels` (3 by default) so one
+patch projection serves grayscale and colour images alike.
+
+Token order is row-major over the patch grid; token k covers rows [r*P, (r+1)*P) and columns
+[q*P, (q+1)*P) with r, q = divmod(k, Q), and its position is (0, r, q). The patch is flattened
+in (C, P, P) order, the layout of a Conv2d weight, before the projection.
+
+This module also holds `to_tensor` and `grid_positions`, shared by the other modalities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def to_tensor(x: Any, name: str) -> Tensor:
+    """A torch.Tensor (as is) or numpy array (copied); anything else is a ValueError."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        try:
+            return torch.tensor(x)
+        except TypeError as e:
+            raise ValueError(f"{name} has numpy dtype {x.dtype}, which torch cannot hold") from e
+    raise ValueError(f"{name} must be a torch.Tensor or numpy array; got {type(x).__name__}")
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """ValueError if `x` holds NaN or inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def grid_positions(a: int, b: int, c: int, device: torch.device | None = None) -> Tensor:
+    """(a * b * c, 3) int64: the coordinates of an (a, b, c) grid in row-major order."""
+    axes = [torch.arange(n, device=device) for n in (a, b, c)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+@dataclass
+class ImageConfig:
+    """patch: side P of the square patches; max_size: the largest height or width accepted (a
+    multiple of `patch`); channels: 1 or 3, what the projection reads (grayscale is repeated)."""
+
+    patch: int = 4
+    max_size: int = 64
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.patch < 1:
+            raise ValueError(f"ImageConfig.patch must be >= 1; got {self.patch}")
+        if self.max_size < self.patch or self.max_size % self.patch:
+            raise ValueError(f"ImageConfig.max_size ({self.max_size}) must be a positive multiple "
+                             f"of patch ({self.patch})")
+        if self.channels not in (1, 3):
+            raise ValueError(f"ImageConfig.channels must be 1 or 3; got {self.channels}")
+
+
+def image_to_chw(image: Any, channels: int, name: str = "image") -> Tensor:
+    """Any accepted layout (see the module docstring) -> float (channels, H, W), finite."""
+    x = to_tensor(image, name)
+    if x.dtype == torch.uint8:
+        if x.dim() == 3:
+            if x.shape[-1] not in (1, 3):
+                raise ValueError(f"uint8 {name}s are channel-last (H, W, C) with C in {{1, 3}}; "
+                                 f"got shape {tuple(x.shape)} with {x.shape[-1]} channels")
+            x = x.permute(2, 0, 1)
+        x = x.float() / 255.0
+    elif x.is_floating_point():
+        if x.dim() == 3 and x.shape[0] not in (1, 3):
+            raise ValueError(f"floating {name}s are channel-first (C, H, W) with C in {{1, 3}}; "
+                             f"got shape {tuple(x.shape)} with {x.shape[0]} channels (for "
+                             f"channel-last data pass uint8 (H, W, C) or permute to (C, H, W))")
+    else:
+        raise ValueError(f"{name} must be floating point or uint8; got {x.dtype}")
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be (H, W), (C, H, W) or, for uint8, (H, W, C); "
+                         f"got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    if x.shape[0] != channels:
+        if x.shape[0] != 1:
+            raise ValueError(f"{name} has {x.shape[0]} channels but the embedder reads {channels}")
+        x = x.expand(channels, -1, -1)
+    return x
+
+
+class ImageEmbed(nn.Module):
+    """One image -> (tokens_LD, positions_L3); see the module docstring for layouts and order."""
+
+    modality = "image"
+
+    def __init__(self, cfg: ImageConfig, d_model: int):
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.channels * cfg.patch * cfg.patch, d_model)
+
+    @property
+    def max_positions(self) -> tuple[int, int, int]:
+        """Exclusive bounds of (time, patch row, patch column)."""
+        side = self.cfg.max_size // self.cfg.patch
+        return (1, side, side)
+
+    def forward(self, image: Any) -> tuple[Tensor, Tensor]:
+        """image: an accepted layout -> tokens (L, D) float, positions (L, 3) int64 (0, r, q)."""
+        p = self.cfg.patch
+        x_CHW = image_to_chw(image, self.cfg.channels)
+        C, H, W = x_CHW.shape
+        for axis, n in (("height", H), ("width", W)):
+            if n == 0 or n % p:
+                raise ValueError(f"image {axis} {n} is not a positive multiple of the patch size {p}")
+            if n > self.cfg.max_size:
+                raise ValueError(f"image {axis} {n} exceeds max_size {self.cfg.max_size}")
+        weight = self.proj.weight
+        x_CHW = x_CHW.to(device=weight.device, dtype=weight.dtype)
+        R, Q = H // p, W // p
+        patches_LK = (x_CHW.reshape(C, R, p, Q, p).permute(1, 3, 0, 2, 4).reshape(R * Q, C * p * p))
+        tokens_LD = self.proj(patches_LK)
+        positions_L3 = grid_positions(1, R, Q, device=weight.device)
+        return tokens_LD, positions_L3

@@ -1,0 +1,113 @@
+"""Tables: one token per feature of a row, column embedding + value embedding.
+
+Shapes: F features in the row (= L tokens), D d_model, Hd hidden width of the value MLP.
+
+Input is one row as a pair (column_ids (F,), values (F,)): integer column ids in
+[0, n_columns), each at most once, and real values where NaN means "missing". Token i is
+    column_embedding[column_ids[i]] + value_embedding(values[i])        (value present)
+    column_embedding[column_ids[i]] + missing                          (value NaN)
+with `missing` a learned (D,) vector. Positions are (i, 0, 0) in the order given.
+
+The value embedding is a 2-layer MLP of the features (v, symlog(v)), symlog(v) =
+sign(v) log(1 + |v|): the raw v lets it represent magnitude linearly, symlog keeps very large
+values (counts, prices) on a scale the MLP can still tell apart, and the hidden GELU layer lets
+it learn non-linear codes (thresholds, bins) that a single Linear(1, D) cannot. Values should
+still be roughly standardized per column by the data pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .image import to_tensor
+
+
+@dataclass
+class TableConfig:
+    """n_columns: the number of distinct columns (column ids are in [0, n_columns));
+    value_hidden: hidden width Hd of the value MLP."""
+
+    n_columns: int = 64
+    value_hidden: int = 64
+
+    def __post_init__(self):
+        if self.n_columns < 1:
+            raise ValueError(f"TableConfig.n_columns must be >= 1; got {self.n_columns}")
+        if self.value_hidden < 1:
+            raise ValueError(f"TableConfig.value_hidden must be >= 1; got {self.value_hidden}")
+
+
+def value_features(values_F: Tensor) -> Tensor:
+    """(F,) finite values -> (F, 2) MLP inputs (v, symlog v)."""
+    return torch.stack([values_F, torch.sign(values_F) * torch.log1p(values_F.abs())], dim=-1)
+
+
+def _as_1d(x: Any, name: str) -> Tensor:
+    t = torch.tensor(x) if isinstance(x, (list, tuple)) else to_tensor(x, name)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (F,); got shape {tuple(t.shape)}")
+    return t
+
+
+class TableEmbed(nn.Module):
+    """One row (column_ids, values) -> (tokens_LD, positions_L3); see the module docstring."""
+
+    modality = "table"
+
+    def __init__(self, cfg: TableConfig, d_model: int):
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        self.cfg = cfg
+        self.column = nn.Embedding(cfg.n_columns, d_model)
+        self.value_in = nn.Linear(2, cfg.value_hidden)
+        self.value_out = nn.Linear(cfg.value_hidden, d_model)
+        self.missing = nn.Parameter(torch.zeros(d_model))
+        nn.init.normal_(self.column.weight, std=0.02)
+        nn.init.normal_(self.missing, std=0.02)
+
+    @property
+    def max_positions(self) -> tuple[int, int, int]:
+        """Exclusive bounds of (feature index, -, -); a row holds each column at most once."""
+        return (self.cfg.n_columns, 1, 1)
+
+    def forward(self, row: Any) -> tuple[Tensor, Tensor]:
+        """row: (column_ids (F,) int, values (F,) real, NaN = missing) -> tokens (F, D),
+        positions (F, 3) int64 (i, 0, 0)."""
+        if not isinstance(row, (tuple, list)) or len(row) != 2:
+            raise ValueError("table input must be a pair (column_ids, values)")
+        ids_F = _as_1d(row[0], "column_ids")
+        values_F = _as_1d(row[1], "values")
+        n = ids_F.shape[0]
+        if n != values_F.shape[0]:
+            raise ValueError(f"column_ids has {n} entries but values has {values_F.shape[0]}")
+        if n == 0:
+            raise ValueError("table row is empty (no features)")
+        if ids_F.dtype == torch.bool or ids_F.is_floating_point() or ids_F.is_complex():
+            raise ValueError(f"column_ids must have an integer dtype; got {ids_F.dtype}")
+        if values_F.dtype == torch.bool or values_F.is_complex():
+            raise ValueError(f"values must be real numbers; got {values_F.dtype}")
+        lo, hi = int(ids_F.min()), int(ids_F.max())
+        if lo < 0 or hi >= self.cfg.n_columns:
+            raise ValueError(f"column ids must be in [0, {self.cfg.n_columns}); got min {lo}, max {hi}")
+        uniq, counts = torch.unique(ids_F, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"column id {int(uniq[counts > 1][0])} appears more than once in the row")
+        weight = self.column.weight
+        values_F = values_F.to(device=weight.device, dtype=weight.dtype)
+        if bool(torch.isinf(values_F).any()):
+            raise ValueError("values contain inf (use NaN for a missing value)")
+        missing_F = torch.isnan(values_F)
+        # Zero the NaNs before the MLP: NaN * 0 in its backward would poison the weight grads.
+        feats_F2 = value_features(torch.where(missing_F, 0.0, values_F))
+        value_FD = self.value_out(F.gelu(self.value_in(feats_F2)))
+        value_FD = torch.where(missing_F[:, None], self.missing, value_FD)
+        tokens_FD = self.column(ids_F.to(device=weight.device, dtype=torch.int64)) + value_FD
+        positions_F3 = torch.zeros(n, 3, dtype=torch.int64, device=weight.device)
+        positions_F3[:, 0] = torch.arange(n, device=weight.device)
+        return tokens_FD, positions_F3

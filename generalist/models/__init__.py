@@ -1,0 +1,1 @@
+"""Models: the generalist encoder-decoder, its config/presets, and decoding."""

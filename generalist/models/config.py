@@ -1,0 +1,60 @@
+"""The model's configuration and its named presets (one registry; no fuzzy lookup)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass
+class GeneralistConfig:
+    vocab_size: int
+    n_tasks: int = 1
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    enc_layers: int = 2
+    dec_layers: int = 2
+    d_ff: int = 128  # hidden size of each expert
+    n_shared: int = 1  # always-on experts per MoE
+    n_routed: int = 4  # routed experts per MoE (0: a dense FFN)
+    top_k: int = 2
+    condition_router: bool = True  # the router sees task and modality embeddings
+    capacity_factor: float | None = None  # None: dropless
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    embed_dim: int = 64  # contrastive embedding size
+    bos_id: int = 0
+    eos_id: int = 1
+    attention_backend: str = "auto"
+    modalities: dict = field(default_factory=dict)  # per-modality config overrides, e.g. {"image": {"patch": 4}}
+
+    def __post_init__(self):
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        for name in ("bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name} must be a token id below vocab_size ({self.vocab_size})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# name -> fields; vocab_size and n_tasks come from the tokenizer and the task mixture.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=32, n_heads=4, n_kv_heads=2, enc_layers=1, dec_layers=1, d_ff=32, n_shared=1,
+                 n_routed=4, top_k=2, embed_dim=16),
+    "demo": dict(d_model=128, n_heads=4, n_kv_heads=2, enc_layers=3, dec_layers=2, d_ff=256, n_shared=1,
+                 n_routed=8, top_k=2, embed_dim=64),
+    "base": dict(d_model=512, n_heads=8, n_kv_heads=4, enc_layers=8, dec_layers=6, d_ff=1024, n_shared=2,
+                 n_routed=32, top_k=2, embed_dim=256),
+}
+
+
+def preset(name: str, vocab_size: int, n_tasks: int = 1, **overrides) -> GeneralistConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(GeneralistConfig(vocab_size=vocab_size, n_tasks=n_tasks, **PRESETS[name]), **overrides)

@@ -1,0 +1,77 @@
+"""Greedy and beam-search decoding, with a KV cache or by full recompute (the two agree token
+for token; the recompute path exists to prove it).
+
+Shapes: B examples, W beams, N = B*W decoding rows, s tokens decoded so far, V vocabulary.
+Beams are scored by the sum of token log-probabilities (no length penalty); greedy is beam
+search with W = 1. A finished row (it emitted eos) only extends with eos at no cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from generalist.data.packing import EncodedExample
+from generalist.modules.blocks import StreamInfo
+
+
+def _repeat_stream(model, h_SM: Tensor, enc: StreamInfo, w: int) -> tuple[Tensor, StreamInfo]:
+    """Each example's encoder tokens repeated w times, so every beam has its own sequence."""
+    lens = (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1]).tolist()
+    starts = enc.cu_seqlens[:-1].tolist()
+    idx = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens) for _ in range(w)]).to(h_SM.device)
+    cu = torch.zeros(len(lens) * w + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([n for n in lens for _ in range(w)]).cumsum(0)
+    return h_SM[idx], model._stream(cu.to(h_SM.device), enc.max_seqlen, enc.task_ids[idx], enc.modality_ids[idx])
+
+
+@torch.no_grad()
+def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_size: int = 1,
+             use_cache: bool = True) -> list[list[int]]:
+    """Token ids generated for each example (without bos, cut before the first eos)."""
+    if beam_size < 1 or max_new_tokens < 0:
+        raise ValueError(f"beam_size must be >= 1 and max_new_tokens >= 0, got {beam_size} and {max_new_tokens}")
+    cfg = model.cfg
+    b, w, v = len(batch), beam_size, cfg.vocab_size
+    device = model.boundary.device
+    h_SM, enc, _ = model.encode(batch)
+    h_SM, enc = _repeat_stream(model, h_SM, enc, w)
+    task_N = torch.tensor([ex.task_id for ex in batch for _ in range(w)], device=device)
+    tokens_Ns = torch.full((b * w, 1), cfg.bos_id, dtype=torch.long, device=device)
+    scores_BW = torch.full((b, w), float("-inf"), device=device)
+    scores_BW[:, 0] = 0.0
+    finished_N = torch.zeros(b * w, dtype=torch.bool, device=device)
+    caches = [{"memory": blk.cross.memory(h_SM)} for blk in model.decoder] if use_cache else None
+
+    for step in range(max_new_tokens):
+        if use_cache:
+            x_NM = model.embedders["text"](tokens_Ns[:, -1])[0]
+            pos_N = torch.full((b * w,), step, device=device)
+            for blk, cache in zip(model.decoder, caches):
+                x_NM = blk.step(x_NM, pos_N, task_N, torch.zeros_like(task_N), cache, enc)
+            logits_NV = model.dec_norm(x_NM) @ model.embedders["text"].weight.t()
+        else:
+            ids_T, dec = model._decoder_stream(list(tokens_Ns), task_N.tolist())
+            logits_TV, _ = model.decode(ids_T, dec, h_SM, enc)
+            logits_NV = logits_TV[dec.cu_seqlens[1:].long() - 1]
+        logp_NV = torch.log_softmax(logits_NV.float(), dim=-1)
+        logp_NV[finished_N] = float("-inf")
+        logp_NV[finished_N, cfg.eos_id] = 0.0
+        cand_BX = (scores_BW[:, :, None] + logp_NV.view(b, w, v)).view(b, w * v)
+        scores_BW, flat_BW = cand_BX.topk(w, dim=-1)
+        origin_N = (torch.arange(b, device=device)[:, None] * w + flat_BW // v).flatten()
+        token_N = (flat_BW % v).flatten()
+        tokens_Ns = torch.cat([tokens_Ns[origin_N], token_N[:, None]], dim=1)
+        finished_N = finished_N[origin_N] | (token_N == cfg.eos_id)
+        if use_cache:
+            for cache in caches:  # beams of one example share its encoder memory; only self-attn reorders
+                cache["k"], cache["v"] = cache["k"][origin_N], cache["v"][origin_N]
+        if finished_N.all():
+            break
+
+    best_B = scores_BW.argmax(dim=-1)
+    out = []
+    for i in range(b):
+        row = tokens_Ns[i * w + best_B[i], 1:].tolist()
+        out.append(row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row)
+    return out

@@ -1,0 +1,195 @@
+"""The generalist: modality embedders -> packed encoder stream -> sparse-MoE encoder ->
+sparse-MoE decoder (causal self-attention + cross-attention) -> tied text head, plus a
+contrastive embedding head.
+
+Shapes: S encoder tokens, T decoder tokens, B examples, N decoding rows (B x beams), M model dim,
+V vocabulary, E contrastive dim.
+
+Positions: every attention layer applies rotary embeddings over the token's index inside its
+own example (encoder and decoder separately); non-text modality tokens also get learned axial
+embeddings (time/row/column) from their embedder's coordinates. Each example's encoder stream
+is: a learned task token, then for each segment an opening boundary vector, the segment's
+tokens and a closing boundary vector (boundaries are learned per modality).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generalist.data.packing import EncodedExample, pack
+from generalist.modalities import MODALITIES, TextTokenizer, build_embedders
+from generalist.models.config import GeneralistConfig
+from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo
+from generalist.modules.moe import MoEConfig, MoEStats
+from generalist.ops import varlen_positions
+
+
+class AxialPositions(nn.Module):
+    def __init__(self, max_positions: tuple[int, int, int], d_model: int):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(max(1, n), d_model) for n in max_positions)
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=0.02)
+
+    def forward(self, pos_L3: Tensor) -> Tensor:
+        return sum(t(pos_L3[:, a]) for a, t in enumerate(self.tables))
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor  # lm_loss + aux_loss
+    lm_loss: Tensor
+    aux_loss: Tensor
+    logits: Tensor  # (T, V)
+    labels: Tensor  # (T,)
+    moe_stats: list[MoEStats]  # encoder layers, then decoder layers
+
+
+class Generalist(nn.Module):
+    def __init__(self, cfg: GeneralistConfig):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.d_model
+        self.embedders = build_embedders(m, cfg.vocab_size, cfg.modalities)
+        self.axial = nn.ModuleDict({name: AxialPositions(e.max_positions, m)
+                                    for name, e in self.embedders.items() if name != "text"})
+        self.task_emb = nn.Embedding(cfg.n_tasks, m)
+        self.boundary = nn.Parameter(torch.randn(len(MODALITIES), 2, m) * 0.02)
+        moe = MoEConfig(d_model=m, d_ff=cfg.d_ff, n_shared=cfg.n_shared, n_routed=cfg.n_routed, top_k=cfg.top_k,
+                        n_tasks=cfg.n_tasks, n_modalities=len(MODALITIES), condition_router=cfg.condition_router,
+                        capacity_factor=cfg.capacity_factor, aux_loss_weight=cfg.aux_loss_weight,
+                        z_loss_weight=cfg.z_loss_weight)
+        self.encoder = nn.ModuleList(EncoderBlock(m, cfg.n_heads, cfg.n_kv_heads, moe, cfg.attention_backend)
+                                     for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(m, cfg.n_heads, cfg.n_kv_heads, moe, cfg.attention_backend)
+                                     for _ in range(cfg.dec_layers))
+        self.enc_norm, self.dec_norm = nn.RMSNorm(m), nn.RMSNorm(m)
+        self.embed_proj = nn.Linear(m, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # ---- streams -------------------------------------------------------------------------
+    def _stream(self, cu: Tensor, max_len: int, task_ids_T: Tensor, modality_ids_T: Tensor) -> StreamInfo:
+        _, pos = varlen_positions(cu, task_ids_T.shape[0])
+        return StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
+
+    def embed_inputs(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo]:
+        """Embeds every segment and packs all examples into one encoder stream (S, M)."""
+        if not batch:
+            raise ValueError("empty batch")
+        device = self.boundary.device
+        pieces, mods, tasks = [], [], []
+        for b, ex in enumerate(batch):
+            if not ex.segments:
+                raise ValueError(f"example {b} has no input segments")
+            if not 0 <= ex.task_id < self.cfg.n_tasks:
+                raise ValueError(f"example {b} has task id {ex.task_id}; this model has {self.cfg.n_tasks} tasks")
+            p, m = [self.task_emb.weight[ex.task_id][None]], [torch.zeros(1, dtype=torch.long)]
+            for modality, data in ex.segments:
+                if modality not in self.embedders:
+                    raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
+                mid = MODALITIES[modality]
+                tok_LM, pos_L3 = self.embedders[modality](data)
+                if modality != "text":
+                    tok_LM = tok_LM + self.axial[modality](pos_L3.to(device))
+                p += [self.boundary[mid, 0][None], tok_LM, self.boundary[mid, 1][None]]
+                m.append(torch.full((tok_LM.shape[0] + 2,), mid, dtype=torch.long))
+            pieces.append(p)
+            m_L = torch.cat(m)
+            mods.append(m_L)
+            tasks.append(torch.full_like(m_L, ex.task_id))
+        x_SM, cu, max_len = pack(pieces)
+        return x_SM, self._stream(cu, max_len, torch.cat(tasks).to(device), torch.cat(mods).to(device))
+
+    def encode(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo, list[MoEStats]]:
+        x_SM, enc = self.embed_inputs(batch)
+        stats = []
+        for block in self.encoder:
+            x_SM, st = block(x_SM, enc)
+            stats.append(st)
+        return self.enc_norm(x_SM), enc, stats
+
+    def decode(self, ids_T: Tensor, dec: StreamInfo, h_SM: Tensor, enc: StreamInfo):
+        """Full (teacher-forced) decoder pass: logits (T, V)."""
+        x_TM = self.embedders["text"](ids_T)[0]
+        stats = []
+        for block in self.decoder:
+            x_TM, st = block(x_TM, dec, block.cross.memory(h_SM), enc)
+            stats.append(st)
+        return self.dec_norm(x_TM) @ self.embedders["text"].weight.t(), stats
+
+    def _decoder_stream(self, seqs: list[Tensor], task_ids: list[int]) -> tuple[Tensor, StreamInfo]:
+        ids_T, cu, max_len = pack([[s] for s in seqs])
+        device = self.boundary.device
+        tasks = torch.cat([torch.full((len(s),), t, dtype=torch.long) for s, t in zip(seqs, task_ids)])
+        return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
+                                              torch.zeros_like(tasks).to(device))
+
+    # ---- training --------------------------------------------------------------------------
+    def forward(self, batch: list[EncodedExample]) -> ModelOutput:
+        h_SM, enc, enc_stats = self.encode(batch)
+        bos, eos = self.cfg.bos_id, self.cfg.eos_id
+        ins = [torch.cat([torch.tensor([bos]), ex.target_ids.long()]) for ex in batch]
+        labels = torch.cat([torch.cat([ex.target_ids.long(), torch.tensor([eos])]) for ex in batch])
+        ids_T, dec = self._decoder_stream(ins, [ex.task_id for ex in batch])
+        logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
+        labels = labels.to(logits_TV.device)
+        lm_loss = F.cross_entropy(logits_TV.float(), labels)
+        stats = enc_stats + dec_stats
+        aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits_TV.device))
+        return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats)
+
+    def embed(self, batch: list[EncodedExample]) -> Tensor:
+        """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected."""
+        h_SM, enc, _ = self.encode(batch)
+        seq_S = torch.repeat_interleave(torch.arange(len(batch), device=h_SM.device),
+                                        (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1]).long())
+        pooled_BM = torch.zeros(len(batch), h_SM.shape[1], device=h_SM.device, dtype=h_SM.dtype)
+        pooled_BM.index_add_(0, seq_S, h_SM)
+        pooled_BM = pooled_BM / (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1])[:, None].to(h_SM.dtype)
+        return F.normalize(self.embed_proj(pooled_BM), dim=-1)
+
+    def contrastive_loss(self, a_BE: Tensor, b_BE: Tensor) -> Tensor:
+        """Symmetric InfoNCE between paired embeddings (row i of a matches row i of b)."""
+        logits = self.logit_scale.exp().clamp(max=100) * a_BE @ b_BE.t()
+        target = torch.arange(a_BE.shape[0], device=a_BE.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save(self, directory: str | Path, tokenizer: TextTokenizer | None = None) -> None:
+        """config.json + model.safetensors (+ tokenizer.json): no pickled code anywhere."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        save_model(self, str(directory / "model.safetensors"))
+        if tokenizer is not None:
+            if tokenizer.vocab_size != self.cfg.vocab_size:
+                raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model {self.cfg.vocab_size}")
+            (directory / "tokenizer.json").write_text(tokenizer.to_json())
+
+    @staticmethod
+    def load_tokenizer(directory: str | Path) -> TextTokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json")
+        return TextTokenizer.from_json(path.read_text())
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> "Generalist":
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a generalist checkpoint: {name} is missing")
+        model = cls(GeneralistConfig(**json.loads((directory / "config.json").read_text())))
+        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        return model.to(device)

@@ -1,0 +1,83 @@
+"""Attention layers over packed varlen streams: self-attention (bidirectional or causal, with
+rotary positions) and cross-attention (decoder queries to the same example's encoder tokens).
+
+Shapes: T packed tokens, B sequences, H query heads, K key/value heads, D head dim, M model dim.
+All attention goes through generalist.ops (never a kernel directly). Rotary embeddings use each
+token's position inside its own sequence, so packing never leaks positions across examples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from generalist.ops import flash_attn_func, flash_attn_varlen_func
+
+
+def rotary(x_THD: Tensor, pos_T: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotate pairs (first half, second half) of each head by angle pos * base^(-2i/D)."""
+    d = x_THD.shape[-1]
+    half = d // 2
+    if half == 0:
+        return x_THD
+    inv_freq = base ** (-torch.arange(half, device=x_THD.device, dtype=torch.float32) / half)
+    ang_TF = pos_T.float()[:, None] * inv_freq[None, :]
+    cos, sin = ang_TF.cos()[:, None, :], ang_TF.sin()[:, None, :]
+    x1, x2 = x_THD[..., :half].float(), x_THD[..., half:2 * half].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x_THD[..., 2 * half:].float()], dim=-1)
+    return out.to(x_THD.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, causal: bool, backend: str = "auto"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.h, self.hkv, self.d = n_heads, n_kv_heads, d_model // n_heads
+        self.causal, self.backend = causal, backend
+        self.wq = nn.Linear(d_model, n_heads * self.d, bias=False)
+        self.wkv = nn.Linear(d_model, 2 * n_kv_heads * self.d, bias=False)
+        self.wo = nn.Linear(n_heads * self.d, d_model, bias=False)
+
+    def project(self, x_TM: Tensor, pos_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T)
+        k_TKD, v_TKD = self.wkv(x_TM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
+        return q_THD, rotary(k_TKD, pos_T), v_TKD
+
+    def forward(self, x_TM: Tensor, pos_T: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        q, k, v = self.project(x_TM, pos_T)
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                     causal=self.causal, backend=self.backend)
+        return self.wo(out.flatten(1))
+
+    def step(self, x_BM: Tensor, pos_B: Tensor, cache: dict) -> Tensor:
+        """One decoding step for B sequences moving in lockstep: appends this token's k/v to
+        cache["k"], cache["v"] (B, S, K, D) and attends to everything cached so far."""
+        q, k, v = self.project(x_BM, pos_B)
+        cache["k"] = k[:, None] if cache.get("k") is None else torch.cat([cache["k"], k[:, None]], 1)
+        cache["v"] = v[:, None] if cache.get("v") is None else torch.cat([cache["v"], v[:, None]], 1)
+        out = flash_attn_func(q[:, None], cache["k"], cache["v"], causal=True, backend=self.backend)
+        return self.wo(out.flatten(1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder stream, keys/values from the encoder stream of the same example."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.h, self.hkv, self.d = n_heads, n_kv_heads, d_model // n_heads
+        self.backend = backend
+        self.wq = nn.Linear(d_model, n_heads * self.d, bias=False)
+        self.wkv = nn.Linear(d_model, 2 * n_kv_heads * self.d, bias=False)
+        self.wo = nn.Linear(n_heads * self.d, d_model, bias=False)
+
+    def memory(self, enc_SM: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder keys and values (S, K, D), computed once per batch (and cached when decoding)."""
+        k, v = self.wkv(enc_SM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
+        return k, v
+
+    def forward(self, x_TM: Tensor, memory: tuple[Tensor, Tensor], cu_q: Tensor, cu_k: Tensor,
+                max_q: int, max_k: int) -> Tensor:
+        q = self.wq(x_TM).unflatten(-1, (self.h, self.d))
+        out = flash_attn_varlen_func(q, memory[0], memory[1], cu_q, cu_k, max_q, max_k, backend=self.backend)
+        return self.wo(out.flatten(1))

@@ -1,0 +1,58 @@
+"""Pre-norm transformer blocks over packed streams: encoder (bidirectional self-attention +
+MoE) and decoder (causal self-attention + cross-attention + MoE).
+
+Shapes: T tokens of the stream, S encoder tokens, B sequences, M model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from generalist.modules.attention import CrossAttention, SelfAttention
+from generalist.modules.moe import MoE, MoEConfig
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, moe: MoEConfig, backend: str):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, n_kv_heads, causal=False, backend=backend)
+        self.moe = MoE(moe)
+
+    def forward(self, x_TM: Tensor, s: "StreamInfo"):
+        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen)
+        y_TM, stats = self.moe(self.norm2(x_TM), s.task_ids, s.modality_ids)
+        return x_TM + y_TM, stats
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, moe: MoEConfig, backend: str):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.RMSNorm(d_model), nn.RMSNorm(d_model), nn.RMSNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, n_kv_heads, causal=True, backend=backend)
+        self.cross = CrossAttention(d_model, n_heads, n_kv_heads, backend=backend)
+        self.moe = MoE(moe)
+
+    def forward(self, x_TM: Tensor, s: "StreamInfo", memory, enc: "StreamInfo"):
+        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen)
+        x_TM = x_TM + self.cross(self.norm2(x_TM), memory, s.cu_seqlens, enc.cu_seqlens, s.max_seqlen, enc.max_seqlen)
+        y_TM, stats = self.moe(self.norm3(x_TM), s.task_ids, s.modality_ids)
+        return x_TM + y_TM, stats
+
+    def step(self, x_BM: Tensor, pos_B: Tensor, task_ids_B: Tensor, modality_ids_B: Tensor, cache: dict,
+             enc: "StreamInfo"):
+        """One token per sequence against the cached keys/values (see SelfAttention.step)."""
+        x_BM = x_BM + self.attn.step(self.norm1(x_BM), pos_B, cache)
+        cu_q = torch.arange(x_BM.shape[0] + 1, dtype=torch.int32, device=x_BM.device)
+        x_BM = x_BM + self.cross(self.norm2(x_BM), cache["memory"], cu_q, enc.cu_seqlens, 1, enc.max_seqlen)
+        y_BM, _ = self.moe(self.norm3(x_BM), task_ids_B, modality_ids_B)
+        return x_BM + y_BM
+
+
+class StreamInfo:
+    """What every block needs to know about a packed stream besides its activations."""
+
+    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, pos: Tensor, task_ids: Tensor, modality_ids: Tensor):
+        self.cu_seqlens, self.max_seqlen, self.pos = cu_seqlens, max_seqlen, pos
+        self.task_ids, self.modality_ids = task_ids, modality_ids

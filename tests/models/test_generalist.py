@@ -1,0 +1,125 @@
+"""Model invariants: packed equals per-example, KV-cached decoding equals recompute, checkpoint
+round trip is exact, presets instantiate, bad input is named, and a tiny model can overfit."""
+
+import math
+
+import pytest
+import torch
+
+from generalist.data.packing import Example, ExampleEncoder
+from generalist.modalities import TextTokenizer
+from generalist.models.config import PRESETS, preset
+from generalist.models.decoding import generate
+from generalist.models.generalist import Generalist
+
+CORPUS = [
+    "a photo of a small cat", "a sheep in a field", "the digit seven", "the digit three",
+    "a spoken word", "a moving digit going left", "a table of measurements", "what is shown here",
+    "an answer in a few words", "red green blue yellow", "one two three four five six seven eight nine",
+]
+TASKS = ["caption", "classify", "vqa"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer.train(CORPUS * 4, vocab_size=300)
+
+
+def _model(tokenizer, seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, n_tasks=len(TASKS), bos_id=tokenizer.token_id("<bos>"),
+                 eos_id=tokenizer.token_id("<eos>"), **over)
+    return Generalist(cfg).eval()
+
+
+def _examples(gen):
+    t = torch.linspace(0, 0.25, 4000)
+    return [
+        Example([("image", torch.rand(3, 8, 12, generator=gen)), ("text", "what is shown here")], "a small cat", "vqa"),
+        Example([("audio", (torch.sin(2 * math.pi * 440 * t), 16000))], "the digit seven", "classify"),
+        Example([("video", torch.rand(4, 8, 8, 3, generator=gen))], "a moving digit going left", "caption"),
+        Example([("table", (torch.tensor([0, 3, 5]), torch.tensor([1.5, float("nan"), -2.0])))], "three", "classify"),
+        Example([("text", "red green blue")], "one two", "caption"),
+    ]
+
+
+def _encode(tokenizer, examples):
+    enc = ExampleEncoder(tokenizer, TASKS)
+    return [enc.encode(e) for e in examples]
+
+
+def test_packed_equals_per_example(tokenizer, gen):
+    model = _model(tokenizer)
+    batch = _encode(tokenizer, _examples(gen))
+    with torch.no_grad():
+        packed = model(batch)
+        alone = [model([ex]) for ex in batch]
+    torch.testing.assert_close(packed.logits, torch.cat([a.logits for a in alone]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.labels, torch.cat([a.labels for a in alone]))
+    emb = model.embed(batch)
+    torch.testing.assert_close(emb, torch.cat([model.embed([ex]) for ex in batch]), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(batch)))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
+    model = _model(tokenizer, seed=1)
+    batch = _encode(tokenizer, _examples(gen))
+    cached = generate(model, batch, max_new_tokens=12, beam_size=beam_size, use_cache=True)
+    full = generate(model, batch, max_new_tokens=12, beam_size=beam_size, use_cache=False)
+    assert cached == full
+    assert all(len(s) <= 12 and tokenizer.token_id("<eos>") not in s for s in cached)
+
+
+def test_checkpoint_round_trip_is_exact(tokenizer, gen, tmp_path):
+    model = _model(tokenizer, seed=2, modalities={"image": {"patch": 4, "max_size": 32}, "table": {"n_columns": 8}})
+    batch = _encode(tokenizer, _examples(gen))
+    model.save(tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded = Generalist.load(tmp_path / "ckpt").eval()
+    assert Generalist.load_tokenizer(tmp_path / "ckpt").encode("a small cat") == tokenizer.encode("a small cat")
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, loaded(batch).logits)
+    assert loaded.cfg == model.cfg
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        Generalist.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_instantiates(name):
+    cfg = preset(name, vocab_size=1000, n_tasks=7)
+    with torch.device("meta"):
+        model = Generalist(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params > 0 and len(model.encoder) == cfg.enc_layers and len(model.decoder) == cfg.dec_layers
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge", vocab_size=1000)
+
+
+@pytest.mark.parametrize("segments,task,match", [
+    ([("image", torch.rand(2, 8, 8))], "vqa", "channel"),
+    ([("image", torch.rand(3, 9, 8))], "vqa", "height 9 is not a positive multiple of the patch"),
+    ([], "vqa", "no input segments"),
+    ([("smell", torch.rand(3))], "vqa", "unknown modality 'smell'"),
+    ([("image", torch.full((3, 8, 8), float("nan")))], "vqa", "(?i)nan"),
+    ([("text", "hello")], "translate", "unknown task 'translate'"),
+])
+def test_bad_inputs_are_named(tokenizer, segments, task, match):
+    model = _model(tokenizer)
+    with pytest.raises(ValueError, match=match):
+        model(_encode(tokenizer, [Example(segments, "x", task)]))
+
+
+def test_tiny_model_overfits_a_mixed_batch(tokenizer, gen):
+    model = _model(tokenizer, seed=3).train()
+    batch = _encode(tokenizer, _examples(gen))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.lm_loss.item()
+    assert out.lm_loss.item() < 0.1 * first, (first, out.lm_loss.item())
+    model.eval()
+    assert generate(model, batch, max_new_tokens=16) == [ex.target_ids.tolist() for ex in batch]
