@@ -1,0 +1,87 @@
+"""Tasks: what the generalist learns. A task is one file in `tasks/` that defines `TASK`, an
+instance of a `Task` subclass: where its data comes from, how a raw sample becomes an `Example`
+(segments + target text), its splits, and its metric. Users add a task by adding one file (or
+a directory of them on GENERALIST_TASKS_PATH).
+
+Evaluation goes through a `Predictor` (generate text, embed examples), so tasks never touch
+the model's internals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from generalist.data.packing import Example
+
+SPLITS = ("train", "test")
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+
+
+class Predictor(Protocol):
+    def generate(self, examples: Sequence[Example]) -> list[str]: ...
+    def embed(self, examples: Sequence[Example]) -> torch.Tensor: ...  # (B, E), unit norm
+
+
+class Task(ABC):
+    name: str = ""
+    contrastive: bool = False  # train the contrastive head on (non-text segments, target text) pairs
+    generative: bool = True  # train the text head on target_text
+
+    @abstractmethod
+    def examples(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
+        """Deterministic examples of `split` ("train" or "test"); at most `limit` of them."""
+
+    def evaluate(self, predictor: Predictor, examples: Sequence[Example]) -> dict[str, float]:
+        """Default: generate text and score it with `score`."""
+        return self.score(predictor.generate(examples), examples)
+
+    def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        """Default metric: exact-match accuracy of the normalised text."""
+        hits = [normalize(p) == normalize(e.target_text) for p, e in zip(predictions, examples, strict=True)]
+        return {"accuracy": sum(hits) / max(1, len(hits))}
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+
+
+def _task_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("GENERALIST_TASKS_PATH", "").split(os.pathsep) if p]
+    return [TASKS_DIR, *extra]
+
+
+def discover() -> dict[str, Task]:
+    """Every task file's TASK, by name (files starting with "_" and mixtures.py are skipped)."""
+    found: dict[str, Task] = {}
+    for directory in _task_dirs():
+        for path in sorted(directory.glob("*.py")):
+            if path.name.startswith("_") or path.stem == "mixtures":
+                continue
+            spec = importlib.util.spec_from_file_location(f"generalist_tasks.{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            task = getattr(module, "TASK", None)
+            if not isinstance(task, Task):
+                raise ValueError(f"{path} must define TASK, an instance of generalist.data.tasks.Task")
+            if task.name in found:
+                raise ValueError(f"two task files define the task {task.name!r} ({path})")
+            found[task.name] = task
+    return found
+
+
+def get_task(name: str) -> Task:
+    tasks = discover()
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(tasks)}")
+    return tasks[name]
