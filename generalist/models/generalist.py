@@ -52,7 +52,7 @@ class ModelOutput:
     moe_stats: list[MoEStats]  # encoder layers, then decoder layers
 
 
-class Generalist(nn.Module):
+class GeneralistModel(nn.Module):
     def __init__(self, cfg: GeneralistConfig):
         super().__init__()
         self.cfg = cfg
@@ -183,7 +183,7 @@ class Generalist(nn.Module):
         return TextTokenizer.from_json(path.read_text())
 
     @classmethod
-    def load(cls, directory: str | Path, device="cpu") -> "Generalist":
+    def load(cls, directory: str | Path, device="cpu") -> "GeneralistModel":
         from safetensors.torch import load_model
 
         directory = Path(directory)

@@ -10,7 +10,7 @@ from generalist.data.packing import Example, ExampleEncoder
 from generalist.modalities import TextTokenizer
 from generalist.models.config import PRESETS, preset
 from generalist.models.decoding import generate
-from generalist.models.generalist import Generalist
+from generalist.models.generalist import GeneralistModel
 
 CORPUS = [
     "a photo of a small cat", "a sheep in a field", "the digit seven", "the digit three",
@@ -29,7 +29,7 @@ def _model(tokenizer, seed=0, **over):
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=tokenizer.vocab_size, n_tasks=len(TASKS), bos_id=tokenizer.token_id("<bos>"),
                  eos_id=tokenizer.token_id("<eos>"), **over)
-    return Generalist(cfg).eval()
+    return GeneralistModel(cfg).eval()
 
 
 def _examples(gen):
@@ -75,20 +75,20 @@ def test_checkpoint_round_trip_is_exact(tokenizer, gen, tmp_path):
     model = _model(tokenizer, seed=2, modalities={"image": {"patch": 4, "max_size": 32}, "table": {"n_columns": 8}})
     batch = _encode(tokenizer, _examples(gen))
     model.save(tmp_path / "ckpt", tokenizer=tokenizer)
-    loaded = Generalist.load(tmp_path / "ckpt").eval()
-    assert Generalist.load_tokenizer(tmp_path / "ckpt").encode("a small cat") == tokenizer.encode("a small cat")
+    loaded = GeneralistModel.load(tmp_path / "ckpt").eval()
+    assert GeneralistModel.load_tokenizer(tmp_path / "ckpt").encode("a small cat") == tokenizer.encode("a small cat")
     with torch.no_grad():
         assert torch.equal(model(batch).logits, loaded(batch).logits)
     assert loaded.cfg == model.cfg
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        Generalist.load(tmp_path)
+        GeneralistModel.load(tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_instantiates(name):
     cfg = preset(name, vocab_size=1000, n_tasks=7)
     with torch.device("meta"):
-        model = Generalist(cfg)
+        model = GeneralistModel(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 0 and len(model.encoder) == cfg.enc_layers and len(model.decoder) == cfg.dec_layers
     with pytest.raises(ValueError, match="unknown preset"):
