@@ -50,6 +50,7 @@ class ModelOutput:
     logits: Tensor  # (T, V)
     labels: Tensor  # (T,)
     moe_stats: list[MoEStats]  # encoder layers, then decoder layers
+    n_input_tokens: int  # S, the packed encoder stream's length
 
 
 class GeneralistModel(nn.Module):
@@ -143,7 +144,7 @@ class GeneralistModel(nn.Module):
         lm_loss = F.cross_entropy(logits_TV.float(), labels)
         stats = enc_stats + dec_stats
         aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits_TV.device))
-        return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats)
+        return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats, h_SM.shape[0])
 
     def embed(self, batch: list[EncodedExample]) -> Tensor:
         """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected."""

@@ -1,0 +1,1 @@
+"""Inference: one entry point (Generalist) for every task and modality."""

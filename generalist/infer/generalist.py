@@ -1,0 +1,108 @@
+"""`Generalist`: a trained model, its tokenizer and its task list behind one entry point.
+
+    g = Generalist.load("runs/demo")
+    g.predict(task="fashion", image=img)              # -> "trouser"
+    g.embed([Example([("image", img)])])              # -> (1, E) unit vectors
+
+Inputs may be arrays/tensors or file paths (PNG/JPEG images, WAV audio, .npy arrays). Requests
+of different tasks and modalities batch together: they are packed, never padded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from generalist.data.packing import Example, ExampleEncoder
+from generalist.models.decoding import generate
+from generalist.models.generalist import GeneralistModel
+from generalist.train.checkpoint import find_checkpoint
+
+MODALITY_ARGS = ("image", "audio", "video", "table", "text")
+
+
+def read_input(modality: str, value: Any):
+    """A path or an in-memory value -> what that modality's embedder accepts."""
+    if not isinstance(value, (str, Path)):
+        return value
+    path = Path(value)
+    if modality == "text" and not path.suffix:
+        return str(value)
+    if not path.is_file():
+        if modality == "text":
+            return str(value)
+        raise ValueError(f"--{modality}: no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if modality == "image" and suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except OSError as error:
+            raise ValueError(f"--image: cannot read {path}: {error}") from None
+    if modality == "audio" and suffix == ".wav":
+        import wave
+
+        try:
+            with wave.open(str(path)) as w:
+                if w.getsampwidth() != 2:
+                    raise ValueError(f"--audio: {path} must be 16-bit PCM")
+                data = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+                return data.reshape(-1, w.getnchannels()).mean(axis=1), w.getframerate()
+        except (wave.Error, EOFError) as error:
+            raise ValueError(f"--audio: cannot read {path}: {error}") from None
+    if modality == "text" and suffix == ".txt":
+        return path.read_text()
+    raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
+
+
+class Generalist:
+    def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tasks = list(tasks)
+        self.encoder = ExampleEncoder(tokenizer, self.tasks)
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Generalist":
+        """From a run directory or a checkpoint directory; never executes code from it."""
+        ckpt = find_checkpoint(Path(path))
+        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+        model = GeneralistModel.load(ckpt, device=device)
+        tasks = meta.get("tasks") or [f"task{i}" for i in range(model.cfg.n_tasks)]
+        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks)
+
+    @torch.no_grad()
+    def generate(self, examples: Sequence[Example], batch_size: int = 64, beam_size: int = 1) -> list[str]:
+        out = []
+        for i in range(0, len(examples), batch_size):
+            encoded = [self.encoder.encode(e) for e in examples[i:i + batch_size]]
+            for ids in generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size):
+                out.append(self.tokenizer.decode(ids))
+        return out
+
+    @torch.no_grad()
+    def embed(self, examples: Sequence[Example], batch_size: int = 128) -> torch.Tensor:
+        parts = []
+        for i in range(0, len(examples), batch_size):
+            parts.append(self.model.embed([self.encoder.encode(e) for e in examples[i:i + batch_size]]))
+        return torch.cat(parts)
+
+    def predict(self, task: str, beam_size: int = 1, **inputs) -> str:
+        """One request: `task` plus any of image=, audio=, video=, table=, text= (values or paths).
+        Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
+        unknown = sorted(set(inputs) - set(MODALITY_ARGS))
+        if unknown:
+            raise ValueError(f"unknown inputs {unknown}; use any of {MODALITY_ARGS}")
+        segments = [(m, read_input(m, inputs[m])) for m in MODALITY_ARGS if inputs.get(m) is not None]
+        if not segments:
+            raise ValueError(f"task {task!r} needs at least one input ({', '.join(MODALITY_ARGS)})")
+        return self.generate([Example(segments, "", task)], beam_size=beam_size)[0]

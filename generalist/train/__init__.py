@@ -1,0 +1,1 @@
+"""Multi-task training: the mixture sampler, checkpoints, the training loop and its report."""

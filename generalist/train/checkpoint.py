@@ -1,0 +1,84 @@
+"""Training checkpoints, written atomically and read without executing anything.
+
+A checkpoint is a directory: model.safetensors + config.json + tokenizer.json (the model's own
+format, see GeneralistModel.save), optimizer.pt (tensors only, loaded with weights_only=True)
+and state.json (step, scheduler, sampler, RNG states, metrics so far). It is written into a
+temporary sibling directory, every file fsynced, then renamed into place: a run killed at any
+moment leaves either the previous checkpoint or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    """The global RNGs (torch CPU, Python, NumPy) as JSON-able lists."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss],
+            "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, meta: dict) -> Path:
+    """meta (tasks in id order, training config) goes to meta.json; state to state.json."""
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, tokenizer=tokenizer)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    old = run_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from a run directory or the checkpoint itself. A run killed between
+    the two renames of save_checkpoint still has its last complete checkpoint in .checkpoint.old."""
+    path = Path(path)
+    for candidate in (path, path / CHECKPOINT, path / f".{CHECKPOINT}.old"):
+        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
+
+
+def load_training_state(ckpt: Path, optimizer) -> dict:
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    return json.loads((ckpt / "state.json").read_text())

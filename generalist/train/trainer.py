@@ -1,0 +1,275 @@
+"""The multi-task training loop.
+
+One step: draw a batch of (task, example) pairs from the temperature-sampled mixture, run the
+model on the packed batch (text loss for generative tasks, plus the contrastive loss between
+the non-text segments and the target text for contrastive tasks, plus the MoE aux losses),
+AdamW with linear warm-up and cosine decay, gradient clipping. A non-finite loss or gradient
+skips the step (it never reaches the weights); `max_bad_steps` in a row stop the run.
+Checkpoints (atomic, see checkpoint.py) every `ckpt_every` steps and at the end; `resume`
+continues exactly where the checkpoint left off: on CPU a killed-and-resumed run gives the same
+losses, step for step, as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from generalist.data.packing import Example, ExampleEncoder
+from generalist.modalities import MODALITIES, TextTokenizer
+from generalist.models.config import preset
+from generalist.models.generalist import GeneralistModel
+from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
+                                         set_rng_state)
+from generalist.train.data import TaskData
+from generalist.train.mixture import MixtureSampler
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "demo"
+    mixture: str = "demo"
+    out: str = "runs/demo"
+    steps: int = 1000
+    max_minutes: float | None = None  # stop early (with a checkpoint) when this much time has passed
+    batch_size: int = 32
+    accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    temperature: float = 2.0
+    contrastive_weight: float = 0.5
+    vocab_size: int = 1024
+    seed: int = 0
+    ckpt_every: int = 100
+    log_every: int = 10
+    max_bad_steps: int = 5
+    bf16: bool = True  # autocast on CUDA only
+    model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
+    """Applies one `key=value` (`model.key=value` for the model config), values parsed as JSON
+    when possible (numbers, true/false, null), else taken as strings."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if key.startswith("model."):
+        cfg.model[key[6:]] = value
+        return cfg
+    names = {f.name for f in fields(TrainConfig)}
+    if key not in names:
+        raise ValueError(f"unknown training option {key!r}; options: {sorted(names)}")
+    setattr(cfg, key, value)
+    cfg.__post_init__()
+    return cfg
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_tokenizer(data: dict[str, TaskData], vocab_size: int) -> TextTokenizer:
+    def texts():
+        for td in data.values():
+            for ex in td.train:
+                if ex.target_text:
+                    yield ex.target_text
+                for modality, seg in ex.segments:
+                    if modality == "text":
+                        yield seg
+    return TextTokenizer.train(texts(), vocab_size=vocab_size)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: dict[str, TaskData], resume: bool = False, progress: bool = True,
+                 device: str | None = None):
+        self.cfg, self.data, self.progress = cfg, data, progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tasks = sorted(data)
+        ckpt = None
+        if resume:
+            ckpt = find_checkpoint(self.run_dir)
+            meta = json.loads((ckpt / "meta.json").read_text())
+            if meta["tasks"] != self.tasks:
+                raise ValueError(f"{ckpt} was trained on tasks {meta['tasks']}, this run has {self.tasks}")
+            self.model = GeneralistModel.load(ckpt, device=self.device)
+            self.tokenizer = GeneralistModel.load_tokenizer(ckpt)
+        else:
+            torch.manual_seed(cfg.seed)
+            self.tokenizer = train_tokenizer(data, cfg.vocab_size)
+            mcfg = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, n_tasks=len(self.tasks),
+                          bos_id=self.tokenizer.token_id("<bos>"), eos_id=self.tokenizer.token_id("<eos>"), **cfg.model)
+            self.model = GeneralistModel(mcfg).to(self.device)
+        self.encoder = ExampleEncoder(self.tokenizer, self.tasks)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.sampler = MixtureSampler({t: len(d.train) for t, d in data.items()}, cfg.temperature, cfg.seed)
+        self.step, self.bad_in_row, self.skipped = 0, 0, 0
+        n_layers = self.model.cfg.enc_layers + self.model.cfg.dec_layers
+        self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
+                        "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
+        self._encoded: dict[tuple[str, int], object] = {}
+        if ckpt is not None:
+            state = load_training_state(ckpt, self.opt)
+            self.step, self.skipped = state["step"], state["skipped"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
+            set_rng_state(state["rng"])
+            self._truncate_log(self.step)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _encode(self, task: str, i: int):
+        key = (task, i)
+        if key not in self._encoded:
+            self._encoded[key] = self.encoder.encode(self.data[task].train[i])
+        return self._encoded[key]
+
+    def _micro_batch_loss(self, picks: list[tuple[str, int]]):
+        gen = [(t, i) for t, i in picks if self.data[t].task.generative]
+        con = [(t, i) for t, i in picks if self.data[t].task.contrastive]
+        total = torch.zeros((), device=self.device)
+        per_task: dict[str, list[float]] = {}
+        tokens = 0
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda"):
+            if gen:
+                batch = [self._encode(t, i) for t, i in gen]
+                out = self.model(batch)
+                total = total + out.loss
+                lens = [len(ex.target_ids) + 1 for ex in batch]
+                ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none").detach()
+                for (t, _), part in zip(gen, ce.split(lens)):
+                    per_task.setdefault(t, []).append(part.mean().item())
+                tokens += int(out.labels.numel()) + out.n_input_tokens
+                for layer, st in enumerate(out.moe_stats):
+                    self.routing["task"][layer] += st.counts_by_task.cpu().numpy()
+                    self.routing["modality"][layer] += st.counts_by_modality.cpu().numpy()
+            if len(con) >= 2:
+                inputs = [Example([s for s in self.data[t].train[i].segments if s[0] != "text"] or
+                                  self.data[t].train[i].segments, "", t) for t, i in con]
+                texts = [Example([("text", self.data[t].train[i].target_text)], "", t) for t, i in con]
+                a = self.model.embed([self.encoder.encode(e) for e in inputs])
+                b = self.model.embed([self.encoder.encode(e) for e in texts])
+                closs = self.model.contrastive_loss(a, b)
+                total = total + self.cfg.contrastive_weight * closs
+                per_task.setdefault("contrastive", []).append(closs.item())
+        return total, per_task, tokens
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        losses, per_task, tokens, finite = [], {}, 0, True
+        for _ in range(cfg.accum):
+            loss, pt, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss / cfg.accum).backward()
+            losses.append(loss.item())
+            tokens += n
+            for k, v in pt.items():
+                per_task.setdefault(k, []).extend(v)
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.opt.step()
+            self.bad_in_row = 0
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            self.skipped += 1
+            tqdm.write(f"step {self.step}: non-finite loss or gradient, step skipped ({self.bad_in_row} in a row)")
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
+                                         f"(last at step {self.step}); stopping. Lower the learning rate or check the data.")
+        self.step += 1
+        return {"step": self.step, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
+                "grad_norm": grad_norm, "skipped": not finite, "tokens": tokens,
+                "task_loss": {k: float(np.mean(v)) for k, v in per_task.items()}}
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _truncate_log(self, step: int) -> None:
+        """Drops log lines written after the checkpoint we resume from (they will be redone)."""
+        log = self.run_dir / "metrics.jsonl"
+        if log.is_file():
+            keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            log.write_text("".join(line + "\n" for line in keep))
+
+    def save(self) -> Path:
+        state = {"step": self.step, "skipped": self.skipped, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+                 "routing": {k: v.tolist() for k, v in self.routing.items()}}
+        meta = {"tasks": self.tasks, "train": asdict(self.cfg)}
+        return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.opt, state, meta)
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        self.model.train()
+        start = time.time()
+        writer = _tensorboard(self.run_dir)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            while self.step < cfg.steps:
+                t0 = time.time()
+                rec = self.train_step()
+                rec["tokens_per_s"] = rec["tokens"] / max(1e-9, time.time() - t0)
+                log.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    writer.add_scalar("loss/total", rec["loss"], rec["step"])
+                    for k, v in rec["task_loss"].items():
+                        writer.add_scalar(f"loss/{k}", v, rec["step"])
+                    writer.add_scalar("lr", rec["lr"], rec["step"])
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    log.flush()
+                    bar.set_postfix_str(f"loss {rec['loss']:.3f} tok/s {rec['tokens_per_s']:.0f} " + " ".join(
+                        f"{k[:8]} {v:.2f}" for k, v in sorted(rec["task_loss"].items())))
+                bar.update(1)
+                out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or out_of_time:
+                    log.flush()
+                    self.save()
+                if out_of_time:
+                    tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {self.step}; checkpoint saved")
+                    break
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.model.eval()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,138 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy_tasks  # noqa: E402
+
+from generalist.train.data import build_data  # noqa: E402
+from generalist.train.mixture import MixtureSampler  # noqa: E402
+from generalist.train.trainer import TrainConfig, Trainer, lr_at, set_option  # noqa: E402
+
+
+def _cfg(tmp_path, **over):
+    base = dict(preset="tiny", out=str(tmp_path / "run"), steps=6, batch_size=8, ckpt_every=3, log_every=1,
+                vocab_size=300, warmup=2, lr=3e-3)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def _data():
+    return build_data(toy_tasks.MIXTURE, tasks=toy_tasks.TASKS, progress=False)
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_log_and_checkpoint(tmp_path):
+    trainer = Trainer(_cfg(tmp_path), _data(), progress=False)
+    trainer.fit()
+    run = tmp_path / "run"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in recs)
+    assert {"bars", "echo", "contrastive"} <= set().union(*(r["task_loss"] for r in recs))
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "state.json", "meta.json"):
+        assert (run / "checkpoint" / name).is_file(), name
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert not (run / ".checkpoint.tmp").exists()
+    assert trainer.routing["task"].sum() > 0
+
+
+SCRIPT = """
+import os, sys, json
+sys.path.insert(0, {test_dir!r})
+import toy_tasks
+from generalist.train.data import build_data
+from generalist.train.trainer import TrainConfig, Trainer
+cfg = TrainConfig(**json.loads({cfg!r}))
+trainer = Trainer(cfg, build_data(toy_tasks.MIXTURE, tasks=toy_tasks.TASKS, progress=False),
+                  resume={resume}, progress=False)
+kill_at = {kill_at}
+if kill_at:
+    step = trainer.train_step
+    def killing_step():
+        rec = step()
+        if rec["step"] == kill_at:
+            os.kill(os.getpid(), 9)
+        return rec
+    trainer.train_step = killing_step
+trainer.fit()
+"""
+
+
+def _run(cfg, resume=False, kill_at=0):
+    code = SCRIPT.format(test_dir=str(Path(__file__).parent), cfg=json.dumps(cfg.__dict__), resume=resume,
+                         kill_at=kill_at)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    steps = dict(steps=10, ckpt_every=4)
+    straight = _run(_cfg(tmp_path / "a", **steps))
+    assert straight.returncode == 0, straight.stderr
+    killed = _run(_cfg(tmp_path / "b", **steps), kill_at=6)  # last checkpoint at step 4
+    assert killed.returncode == -9, killed.stderr
+    assert json.loads((tmp_path / "b/run/checkpoint/state.json").read_text())["step"] == 4
+    resumed = _run(_cfg(tmp_path / "b", **steps), resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _losses(tmp_path / "a/run"), _losses(tmp_path / "b/run")
+    assert len(a) == len(b) == 10
+    assert a == b  # bit-for-bit, step for step
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_k(tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path, max_bad_steps=3), _data(), progress=False)
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_forward = trainer.model.forward
+
+    def nan_forward(batch):
+        out = real_forward(batch)
+        out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(trainer.model, "forward", nan_forward)
+    rec = trainer.train_step()
+    assert rec["skipped"] and trainer.skipped == 1
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    trainer.train_step()
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        trainer.train_step()
+
+
+def test_sampler_temperature_and_epochs():
+    s = MixtureSampler({"a": 100, "b": 1}, temperature=1.0, seed=0)
+    assert np.isclose(s.probs[0], 100 / 101)
+    s = MixtureSampler({"a": 100, "b": 1}, temperature=1e9, seed=0)
+    assert np.allclose(s.probs, [0.5, 0.5], atol=1e-6)
+    s = MixtureSampler({"a": 5}, seed=1)
+    first = [i for _, i in s.sample(5)]
+    assert sorted(first) == list(range(5))  # an epoch visits every example once
+    state = json.loads(json.dumps(s.state_dict()))
+    s2 = MixtureSampler({"a": 5}, seed=99)
+    s2.load_state_dict(state)
+    assert s.sample(7) == s2.sample(7)
+    with pytest.raises(ValueError, match="no training examples"):
+        MixtureSampler({"a": 0})
+
+
+def test_lr_schedule_and_options(tmp_path):
+    cfg = _cfg(tmp_path, steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) == pytest.approx(0.55)
+    set_option(cfg, "batch_size=4")
+    set_option(cfg, "model.d_model=48")
+    assert cfg.batch_size == 4 and cfg.model == {"d_model": 48}
+    with pytest.raises(ValueError, match="unknown training option 'bach_size'"):
+        set_option(cfg, "bach_size=4")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        set_option(cfg, "batch_size=0")

@@ -1,0 +1,65 @@
+"""Small synthetic tasks for the training tests (no dataset files needed)."""
+
+import numpy as np
+import torch
+
+from generalist.data.packing import Example
+from generalist.data.tasks import Task, check_split
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+
+
+class Bars(Task):
+    """An 8x8 image with one bright bar -> "horizontal" / "vertical"."""
+    name = "bars"
+
+    def examples(self, split, limit=None, seed=0):
+        check_split(split)
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        out = []
+        for _ in range(limit or 40):
+            img = rng.random((8, 8), dtype=np.float32) * 0.2
+            k, vertical = rng.integers(8), bool(rng.integers(2))
+            if vertical:
+                img[:, k] = 1.0
+            else:
+                img[k, :] = 1.0
+            out.append(Example([("image", torch.from_numpy(img))], "vertical" if vertical else "horizontal", self.name))
+        return out
+
+
+class Echo(Task):
+    """Text -> the same words."""
+    name = "echo"
+
+    def examples(self, split, limit=None, seed=0):
+        check_split(split)
+        rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+        out = []
+        for _ in range(limit or 40):
+            words = " ".join(rng.choice(COLOURS, size=2))
+            out.append(Example([("text", words)], words, self.name))
+        return out
+
+
+class Swatches(Task):
+    """A solid-colour swatch paired with its colour name, for the contrastive head only."""
+    name = "swatches"
+    contrastive, generative = True, False
+    RGB = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "black": (0, 0, 0),
+           "white": (1, 1, 1)}
+
+    def examples(self, split, limit=None, seed=0):
+        check_split(split)
+        rng = np.random.default_rng([seed, 4 if split == "train" else 5])
+        out = []
+        for _ in range(limit or 30):
+            name = COLOURS[rng.integers(len(COLOURS))]
+            img = torch.tensor(self.RGB[name], dtype=torch.float32)[:, None, None].expand(3, 8, 8).clone()
+            img += torch.from_numpy(rng.normal(0, 0.05, (3, 8, 8)).astype(np.float32))
+            out.append(Example([("image", img.clamp(0, 1))], name, self.name))
+        return out
+
+
+TASKS = {t.name: t for t in (Bars(), Echo(), Swatches())}
+MIXTURE = {"bars": {"train": 40, "test": 16}, "echo": {"train": 40, "test": 16}, "swatches": {"train": 30, "test": 12}}
