@@ -1,6 +1,7 @@
-"""The `generalist` command line: `generalist info`, `generalist check`.
+"""The `generalist` command line: train, eval, predict, data, info, check.
 
-Training, evaluation and prediction subcommands join as those parts land (see DESIGN.md).
+User errors (bad arguments, unreadable files, unknown tasks) print one line and exit with 2;
+tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -83,6 +84,81 @@ def _check(args) -> int:
     return 1 if failures else 0
 
 
+def _train(args) -> int:
+    from generalist.train.data import build_data, get_mixture
+    from generalist.train.trainer import TrainConfig, Trainer, set_option
+
+    cfg = TrainConfig(preset=args.preset, mixture=args.mixture, out=args.out, max_minutes=args.max_minutes)
+    if args.resume:
+        import json
+        from pathlib import Path
+
+        from generalist.train.checkpoint import find_checkpoint
+
+        saved = json.loads((find_checkpoint(Path(args.out)) / "meta.json").read_text())["train"]
+        cfg = TrainConfig(**{**saved, "out": args.out, "max_minutes": args.max_minutes})
+    if args.steps is not None:
+        cfg.steps = args.steps
+    for assignment in args.set or []:
+        set_option(cfg, assignment)
+    data = build_data(get_mixture(cfg.mixture), seed=cfg.seed)
+    trainer = Trainer(cfg, data, resume=args.resume)
+    trainer.fit()
+    if not args.no_eval:
+        return _evaluate_run(args.out, data)
+    return 0
+
+
+def _evaluate_run(run_dir, data=None, limit=None) -> int:
+    import json
+    from pathlib import Path
+
+    from generalist.infer.generalist import Generalist
+    from generalist.train.checkpoint import find_checkpoint
+    from generalist.train.data import build_data, get_mixture
+    from generalist.train.evaluate import evaluate, format_table, write_results
+    from generalist.train.report import write_report
+
+    ckpt = find_checkpoint(Path(run_dir))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if data is None:
+        mixture = get_mixture(meta["train"]["mixture"])
+        if limit is not None:
+            mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
+        data = build_data(mixture, seed=meta["train"]["seed"])
+    results = evaluate(Generalist.load(ckpt), data)
+    print(format_table(results))
+    print(f"\nwrote {write_results(run_dir, results)}")
+    print(f"report: {write_report(run_dir, results)}")
+    return 0
+
+
+def _eval(args) -> int:
+    return _evaluate_run(args.run_dir, limit=args.limit)
+
+
+def _predict(args) -> int:
+    import json
+
+    from generalist.infer.generalist import Generalist
+
+    g = Generalist.load(args.run_dir)
+    table = None
+    if args.table is not None:
+        import numpy as np
+
+        try:
+            values = [float(v) if v.strip().lower() not in ("", "nan", "?") else float("nan") for v in args.table.split(",")]
+        except ValueError:
+            raise ValueError(f"--table must be comma-separated numbers (empty or ? for missing), got {args.table!r}") from None
+        table = (np.arange(len(values)), np.array(values, dtype=np.float32))
+    audio = args.audio
+    answer = g.predict(task=args.task, image=args.image, audio=audio, video=args.video, table=table, text=args.text,
+                       beam_size=args.beam)
+    print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generalist",
@@ -95,6 +171,42 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_check)
+
+    train = sub.add_parser("train", help="train one generalist on a task mixture, then evaluate it and write a report")
+    train.add_argument("--preset", default="demo", help="model preset: tiny, demo or base")
+    train.add_argument("--mixture", default="demo", help="task mixture from tasks/mixtures.py")
+    train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a training option, or the model's with model.KEY=VALUE (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="skip the evaluation and report at the end")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="per-task metrics of a trained run on its held-out splits")
+    ev.add_argument("run_dir")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
+    ev.set_defaults(func=_eval)
+
+    pr = sub.add_parser("predict", help="ask a trained generalist: any mix of inputs in, text out")
+    pr.add_argument("run_dir")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--image", help="PNG/JPEG or .npy")
+    pr.add_argument("--audio", help="WAV (16-bit PCM)")
+    pr.add_argument("--video", help=".npy clip, frames x H x W (x C)")
+    pr.add_argument("--table", help="comma-separated feature values in column order (empty or ? for missing)")
+    pr.add_argument("--text", help="text, or a .txt file")
+    pr.add_argument("--beam", type=int, default=1, help="beam size")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=_predict)
+
+    try:
+        from generalist.data.cli import add_data_commands
+    except ImportError:  # the data layer is optional for the kernel-only commands
+        pass
+    else:
+        add_data_commands(sub)
     return parser
 
 
@@ -104,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # user-facing: one line, no traceback
+        print(f"generalist {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"generalist {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -63,3 +63,15 @@ class Swatches(Task):
 
 TASKS = {t.name: t for t in (Bars(), Echo(), Swatches())}
 MIXTURE = {"bars": {"train": 40, "test": 16}, "echo": {"train": 40, "test": 16}, "swatches": {"train": 30, "test": 12}}
+
+
+def _swatch_evaluate(self, predictor, examples):
+    """Retrieval among the colour names through the contrastive head."""
+    names = sorted(self.RGB)
+    texts = predictor.embed([Example([("text", n)], "", self.name) for n in names])
+    images = predictor.embed(examples)
+    picks = (images @ texts.t()).argmax(dim=1).tolist()
+    return {"accuracy": sum(names[p] == e.target_text for p, e in zip(picks, examples)) / len(examples)}
+
+
+Swatches.evaluate = _swatch_evaluate
