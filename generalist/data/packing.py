@@ -26,6 +26,7 @@ class Example:
     segments: list[tuple[str, Any]]
     target_text: str = ""
     task: str = "default"
+    meta: dict = field(default_factory=dict)  # what a task's metric needs beyond the target (e.g. question type)
 
 
 @dataclass

@@ -56,6 +56,21 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
 
 
+def split_indices(n: int, split: str, test_fraction: float, seed: int) -> "np.ndarray":
+    """A fixed, seeded partition of range(n) into train and test (disjoint, together all of n):
+    the same seed always gives the same partition, whatever `limit` a caller uses."""
+    import numpy as np
+
+    check_split(split)
+    order = np.random.default_rng([seed, n, 1_000_003]).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return order[:n_test] if split == "test" else order[n_test:]
+
+
+def take(indices, limit: int | None):
+    return indices if limit is None else indices[:limit]
+
+
 def _task_dirs() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("GENERALIST_TASKS_PATH", "").split(os.pathsep) if p]
     return [TASKS_DIR, *extra]
