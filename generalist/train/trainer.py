@@ -130,7 +130,8 @@ class Trainer:
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        self.sampler = MixtureSampler({t: len(d.train) for t, d in data.items()}, cfg.temperature, cfg.seed)
+        trainable = {t: len(d.train) for t, d in data.items() if d.train and (d.task.generative or d.task.contrastive)}
+        self.sampler = MixtureSampler(trainable, cfg.temperature, cfg.seed)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
         n_layers = self.model.cfg.enc_layers + self.model.cfg.dec_layers
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),

@@ -1,0 +1,42 @@
+"""Spoken digits shared by the speech tasks: the held-out voice split and 16 kHz clips."""
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from generalist.data import sources
+from generalist.data.cache import cached_arrays
+from generalist.data.tasks import check_split
+from generalist.modalities.audio import resample
+
+SPEEDS, PITCHES, RATE = (130, 165, 200), (30, 50, 70), 16000
+
+
+def voice_split(split: str, seed: int) -> list[str]:
+    """A fixed seeded quarter of sources.VOICES is for testing only; the rest for training."""
+    check_split(split)
+    voices = [str(v) for v in np.random.default_rng([seed, 71]).permutation(sources.VOICES)]
+    n_test = len(voices) // 4
+    return voices[:n_test] if split == "test" else voices[n_test:]
+
+
+def spoken(words, voices) -> list[tuple[np.ndarray, dict]]:
+    """(16 kHz float32 waveform, meta) for every word x voice x speed x pitch, resampled once
+    here so training does not repeat it every step."""
+    words, voices = list(words), list(voices)
+    meta = sources.spoken_words_meta(words, voices, SPEEDS, PITCHES)
+    request = json.dumps([words, voices, SPEEDS, PITCHES, RATE])
+
+    def build():
+        waves, rate = sources.spoken_words(words, voices, SPEEDS, PITCHES)
+        out = [resample(torch.from_numpy(w), rate, RATE).numpy().astype(np.float32) for w in waves]
+        offsets = np.cumsum([0] + [len(w) for w in out])
+        return {"samples": np.concatenate(out), "offsets": offsets, "request": np.array([request])}
+
+    arrays = cached_arrays(f"spoken16k-{hashlib.sha256(request.encode()).hexdigest()[:20]}", "1", build)
+    if arrays["request"][0] != request:
+        raise AssertionError("spoken-word cache entries collided")
+    o = arrays["offsets"].tolist()
+    return [(arrays["samples"][a:b], m) for a, b, m in zip(o[:-1], o[1:], meta)]

@@ -1,0 +1,96 @@
+"""Every built-in task builds examples from real data, its splits never leak, its metric works,
+and the tiny model accepts its inputs (a few training steps on every task)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from generalist.data.packing import Example
+from generalist.data.speech import voice_split
+from generalist.data.tasks import discover, split_indices
+from generalist.train.data import load_mixtures
+from generalist.train.trainer import TrainConfig, Trainer
+from generalist.train.data import TaskData
+
+TASKS = discover()
+EXPECTED = {"fashion", "digits", "spoken_digits", "av_digits", "moving_digits", "captions", "zero_shot", "vqa",
+            "text_topic", "tabular", "table_image"}
+
+
+def test_every_task_is_discovered_and_in_the_mixtures():
+    assert set(TASKS) == EXPECTED
+    mixtures = load_mixtures()
+    assert set(mixtures["demo"]) == EXPECTED and set(mixtures["full"]) == EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_task_builds_examples(name):
+    task = TASKS[name]
+    train, test = task.examples("train", 6), task.examples("test", 6)
+    assert len(test) == 6 and len(train) == (0 if name == "zero_shot" else 6)
+    for ex in train + test:
+        assert isinstance(ex, Example) and ex.segments and ex.target_text.strip()
+        for modality, data in ex.segments:
+            assert modality in ("text", "image", "audio", "video", "table")
+    again = task.examples("test", 6)  # deterministic
+    assert [e.target_text for e in again] == [e.target_text for e in test]
+    assert [_digest(e) for e in again] == [_digest(e) for e in test]
+    with pytest.raises(ValueError, match="unknown split"):
+        task.examples("validation", 2)
+
+
+def _digest(ex):
+    data = ex.segments[0][1]
+    data = data[0] if isinstance(data, tuple) else data
+    return hashlib.sha1(str(data).encode() if isinstance(data, str) else np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["fashion", "digits", "captions"])
+def test_image_splits_are_disjoint(name):
+    task = TASKS[name]
+    train = {_digest(e) for e in task.examples("train", None if name != "fashion" else 3000)}
+    test = {_digest(e) for e in task.examples("test", None if name != "fashion" else 3000)}
+    assert train and test and not train & test
+
+
+def test_split_indices_and_voices_are_disjoint_partitions():
+    tr, te = split_indices(1000, "train", 0.2, 0), split_indices(1000, "test", 0.2, 0)
+    assert len(te) == 200 and not set(tr) & set(te) and set(tr) | set(te) == set(range(1000))
+    assert not set(voice_split("train", 0)) & set(voice_split("test", 0))
+    voices = {e.meta["voice"] for e in TASKS["spoken_digits"].examples("test", 50)}
+    assert voices <= set(voice_split("test", 0))
+
+
+class _Oracle:
+    """A predictor that answers with the reference (to check metrics reach their maximum)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, examples):
+        return [self.answers.get(id(e), e.target_text) for e in examples]
+
+    def embed(self, examples):
+        return torch.nn.functional.normalize(torch.randn(len(examples), 8), dim=-1)
+
+
+@pytest.mark.parametrize("name", ["fashion", "vqa", "moving_digits", "tabular", "table_image", "text_topic"])
+def test_metrics_of_a_perfect_and_a_wrong_predictor(name):
+    task = TASKS[name]
+    test = task.examples("test", 8)
+    perfect = task.evaluate(_Oracle({}), test)
+    assert perfect["accuracy"] == 1.0
+    wrong = task.evaluate(_Oracle({id(e): "zzz" for e in test}), test)
+    assert wrong["accuracy"] == 0.0
+
+
+def test_tiny_model_trains_a_few_steps_on_every_task(tmp_path):
+    data = {n: TaskData(t, t.examples("train", 4), t.examples("test", 2)) for n, t in TASKS.items()}
+    trainer = Trainer(TrainConfig(preset="tiny", out=str(tmp_path / "run"), steps=4, batch_size=40, vocab_size=400,
+                                  ckpt_every=4, warmup=1, temperature=1e6), data, progress=False)
+    trainer.fit()
+    tokens_per_task = trainer.routing["task"].sum(axis=(0, 2))
+    for name in trainer.tasks:  # 160 uniform draws over 10 tasks: every trainable task is seen
+        assert (tokens_per_task[trainer.tasks.index(name)] > 0) == (name != "zero_shot"), name
