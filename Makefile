@@ -44,9 +44,10 @@ test: setup
 test-slow: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+DEMO_MINUTES ?= 12
 demo: setup
-	$(VENV)/bin/generalist check
-	$(PY) benchmarks/attention.py --quick
+	$(VENV)/bin/generalist data prepare
+	$(VENV)/bin/generalist train --preset demo --mixture demo --out runs/demo --max-minutes $(DEMO_MINUTES) --overwrite
 
 data: setup
 	$(VENV)/bin/generalist data prepare

@@ -101,6 +101,15 @@ def _train(args) -> int:
         cfg.steps = args.steps
     for assignment in args.set or []:
         set_option(cfg, assignment)
+    from pathlib import Path
+
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoint").exists():
+        if not args.overwrite:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+        import shutil
+
+        shutil.rmtree(out)
     data = build_data(get_mixture(cfg.mixture), seed=cfg.seed)
     trainer = Trainer(cfg, data, resume=args.resume)
     trainer.fit()
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a training option, or the model's with model.KEY=VALUE (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation and report at the end")
     train.set_defaults(func=_train)
 
@@ -216,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from generalist.data.sources import SourceMissing
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # user-facing: one line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, SourceMissing) as error:  # one line, no traceback
         print(f"generalist {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,19 +11,17 @@ answer from one modality.
 
 import numpy as np
 
-from generalist.data import sources
 from generalist.data.packing import Example
 from generalist.data.speech import RATE, spoken, voice_split
 from generalist.data.synth import DIGIT_WORDS, degrade_audio, degrade_image
-from generalist.data.tasks import Task, normalize, split_indices
+from generalist.data.tasks import Task, mnist_split, normalize
 
 
 class AVDigits(Task):
     name = "av_digits"
 
     def examples(self, split, limit=None, seed=0):
-        images, labels = sources.mnist5k()
-        idx = split_indices(len(images), split, 0.2, seed)
+        images, labels, idx = mnist_split(split, seed)
         by_label = {d: idx[labels[idx] == d] for d in range(10)}
         clips = spoken(DIGIT_WORDS, voice_split(split, seed))
         clips_by_label = {d: [c for c, m in clips if m["word"] == DIGIT_WORDS[d]] for d in range(10)}

@@ -8,10 +8,9 @@ digits never seen in training), animated by generalist.data.synth.moving_digit_c
 
 import numpy as np
 
-from generalist.data import sources
 from generalist.data.packing import Example
 from generalist.data.synth import DIRECTIONS, describe_motion, moving_digit_clip
-from generalist.data.tasks import Task, normalize, split_indices
+from generalist.data.tasks import Task, mnist_split, normalize
 
 
 class MovingDigits(Task):
@@ -19,8 +18,7 @@ class MovingDigits(Task):
     frames, size = 8, 32
 
     def examples(self, split, limit=None, seed=0):
-        images, labels = sources.mnist5k()
-        idx = split_indices(len(images), split, 0.2, seed)
+        images, labels, idx = mnist_split(split, seed)
         rng = np.random.default_rng([seed, 21, split == "test"])
         out = []
         for k in range(limit if limit is not None else len(idx)):

@@ -9,10 +9,9 @@ generalist.data.synth.table_image_case. Table columns 60 (operator code: + 0, - 
 
 import numpy as np
 
-from generalist.data import sources
 from generalist.data.packing import Example
 from generalist.data.synth import OPS, number_word, table_image_case
-from generalist.data.tasks import Task, split_indices
+from generalist.data.tasks import Task, mnist_split
 
 OP_COLUMN, VALUE_COLUMN = 60, 61
 
@@ -21,8 +20,7 @@ class TableImage(Task):
     name = "table_image"
 
     def examples(self, split, limit=None, seed=0):
-        images, labels = sources.mnist5k()
-        idx = split_indices(len(images), split, 0.2, seed)
+        images, labels, idx = mnist_split(split, seed)
         by_label = {d: idx[labels[idx] == d] for d in range(10)}
         rng = np.random.default_rng([seed, 41, split == "test"])
         out = []

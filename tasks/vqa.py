@@ -8,10 +8,9 @@ images), composed by generalist.data.synth.digit_scene / scene_questions.
 
 import numpy as np
 
-from generalist.data import sources
 from generalist.data.packing import Example
 from generalist.data.synth import digit_scene, scene_questions
-from generalist.data.tasks import Task, normalize, split_indices
+from generalist.data.tasks import Task, mnist_split, normalize
 from generalist.metrics import accuracy_by
 
 
@@ -19,8 +18,7 @@ class VQA(Task):
     name = "vqa"
 
     def examples(self, split, limit=None, seed=0):
-        images, labels = sources.mnist5k()
-        idx = split_indices(len(images), split, 0.2, seed)
+        images, labels, idx = mnist_split(split, seed)
         rng = np.random.default_rng([seed, 31, split == "test"])
         n = limit if limit is not None else len(idx)
         out = []

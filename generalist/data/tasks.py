@@ -67,6 +67,15 @@ def split_indices(n: int, split: str, test_fraction: float, seed: int) -> "np.nd
     return order[:n_test] if split == "test" else order[n_test:]
 
 
+def mnist_split(split: str, seed: int):
+    """(images, labels, indices of `split`): the one seeded 80/20 split of MNIST-5k that every
+    digit task shares, so no task trains on another task's test digits."""
+    from generalist.data import sources
+
+    images, labels = sources.mnist5k()
+    return images, labels, split_indices(len(images), split, 0.2, seed)
+
+
 def take(indices, limit: int | None):
     return indices if limit is None else indices[:limit]
 
