@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import toy_tasks  # noqa: E402
 
 from generalist.cli import main  # noqa: E402
+from generalist.data.packing import Example  # noqa: E402
 from generalist.infer.generalist import Generalist  # noqa: E402
 from generalist.train.data import build_data  # noqa: E402
 from generalist.train.evaluate import evaluate, format_table  # noqa: E402
@@ -74,3 +75,29 @@ def test_predict_user_errors_are_one_line(run, tmp_path, capsys, args, match):
 def test_load_rejects_a_directory_without_checkpoint(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--task", "bars", "--text", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_predict_accepts_every_modality_from_files_and_arrays(run, tmp_path):
+    import wave
+
+    out, _ = run
+    g = Generalist.load(out)
+    t = np.arange(8000) / 16000
+    pcm = (np.sin(2 * np.pi * 440 * t) * 20000).astype(np.int16)
+    wav = tmp_path / "tone.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
+    clip = tmp_path / "clip.npy"
+    np.save(clip, (np.random.default_rng(0).random((4, 8, 8)) * 255).astype(np.uint8))
+    answers = [
+        g.predict(task="bars", audio=str(wav)),
+        g.predict(task="bars", audio=(pcm.astype(np.float32) / 32768, 16000)),
+        g.predict(task="bars", video=str(clip)),
+        g.predict(task="bars", table=(np.array([0, 1]), np.array([0.5, np.nan], dtype=np.float32))),
+        g.predict(task="echo", text="red", image=np.zeros((8, 8), dtype=np.uint8), beam_size=2),
+    ]
+    assert all(isinstance(a, str) for a in answers)
+    assert answers[0] == answers[1]  # a WAV file and the same samples in memory give the same answer
+    batch = [Example([("image", np.zeros((8, 8), dtype=np.uint8))], "", "bars"),
+             Example([("text", "red")], "", "echo"), Example([("video", np.load(clip))], "", "bars")]
+    assert g.generate(batch) == [g.generate([e])[0] for e in batch]  # mixed modalities batch (packed)
