@@ -9,6 +9,17 @@ TORCH_LIBRARY(generalist, m) {
   // cu_seqlens int32 (B+1,), total == cu_seqlens[-1] -> (seq_idx_T int32, pos_T int32):
   // for every token of a packed varlen stream, its sequence and its position in that sequence.
   m.def("_varlen_positions(Tensor cu_seqlens, int total) -> (Tensor, Tensor)");
+
+  // Varlen attention on CPU (csrc/cpu/attention*.cpp): q (Tq, H, D), k/v (Tk, Hkv, D) fp32/bf16/fp16,
+  // cu_seqlens_* int32 (B+1,), prefix_lens int32 (B,) -> (out (Tq, H, D), lse (H, Tq) fp32); the
+  // backward takes dlse (H, Tq) fp32 or None and returns (dq, dk, dv). Semantics as in
+  // generalist/ops/attention_reference.py.
+  m.def("_attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, Tensor? prefix_lens) "
+        "-> (Tensor, Tensor)");
+  m.def("_attention_bwd_cpu(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+        "bool causal, Tensor? prefix_lens) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

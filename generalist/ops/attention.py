@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from generalist.ops import _attention_checks as checks
+from generalist.ops import attention_cpu
 from generalist.ops import attention_reference as reference
 from generalist.ops._registry import Implementation, Registry
 
@@ -32,6 +33,9 @@ BACKENDS.register(Implementation(
     name="reference", priority=0, unsupported=_reference_unsupported,
     functions={"forward": reference.attention_forward, "backward": reference.attention_backward},
 ))
+
+if attention_cpu.available():
+    BACKENDS.register(attention_cpu.IMPLEMENTATION)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -125,3 +129,6 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
                              bool(causal), None, backend)
     out = out.view(b, sq, h, d)
     return (out, lse.view(h, b, sq).transpose(0, 1)) if return_lse else out
+
+
+from generalist.ops import attention_triton  # noqa: F401,E402  (registers "triton" when triton imports)

@@ -1,16 +1,23 @@
 """The attention contract (DESIGN.md), held against a naive float64 implementation.
 
-Every backend is tested here through `backend=`; today the registry holds the reference, and
-compiled/Triton backends join the parametrization as they register.
+Every backend in the registry is tested here through `backend=` ("reference" always; "cpu" when
+the extension is built; compiled/Triton backends join as they register). A backend that cannot
+serve a test's inputs (say float64 on "cpu") is skipped there with its own reason.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from generalist.ops import BackendError, flash_attn_func, flash_attn_varlen_func
+from generalist import _ext
+from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 from generalist.testing import naive_attention, random_varlen
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+BACKENDS = ATTENTION_BACKENDS.available()
 
 # (lens_q, lens_k, H, Hkv, D, causal, prefix)
 CASES = [
@@ -25,20 +32,38 @@ CASES = [
     ([31, 17], [31, 17], 8, 2, 40, True, "mid"),
     ([31, 17], [31, 17], 8, 4, 40, True, "full"),
     ([12, 0], [0, 6], 2, 1, 8, False, None),  # a query sequence with no keys at all
+    ([64, 65, 127, 1], [64, 65, 130, 1], 4, 2, 32, True, None),  # around 64-token tiles
+    ([70, 3], [70, 3], 2, 1, 256, True, "mid"),  # the largest head dim
+    ([9, 6], [5, 6], 2, 1, 1, True, "full"),  # head dim 1
 ]
 
 
-def _run(case, causal, backend="reference", **kw):
+def _args(case, causal):
+    return (case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0), max(case.lens_k, default=0),
+            case.q.shape[-1] ** -0.5, causal, case.prefix_lens)
+
+
+def _require(backend, case, causal=False):
+    """Skips the test when `backend` cannot serve these inputs (the registry says why)."""
+    try:
+        ATTENTION_BACKENDS.resolve(backend, *_args(case, causal))
+    except BackendError as error:
+        pytest.skip(str(error))
+
+
+def _run(case, causal, backend, **kw):
     return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
                                   max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
                                   backend=backend, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", CASES)
-def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype):
+def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype, backend):
     case = random_varlen(lens_q, lens_k, h, hkv, d, dtype=dtype, prefix=prefix, generator=gen)
-    out, lse = _run(case, causal, return_lse=True)
+    _require(backend, case, causal)
+    out, lse = _run(case, causal, backend, return_lse=True)
     want, want_lse = naive_attention(case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens)
     same_dtype, _ = naive_attention(case.q, case.k, case.v, lens_q, lens_k, causal=causal,
                                     prefix_lens=case.prefix_lens, dtype=dtype)
@@ -53,40 +78,50 @@ def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix,
     torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4)
 
 
-def test_rows_without_keys_are_zero_with_lse_minus_inf(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_are_zero_with_lse_minus_inf(gen, backend):
     case = random_varlen([6], [2], 2, 2, 8, generator=gen, requires_grad=True)
-    out, lse = _run(case, causal=True, return_lse=True)
+    _require(backend, case, True)
+    out, lse = _run(case, True, backend, return_lse=True)
     assert torch.equal(out[:4], torch.zeros_like(out[:4]))  # query i sees keys j <= i - 4
     assert torch.isneginf(lse[:, :4]).all() and torch.isfinite(lse[:, 4:]).all()
-    out.sum().backward()
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
     for x in (case.q, case.k, case.v):
         assert torch.isfinite(x.grad).all()
     assert torch.equal(case.q.grad[:4], torch.zeros_like(case.q.grad[:4]))
 
 
-def test_varlen_equals_each_sequence_alone(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_equals_each_sequence_alone(gen, backend):
     lens_q, lens_k = [13, 0, 50, 1], [20, 3, 50, 8]
     case = random_varlen(lens_q, lens_k, 4, 2, 32, prefix=[5, 0, 20, 8], generator=gen)
-    out = _run(case, causal=True)
+    _require(backend, case, True)
+    out = _run(case, True, backend)
     sq = sk = 0
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         one = flash_attn_varlen_func(case.q[sq:sq + lq], case.k[sk:sk + lk], case.v[sk:sk + lk],
                                      torch.tensor([0, lq], dtype=torch.int32), torch.tensor([0, lk], dtype=torch.int32),
-                                     lq, lk, causal=True, prefix_lens=case.prefix_lens[b:b + 1])
+                                     lq, lk, causal=True, prefix_lens=case.prefix_lens[b:b + 1], backend=backend)
         torch.testing.assert_close(out[sq:sq + lq], one, atol=1e-6, rtol=1e-6)
         sq, sk = sq + lq, sk + lk
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dense_equals_varlen_with_equal_lengths(gen, causal):
+def test_dense_equals_varlen_with_equal_lengths(gen, causal, backend):
     b, sq, sk, h, hkv, d = 3, 17, 29, 6, 3, 40
     q = torch.randn(b, sq, h, d, generator=gen)
     k, v = torch.randn(2, b, sk, hkv, d, generator=gen)
-    out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
     cu_q = torch.arange(b + 1, dtype=torch.int32) * sq
     cu_k = torch.arange(b + 1, dtype=torch.int32) * sk
+    try:
+        ATTENTION_BACKENDS.resolve(backend, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk,
+                                   d ** -0.5, causal, None)
+    except BackendError as error:
+        pytest.skip(str(error))
+    out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True, backend=backend)
     vout, vlse = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk,
-                                        causal=causal, return_lse=True)
+                                        causal=causal, return_lse=True, backend=backend)
     assert out.shape == (b, sq, h, d) and lse.shape == (b, h, sq)
     assert torch.equal(out.flatten(0, 1), vout)
     assert torch.equal(lse, vlse.view(h, b, sq).transpose(0, 1))
@@ -96,63 +131,113 @@ def test_dense_equals_varlen_with_equal_lengths(gen, causal):
     torch.testing.assert_close(out, sdpa.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-def test_softmax_scale(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+def test_softmax_scale(gen, scale, backend):
     case = random_varlen([9], [11], 2, 1, 16, generator=gen)
-    out = flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, 9, 11, softmax_scale=0.3)
-    want, _ = naive_attention(case.q, case.k, case.v, [9], [11], scale=0.3)
+    _require(backend, case)
+    out = flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, 9, 11, softmax_scale=scale,
+                                 backend=backend)
+    want, _ = naive_attention(case.q, case.k, case.v, [9], [11], scale=scale)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", [c for c in CASES if sum(c[0]) < 200])
-def test_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix):
-    case = random_varlen(lens_q, lens_k, h, hkv, d, prefix=prefix, generator=gen, requires_grad=True)
-    out, lse = _run(case, causal, return_lse=True)
-    dout = torch.randn(out.shape, generator=gen)
-    dlse = torch.randn(lse.shape, generator=gen)
+def _grads(case, causal, backend, dout, dlse):
+    """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) over rows that see a key."""
+    out, lse = _run(case, causal, backend, return_lse=True)
     finite = torch.isfinite(lse)
-    ((out * dout).sum() + (lse[finite] * dlse[finite]).sum()).backward()
-    got = [x.grad.clone() for x in (case.q, case.k, case.v)]
+    ((out.float() * dout).sum() + (lse[finite] * dlse[finite]).sum()).backward()
+    grads = [x.grad.clone() for x in (case.q, case.k, case.v)]
     for x in (case.q, case.k, case.v):
         x.grad = None
-    want_out, want_lse = naive_attention(case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens)
-    ((want_out * dout.double()).sum() + (want_lse[finite] * dlse[finite].double()).sum()).backward()
-    for name, g, x in zip("qkv", got, (case.q, case.k, case.v)):
-        torch.testing.assert_close(g, x.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m} (seed {gen.initial_seed()})")
+    return grads, finite
 
 
+def _naive_grads(case, causal, dout, dlse, finite, dtype=torch.float64):
+    """The same gradients from naive attention computed in `dtype` (leaves in `dtype` too)."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (case.q, case.k, case.v)]
+    out, lse = naive_attention(*leaves, case.lens_q, case.lens_k, causal=causal, prefix_lens=case.prefix_lens,
+                               dtype=dtype)
+    ((out.double() * dout.double()).sum() + (lse.double()[finite] * dlse[finite].double()).sum()).backward()
+    return [x.grad for x in leaves]
+
+
+GRAD_CASES = [c for c in CASES if sum(c[0]) < 300]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", GRAD_CASES)
+def test_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, backend):
+    """float32 gradients (with a gradient on lse too) against float64 ones."""
+    case = random_varlen(lens_q, lens_k, h, hkv, d, prefix=prefix, generator=gen, requires_grad=True)
+    _require(backend, case, causal)
+    dout = torch.randn(case.q.shape, generator=gen)
+    dlse = torch.randn(h, sum(lens_q), generator=gen)
+    got, finite = _grads(case, causal, backend, dout, dlse)
+    want = _naive_grads(case, causal, dout, dlse, finite)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m: f"d{name}: {m} (seed {gen.initial_seed()})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", [CASES[1], CASES[4], CASES[5], CASES[12]])
+def test_low_precision_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype, backend):
+    """Gradients in fp16/bf16: error <= 2 x that of PyTorch computing in the same dtype + atol."""
+    case = random_varlen(lens_q, lens_k, h, hkv, d, dtype=dtype, prefix=prefix, generator=gen, requires_grad=True)
+    _require(backend, case, causal)
+    dout = torch.randn(case.q.shape, generator=gen)
+    dlse = torch.randn(h, sum(lens_q), generator=gen)
+    got, finite = _grads(case, causal, backend, dout.to(dtype), dlse)
+    want = _naive_grads(case, causal, dout.to(dtype), dlse, finite)
+    same = _naive_grads(case, causal, dout.to(dtype), dlse, finite, dtype=dtype)
+    for name, g, w, s in zip("qkv", got, want, same):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        err, baseline = (g.double() - w).abs().max().item(), (s.double() - w).abs().max().item()
+        assert err <= 2 * baseline + ATOL[dtype], f"d{name}: error {err} vs same-dtype PyTorch {baseline} (seed {gen.initial_seed()})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal,prefix,hkv", [(False, None, 2), (True, None, 1), (True, "mid", 2)])
-def test_gradcheck(gen, causal, prefix, hkv):
+def test_gradcheck(gen, causal, prefix, hkv, backend):
+    """float64 gradcheck, on the backends that serve float64 (the reference)."""
     case = random_varlen([3, 0, 5], [4, 2, 5], 2, hkv, 4, dtype=torch.float64, prefix=prefix, generator=gen)
+    _require(backend, case, causal)
 
     def f(q, k, v):
         out, lse = flash_attn_varlen_func(q, k, v, case.cu_q, case.cu_k, 5, 5, causal=causal,
-                                          prefix_lens=case.prefix_lens, return_lse=True)
+                                          prefix_lens=case.prefix_lens, return_lse=True, backend=backend)
         return out, torch.where(torch.isfinite(lse), lse, 0.0)
 
     inputs = tuple(x.detach().requires_grad_() for x in (case.q, case.k, case.v))
     assert torch.autograd.gradcheck(f, inputs)
 
 
-def _op_args(case, causal, backend="reference"):
-    return (case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q), max(case.lens_k),
-            case.q.shape[-1] ** -0.5, causal, case.prefix_lens, backend)
+def _op_args(case, causal, backend):
+    return _args(case, causal) + (backend,)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal,prefix", [(False, None), (True, "mid")])
-def test_opcheck(gen, causal, prefix):
+def test_opcheck(gen, causal, prefix, backend):
     case = random_varlen([5, 0, 9], [7, 3, 9], 4, 2, 16, prefix=prefix, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.generalist.attention_fwd.default, _op_args(case, causal))
-    out, lse = torch.ops.generalist.attention_fwd(*_op_args(case, causal))
+    _require(backend, case, causal)
+    torch.library.opcheck(torch.ops.generalist.attention_fwd.default, _op_args(case, causal, backend))
+    out, lse = torch.ops.generalist.attention_fwd(*_op_args(case, causal, backend))
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), case.q.detach(), case.k.detach(), case.v.detach(),
-                out.detach(), lse.detach()) + _op_args(case, causal)[3:]
+                out.detach(), lse.detach()) + _op_args(case, causal, backend)[3:]
     torch.library.opcheck(torch.ops.generalist.attention_bwd.default, bwd_args)
 
 
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(gen, backend):
     case = random_varlen([7, 12], [9, 12], 4, 2, 16, prefix=[3, 6], generator=gen, requires_grad=True)
+    _require(backend, case, True)
 
     def f(q, k, v, cu_q, cu_k, prefix_lens):
-        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 12, causal=True, prefix_lens=prefix_lens)
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 12, causal=True, prefix_lens=prefix_lens,
+                                     backend=backend)
         return (out * out).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -165,9 +250,9 @@ def test_torch_compile_fullgraph(gen):
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
 
-    dense = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True), fullgraph=True)
+    dense = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True, backend=backend), fullgraph=True)
     q, k, v = torch.randn(3, 2, 10, 2, 8, generator=gen)
-    torch.testing.assert_close(dense(q, k, v), flash_attn_func(q, k, v, causal=True))
+    torch.testing.assert_close(dense(q, k, v), flash_attn_func(q, k, v, causal=True, backend=backend))
 
 
 def test_backend_selection(gen):
@@ -175,8 +260,6 @@ def test_backend_selection(gen):
     with pytest.raises(BackendError, match="unknown backend 'fast'"):
         _run(case, False, backend="fast")
     assert isinstance(BackendError("x"), ValueError)
-    from generalist.ops import ATTENTION_BACKENDS
-
     for name in ATTENTION_BACKENDS.known:
         if name not in ATTENTION_BACKENDS.available():
             with pytest.raises(BackendError, match=f"backend '{name}' is not available"):
@@ -184,11 +267,83 @@ def test_backend_selection(gen):
     torch.testing.assert_close(_run(case, True, backend="auto"), _run(case, True, backend="reference"))
 
 
+def _needs_cpu_backend():
+    if "cpu" not in ATTENTION_BACKENDS.available():
+        pytest.skip(f"the C++ CPU backend is not built ({_ext.import_error or 'no attention kernels in generalist._C'})")
+
+
+def test_auto_picks_cpu_backend_on_cpu(gen, monkeypatch):
+    _needs_cpu_backend()
+    monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)  # the Triton interpreter is opt-in on CPU
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case = random_varlen([5, 3], [5, 4], 2, 1, 8, dtype=dtype, generator=gen)
+        assert ATTENTION_BACKENDS.resolve("auto", *_args(case, True)).name == "cpu"
+    case = random_varlen([5], [5], 2, 1, 8, dtype=torch.float64, generator=gen)
+    assert ATTENTION_BACKENDS.resolve("auto", *_args(case, True)).name == "reference"
+
+
+def test_cpu_backend_refuses_float64(gen):
+    _needs_cpu_backend()
+    case = random_varlen([5], [5], 2, 1, 8, dtype=torch.float64, generator=gen)
+    with pytest.raises(BackendError, match="backend 'cpu' cannot serve these inputs: float64 is not supported"):
+        _run(case, True, backend="cpu")
+
+
+def test_cpu_backend_does_not_depend_on_thread_count(gen):
+    """Bitwise the same with 1 and 2 threads, although 2 threads switch the backward to two passes."""
+    _needs_cpu_backend()
+    case = random_varlen([130, 70, 5], [140, 70, 9], 4, 1, 40, prefix="mid", generator=gen, requires_grad=True)
+    dout = torch.randn(case.q.shape, generator=gen)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, lse = _run(case, True, "cpu", return_lse=True)
+            (out * dout).sum().backward()
+            results.append([out, lse] + [x.grad.clone() for x in (case.q, case.k, case.v)])
+            for x in (case.q, case.k, case.v):
+                x.grad = None
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+_BASELINE_SCRIPT = """
+import torch
+from generalist.ops import flash_attn_varlen_func
+from generalist.testing import random_varlen
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+g = torch.Generator().manual_seed(0)
+for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+    case = random_varlen([1, 97, 0, 70], [5, 97, 3, 70], 4, 2, 44, dtype=dtype, prefix="mid", generator=g,
+                         requires_grad=True)
+    results = []
+    for backend in ("cpu", "reference"):
+        out, lse = flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, 97, 97, causal=True,
+                                          prefix_lens=case.prefix_lens, return_lse=True, backend=backend)
+        out.float().square().sum().backward()
+        results.append([out.float(), torch.where(torch.isfinite(lse), lse, 0.0)] + [x.grad.float() for x in (case.q, case.k, case.v)])
+        for x in (case.q, case.k, case.v):
+            x.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+"""
+
+
+def test_cpu_backend_baseline_kernels():
+    """The kernels for CPUs without AVX2 (chosen with ATEN_CPU_CAPABILITY=default) agree too."""
+    _needs_cpu_backend()
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_backend_on_cuda(gen, dtype):
-    from generalist.ops import ATTENTION_BACKENDS
-
     case = random_varlen([1, 97, 0, 300], [5, 97, 3, 256], 8, 2, 64, dtype=dtype, prefix="mid", device="cuda",
                          generator=gen)
     want, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True, prefix_lens=case.prefix_lens)
@@ -196,5 +351,9 @@ def test_every_backend_on_cuda(gen, dtype):
                               prefix_lens=case.prefix_lens, dtype=dtype)
     baseline = (same.double() - want).abs().max().item()
     for backend in ATTENTION_BACKENDS.available():
+        try:
+            ATTENTION_BACKENDS.resolve(backend, *_args(case, True))
+        except BackendError:
+            continue  # e.g. "cpu" serves CPU tensors only
         out = _run(case, True, backend=backend)
         assert (out.double() - want).abs().max().item() <= 2 * baseline + ATOL[dtype], backend

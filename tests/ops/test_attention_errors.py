@@ -1,22 +1,37 @@
-"""Every input a caller can get wrong raises a ValueError that names the argument."""
+"""Every input a caller can get wrong raises a ValueError that names the argument, whichever
+backend is asked for (the checks run before a backend is picked)."""
 
 import pytest
 import torch
 
-from generalist.ops import flash_attn_func, flash_attn_varlen_func, set_value_checks
+from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func, set_value_checks
+
+
+def _serves_cpu_fp32(name: str) -> bool:
+    """Backends that take plain CPU fp32 inputs (Triton does only under an explicit opt-in)."""
+    x, cu = torch.zeros(4, 2, 8), torch.tensor([0, 4], dtype=torch.int32)
+    try:
+        ATTENTION_BACKENDS.resolve(name, x, x, x, cu, cu, 4, 4, 0.35, False, None)
+    except BackendError:
+        return False
+    return True
+
+
+BACKENDS = [name for name in ATTENTION_BACKENDS.available() if _serves_cpu_fp32(name)]
 
 
 def _varlen(**over):
     args = dict(q=torch.randn(10, 4, 8), k=torch.randn(12, 2, 8), v=torch.randn(12, 2, 8),
                 cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
                 cu_seqlens_k=torch.tensor([0, 5, 12], dtype=torch.int32), max_seqlen_q=6, max_seqlen_k=7)
-    kw = {k: over.pop(k) for k in ("causal", "prefix_lens", "softmax_scale") if k in over}
+    kw = {k: over.pop(k) for k in ("causal", "prefix_lens", "softmax_scale", "backend") if k in over}
     args.update(over)
     return flash_attn_varlen_func(*args.values(), **kw)
 
 
-def test_valid_call_works():
-    assert _varlen().shape == (10, 4, 8)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_call_works(backend):
+    assert _varlen(backend=backend).shape == (10, 4, 8)
 
 
 @pytest.mark.parametrize("over,match", [
@@ -45,9 +60,10 @@ def test_valid_call_works():
     (dict(causal=True, prefix_lens=torch.tensor([1, -2], dtype=torch.int32)), "prefix_lens must be >= 0"),
     (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
 ])
-def test_bad_varlen_input(over, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_varlen_input(over, match, backend):
     with pytest.raises(ValueError, match=match):
-        _varlen(**over)
+        _varlen(backend=backend, **over)
 
 
 @pytest.mark.parametrize("q,k,v,match", [
@@ -55,9 +71,10 @@ def test_bad_varlen_input(over, match):
     (torch.randn(2, 5, 4), torch.randn(2, 5, 4, 8), torch.randn(2, 5, 4, 8), r"q must have shape \(B, Sq, H, D\)"),
     (torch.randn(2, 5, 4, 8), torch.randn(2, 6, 4, 8), torch.randn(2, 5, 4, 8), "k and v must have the same shape"),
 ])
-def test_bad_dense_input(q, k, v, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dense_input(q, k, v, match, backend):
     with pytest.raises(ValueError, match=match):
-        flash_attn_func(q, k, v)
+        flash_attn_func(q, k, v, backend=backend)
 
 
 def test_device_mismatch_is_named():
@@ -68,12 +85,28 @@ def test_device_mismatch_is_named():
         _varlen(cu_seqlens_q=torch.empty(3, dtype=torch.int32, device="meta"))
 
 
-def test_value_checks_can_be_switched_off():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_checks_can_be_switched_off(backend):
     old = set_value_checks(False)
-    try:  # max_seqlen_q too small is no longer caught up front; the reference still computes correctly
+    try:  # max_seqlen_q too small is no longer caught up front; every backend still computes correctly
         torch.manual_seed(0)
-        out = _varlen(max_seqlen_q=1)
+        out = _varlen(max_seqlen_q=1, backend=backend)
     finally:
         set_value_checks(old)
     torch.manual_seed(0)
-    torch.testing.assert_close(out, _varlen())
+    torch.testing.assert_close(out, _varlen(backend="reference"))
+
+
+@pytest.mark.parametrize("cu_seqlens_q", [[0, 4, 9], [1, 4, 10], [0, 7, 4, 10]])
+def test_cpu_kernel_checks_offsets_itself(cu_seqlens_q):
+    """With the value checks off, bad offsets reach the C++ kernel, which must refuse them."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU backend is not built")
+    cu_k = [0, 5, 12] if len(cu_seqlens_q) == 3 else [0, 5, 5, 12]
+    old = set_value_checks(False)
+    try:
+        with pytest.raises(RuntimeError, match="cu_seqlens"):
+            _varlen(cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32),
+                    cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32), backend="cpu")
+    finally:
+        set_value_checks(old)

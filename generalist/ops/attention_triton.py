@@ -1,0 +1,90 @@
+"""The "triton" attention backend: the flash-attention kernels of generalist/kernels/triton/attention.py
+behind the `generalist::attention_fwd` / `attention_bwd` ops.
+
+Registered into generalist.ops.attention.BACKENDS (priority 20, above the reference) when triton
+imports; without triton the package imports as before and the backend is simply not available.
+
+It serves fp16, bf16 and fp32 inputs with head dim <= 256:
+  - CUDA tensors, on a GPU of compute capability 8.0 or newer (Ampere, Hopper, ...);
+  - CPU tensors only when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before
+    import) AND GENERALIST_TRITON_ON_CPU=1. The interpreter exists to test the kernels, not to run
+    models, so "auto" never picks it for CPU tensors unless a test opts in. bf16 is refused on CPU
+    because Triton 3.6's interpreter computes bf16 products wrongly.
+Shapes and semantics are those of generalist.ops.attention (varlen layout).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from generalist.ops._registry import Implementation
+
+try:
+    from generalist.kernels.triton import attention as kernels
+except ImportError:  # triton is not installed: the backend is not registered
+    kernels = None
+
+CPU_OPT_IN = "GENERALIST_TRITON_ON_CPU"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                prefix_lens) -> str | None:
+    """None when the Triton kernels can serve these inputs, else the reason why not."""
+    if q.dtype not in kernels.DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.shape[-1] > kernels.MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {kernels.MAX_HEAD_DIM}"
+    if q.device.type == "cuda":
+        if torch.version.hip is None and not kernels.interpreting():
+            major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            if major < 8:
+                return f"needs a GPU of compute capability 8.0 or newer, this one has {major}.{minor}"
+        return None
+    if q.device.type == "cpu":
+        if not kernels.interpreting():
+            return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (set before import)"
+        if os.environ.get(CPU_OPT_IN) != "1":
+            return f"CPU tensors run the Triton interpreter only with {CPU_OPT_IN}=1 (it is for tests)"
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is wrong in Triton 3.6's interpreter; run bfloat16 on a GPU"
+        return None
+    return f"device {q.device.type} is not supported"
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, prefix_lens):
+    """q (Tq, H, D), k/v (Tk, Hkv, D) -> out (Tq, H, D), lse (H, Tq) fp32."""
+    return kernels.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale, causal, prefix_lens)
+
+
+def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             causal, prefix_lens):
+    """(dq, dk, dv) in the inputs' dtype; dlse (H, Tq) may be None."""
+    return kernels.attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, softmax_scale, causal, prefix_lens)
+
+
+IMPLEMENTATION = Implementation(name="triton", priority=20, unsupported=unsupported,
+                                functions={"forward": forward, "backward": backward})
+
+
+def register(backends) -> bool:
+    """Adds the backend to `backends` when triton is importable; returns whether it did."""
+    if kernels is None:
+        return False
+    backends.register(IMPLEMENTATION)
+    return True
+
+
+if kernels is not None:
+    from generalist.ops.attention import BACKENDS
+
+    register(BACKENDS)

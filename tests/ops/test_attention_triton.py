@@ -1,0 +1,325 @@
+"""The Triton attention backend against the attention contract (DESIGN.md).
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+on CPU tensors, which the backend serves only with GENERALIST_TRITON_ON_CPU=1 (set here). The
+interpreter is slow: sizes stay small, longer sequences are `slow`, and bf16 runs on GPU only
+(Triton 3.6's interpreter computes bf16 products wrongly). With a GPU the same tests run on CUDA.
+Tolerance for fp16: error(kernel vs float64) <= 2 x error(PyTorch at fp16 vs float64) + atol.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+# The interpreter indexes with 1-element arrays, which numpy >= 1.25 flags on every loop.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from generalist.ops import attention_triton  # noqa: E402,F401  (registers "triton")
+from generalist.testing import naive_attention, random_varlen  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# (lens_q, lens_k, H, Hkv, D, causal, prefix)
+CASES = [
+    ([97], [97], 4, 4, 40, False, None),
+    ([97], [97], 4, 2, 111, True, None),
+    ([1, 37, 0, 13], [1, 37, 0, 13], 8, 1, 16, True, None),  # MQA, an empty sequence, length 1
+    ([5, 0, 33], [9, 4, 40], 4, 2, 16, True, "mid"),  # cross: Sq < Sk, bottom-right causal
+    ([40, 7], [9, 3], 2, 2, 24, True, None),  # cross: Sq > Sk, the first rows see nothing
+    ([40, 7], [9, 3], 2, 2, 24, False, None),
+    ([31, 17], [31, 17], 8, 1, 40, True, "zero"),  # GQA 8
+    ([31, 17], [31, 17], 4, 2, 40, True, "mid"),  # GQA 2
+    ([31, 17], [31, 17], 2, 2, 40, True, "full"),
+    ([12, 0], [0, 6], 2, 1, 8, False, None),  # a query sequence with no keys, keys with no queries
+    ([37, 64, 50], [70, 50, 50], 2, 1, 64, True, [20, 64, 33]),  # prefixes inside, past and at blocks
+]
+GRAD_CASES = [CASES[i] for i in (1, 2, 3, 4, 7, 9, 10)]
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch):
+    if "triton" not in ATTENTION_BACKENDS.available():
+        pytest.skip("the triton backend is not registered")
+    if DEVICE == "cpu":
+        if not attention_triton.kernels.interpreting():
+            pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 at import")
+        monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+
+
+def _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=torch.float32, device=DEVICE, requires_grad=False):
+    case = random_varlen(lens_q, lens_k, h, hkv, d, dtype=dtype, prefix=prefix, generator=gen,
+                         requires_grad=requires_grad)
+    if device != "cpu":
+        move = lambda x: None if x is None else x.to(device)
+        case.cu_q, case.cu_k, case.prefix_lens = move(case.cu_q), move(case.cu_k), move(case.prefix_lens)
+        case.q, case.k, case.v = (x.detach().to(device).requires_grad_(requires_grad) for x in (case.q, case.k, case.v))
+    return case
+
+
+def _run(case, causal, backend="triton", **kw):
+    return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
+                                  max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
+                                  backend=backend, **kw)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check_forward(case, causal, dtype, seed):
+    out, lse = _run(case, causal, return_lse=True)
+    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
+    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
+    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (case.q.shape[1], case.q.shape[0])
+    assert torch.isfinite(out).all()
+    err, baseline = _max_err(out, want), _max_err(same_dtype, want)
+    assert err <= 2 * baseline + ATOL[dtype], f"error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.isneginf(lse[~finite]).all()
+    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4)
+
+
+def _grads(case, causal, dout, dlse, fn):
+    """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) over the rows with a finite lse."""
+    out, lse = fn()
+    finite = torch.isfinite(lse.detach())
+    loss = (out * dout.to(out.dtype)).sum().double() + (lse[finite] * dlse[finite].to(lse.dtype)).sum().double()
+    return torch.autograd.grad(loss, (case.q, case.k, case.v))
+
+
+def _float64_grads(case, causal, dout, dlse):
+    return _grads(case, causal, dout, dlse, lambda: naive_attention(
+        case.q, case.k, case.v, case.lens_q, case.lens_k, causal=causal, prefix_lens=case.prefix_lens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", CASES)
+def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype):
+    case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=dtype)
+    _check_forward(case, causal, dtype, gen.initial_seed())
+
+
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", GRAD_CASES)
+def test_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix):
+    case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, requires_grad=True)
+    dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
+    dlse = torch.randn(h, sum(lens_q), generator=gen).to(DEVICE)
+    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    want = _float64_grads(case, causal, dout, dlse)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=1e-4,
+                                   msg=lambda m: f"d{name}: {m} (seed {gen.initial_seed()})")
+
+
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", [CASES[1], CASES[3]])
+def test_fp16_gradients_within_twice_pytorch_error(gen, lens_q, lens_k, h, hkv, d, causal, prefix):
+    case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=torch.float16, requires_grad=True)
+    dout = torch.randn(case.q.shape, generator=gen).to(DEVICE, torch.float16)
+    dlse = torch.randn(h, sum(lens_q), generator=gen).to(DEVICE)
+    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    want = _float64_grads(case, causal, dout, dlse)
+    same = _grads(case, causal, dout, dlse, lambda: naive_attention(
+        case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens, dtype=torch.float16))
+    for name, g, w, s in zip("qkv", got, want, same):
+        assert g.dtype == torch.float16 and torch.isfinite(g).all()
+        err, baseline = _max_err(g, w), _max_err(s, w)
+        assert err <= 2 * baseline + ATOL[torch.float16], f"d{name}: {err} vs {baseline} (seed {gen.initial_seed()})"
+
+
+def test_rows_without_keys_are_zero_with_lse_minus_inf(gen):
+    case = _case([6], [2], 2, 2, 8, None, gen, requires_grad=True)
+    out, lse = _run(case, causal=True, return_lse=True)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))  # query i sees keys j <= i - 4
+    assert torch.isneginf(lse[:, :4]).all() and torch.isfinite(lse[:, 4:]).all()
+    out.sum().backward()
+    for x in (case.q, case.k, case.v):
+        assert torch.isfinite(x.grad).all()
+    assert torch.equal(case.q.grad[:4], torch.zeros_like(case.q.grad[:4]))
+
+
+def test_deterministic(gen):
+    case = _case([33, 20], [40, 20], 2, 1, 32, [10, 0], gen, requires_grad=True)
+    dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        out, lse = _run(case, True, return_lse=True)
+        runs.append((out, lse, *torch.autograd.grad((out * dout).sum(), (case.q, case.k, case.v))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs_and_dense_layout(gen):
+    """q/k/v as views into one packed qkv tensor (strided heads), and the dense entry point."""
+    b, s, h, d = 2, 19, 4, 24
+    qkv = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE)
+    q, k, v = qkv.unbind(2)
+    out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True, backend="triton")
+    want, want_lse = flash_attn_func(q, k, v, causal=True, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def _op_args(case, causal, backend="triton"):
+    return (case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q), max(case.lens_k),
+            case.q.shape[-1] ** -0.5, causal, case.prefix_lens, backend)
+
+
+def test_opcheck(gen):
+    causal = True
+    case = _case([5, 0, 9], [7, 3, 9], 2, 1, 16, "mid", gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.generalist.attention_fwd.default, _op_args(case, causal))
+    out, lse = torch.ops.generalist.attention_fwd(*_op_args(case, causal))
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), case.q.detach(), case.k.detach(), case.v.detach(),
+                out.detach(), lse.detach()) + _op_args(case, causal)[3:]
+    torch.library.opcheck(torch.ops.generalist.attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph(gen):
+    case = _case([7, 12], [9, 12], 2, 1, 16, [3, 6], gen, requires_grad=True)
+
+    def f(q, k, v, cu_q, cu_k, prefix_lens):
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 12, causal=True, prefix_lens=prefix_lens,
+                                     backend="triton")
+        return (out * out).sum()
+
+    args = (case.q, case.k, case.v, case.cu_q, case.cu_k, case.prefix_lens)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    got_grads = torch.autograd.grad(got, (case.q, case.k, case.v))
+    want = f(*args)
+    want_grads = torch.autograd.grad(want, (case.q, case.k, case.v))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_errors_name_the_reason(gen, monkeypatch):
+    case = _case([4], [4], 2, 2, 8, None, gen, dtype=torch.float64)
+    with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: dtype torch.float64"):
+        _run(case, False)
+    cpu = random_varlen([4], [4], 2, 2, 8, generator=gen)
+    monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)
+    with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: CPU tensors"):
+        _run(cpu, False)
+    args = _op_args(cpu, False)[:-1]
+    assert ATTENTION_BACKENDS.resolve("auto", *args).name != "triton"  # "auto" never picks the interpreter
+    bf16 = random_varlen([4], [4], 2, 2, 8, dtype=torch.bfloat16, generator=gen)
+    monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+    if attention_triton.kernels.interpreting():
+        with pytest.raises(BackendError, match="bfloat16"):
+            _run(bf16, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_sequence(gen, dtype):
+    lens_q = lens_k = [1025, 3]
+    case = _case(lens_q, lens_k, 2, 1, 32, None, gen, dtype=dtype, requires_grad=True)
+    _check_forward(case, True, dtype, gen.initial_seed())
+    if dtype == torch.float32:
+        dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
+        dlse = torch.randn(2, sum(lens_q), generator=gen).to(DEVICE)
+        got = _grads(case, True, dout, dlse, lambda: _run(case, True, return_lse=True))
+        want = _float64_grads(case, True, dout, dlse)
+        for name, g, w in zip("qkv", got, want):
+            torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+# Compiling for a GPU needs no GPU: Triton's bundled ptxas builds sm_80 / sm_90 code here, which
+# keeps the kernels from rotting where the (more permissive) interpreter would still run them, and
+# shows register spills. Each kernel's default config, for a full and a masked head dim.
+_COMPILE_SCRIPT = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from generalist.kernels.triton import attention as K
+
+arch, dtype, block_d = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+elem = 4 if dtype == "fp32" else 2
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for head_dim in (block_d, block_d - 3):
+    for name, fn in K._KERNELS.items():
+        bm, bn, warps, stages = K.configs_for(name, elem, block_d, arch)[0]
+        cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=True, HAS_PREFIX=True,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
+        sig = {a: "constexpr" if a in cx else ("*i32" if a in ("CU_Q", "CU_K", "PREFIX") else
+               "*fp32" if a in ("LSE", "DELTA") else f"*{dtype}" if a.isupper() else
+               "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"]); f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        print(name, dtype, head_dim, (bm, bn, warps, stages),
+              *[w for w in usage.split() if w.startswith(("REG", "STACK"))])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,block_d", [("fp16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 128)])
+def test_kernels_compile_for_gpu_without_spills(arch, dtype, block_d):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(block_d)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 6, run.stdout
+    for line in lines:
+        assert "STACK:0" in line.split(), f"register spills: {line}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d,causal,prefix", [(64, True, "mid"), (128, True, None), (40, False, None),
+                                             (256, True, None)])
+def test_cuda_against_float64(gen, monkeypatch, dtype, d, causal, prefix):
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")  # each table's first config: correctness, not speed
+    lens_q, lens_k = [1, 97, 0, 1025, 300], [5, 97, 3, 1025, 256]
+    case = _case(lens_q, lens_k, 8, 2, d, prefix, gen, dtype=dtype, device="cuda", requires_grad=True)
+    _check_forward(case, causal, dtype, gen.initial_seed())
+    dout = torch.randn(case.q.shape, generator=gen).to("cuda", dtype)
+    dlse = torch.randn(8, sum(lens_q), generator=gen).cuda()
+    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    want = _float64_grads(case, causal, dout, dlse)
+    same = _grads(case, causal, dout, dlse, lambda: naive_attention(
+        case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype))
+    for name, g, w, s in zip("qkv", got, want, same):
+        err, baseline = _max_err(g, w), _max_err(s, w)
+        assert err <= 2 * baseline + ATOL[dtype], f"d{name}: {err} vs {baseline} (seed {gen.initial_seed()})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_cuda_every_config(gen, monkeypatch, kernel):
+    """Each tuned configuration of one kernel (bf16, D=128) gives the right answer."""
+    from generalist.kernels.triton import attention as K
+
+    lens_q, lens_k = [1, 97, 0, 300], [5, 97, 3, 256]
+    case = _case(lens_q, lens_k, 8, 2, 128, "mid", gen, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(case.q.shape, generator=gen).to("cuda", torch.bfloat16)
+    dlse = torch.zeros(8, sum(lens_q), device="cuda")
+    major, minor = torch.cuda.get_device_capability()
+    arch = 90 if major >= 9 else 80
+    for config in K.configs_for(kernel, 2, 128, arch):
+        monkeypatch.setitem(K._CONFIGS_16BIT[arch], (kernel, 128), [config])
+        K._autotuned.cache_clear()
+        _check_forward(case, True, torch.bfloat16, gen.initial_seed())
+        got = _grads(case, True, dout, dlse, lambda: _run(case, True, return_lse=True))
+        want = _float64_grads(case, True, dout, dlse)
+        for name, g, w in zip("qkv", got, want):
+            assert (g.double() - w).norm() / w.norm() < 2e-2, f"d{name} with {kernel} config {config}"
+    K._autotuned.cache_clear()
