@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from generalist.ops import ATTENTION_BACKENDS, flash_attn_func, flash_attn_varlen_func
+from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 
 
 def flops(b, h, sq, sk, d, causal, mode):
@@ -90,6 +90,18 @@ def varlen_case(lens, h, d, causal, mode, dtype, device, backend, reps):
     return paired(ours, sdpa, reps), useful
 
 
+def serves(backend, dtype, device) -> bool:
+    """Whether `backend` can run on this device and dtype (e.g. "triton" cannot on a CPU)."""
+    q = torch.zeros(4, 2, 8, dtype=dtype, device=device)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    try:
+        ATTENTION_BACKENDS.resolve(backend, q, q, q, cu, cu, 4, 4, 1.0, True, None)
+    except BackendError as error:
+        print(f"skipping {error}")
+        return False
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (the demo)")
@@ -104,7 +116,7 @@ def main():
     b, h, s, d = (2, 4, 256, 64) if args.quick else (8, 8, 512, 64)
     lens = [s, s // 2, s // 4, 3 * s // 4, s // 8, s // 2, s, s // 3]
     rows = []
-    for backend in ATTENTION_BACKENDS.available():
+    for backend in [name for name in ATTENTION_BACKENDS.available() if serves(name, dtype, device)]:
         for mode in ("fwd", "fwd+bwd"):
             for causal in (False, True):
                 (ta, tb, ratio), fl = dense_case(b, h, s, d, causal, mode, dtype, device, backend, reps)

@@ -394,8 +394,8 @@ void attention_fwd(const AttentionParams& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   const float qk_scale = p.softmax_scale * kLog2e;  // scores in the exp2 domain
   const auto make_scratch = [&] { return std::make_unique<FwdScratch>(D, Dp); };
-  parallel_items(static_cast<int64_t>(items.size()), work, make_scratch, [&](int64_t idx, std::unique_ptr<FwdScratch>& ws) {
-    FwdScratch& w = *ws;
+  parallel_items(static_cast<int64_t>(items.size()), work, make_scratch, [&](int64_t idx, std::unique_ptr<FwdScratch>& scratch) {
+    FwdScratch& w = *scratch;
     const Item& it = items[idx];
     const Sequence& s = p.seqs[it.seq];
     const int64_t h = it.head, hkv = h / G, i0 = it.tile * kBq;
@@ -643,8 +643,8 @@ void attention_bwd(const AttentionParams& p) {
     for (int64_t h = 0; h < H; ++h) items.push_back({qtiles.seq[t], h, qtiles.start[t] / kBq, cost});
   }
   const int64_t work_dq = sort_longest_first(items) * kBq * D * 3;
-  parallel_items(static_cast<int64_t>(items.size()), work_dq, make_scratch, [&](int64_t idx, std::unique_ptr<BwdScratch>& ws) {
-    BwdScratch& w = *ws;
+  parallel_items(static_cast<int64_t>(items.size()), work_dq, make_scratch, [&](int64_t idx, std::unique_ptr<BwdScratch>& scratch) {
+    BwdScratch& w = *scratch;
     const Item& it = items[idx];
     const Sequence& s = p.seqs[it.seq];
     const int64_t i0 = it.tile * kBq, q_idx = it.head * QT + qtiles.first[it.seq] + it.tile;
