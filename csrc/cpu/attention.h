@@ -33,7 +33,8 @@ struct AttentionParams {
   void* out = nullptr;
   float* lse = nullptr;
 
-  // Backward: also reads dout, out (as `out`), lse and dlse (may be null); writes dq, dk, dv.
+  // Backward: reads q, k, v, the forward's out and lse, dout and dlse (may be null); writes dq,
+  // dk and dv.
   const void* dout = nullptr;
   const float* dlse = nullptr;
   void* dq = nullptr;
@@ -50,10 +51,10 @@ struct AttentionParams {
 };
 
 // One set of entry points per instruction set; attention.cpp picks one at run time.
-#define GENERALIST_DECLARE_ATTENTION_KERNELS(isa)                   \
-  namespace isa {                                                   \
-  template <typename scalar_t> void attention_fwd(const AttentionParams& p); \
-  template <typename scalar_t> void attention_bwd(const AttentionParams& p); \
+#define GENERALIST_DECLARE_ATTENTION_KERNELS(isa)                             \
+  namespace isa {                                                             \
+  template <typename scalar_t> void attention_fwd(const AttentionParams& p);  \
+  template <typename scalar_t> void attention_bwd(const AttentionParams& p);  \
   }
 
 GENERALIST_DECLARE_ATTENTION_KERNELS(baseline)
