@@ -102,6 +102,147 @@ def serves(backend, dtype, device) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------
+# GPU grid: TFLOP/s per provider (ours by backend, SDPA by backend, FlexAttention, flash-attn)
+# --------------------------------------------------------------------------------------------
+
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
+def _bench_gpu(fn, grads=()):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median") / 1e3
+
+
+def _timed_modes(make, inputs, modes):
+    """{mode: seconds} for a provider; make() runs the forward and returns the output."""
+    result = {}
+    if "fwd" in modes:
+        with torch.no_grad():
+            result["fwd"] = _bench_gpu(make)
+    if "bwd" in modes or "fwd+bwd" in modes:
+        out = make()
+        dout = torch.randn_like(out)
+        if "bwd" in modes:
+            result["bwd"] = _bench_gpu(lambda: out.backward(dout, retain_graph=True), inputs)
+        if "fwd+bwd" in modes:
+            result["fwd+bwd"] = _bench_gpu(lambda: make().backward(dout), inputs)
+    return result
+
+
+def _dense_providers(backends, b, h, s, d, causal, dtype):
+    """(name, make, inputs) for one dense shape: ours take (B, S, H, D), SDPA (B, H, S, D)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device="cuda", requires_grad=True) for _ in range(3))
+    for backend in backends:
+        yield backend, (lambda backend=backend: flash_attn_func(q, k, v, causal=causal, backend=backend)), (q, k, v)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    for name, which in SDPA_BACKENDS.items():
+        if name == "sdpa-math" and s > 2048:
+            continue  # materializes B*H*S*S scores
+
+        def sdpa(which=which):
+            with sdpa_kernel(getattr(SDPBackend, which)):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        yield name, sdpa, (qt, kt, vt)
+    try:
+        from flash_attn import flash_attn_func as fa_func
+    except ImportError:
+        return
+    yield "flash-attn", (lambda: fa_func(q, k, v, causal=causal)), (q, k, v)
+
+
+def _prefix_providers(backends, lens, prefix, h, d, dtype):
+    """Packed prefix-LM batch (varlen, causal after a bidirectional prefix): ours vs FlexAttention
+    on the same mask (one packed row, document ids)."""
+    total = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    pre = torch.tensor(prefix, dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, h, d, dtype=dtype, device="cuda", requires_grad=True) for _ in range(3))
+    for backend in backends:
+        yield backend, (lambda backend=backend: flash_attn_varlen_func(
+            q, k, v, cu, cu, max(lens), max(lens), causal=True, prefix_lens=pre, backend=backend)), (q, k, v)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return
+    doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
+    pos = torch.arange(total, device="cuda") - cu[:-1].long()[doc]
+    plen = pre.long()[doc]
+
+    def mask_mod(b, hh, qi, ki):
+        return (doc[qi] == doc[ki]) & ((pos[ki] <= pos[qi]) | (pos[ki] < plen[qi]))
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device="cuda")
+    flex = torch.compile(flex_attention)
+    qf, kf, vf = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
+    yield "flex", (lambda: flex(qf, kf, vf, block_mask=block_mask)), (qf, kf, vf)
+
+
+def gpu_grid(args):
+    dtype = torch.bfloat16
+    backends = [name for name in ("cuda", "triton") if name in ATTENTION_BACKENDS.available()
+                and serves(name, dtype, "cuda")]
+    modes = ("fwd", "bwd", "fwd+bwd")
+    tokens = 16384  # batch x seqlen, as flash-attention's own benchmarks
+    seqs = (1024, 4096, 16384) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
+    rows = []
+
+    def record(shape, causal, providers, fl):
+        for name, make, inputs in providers:
+            try:
+                times = _timed_modes(make, inputs, modes)
+            except Exception as error:  # a provider that cannot run this shape is reported, not fatal
+                print(f"{name} {shape}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+                continue
+            for mode, t in times.items():
+                tf = fl * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] / t / 1e12
+                rows.append((shape, causal, mode, name, t, tf))
+                print(f"{shape:34s} causal={causal!s:5s} {mode:7s} {name:15s} {t * 1e3:8.3f} ms {tf:7.1f} TFLOP/s",
+                      flush=True)
+        torch.cuda.empty_cache()
+
+    for d in (128, 64):
+        h = 2048 // d
+        for s in (seqs if d == 128 else (1024, 4096)):
+            b = max(1, tokens // s)
+            for causal in (False, True):
+                record(f"dense B{b} H{h} S{s} D{d}", causal,
+                       _dense_providers(backends, b, h, s, d, causal, dtype), flops(b, h, s, s, d, causal, "fwd"))
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(256, 4096, (64,), generator=gen)
+    lens = lens[: int((lens.cumsum(0) <= tokens).sum())].tolist()
+    prefix = [n // 2 for n in lens]
+    # work under the mask: prefix block p*p plus the causal rest (n*(n+1) - p*(p+1))/2 + p*(n-p)
+    pairs = sum(p * p + (n * (n + 1) - p * (p + 1)) // 2 for n, p in zip(lens, prefix))
+    fl = 4 * 16 * 128 * pairs
+    record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
+           _prefix_providers(backends, lens, prefix, 16, 128, dtype), fl)
+
+    lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
+             f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
+             "bwd 2.5×, fwd+bwd 3.5×", ""]
+    names = list(dict.fromkeys(r[3] for r in rows))
+    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
+    table = {(r[0], r[1], r[2], r[3]): r[5] for r in rows}
+    lines.append("| shape | causal | pass | " + " | ".join(names) + " |")
+    lines.append("|" + "---|" * (3 + len(names)))
+    for key in keys:
+        cells = [f"{table[key + (n,)]:.0f}" if key + (n,) in table else "-" for n in names]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".csv", "w") as f:
+            f.write("shape,causal,pass,provider,seconds,tflops\n")
+            f.writelines(f"{r[0]},{r[1]},{r[2]},{r[3]},{r[4]:.6g},{r[5]:.2f}\n" for r in rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (the demo)")
@@ -109,6 +250,8 @@ def main():
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if torch.cuda.is_available():
+        return gpu_grid(args)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

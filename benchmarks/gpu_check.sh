@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine that already has torch and triton (no registry needed):
-# build generalist._C with its CUDA kernels, run the `gpu` tests, run the benchmarks, and write
-# logs and tables to RESULTS_DIR. Prints a short summary last.
+# build generalist._C with its CUDA kernels, run the `gpu` tests and the op tests on the GPU, run
+# the benchmarks, and write logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
+# QUICK=1 benchmarks fewer sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 status=0
+step() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 
 $PY - <<'PY' | tee "$OUT/device.txt"
 import torch, triton, platform
-print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  python {platform.python_version()}")
+print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+      f"python {platform.python_version()}  cuda {torch.version.cuda}")
 PY
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -20,15 +24,25 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 start=$(date +%s)
 if GENERALIST_CUDA=ON $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
-  echo "build: ok in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+  step "build: ok in $(( $(date +%s) - start )) s; cuda_built=$($PY -c 'import generalist._ext as e; print(e.cuda_built())')"
 else
-  echo "build: FAILED (see build.log)" | tee -a "$OUT/summary.txt"; status=1
+  step "build: FAILED (see build.log)"; status=1; tail -n 30 "$OUT/build.log"
 fi
 
-$PY -m pytest -q -m gpu tests >"$OUT/pytest-gpu.log" 2>&1 || status=1
-echo "gpu tests: $(tail -n 1 "$OUT/pytest-gpu.log")" | tee -a "$OUT/summary.txt"
+# gpu-marked tests everywhere, plus the op and model tests (they run on CUDA when it is there)
+xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
+$PY -m pytest -q $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops tests/models \
+  >"$OUT/pytest-gpu.log" 2>&1 || status=1
+step "gpu tests: $(tail -n 1 "$OUT/pytest-gpu.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-$PY benchmarks/attention.py --out "$OUT/attention.md" >"$OUT/attention.log" 2>&1 || status=1
-echo; cat "$OUT/attention.md" 2>/dev/null || tail -n 20 "$OUT/attention.log"
+for bench in attention moe; do
+  [ -f benchmarks/$bench.py ] || continue
+  $PY benchmarks/$bench.py ${QUICK:+--quick} --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1 || status=1
+  step "benchmark $bench: exit $?"
+done
+for bench in attention moe; do
+  [ -f "$OUT/$bench.md" ] && { echo; cat "$OUT/$bench.md"; }
+done
 echo; cat "$OUT/summary.txt"
 exit $status

@@ -123,3 +123,30 @@ def test_tiny_model_overfits_a_mixed_batch(tokenizer, gen):
     assert out.lm_loss.item() < 0.1 * first, (first, out.lm_loss.item())
     model.eval()
     assert generate(model, batch, max_new_tokens=16) == [ex.target_ids.tolist() for ex in batch]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_and_trains(tokenizer, gen):
+    """On a GPU (kernels chosen by "auto"): the packed forward under bf16 autocast agrees with
+    the fp32 CPU model, and a few bf16 training steps overfit the batch."""
+    cpu = _model(tokenizer, seed=3)
+    cuda = _model(tokenizer, seed=3).cuda()
+    batch = _encode(tokenizer, _examples(gen))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        got = cuda(batch)
+    with torch.no_grad():
+        want = cpu(batch)
+    assert got.logits.isfinite().all()
+    err = (got.logits.float().cpu() - want.logits).norm() / want.logits.norm()
+    assert err < 3e-2, err
+    cuda.train()
+    opt = torch.optim.AdamW(cuda.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(100):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = cuda(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.lm_loss.item()
+    assert out.lm_loss.item() < 0.2 * first, (first, out.lm_loss.item())
