@@ -92,7 +92,7 @@ def varlen_case(lens, h, d, causal, mode, dtype, device, backend, reps):
 
 def serves(backend, dtype, device) -> bool:
     """Whether `backend` can run on this device and dtype (e.g. "triton" cannot on a CPU)."""
-    q = torch.zeros(4, 2, 8, dtype=dtype, device=device)
+    q = torch.zeros(4, 2, 64, dtype=dtype, device=device)
     cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
     try:
         ATTENTION_BACKENDS.resolve(backend, q, q, q, cu, cu, 4, 4, 1.0, True, None)

@@ -20,6 +20,15 @@ TORCH_LIBRARY(generalist, m) {
   m.def("_attention_bwd_cpu(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
         "bool causal, Tensor? prefix_lens) -> (Tensor, Tensor, Tensor)");
+
+  // The same two ops on CUDA (csrc/cuda/attention*): fp16/bf16, head dims 64 and 128, sm_80+.
+  // Declared in every build (like the CPU ones); implemented only when CUDA is compiled in.
+  m.def("_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, Tensor? prefix_lens) "
+        "-> (Tensor, Tensor)");
+  m.def("_attention_bwd_cuda(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+        "bool causal, Tensor? prefix_lens) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -132,3 +132,4 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
 
 
 from generalist.ops import attention_triton  # noqa: F401,E402  (registers "triton" when triton imports)
+from generalist.ops import attention_cuda  # noqa: F401,E402  (registers "cuda" when built with CUDA)
