@@ -204,3 +204,6 @@ def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | Non
     for j in range(1, k):
         out_TD = out_TD + y_TKD[:, j] * w_TK[:, j, None]
     return out_TD.to(y_SD.dtype)
+
+
+from generalist.ops import moe_triton  # noqa: F401,E402  (registers "triton" when triton imports)

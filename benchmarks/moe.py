@@ -1,0 +1,145 @@
+"""MoE grouped-matmul microbenchmark: TFLOP/s of the grouped path against a per-expert loop and
+against one dense matmul of the same FLOPs, measured in one run.
+
+    python benchmarks/moe.py [--quick] [--out results.md]
+
+GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Providers:
+  triton            generalist.ops.grouped_mm(backend="triton"), the grouped kernels;
+  reference         generalist.ops.grouped_mm(backend="reference"), a loop of torch.matmul per expert;
+  torch._grouped_mm PyTorch's own grouped GEMM, when this torch has it and it runs the shape;
+  dense             one torch.matmul (T, D) @ (D, F): the same FLOPs with no grouping, the ceiling.
+TFLOP/s = 2·T·D·F for the forward, 3× that for forward + backward (dx and dw). Group sizes are
+balanced (T/E each) or skewed (Zipf-like, 1/rank, shuffled). Without a GPU it says so and exits 0.
+Benchmarks never assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm
+
+PASS_FACTOR = {"fwd": 1.0, "fwd+bwd": 3.0}
+
+
+def flops(t, d, f):
+    return 2 * t * d * f
+
+
+def group_sizes(t: int, e: int, skew: str, gen: torch.Generator) -> list[int]:
+    """E sizes summing to T: "balanced" (T/E each) or "skewed" (weights 1/rank, shuffled)."""
+    if skew == "balanced":
+        weights = torch.ones(e, dtype=torch.float64)
+    else:
+        weights = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
+        weights = weights[torch.randperm(e, generator=gen)]
+    sizes = (weights / weights.sum() * t).floor().long()
+    sizes[int(weights.argmax())] += t - int(sizes.sum())
+    return sizes.tolist()
+
+
+def serves(backend, dtype) -> bool:
+    x, w = torch.zeros(4, 8, dtype=dtype, device="cuda"), torch.zeros(1, 8, 8, dtype=dtype, device="cuda")
+    try:
+        MOE_BACKENDS.resolve(backend, x, w, torch.tensor([4], device="cuda"))
+    except BackendError as error:
+        print(f"skipping {error}")
+        return False
+    return True
+
+
+def _bench_gpu(fn, grads=()):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median") / 1e3
+
+
+def _timed_modes(make, inputs):
+    """(mode, seconds or the exception) for a provider; make() runs the forward and returns the output."""
+    try:
+        with torch.no_grad():
+            yield "fwd", _bench_gpu(make)
+        dy = torch.randn_like(make())
+        yield "fwd+bwd", _bench_gpu(lambda: make().backward(dy), inputs)
+    except Exception as error:  # a provider that cannot run this shape (or pass) is reported, not fatal
+        yield None, error
+
+
+def _providers(backends, t, d, f, sizes, dtype):
+    """(name, make, inputs) for one shape: the grouped providers share x, w, group_sizes."""
+    e = len(sizes)
+    x = torch.randn(t, d, dtype=dtype, device="cuda", requires_grad=True)
+    w = (torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5).requires_grad_()
+    gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
+    for backend in backends:
+        yield backend, (lambda backend=backend: grouped_mm(x, w, gs, backend=backend)), (x, w)
+    if hasattr(torch, "_grouped_mm"):
+        offs = gs.cumsum(0, dtype=torch.int32)
+        yield "torch._grouped_mm", (lambda: torch._grouped_mm(x, w, offs)), (x, w)
+    x2 = torch.randn(t, d, dtype=dtype, device="cuda", requires_grad=True)
+    w2 = (torch.randn(d, f, dtype=dtype, device="cuda") * d ** -0.5).requires_grad_()
+    yield "dense", (lambda: torch.matmul(x2, w2)), (x2, w2)
+
+
+def gpu_grid(args):
+    import triton
+
+    dtype = torch.bfloat16
+    backends = [name for name in ("triton", "reference") if name in MOE_BACKENDS.available()
+                and serves(name, dtype)]
+    gen = torch.Generator().manual_seed(0)
+    t = 16384  # tokens x top-k
+    shapes = [(2048, 1408)] if args.quick else [(2048, 1408), (1408, 2048), (4096, 1024)]
+    experts = (8, 64) if args.quick else (8, 16, 64, 128)
+    rows = []
+    for d, f in shapes:
+        for e in experts:
+            for skew in ("balanced", "skewed"):
+                sizes = group_sizes(t, e, skew, gen)
+                shape = f"T{t} D{d} F{f} E{e} {skew}"
+                for name, make, inputs in _providers(backends, t, d, f, sizes, dtype):
+                    for mode, sec in _timed_modes(make, inputs):
+                        if mode is None:
+                            print(f"{name} {shape}: {type(sec).__name__}: {str(sec).splitlines()[0][:160]}")
+                            continue
+                        tf = flops(t, d, f) * PASS_FACTOR[mode] / sec / 1e12
+                        rows.append((shape, max(sizes), mode, name, sec, tf))
+                        print(f"{shape:36s} {mode:7s} {name:18s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+                torch.cuda.empty_cache()
+
+    lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton {triton.__version__}; "
+             "do_bench median; TFLOP/s = 2·T·D·F (fwd), 3× (fwd+bwd); T = tokens × top-k", ""]
+    names = list(dict.fromkeys(r[3] for r in rows))
+    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
+    table = {(r[0], r[1], r[2], r[3]): r[5] for r in rows}
+    lines.append("| shape | largest group | pass | " + " | ".join(names) + " |")
+    lines.append("|" + "---|" * (3 + len(names)))
+    for key in keys:
+        cells = [f"{table[key + (n,)]:.0f}" if key + (n,) in table else "-" for n in names]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".csv", "w") as f:
+            f.write("shape,largest_group,pass,provider,seconds,tflops\n")
+            f.writelines(f"{r[0]},{r[1]},{r[2]},{r[3]},{r[4]:.6g},{r[5]:.2f}\n" for r in rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one shape, E in {8, 64}")
+    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if not torch.cuda.is_available():
+        print("benchmarks/moe.py measures GPU kernels and needs a CUDA device; nothing to do here.")
+        return
+    gpu_grid(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Grouped (per-expert) matmul over variable-sized row groups, in Triton: forward and backward.
+
+Layout (that of generalist.ops.moe): rows are sorted by expert; group e is the rows
+[o_e, o_e + n_e) with o_e = n_0 + ... + n_{e-1}, n = group_sizes (E,) int32/int64 on the
+tensors' device. Any strides; D and F need not be multiples of anything; empty groups are fine.
+
+Kernels:
+  _grouped_mm_kernel  c[rows of g] = a[rows of g] @ b[g]: a (T, K), b (E, K, N), c (T, N).
+                      1-D grid over (row tile, column tile) pairs, row tiles of BLOCK_M rows that
+                      never straddle two groups. The tile -> (group, first row) schedule is
+                      worked out inside each program from group_sizes (a cumsum over E lanes),
+                      so the host never reads group_sizes and the grid, cdiv(T, BLOCK_M) + E row
+                      tiles (an upper bound), needs no sync; the unused ones exit at once.
+                      The forward is (x, w); dx is (dy, w^T) via strides.
+  _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
+                      BLOCK_N tile of F, expert), looping over the group's rows; an empty group
+                      writes zeros. E is grid axis 1, so at most 65535 experts.
+Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
+products ("ieee"), not tf32, summed per BLOCK_K slice and then across slices (a sequential sum
+over a 1000-row group is several times less accurate than cuBLAS). No atomics: results are
+deterministic.
+
+The launchers check layout and dtype only; generalist.ops validates values. Block sizes are
+autotuned on a GPU; under TRITON_INTERPRET=1 (CPU tests) one small configuration is used.
+GENERALIST_TRITON_AUTOTUNE=0 skips tuning (each table's first config). Importing this module
+needs triton but no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _tile_schedule(SIZES, E, tile, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tile `tile` -> (group, its first row, the group's end row); group >= E when `tile`
+    lies past the last tile. Group e owns tiles [end_{e-1}, end_e), end = cumsum(cdiv(n, BLOCK_M))."""
+    offs_e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    g = tl.sum((tile_end <= tile).to(tl.int32), 0)
+    before = offs_e < g
+    row_start = tl.sum(tl.where(before, sizes, 0), 0) + (tile - tl.sum(tl.where(before, tiles, 0), 0)) * BLOCK_M
+    row_end = tl.sum(tl.where(offs_e <= g, sizes, 0), 0)
+    return g, row_start, row_end
+
+
+@triton.jit
+def _dot_acc(a, b, acc, zero, DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr):
+    """acc + a @ b. With BLOCKED_SUM (fp32 operands, whose dot is a chain of FMAs over all of K)
+    each BLOCK_K slice is summed on its own first, so rounding grows like K / BLOCK_K + BLOCK_K
+    terms rather than K, as in cuBLAS; tensor-core dots keep accumulating in place. `zero` is a
+    runtime 0.0: Triton folds acc + dot(a, b, 0) back into dot(a, b, acc)."""
+    if BLOCKED_SUM:
+        return acc + tl.dot(a, b, tl.full(acc.shape, 0.0, tl.float32) + zero, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    A, B, C, SIZES,
+    T, K, N, E, t_bucket,
+    stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # program -> (row tile, column tile), GROUP_M row tiles at a time so that neighbours share
+    # both a's rows and b's columns in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M) + E
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_here
+    pid_n = (pid % per_group) // rows_here
+
+    # row tile -> expert and rows; tiles past the last group have nothing to do
+    g, row_start, row_end = _tile_schedule(SIZES, E, pid_m, BLOCK_E, BLOCK_M)
+    if g >= E:
+        return
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < row_end
+    n_ok = offs_n < N
+    a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_at + offs_k[None, :] * stride_ak
+    b_ptrs = B + g.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    # K loop, fp32 accumulator; ragged edges load zeros
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = tl.where(K < 0, 1.0, 0.0)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    X, DY, DW, SIZES,
+    T, D, F, E, t_bucket,
+    stride_xt, stride_xd, stride_yt, stride_yf, stride_we, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # program -> (D tile, F tile, expert), the expert slowest so that neighbours share its rows in
+    # L2; BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over rows
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    # the group's rows
+    offs_e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
+    row_end = row_start + tl.sum(tl.where(offs_e == g, sizes, 0), 0)
+
+    offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = row_start + tl.arange(0, BLOCK_K)
+    d_ok = offs_d < D
+    f_ok = offs_f < F
+    x_ptrs = X + offs_r.to(tl.int64)[None, :] * stride_xt + offs_d[:, None] * stride_xd
+    dy_ptrs = DY + offs_r.to(tl.int64)[:, None] * stride_yt + offs_f[None, :] * stride_yf
+
+    # loop over the group's rows: acc += x_rows^T @ dy_rows (nothing for an empty group)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = tl.where(T < 0, 1.0, 0.0)
+    for r in range(row_start, row_end, BLOCK_K):
+        r_ok = offs_r < row_end - (r - row_start)
+        xt = tl.load(x_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = _dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+        x_ptrs += BLOCK_K * stride_xt
+        dy_ptrs += BLOCK_K * stride_yt
+
+    dw_ptrs = DW + g.to(tl.int64) * stride_we + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations: autotuned on a GPU, one small fixed one under the interpreter
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). For "mm" BLOCK_M counts rows of a group
+# and BLOCK_N output columns; for "dw" they tile D and F and BLOCK_K steps over the group's rows.
+# 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
+# (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
+# CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
+# 3.6 for contiguous operands with D, F multiples of 16 (see the compile test); the first is the
+# default when tuning is off.
+_CONFIGS_16BIT = {
+    90: {
+        "mm": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+               (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
+        "dw": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+               (128, 64, 64, 4, 4)],
+    },
+    80: {
+        "mm": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
+        "dw": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+    },
+}
+_CONFIGS_FP32 = {
+    "mm": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (128, 64, 16, 8, 2)],
+    "dw": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
+}
+# Under the interpreter: small blocks (fast on a CPU, several tiles per test group), rectangular
+# so that a transposed index mix-up shows.
+_INTERPRET_BLOCKS = {"mm": (32, 64, 32), "dw": (32, 64, 32)}
+_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket"]}
+_KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
+
+
+def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None = None) -> list[tuple[int, ...]]:
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one kernel, operand width
+    in bytes and architecture (90: Hopper and newer, 80: older), less those needing more shared
+    memory than `smem_limit` (but never none)."""
+    table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
+    if smem_limit is None:
+        return list(table)
+    smem = lambda c: (c[0] + c[1]) * c[2] * c[4] * elem  # a and b tiles, num_stages deep
+    return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str, elem: int, device: int, tune: bool):
+    """The autotuned launcher of one kernel for one operand width on one device, built on first
+    use (never at import). Tuning reruns the kernel; it only writes its output, so that is safe."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 80 if torch.version.hip is not None else 10 * major + minor
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    table = configs_for(kernel, elem, arch, props["max_shared_mem"])
+    if not tune:
+        table = table[:1]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in table]
+    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel])(_KERNELS[kernel])
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when this module was
+    imported); only then can they take CPU tensors."""
+    return not isinstance(_grouped_mm_kernel, triton.runtime.JITFunction)
+
+
+def _use_interpreter_blocks() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or interpreting()
+
+
+def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **constexprs):
+    """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU."""
+    if _use_interpreter_blocks():
+        bm, bn, bk = _INTERPRET_BLOCKS[kernel]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
+        return
+    tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
+    _autotuned(kernel, elem, device.index, tune)[grid_of](*args, **constexprs)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _t_bucket(t: int) -> int:
+    """Autotuning key for a row count: powers of two from 256 to 65536."""
+    return min(max(triton.next_power_of_2(max(t, 1)), 256), 65536)
+
+
+def _block_e(e: int) -> int:
+    return max(2, triton.next_power_of_2(e))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # only fp32 operands read it
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _check(name: str, a: torch.Tensor, ndim: int, dtype: torch.dtype, device: torch.device) -> None:
+    if a.dim() != ndim:
+        raise ValueError(f"triton grouped_mm: {name} must have {ndim} dims, got {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise ValueError(f"triton grouped_mm: {name} has dtype {a.dtype}, expected {dtype}")
+    if a.device != device:
+        raise ValueError(f"triton grouped_mm: {name} is on {a.device}, expected {device}")
+
+
+def _check_sizes(group_sizes_E: torch.Tensor, e: int, device: torch.device) -> torch.Tensor:
+    if group_sizes_E.dtype not in GROUP_SIZE_DTYPES or group_sizes_E.shape != (e,):
+        raise ValueError(f"triton grouped_mm: group_sizes_E must be int32/int64 of shape ({e},), got "
+                         f"{group_sizes_E.dtype} {tuple(group_sizes_E.shape)}")
+    if group_sizes_E.device != device:
+        raise ValueError(f"triton grouped_mm: group_sizes_E is on {group_sizes_E.device}, expected {device}")
+    return group_sizes_E.contiguous()
+
+
+def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor) -> torch.Tensor:
+    """c (T, N) = a[rows of e] @ b[e] per group; b may be any strided view."""
+    t, k = a_TK.shape
+    e, _, n = b_EKN.shape
+    c_TN = torch.empty((t, n), dtype=a_TK.dtype, device=a_TK.device)
+    if t == 0 or n == 0:
+        return c_TN
+    if k == 0 or e == 0:
+        return c_TN.zero_()
+    with _on_device(a_TK):
+        _launch(
+            "mm", lambda meta: ((triton.cdiv(t, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),),
+            a_TK.device, a_TK.element_size(),
+            a_TK, b_EKN, c_TN, sizes_E, t, k, n, e, _t_bucket(t),
+            a_TK.stride(0), a_TK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
+            c_TN.stride(0), c_TN.stride(1),
+            DOT_PRECISION=_dot_precision(a_TK.dtype), BLOCKED_SUM=a_TK.dtype == torch.float32,
+            BLOCK_E=_block_e(e), GROUP_M=8,
+        )
+    return c_TN
+
+
+def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
+    """y (T, F) with y[rows of e] = x[rows of e] @ w[e]; x (T, D), w (E, D, F) in one of DTYPES,
+    group_sizes (E,) summing to T (not checked here)."""
+    if x_TD.dtype not in DTYPES:
+        raise ValueError(f"triton grouped_mm: dtype {x_TD.dtype} not supported; use one of {DTYPES}")
+    _check("x_TD", x_TD, 2, x_TD.dtype, x_TD.device)
+    _check("w_EDF", w_EDF, 3, x_TD.dtype, x_TD.device)
+    if w_EDF.shape[1] != x_TD.shape[1]:
+        raise ValueError(f"triton grouped_mm: w_EDF {tuple(w_EDF.shape)} does not fit x_TD {tuple(x_TD.shape)}")
+    return _mm(x_TD, w_EDF, _check_sizes(group_sizes_E, w_EDF.shape[0], x_TD.device))
+
+
+def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Tensor,
+                        group_sizes_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (T, D), dw (E, D, F)): dx[rows of e] = dy[rows of e] @ w[e]^T, dw[e] = x[rows of e]^T @
+    dy[rows of e] (zeros for an empty group), in the inputs' dtype."""
+    if x_TD.dtype not in DTYPES:
+        raise ValueError(f"triton grouped_mm: dtype {x_TD.dtype} not supported; use one of {DTYPES}")
+    _check("x_TD", x_TD, 2, x_TD.dtype, x_TD.device)
+    _check("w_EDF", w_EDF, 3, x_TD.dtype, x_TD.device)
+    _check("dy_TF", dy_TF, 2, x_TD.dtype, x_TD.device)
+    t, d = x_TD.shape
+    e, _, f = w_EDF.shape
+    if w_EDF.shape[1] != d or dy_TF.shape != (t, f):
+        raise ValueError(f"triton grouped_mm backward: x_TD {tuple(x_TD.shape)}, w_EDF {tuple(w_EDF.shape)} and "
+                         f"dy_TF {tuple(dy_TF.shape)} do not fit")
+    sizes_E = _check_sizes(group_sizes_E, e, x_TD.device)
+    dx_TD = _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E)
+    dw_EDF = torch.empty_like(w_EDF, memory_format=torch.contiguous_format)
+    if e == 0 or d == 0 or f == 0:
+        return dx_TD, dw_EDF
+    if t == 0:
+        return dx_TD, dw_EDF.zero_()
+    with _on_device(x_TD):
+        _launch(
+            "dw", lambda meta: (triton.cdiv(d, meta["BLOCK_M"]) * triton.cdiv(f, meta["BLOCK_N"]), e),
+            x_TD.device, x_TD.element_size(),
+            x_TD, dy_TF, dw_EDF, sizes_E, t, d, f, e, _t_bucket(t),
+            x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
+            dw_EDF.stride(0), dw_EDF.stride(1), dw_EDF.stride(2),
+            DOT_PRECISION=_dot_precision(x_TD.dtype), BLOCKED_SUM=x_TD.dtype == torch.float32,
+            BLOCK_E=_block_e(e),
+        )
+    return dx_TD, dw_EDF

@@ -1,0 +1,288 @@
+"""The Triton MoE backend (grouped matmul) against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+on CPU tensors, which the backend serves only with GENERALIST_TRITON_ON_CPU=1 (set here). The
+interpreter is slow: sizes stay small, and bf16 runs on GPU only (Triton 3.6's interpreter computes
+bf16 products wrongly). With a GPU the same tests run on CUDA.
+Tolerance: error(kernel vs float64) <= 2 x error(reference backend at the same dtype vs float64)
++ atol, for outputs and for gradients.
+
+Shapes: T rows (sorted by expert), D input features, F output features, E experts.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+# The interpreter indexes with 1-element arrays, which numpy >= 1.25 flags on every loop.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm  # noqa: E402
+from generalist.ops import moe_triton  # noqa: E402  (registers "triton")
+from generalist.ops.moe import grouped_mm_bwd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# (group sizes, D, F); the interpreter's blocks are 32 rows x 64 columns x 32 deep
+CASES = [
+    ([0, 5, 0, 3], 40, 111),  # empty groups first and in the middle
+    ([97, 0, 33, 1, 0], 40, 111),  # several row tiles, a group of 1 row, an empty last group
+    ([0, 0, 0], 16, 24),  # T = 0
+    ([70], 40, 111),  # E = 1
+    ([3, 0, 41, 1, 9, 0, 20], 24, 17),  # E = 7 (not a power of two)
+]
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch):
+    if "triton" not in MOE_BACKENDS.available():
+        pytest.skip("the triton backend is not registered")
+    if DEVICE == "cpu":
+        if not moe_triton.kernels.interpreting():
+            pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 at import")
+        monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+
+
+def _inputs(gen, sizes, d, f, dtype=torch.float32, device=DEVICE, idx_dtype=torch.int64, requires_grad=False):
+    x = torch.randn(sum(sizes), d, generator=gen, dtype=torch.float64).to(device, dtype)
+    w = torch.randn(len(sizes), d, f, generator=gen, dtype=torch.float64).to(device, dtype)
+    return x.requires_grad_(requires_grad), w.requires_grad_(requires_grad), torch.tensor(sizes, dtype=idx_dtype,
+                                                                                          device=device)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _grads(x, w, gs, dy, backend, dtype=None):
+    """(y, dx, dw) of sum(grouped_mm(x, w) * dy), computed at `dtype` (default: the inputs')."""
+    xs, ws = x.detach(), w.detach()
+    if dtype is not None:
+        xs, ws = xs.to(dtype), ws.to(dtype)
+    xs, ws = xs.requires_grad_(True), ws.requires_grad_(True)
+    y = grouped_mm(xs, ws, gs, backend=backend)
+    dx, dw = torch.autograd.grad(y, (xs, ws), dy.to(y.dtype)) if y.numel() else (torch.zeros_like(xs),
+                                                                                  torch.zeros_like(ws))
+    return y.detach(), dx, dw
+
+
+def _check_against_float64(x, w, gs, dy, seed, check_grads=True):
+    """The triton backend's output (and gradients) against float64, within twice the reference
+    backend's error at the same dtype."""
+    dtype = x.dtype
+    got = _grads(x, w, gs, dy, "triton")
+    want = _grads(x, w, gs, dy, "reference", torch.float64)
+    same = _grads(x, w, gs, dy, "reference")
+    for name, g, wt, s in list(zip(("y", "dx", "dw"), got, want, same))[: 3 if check_grads else 1]:
+        assert g.dtype == dtype and g.shape == wt.shape and torch.isfinite(g).all(), name
+        err, baseline = _max_err(g, wt), _max_err(s, wt)
+        assert err <= 2 * baseline + ATOL[dtype], f"{name}: error {err} vs reference {baseline} (seed {seed})"
+    if check_grads:
+        for e, n in enumerate(gs.tolist()):
+            if n == 0:  # an empty group gets exactly zero gradient (the kernel writes it)
+                assert torch.equal(got[2][e], torch.zeros_like(got[2][e])), f"dw[{e}] (seed {seed})"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes,d,f", CASES)
+def test_forward_and_gradients_match_float64(gen, sizes, d, f, dtype):
+    x, w, gs = _inputs(gen, sizes, d, f, dtype)
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
+def test_int32_group_sizes_and_deterministic(gen):
+    sizes, d, f = CASES[1]
+    x, w, gs = _inputs(gen, sizes, d, f, idx_dtype=torch.int32)
+    dy = torch.randn(sum(sizes), f, generator=gen).to(DEVICE)
+    first = _check_against_float64(x, w, gs, dy, gen.initial_seed())
+    for a, b in zip(first, _grads(x, w, gs.long(), dy, "triton")):
+        assert torch.equal(a, b)  # no atomics: bitwise the same every run
+
+
+def test_autograd_through_public_op(gen):
+    """Gradients reach x and w through torch.autograd (.backward) with backend="triton"."""
+    sizes, d, f = [0, 37, 2, 0, 11], 40, 111
+    x, w, gs = _inputs(gen, sizes, d, f, requires_grad=True)
+    scale = torch.randn(f, generator=gen).to(DEVICE)
+    (grouped_mm(torch.tanh(x), w, gs, backend="triton") * scale).square().sum().backward()
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    (grouped_mm(torch.tanh(x64), w64, gs, backend="reference") * scale.double()).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    assert torch.equal(w.grad[0], torch.zeros_like(w.grad[0])) and torch.equal(w.grad[3], torch.zeros_like(w.grad[3]))
+
+
+def test_strided_inputs(gen):
+    """x a column slice, w a transposed view: the kernels take strides, not contiguous copies."""
+    sizes, d, f = [9, 0, 40], 24, 40
+    x_big = torch.randn(sum(sizes), 2 * d, generator=gen).to(DEVICE)
+    x = x_big[:, ::2]
+    w = torch.randn(len(sizes), f, d, generator=gen).to(DEVICE).transpose(1, 2)
+    gs = torch.tensor(sizes, device=DEVICE)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    dy = torch.randn(sum(sizes), f, generator=gen).to(DEVICE)
+    _check_against_float64(x, w, gs, dy, gen.initial_seed())
+    dy_t = torch.randn(f, sum(sizes), generator=gen).to(DEVICE).t()  # the bwd op on a strided dy
+    dx, dw = grouped_mm_bwd(dy_t, x, w, gs, "triton")
+    dx_ref, dw_ref = grouped_mm_bwd(dy_t.contiguous(), x.contiguous(), w.contiguous(), gs, "reference")
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck(gen):
+    x, w, gs = _inputs(gen, [3, 0, 5, 1], 16, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.generalist.grouped_mm.default, (x, w, gs, "triton"))
+    dy = torch.randn(9, 8, generator=gen).to(DEVICE)
+    torch.library.opcheck(grouped_mm_bwd._opoverload, (dy, x.detach(), w.detach(), gs.int(), "triton"))
+
+
+def test_torch_compile_fullgraph(gen):
+    x, w, gs = _inputs(gen, [4, 0, 9, 2], 16, 24)
+    dy = torch.randn(15, 24, generator=gen).to(DEVICE)
+
+    def loss(x, w, gs):
+        return (grouped_mm(torch.tanh(x), w, gs, backend="triton") * dy).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fn(xr, wr, gs)
+        out.backward()
+        results.append((out.detach(), xr.grad, wr.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_errors_name_the_reason(gen, monkeypatch):
+    x, w, gs = _inputs(gen, [2, 3], 8, 4, dtype=torch.float64)
+    with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: dtype torch.float64"):
+        grouped_mm(x, w, gs, backend="triton")
+    cpu = _inputs(gen, [2, 3], 8, 4, device="cpu")
+    # with the opt-in (interpreter only) "auto" prefers triton over the reference
+    if moe_triton.kernels.interpreting():
+        assert MOE_BACKENDS.resolve("auto", *cpu).name == "triton"
+    monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)
+    with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: CPU tensors"):
+        grouped_mm(*cpu, backend="triton")
+    assert MOE_BACKENDS.resolve("auto", *cpu).name == "reference"  # "auto" never picks the interpreter
+    y = grouped_mm(*cpu)  # ... and the default still works on CPU
+    torch.testing.assert_close(y, grouped_mm(*cpu, backend="reference"))
+    monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+    if moe_triton.kernels.interpreting():
+        bf16 = _inputs(gen, [2, 3], 8, 4, dtype=torch.bfloat16, device="cpu")
+        with pytest.raises(BackendError, match="bfloat16"):
+            grouped_mm(*bf16, backend="triton")
+
+
+def test_launcher_checks_layout():
+    from generalist.kernels.triton import moe as K
+
+    x, w = torch.zeros(5, 4), torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match="group_sizes_E must be int32/int64 of shape"):
+        K.grouped_mm(x, w, torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="w_EDF has dtype torch.float16"):
+        K.grouped_mm(x, w.half(), torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="do not fit"):
+        K.grouped_mm_backward(torch.zeros(5, 4), x, w, torch.tensor([2, 3]))
+
+
+# Compiling for a GPU needs no GPU: Triton's bundled ptxas builds sm_80 / sm_90 code here, which
+# keeps the kernels from rotting where the (more permissive) interpreter would still run them, and
+# shows register spills. Every config of the forward, dx and dw launches, specialised as a launch
+# on contiguous tensors with D and F multiples of 16 is (unit strides constant, the others and the
+# pointers divisible by 16). Ragged D/F (no such divisibility) compile too but may spill: they are
+# for correctness, not speed.
+_COMPILE_SCRIPT = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from generalist.kernels.triton import moe as K
+
+arch, dtype = int(sys.argv[1]), sys.argv[2]
+elem = 4 if dtype == "fp32" else 2
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+POINTERS = ("A", "B", "C", "X", "DY", "DW")
+LAUNCHES = {"fwd": ("mm", ("stride_ak", "stride_bn", "stride_cn")),  # (kernel, strides that are 1)
+            "dx": ("mm", ("stride_ak", "stride_bk", "stride_cn")),
+            "dw": ("dw", ("stride_xd", "stride_yf", "stride_wf"))}
+for launch, (name, unit) in LAUNCHES.items():
+    fn = K._KERNELS[name]
+    for bm, bn, bk, warps, stages in K.configs_for(name, elem, arch, 232448 if arch >= 90 else 166912):
+        cx = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCKED_SUM=dtype == "fp32", BLOCK_E=64,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **({"GROUP_M": 8} if name == "mm" else {}),
+                  **{a: 1 for a in unit})
+        sig = {a: "constexpr" if a in cx else "*i64" if a == "SIZES" else f"*{dtype}" if a in POINTERS else "i32"
+               for a in fn.arg_names}
+        aligned = POINTERS + ("SIZES", "K", "N", "D", "F") + tuple(a for a in fn.arg_names if a.startswith("stride"))
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned and a not in cx}
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"]); f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        print(launch, dtype, (bm, bn, bk, warps, stages), *[w for w in usage.split() if w.startswith(("REG", "STACK"))])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_kernels_compile_for_gpu_without_spills(arch, dtype):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) >= 3, run.stdout  # fwd, dx and dw, each config
+    for line in lines:
+        assert "STACK:0" in line.split(), f"register spills: {line}"
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda(gen):
+    x, w, gs = _inputs(gen, [3, 0, 5], 16, 8, device="cuda")
+    assert MOE_BACKENDS.resolve("auto", x, w, gs).name == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sizes,d,f", [([0, 300, 1, 0, 1025, 77, 0, 129], 256, 320), ([5, 0, 700, 3], 40, 111),
+                                       ([0] * 63 + [2000], 128, 64)])
+def test_cuda_against_float64(gen, monkeypatch, sizes, d, f, dtype):
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")  # each table's first config: correctness, not speed
+    x, w, gs = _inputs(gen, sizes, d, f, dtype, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_every_config(gen, monkeypatch, dtype):
+    """Each tuned configuration of each kernel gives the right answer (ragged D and F)."""
+    from generalist.kernels.triton import moe as K
+
+    sizes, d, f = [0, 300, 1, 0, 517, 77], 200, 136
+    x, w, gs = _inputs(gen, sizes, d, f, dtype, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    major, _ = torch.cuda.get_device_capability()
+    tables = K._CONFIGS_FP32 if dtype == torch.float32 else K._CONFIGS_16BIT[90 if major >= 9 else 80]
+    for kernel in ("mm", "dw"):
+        table = list(tables[kernel])
+        for config in table:
+            monkeypatch.setitem(tables, kernel, [config])
+            K._autotuned.cache_clear()
+            _check_against_float64(x, w, gs, dy, gen.initial_seed())
+        monkeypatch.setitem(tables, kernel, table)
+    K._autotuned.cache_clear()
