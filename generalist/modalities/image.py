@@ -11,8 +11,10 @@ Accepted layouts (the dtype decides the layout, so there is never a guess):
 Any other dtype is refused. Grayscale is repeated to `ImageConfig.channels` (3 by default) so one
 patch projection serves grayscale and colour images alike.
 
-Token order is row-major over the patch grid; token k covers rows [r*P, (r+1)*P) and columns
-[q*P, (q+1)*P) with r, q = divmod(k, Q), and its position is (0, r, q). The patch is flattened
+Images whose sides are not multiples of P are zero-padded at the bottom and right to whole
+patches (a 28x28 image with P = 7 gives 16 tokens; with P = 8 also 16, the last row and column
+of patches half padding). Token order is row-major over the patch grid; token k covers rows
+[r*P, (r+1)*P) and columns [q*P, (q+1)*P) with r, q = divmod(k, Q), and its position is (0, r, q). The patch is flattened
 in (C, P, P) order, the layout of a Conv2d weight, before the projection.
 
 This module also holds `to_tensor` and `grid_positions`, shared by the other modalities.
@@ -54,8 +56,8 @@ def grid_positions(a: int, b: int, c: int, device: torch.device | None = None) -
 
 @dataclass
 class ImageConfig:
-    """patch: side P of the square patches; max_size: the largest height or width accepted (a
-    multiple of `patch`); channels: 1 or 3, what the projection reads (grayscale is repeated)."""
+    """patch: side P of the square patches; max_size: the largest height or width accepted;
+    channels: 1 or 3, what the projection reads (grayscale is repeated)."""
 
     patch: int = 4
     max_size: int = 64
@@ -64,9 +66,8 @@ class ImageConfig:
     def __post_init__(self):
         if self.patch < 1:
             raise ValueError(f"ImageConfig.patch must be >= 1; got {self.patch}")
-        if self.max_size < self.patch or self.max_size % self.patch:
-            raise ValueError(f"ImageConfig.max_size ({self.max_size}) must be a positive multiple "
-                             f"of patch ({self.patch})")
+        if self.max_size < 1:
+            raise ValueError(f"ImageConfig.max_size must be >= 1; got {self.max_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"ImageConfig.channels must be 1 or 3; got {self.channels}")
 
@@ -116,7 +117,7 @@ class ImageEmbed(nn.Module):
     @property
     def max_positions(self) -> tuple[int, int, int]:
         """Exclusive bounds of (time, patch row, patch column)."""
-        side = self.cfg.max_size // self.cfg.patch
+        side = -(-self.cfg.max_size // self.cfg.patch)
         return (1, side, side)
 
     def forward(self, image: Any) -> tuple[Tensor, Tensor]:
@@ -125,13 +126,15 @@ class ImageEmbed(nn.Module):
         x_CHW = image_to_chw(image, self.cfg.channels)
         C, H, W = x_CHW.shape
         for axis, n in (("height", H), ("width", W)):
-            if n == 0 or n % p:
-                raise ValueError(f"image {axis} {n} is not a positive multiple of the patch size {p}")
+            if n == 0:
+                raise ValueError(f"image {axis} 0 is empty")
             if n > self.cfg.max_size:
                 raise ValueError(f"image {axis} {n} exceeds max_size {self.cfg.max_size}")
         weight = self.proj.weight
         x_CHW = x_CHW.to(device=weight.device, dtype=weight.dtype)
-        R, Q = H // p, W // p
+        R, Q = -(-H // p), -(-W // p)
+        if (R * p, Q * p) != (H, W):  # zero-pad the bottom and right edges to whole patches
+            x_CHW = nn.functional.pad(x_CHW, (0, Q * p - W, 0, R * p - H))
         patches_LK = (x_CHW.reshape(C, R, p, Q, p).permute(1, 3, 0, 2, 4).reshape(R * Q, C * p * p))
         tokens_LD = self.proj(patches_LK)
         positions_L3 = grid_positions(1, R, Q, device=weight.device)

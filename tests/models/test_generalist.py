@@ -97,7 +97,7 @@ def test_every_preset_instantiates(name):
 
 @pytest.mark.parametrize("segments,task,match", [
     ([("image", torch.rand(2, 8, 8))], "vqa", "channel"),
-    ([("image", torch.rand(3, 9, 8))], "vqa", "height 9 is not a positive multiple of the patch"),
+    ([("image", torch.rand(3, 9, 80))], "vqa", "width 80 exceeds max_size"),
     ([], "vqa", "no input segments"),
     ([("smell", torch.rand(3))], "vqa", "unknown modality 'smell'"),
     ([("image", torch.full((3, 8, 8), float("nan")))], "vqa", "(?i)nan"),
