@@ -47,7 +47,7 @@ test-slow: setup
 DEMO_MINUTES ?= 12
 demo: setup
 	$(VENV)/bin/generalist data prepare
-	$(VENV)/bin/generalist train --preset demo --mixture demo --out runs/demo --max-minutes $(DEMO_MINUTES) --overwrite
+	$(VENV)/bin/generalist train --preset demo --mixture demo --out runs/demo --steps 100000 --max-minutes $(DEMO_MINUTES) --overwrite
 
 data: setup
 	$(VENV)/bin/generalist data prepare

@@ -45,7 +45,7 @@ class AxialPositions(nn.Module):
 @dataclass
 class ModelOutput:
     loss: Tensor  # lm_loss + aux_loss
-    lm_loss: Tensor
+    lm_loss: Tensor  # mean over examples of each target's mean token cross-entropy
     aux_loss: Tensor
     logits: Tensor  # (T, V)
     labels: Tensor  # (T,)
@@ -141,7 +141,11 @@ class GeneralistModel(nn.Module):
         ids_T, dec = self._decoder_stream(ins, [ex.task_id for ex in batch])
         logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
         labels = labels.to(logits_TV.device)
-        lm_loss = F.cross_entropy(logits_TV.float(), labels)
+        # each example counts once, whatever its target's length: a caption's dozen tokens must
+        # not outweigh a class name's two (the mean of per-example token means)
+        lens = torch.tensor([len(ex.target_ids) + 1 for ex in batch], device=logits_TV.device)
+        weight_T = torch.repeat_interleave(1.0 / (lens * len(batch)), lens)
+        lm_loss = (F.cross_entropy(logits_TV.float(), labels, reduction="none") * weight_T).sum()
         stats = enc_stats + dec_stats
         aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits_TV.device))
         return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats, h_SM.shape[0])

@@ -39,7 +39,8 @@ class TrainConfig:
     mixture: str = "demo"
     out: str = "runs/demo"
     steps: int = 1000
-    max_minutes: float | None = None  # stop early (with a checkpoint) when this much time has passed
+    max_minutes: float | None = None  # stop (with a checkpoint) when this much training time has passed;
+    # the learning-rate schedule then follows whichever budget, steps or time, runs out first
     batch_size: int = 32
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
@@ -84,10 +85,12 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     return cfg
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr over the rest of the budget: the
+    steps, or the time (`time_fraction` of max_minutes spent) if that runs out first."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -133,6 +136,7 @@ class Trainer:
         trainable = {t: len(d.train) for t, d in data.items() if d.train and (d.task.generative or d.task.contrastive)}
         self.sampler = MixtureSampler(trainable, cfg.temperature, cfg.seed)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
+        self.elapsed = 0.0  # seconds of training so far, over every resume
         n_layers = self.model.cfg.enc_layers + self.model.cfg.dec_layers
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
@@ -140,6 +144,7 @@ class Trainer:
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt)
             self.step, self.skipped = state["step"], state["skipped"]
+            self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])
             self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
             set_rng_state(state["rng"])
@@ -184,7 +189,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
+        spent = self.elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+        lr = lr_at(self.step, cfg, spent)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -228,7 +234,7 @@ class Trainer:
             log.write_text("".join(line + "\n" for line in keep))
 
     def save(self) -> Path:
-        state = {"step": self.step, "skipped": self.skipped, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+        state = {"step": self.step, "skipped": self.skipped, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
         meta = {"tasks": self.tasks, "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.opt, state, meta)
@@ -236,13 +242,18 @@ class Trainer:
     def fit(self) -> None:
         cfg = self.cfg
         self.model.train()
-        start = time.time()
         writer = _tensorboard(self.run_dir)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        # the bar counts steps, or training seconds when a time budget is set (whichever ends the
+        # run is not known in advance; the postfix always shows the step)
+        timed = cfg.max_minutes is not None
+        bar = tqdm(total=round(60 * cfg.max_minutes) if timed else cfg.steps,
+                   initial=min(round(self.elapsed), round(60 * cfg.max_minutes)) if timed else self.step,
+                   unit="s" if timed else "it", desc="train", disable=not self.progress, dynamic_ncols=True)
         with open(self.run_dir / "metrics.jsonl", "a") as log:
             while self.step < cfg.steps:
                 t0 = time.time()
                 rec = self.train_step()
+                self.elapsed += time.time() - t0
                 rec["tokens_per_s"] = rec["tokens"] / max(1e-9, time.time() - t0)
                 log.write(json.dumps(rec) + "\n")
                 if writer is not None:
@@ -252,10 +263,10 @@ class Trainer:
                     writer.add_scalar("lr", rec["lr"], rec["step"])
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     log.flush()
-                    bar.set_postfix_str(f"loss {rec['loss']:.3f} tok/s {rec['tokens_per_s']:.0f} " + " ".join(
+                    bar.set_postfix_str(f"step {self.step} loss {rec['loss']:.3f} tok/s {rec['tokens_per_s']:.0f} " + " ".join(
                         f"{k[:8]} {v:.2f}" for k, v in sorted(rec["task_loss"].items())))
-                bar.update(1)
-                out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
+                bar.update(min(round(self.elapsed), bar.total) - bar.n if timed else 1)
+                out_of_time = cfg.max_minutes is not None and self.elapsed > 60 * cfg.max_minutes
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or out_of_time:
                     log.flush()
                     self.save()

@@ -150,3 +150,14 @@ def test_cuda_bf16_matches_cpu_and_trains(tokenizer, gen):
         opt.step()
         first = first if first is not None else out.lm_loss.item()
     assert out.lm_loss.item() < 0.2 * first, (first, out.lm_loss.item())
+
+
+def test_lm_loss_weighs_each_example_once(tokenizer, gen):
+    """lm_loss is the mean over examples of each target's mean token loss, so packing a long
+    target with a short one gives the average of their separate losses."""
+    model = _model(tokenizer)
+    batch = _encode(tokenizer, _examples(gen))
+    with torch.no_grad():
+        packed = model(batch).lm_loss
+        alone = torch.stack([model([ex]).lm_loss for ex in batch])
+    torch.testing.assert_close(packed, alone.mean(), atol=1e-5, rtol=1e-5)

@@ -129,6 +129,10 @@ def test_lr_schedule_and_options(tmp_path):
     cfg = _cfg(tmp_path, steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) == pytest.approx(0.55)
+    # a time budget that runs out first drives the decay; one that is far from spent changes nothing
+    assert lr_at(55, cfg, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_at(10, cfg, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_at(55, cfg, time_fraction=0.01) == pytest.approx(0.55)
     set_option(cfg, "batch_size=4")
     set_option(cfg, "model.d_model=48")
     assert cfg.batch_size == 4 and cfg.model == {"d_model": 48}
@@ -136,3 +140,24 @@ def test_lr_schedule_and_options(tmp_path):
         set_option(cfg, "bach_size=4")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         set_option(cfg, "batch_size=0")
+
+
+def test_time_budget_stops_the_run_and_survives_resume(tmp_path, monkeypatch):
+    """With max_minutes, training time (kept across resumes) ends the run with a checkpoint, and
+    the learning rate has decayed with the time spent."""
+    clock = [0.0]
+    monkeypatch.setattr("generalist.train.trainer.time.time", lambda: clock[0])
+    trainer = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), progress=False)
+    real_step = trainer.train_step
+
+    def slow_step():  # every step "takes" 20 s
+        clock[0] += 20.0
+        return real_step()
+    trainer.train_step = slow_step
+    trainer.fit()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["elapsed"] == pytest.approx(80.0)  # stops once past 60 s
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(lr_at(3, trainer.cfg, time_fraction=1.0))  # 60 s spent before step 4
+    resumed = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), resume=True, progress=False)
+    assert resumed.elapsed == pytest.approx(80.0) and resumed.step == 4
