@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from generalist.ops import flash_attn_func, flash_attn_varlen_func
+from generalist.ops.attention_decode import DECODE_BACKENDS, attention_decode
 
 
 def rotary(x_THD: Tensor, pos_T: Tensor, base: float = 10000.0) -> Tensor:
@@ -52,11 +53,21 @@ class SelfAttention(nn.Module):
 
     def step(self, x_BM: Tensor, pos_B: Tensor, cache: dict) -> Tensor:
         """One decoding step for B sequences moving in lockstep: appends this token's k/v to
-        cache["k"], cache["v"] (B, S, K, D) and attends to everything cached so far."""
+        cache["k"], cache["v"] (B, S, K, D) and attends to everything cached so far.
+
+        Inference runs the split-K decoding op (attention_decode: "auto" is the Triton kernel on
+        CUDA, the reference on CPU; the layer's backend when the op knows that name). With grad
+        enabled it falls back to flash_attn_func, since the decoding op has no backward."""
         q, k, v = self.project(x_BM, pos_B)
         cache["k"] = k[:, None] if cache.get("k") is None else torch.cat([cache["k"], k[:, None]], 1)
         cache["v"] = v[:, None] if cache.get("v") is None else torch.cat([cache["v"], v[:, None]], 1)
-        out = flash_attn_func(q[:, None], cache["k"], cache["v"], causal=True, backend=self.backend)
+        if torch.is_grad_enabled() and (q.requires_grad or cache["k"].requires_grad or cache["v"].requires_grad):
+            out = flash_attn_func(q[:, None], cache["k"], cache["v"], causal=True, backend=self.backend)
+        else:
+            b, s = cache["k"].shape[:2]
+            lens_B = torch.full((b,), s, dtype=torch.int32, device=q.device)
+            backend = self.backend if self.backend in DECODE_BACKENDS.known else "auto"
+            out = attention_decode(q[:, None], cache["k"], cache["v"], lens_B, backend=backend)
         return self.wo(out.flatten(1))
 
 

@@ -1,0 +1,326 @@
+"""The decoding attention op (generalist::attention_decode) against the attention contract.
+
+References: a float64 attention written independently of generalist.ops (generalist.testing),
+run on the equivalent packed problem (Lq queries, cache_lens[b] keys, causal bottom-right), and
+flash_attn_varlen_func itself. Cache positions past cache_lens hold nan / inf, so a kernel that
+reads them fails. Without a GPU the Triton kernels run in Triton's interpreter (tests/conftest.py)
+on CPU tensors, opted in with GENERALIST_TRITON_ON_CPU=1; bf16 runs on GPU only. With a GPU the
+same tests run on CUDA. Tolerance: error(kernel vs float64) <= 2 x error(PyTorch at the same dtype
+vs float64) + atol.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from generalist.ops import BackendError, flash_attn_varlen_func
+from generalist.ops.attention_decode import DECODE_BACKENDS, attention_decode
+from generalist.testing import cu_seqlens, naive_attention
+
+# The interpreter indexes with 1-element arrays, which numpy >= 1.25 flags on every loop.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LENS = [0, 1, 97, 300]  # an empty cache, one key, and lengths off the block size, in one batch
+
+# (q_len, H, Hkv, D, num_splits); num_splits 0 lets the kernel choose
+CASES = [
+    (1, 4, 4, 40, 1),  # no GQA, one split
+    (3, 8, 2, 64, 3),  # GQA 4, several splits; cache length 1 < q_len: the first rows see nothing
+    (3, 8, 1, 128, 5),  # MQA: 24 query rows per kv head, two row blocks in fp32
+    (1, 8, 1, 40, 0),  # MQA, splits chosen by the kernel
+    (3, 4, 4, 128, 1),
+]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Skips unless the triton backend can run here; on CPU, opts in to the interpreter."""
+    if "triton" not in DECODE_BACKENDS.available():
+        pytest.skip("the triton backend is not registered (no triton)")
+    if DEVICE == "cpu":
+        from generalist.kernels.triton import decode
+
+        if not decode.interpreting():
+            pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 at import")
+        monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+    return "triton"
+
+
+def _problem(lens, q_len, h, hkv, d, gen, dtype=torch.float32, device=DEVICE, capacity=None):
+    """q (B, Lq, H, D), k/v caches (B, S, Hkv, D) with nan / inf past each length, cache_lens."""
+    b, s = len(lens), max(lens) + 3 if capacity is None else capacity
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = make(b, q_len, h, d), make(b, s, hkv, d), make(b, s, hkv, d)
+    for i, n in enumerate(lens):
+        k[i, n:] = float("nan")
+        v[i, n:] = float("inf")
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def _packed(q, k, v, lens):
+    """The same problem packed for flash_attn_varlen_func: (q (B*Lq, H, D), k, v (sum lens, Hkv, D))."""
+    keep = [k[i, :n] for i, n in enumerate(lens)]
+    return q.flatten(0, 1), torch.cat(keep), torch.cat([v[i, :n] for i, n in enumerate(lens)])
+
+
+def _float64(q, k, v, lens, dtype=torch.float64):
+    """(out (B, Lq, H, D), lse (B, H, Lq)) of the naive attention in `dtype`."""
+    b, lq, h, _ = q.shape
+    qp, kp, vp = _packed(q, k, v, lens)
+    out, lse = naive_attention(qp, kp, vp, [lq] * b, lens, causal=True, dtype=dtype)
+    return out.view(q.shape), lse.view(h, b, lq).transpose(0, 1)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check_against_float64(q, k, v, lens, out, lse, seed):
+    dtype = q.dtype
+    want, want_lse = _float64(q, k, v, lens)
+    same_dtype, _ = _float64(q, k, v, lens, dtype=dtype)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert torch.isfinite(out).all()
+    err, baseline = _max_err(out, want), _max_err(same_dtype, want)
+    assert err <= 2 * baseline + ATOL[dtype], f"error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"rows with no visible key differ (seed {seed})"
+    assert torch.isneginf(lse[~finite]).all()
+    rows_empty = ~finite.transpose(1, 2)  # (B, Lq, H)
+    assert torch.equal(out[rows_empty], torch.zeros_like(out[rows_empty]))
+    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES)
+def test_triton_matches_float64(gen, triton_backend, q_len, h, hkv, d, num_splits, dtype):
+    q, k, v, lens = _problem(LENS, q_len, h, hkv, d, gen, dtype=dtype)
+    out, lse = attention_decode(q, k, v, lens, num_splits=num_splits, return_lse=True, backend=triton_backend)
+    _check_against_float64(q, k, v, LENS, out, lse, gen.initial_seed())
+
+
+@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES[:3])
+def test_reference_matches_float64(gen, q_len, h, hkv, d, num_splits):
+    q, k, v, lens = _problem(LENS, q_len, h, hkv, d, gen, device="cpu")
+    out, lse = attention_decode(q, k, v, lens, return_lse=True, backend="reference")
+    _check_against_float64(q, k, v, LENS, out, lse, gen.initial_seed())
+    # float64 inputs are computed in float64
+    q, k, v = q.double(), k.double(), v.double()
+    out, lse = attention_decode(q, k, v, lens, return_lse=True, backend="reference")
+    want, want_lse = _float64(q, k, v, LENS)
+    assert out.dtype == lse.dtype == torch.float64
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_equals_flash_attn_varlen_on_the_packed_problem(gen, request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    lens, q_len, h, hkv = [5, 0, 40, 2], 3, 4, 2
+    q, k, v, cache_lens = _problem(lens, q_len, h, hkv, 24, gen)
+    out, lse = attention_decode(q, k, v, cache_lens, softmax_scale=0.3, num_splits=2, return_lse=True,
+                                backend=backend)
+    qp, kp, vp = _packed(q, k, v, lens)
+    want, want_lse = flash_attn_varlen_func(qp, kp, vp, cu_seqlens([q_len] * 4, DEVICE), cu_seqlens(lens, DEVICE),
+                                            q_len, max(lens), softmax_scale=0.3, causal=True, return_lse=True,
+                                            backend="reference")
+    torch.testing.assert_close(out.flatten(0, 1), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse.view(h, 4, q_len).transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_strided_caches_and_capacity(gen, triton_backend):
+    """k/v caches as views into one (B, S, 2, Hkv, D) buffer, q a slice; a large unused capacity."""
+    lens, h, hkv, d = [33, 7, 64], 4, 2, 32
+    kv = torch.randn(3, 80, 2, hkv, d, generator=gen).to(DEVICE)
+    k, v = kv.unbind(2)
+    q = torch.randn(3, 2, 2 * h, d, generator=gen).to(DEVICE)[:, :, ::2]
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 3):
+        out, lse = attention_decode(q, k, v, cache_lens, num_splits=splits, return_lse=True, backend=triton_backend)
+        want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_is_deterministic_and_split_invariant(gen, triton_backend):
+    q, k, v, lens = _problem([300, 97], 2, 4, 1, 16, gen)
+    runs = [attention_decode(q, k, v, lens, num_splits=n, return_lse=True, backend=triton_backend) for n in (4, 4, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    for a, b in zip(runs[0], runs[2]):  # splitting changes only the summation order
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_and_refusals(gen, monkeypatch):
+    q, k, v, lens = _problem([4, 2], 1, 2, 2, 8, gen, device="cpu")
+    monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)
+    want = attention_decode(q, k, v, lens, backend="reference")
+    assert torch.equal(attention_decode(q, k, v, lens), want)  # "auto" never picks the interpreter on CPU
+    if "triton" in DECODE_BACKENDS.available():
+        with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: CPU tensors"):
+            attention_decode(q, k, v, lens, backend="triton")
+        monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
+        with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: dtype torch.float64"):
+            attention_decode(q.double(), k.double(), v.double(), lens, backend="triton")
+    with pytest.raises(BackendError, match="unknown backend 'cuda'"):
+        attention_decode(q, k, v, lens, backend="cuda")
+
+
+def _bad(name):
+    """Valid inputs (B=2, Lq=1, H=4, Hkv=2, D=8, S=5) with one thing broken."""
+    q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    kw = {}
+    if name == "q 3-d":
+        q = q[:, 0]
+    elif name == "v shape":
+        v = v[:, :4]
+    elif name == "k dtype":
+        k = k.double()
+    elif name == "q dtype":
+        q, k, v = q.int(), k.int(), v.int()
+    elif name == "batch":
+        q = q[:1]
+    elif name == "head dim":
+        k, v = k[..., :6], v[..., :6]
+    elif name == "heads":
+        q = torch.randn(2, 1, 3, 8)
+    elif name == "lens dtype":
+        lens = lens.long()
+    elif name == "lens shape":
+        lens = lens[:1]
+    elif name == "lens too long":
+        lens = torch.tensor([6, 3], dtype=torch.int32)
+    elif name == "lens negative":
+        lens = torch.tensor([-1, 3], dtype=torch.int32)
+    elif name == "splits":
+        kw["num_splits"] = -1
+    elif name == "splits type":
+        kw["num_splits"] = 2.5
+    elif name == "scale":
+        kw["softmax_scale"] = float("nan")
+    elif name == "grad":
+        q.requires_grad_()
+    return (q, k, v, lens), kw
+
+
+@pytest.mark.parametrize("name,match", [
+    ("q 3-d", r"q must have shape \(B, Lq, H, D\)"),
+    ("v shape", "k_cache and v_cache must have the same shape"),
+    ("k dtype", "k_cache has dtype torch.float64"),
+    ("q dtype", "q has unsupported dtype"),
+    ("batch", "k_cache holds 2 sequences but q has 1"),
+    ("head dim", "k_cache head dim 6 differs from q head dim 8"),
+    ("heads", r"q's number of heads \(3\) must be a multiple of k_cache's \(2\)"),
+    ("lens dtype", "cache_lens must be int32"),
+    ("lens shape", r"cache_lens must have shape \(2,\)"),
+    ("lens too long", r"cache_lens must lie in \[0, 5\]"),
+    ("lens negative", r"cache_lens must lie in \[0, 5\]"),
+    ("splits", "num_splits must be >= 0"),
+    ("splits type", "num_splits must be an int"),
+    ("scale", "softmax_scale must be finite"),
+    ("grad", "q requires grad, but attention_decode is inference-only"),
+])
+def test_bad_inputs_raise_value_errors_naming_the_argument(name, match):
+    args, kw = _bad(name)
+    with pytest.raises(ValueError, match=match):
+        attention_decode(*args, **kw)
+
+
+def test_no_backward():
+    args, _ = _bad("grad")
+    with torch.no_grad():  # fine without grad mode
+        attention_decode(*args)
+    out, _ = torch.ops.generalist.attention_decode(*args, 0.5, 0, "reference")  # the raw op has no autograd
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        out.sum().backward()
+
+
+def test_opcheck_reference(gen):
+    q, k, v, lens = _problem([5, 0, 9], 2, 4, 2, 16, gen, device="cpu")
+    torch.library.opcheck(torch.ops.generalist.attention_decode.default, (q, k, v, lens, 0.25, 0, "reference"))
+
+
+def test_opcheck_triton(gen, triton_backend):
+    q, k, v, lens = _problem([5, 0, 40], 1, 4, 2, 16, gen)
+    torch.library.opcheck(torch.ops.generalist.attention_decode.default, (q, k, v, lens, 0.25, 2, triton_backend))
+
+
+def test_torch_compile_fullgraph(gen):
+    q, k, v, lens = _problem([5, 0, 9], 1, 4, 1, 16, gen, device="cpu")
+    f = lambda q, k, v, lens: attention_decode(q, k, v, lens, return_lse=True, backend="reference")
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, lens)
+    for a, b in zip(got, f(q, k, v, lens)):
+        torch.testing.assert_close(a, b)
+
+
+# Compiling for a GPU needs no GPU: Triton's bundled ptxas builds sm_80 / sm_90 code here, which
+# keeps the kernels from rotting where the interpreter would still run them, and shows spills.
+_COMPILE_SCRIPT = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from generalist.kernels.triton import decode as K
+
+arch, dtype, block_d = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+elem = 4 if dtype == "fp32" else 2
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+runs = [(K._decode_reduce_kernel, dict(BLOCK_S=K.MAX_SPLITS), (4, 1))]
+for max_m, bn, warps, stages in K._CONFIGS[(elem, block_d)]:  # each entry at its largest BLOCK_M
+    runs.append((K._decode_split_kernel, dict(BLOCK_M=max_m, BLOCK_N=bn, DOT_PRECISION="ieee" if elem == 4 else "tf32"),
+                 (warps, stages)))
+for head_dim in (block_d, block_d - 3):
+    for fn, cx, (warps, stages) in runs:
+        cx = dict(cx, HEAD_DIM=head_dim, BLOCK_D=block_d)
+        sig = {a: "constexpr" if a in cx else ("*i32" if a == "CACHE_LENS" else
+               "*fp32" if a in ("LSE", "OUT_PART", "LSE_PART") else f"*{dtype}" if a.isupper() else
+               "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"]); f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        print(fn.__name__, dtype, head_dim, cx.get("BLOCK_M"),
+              *[w for w in usage.split() if w.startswith(("REG", "STACK"))])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,block_d", [("fp16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 128),
+                                           ("fp32", 256)])
+def test_kernels_compile_for_gpu_without_spills(arch, dtype, block_d):
+    """Every configuration of the table, for a full and a masked head dim, and the reduce kernel."""
+    import triton
+
+    from generalist.kernels.triton import decode
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(block_d)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 * (1 + len(decode._CONFIGS[(4 if dtype == "fp32" else 2, block_d)])), run.stdout
+    for line in lines:
+        assert "STACK:0" in line.split(), f"register spills: {line}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", [(1, 32, 8, 128, 0), (4, 32, 1, 64, 0), (1, 8, 8, 256, 16),
+                                                      (2, 16, 2, 40, 1)])
+def test_cuda_against_float64(gen, dtype, q_len, h, hkv, d, num_splits):
+    lens = [0, 1, 97, 300, 4097, 1025]
+    q, k, v, cache_lens = _problem(lens, q_len, h, hkv, d, gen, dtype=dtype, device="cuda", capacity=4200)
+    out, lse = attention_decode(q, k, v, cache_lens, num_splits=num_splits, return_lse=True, backend="triton")
+    _check_against_float64(q, k, v, lens, out, lse, gen.initial_seed())
+    assert DECODE_BACKENDS.resolve("auto", q, k, v, cache_lens, 1.0, 0).name == "triton"
