@@ -3,7 +3,8 @@
 # build generalist._C with its CUDA kernels, run the `gpu` tests and the op tests on the GPU, run
 # the benchmarks, and write logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
-# QUICK=1 benchmarks fewer sizes.
+# QUICK=1 benchmarks fewer sizes. It writes a dozen files: where only a few may be carried back,
+# point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -29,6 +30,21 @@ else
   step "build: FAILED (see build.log)"; status=1; tail -n 30 "$OUT/build.log"
 fi
 
+# An error raised from C++ with a formatted message must reach Python as a RuntimeError (it
+# crashed once in a CUDA build against torch 2.11+cu130); on a crash, a backtrace goes to the log.
+THROW='import torch, generalist
+try:
+    torch.ops.generalist._varlen_positions(torch.tensor([0, 3, 2], dtype=torch.int32), 2)
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])'
+if $PY -c "$THROW" >"$OUT/cpp-errors.log" 2>&1; then
+  step "C++ errors: $(tail -n 1 "$OUT/cpp-errors.log")"
+else
+  step "C++ errors: CRASHED (backtrace in cpp-errors.log)"; status=1
+  { echo "--- compiler: $(c++ --version | head -n 1)"; $PY -c "import torch; print('torch cxx11 abi', torch.compiled_with_cxx11_abi())"
+    command -v cuda-gdb >/dev/null && cuda-gdb -batch -ex run -ex bt --args $PY -c "$THROW" 2>&1 | tail -n 60; } >>"$OUT/cpp-errors.log" 2>&1
+fi
+
 # gpu-marked tests everywhere, plus the op and model tests (they run on CUDA when it is there)
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
 $PY -m pytest -q $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops tests/models \
@@ -36,12 +52,12 @@ $PY -m pytest -q $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops tests
 step "gpu tests: $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in attention moe; do
+for bench in attention moe decode; do
   [ -f benchmarks/$bench.py ] || continue
   $PY benchmarks/$bench.py ${QUICK:+--quick} --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1 || status=1
   step "benchmark $bench: exit $?"
 done
-for bench in attention moe; do
+for bench in attention moe decode; do
   [ -f "$OUT/$bench.md" ] && { echo; cat "$OUT/$bench.md"; }
 done
 echo; cat "$OUT/summary.txt"
