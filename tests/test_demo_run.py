@@ -1,5 +1,6 @@
 """A short real run of the main job (marked slow: ~15 minutes on 2 CPU cores): the demo preset
-on the demo mixture must beat chance by a wide margin on every task it trains on."""
+on the demo mixture must beat chance by a wide margin on every task it trains on, and fusing
+image and audio must beat either alone."""
 
 import json
 
@@ -7,27 +8,31 @@ import pytest
 
 from generalist.cli import main
 
-# task -> (metric, chance level); the run must reach at least 2x chance (+0.1 for near-1/2 chances).
-CHANCE = {
-    "fashion": ("accuracy", 0.10),
-    "digits": ("accuracy", 0.10),
-    "spoken_digits": ("accuracy", 0.10),
-    "av_digits": ("accuracy", 0.10),
-    "moving_digits": ("digit_accuracy", 0.10),
-    "vqa": ("accuracy", 0.15),
-    "text_topic": ("accuracy", 1 / 6),
-    "tabular": ("accuracy", 0.40),
-    "table_image": ("accuracy", 0.10),
-    "captions": ("r_at_5", 0.02),
+# task -> (metric, chance level, floor). The floors sit about halfway between chance and what a
+# 12-minute `make demo` reached on 2 CPU cores on 2026-11-27 (README, "What `make demo`
+# reaches"); this run trains 10 minutes.
+FLOORS = {
+    "fashion": ("accuracy", 0.10, 0.35),
+    "digits": ("accuracy", 0.10, 0.35),
+    "spoken_digits": ("accuracy", 0.10, 0.40),
+    "av_digits": ("accuracy", 0.10, 0.40),
+    "moving_digits": ("direction_accuracy", 0.125, 0.45),
+    "vqa": ("accuracy", 0.15, 0.23),
+    "text_topic": ("accuracy", 1 / 6, 0.28),
+    "tabular": ("accuracy", 0.40, 0.65),
+    "table_image": ("accuracy", 0.10, 0.16),
 }
 
 
 @pytest.mark.slow
 def test_short_demo_run_beats_chance(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["train", "--preset", "demo", "--mixture", "demo", "--out", str(out), "--max-minutes", "10"]) == 0
+    assert main(["train", "--preset", "demo", "--mixture", "demo", "--out", str(out), "--steps", "100000",
+                 "--max-minutes", "10"]) == 0
     results = json.loads((out / "eval.json").read_text())
-    misses = {task: (results[task][metric], chance) for task, (metric, chance) in CHANCE.items()
-              if not results[task][metric] >= min(2 * chance, chance + 0.25)}
-    assert not misses, f"tasks at chance level: {misses}"
+    misses = {task: (metric, results[task][metric], floor) for task, (metric, chance, floor) in FLOORS.items()
+              if not results[task][metric] >= floor}
+    assert not misses, f"tasks below their floor (metric, value, floor): {misses}"
+    fused = results["av_digits"]
+    assert fused["accuracy"] > max(fused["accuracy_image_only"], fused["accuracy_audio_only"]), fused
     assert (out / "report.html").is_file()
