@@ -85,7 +85,10 @@ def _check(args) -> int:
 
 
 def _train(args) -> int:
+    """Under torchrun (`torchrun --nproc-per-node N -m generalist train ...`) every rank runs this;
+    rank 0 alone clears --overwrite, logs, saves and evaluates."""
     from generalist.train.data import build_data, get_mixture
+    from generalist.train.distributed import Distributed
     from generalist.train.trainer import TrainConfig, Trainer, set_option
 
     cfg = TrainConfig(preset=args.preset, mixture=args.mixture, out=args.out, max_minutes=args.max_minutes)
@@ -103,17 +106,27 @@ def _train(args) -> int:
         set_option(cfg, assignment)
     from pathlib import Path
 
-    out = Path(args.out)
-    if not args.resume and (out / "checkpoint").exists():
-        if not args.overwrite:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
-        import shutil
+    group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
+    main_rank = group is None or group.main
+    try:
+        out = Path(args.out)
+        if not args.resume and (out / "checkpoint").exists():
+            if not args.overwrite:
+                raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+            if main_rank:
+                import shutil
 
-        shutil.rmtree(out)
-    data = build_data(get_mixture(cfg.mixture), seed=cfg.seed)
-    trainer = Trainer(cfg, data, resume=args.resume)
-    trainer.fit()
-    if not args.no_eval:
+                shutil.rmtree(out)
+        if group is not None:
+            group.barrier()  # nobody writes into --out before rank 0 has cleared it
+        # every rank builds the data (the cache is safe for concurrent builds)
+        data = build_data(get_mixture(cfg.mixture), seed=cfg.seed, progress=main_rank)
+        trainer = Trainer(cfg, data, resume=args.resume, progress=main_rank)
+        trainer.fit()
+    finally:
+        if group is not None:
+            group.close()
+    if not args.no_eval and main_rank:
         return _evaluate_run(args.out, data)
     return 0
 
@@ -204,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", required=True)
     pr.add_argument("--image", help="PNG/JPEG or .npy")
     pr.add_argument("--audio", help="WAV (16-bit PCM)")
-    pr.add_argument("--video", help=".npy clip, frames x H x W (x C)")
+    pr.add_argument("--video", help=".npy clip (frames x H x W [x C]), animated .gif, or .mp4/.mov/.avi/.mkv/.webm "
+                                    "(needs ffmpeg)")
     pr.add_argument("--table", help="comma-separated feature values in column order (empty or ? for missing)")
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
@@ -227,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from generalist.data.sources import SourceMissing
+    from generalist.train.distributed import DistributedError
 
     try:
         return args.func(args)
+    except DistributedError as error:  # a rank died or hung: one line, no traceback
+        print(f"generalist {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FloatingPointError, SourceMissing) as error:  # one line, no traceback
         print(f"generalist {args.command}: error: {error}", file=sys.stderr)
         return 2

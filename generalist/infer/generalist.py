@@ -58,9 +58,50 @@ def read_input(modality: str, value: Any):
                 return data.reshape(-1, w.getnchannels()).mean(axis=1), w.getframerate()
         except (wave.Error, EOFError) as error:
             raise ValueError(f"--audio: cannot read {path}: {error}") from None
+    if modality == "video" and suffix == ".gif":
+        return _read_gif(path)
+    if modality == "video" and suffix in FFMPEG_VIDEO:
+        return _read_with_ffmpeg(path)
     if modality == "text" and suffix == ".txt":
         return path.read_text()
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
+
+
+FFMPEG_VIDEO = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+
+
+def _read_gif(path: Path) -> np.ndarray:
+    """An animated GIF -> (T, H, W, 3) uint8 frames."""
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            return np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in ImageSequence.Iterator(im)])
+    except OSError as error:
+        raise ValueError(f"--video: cannot read {path}: {error}") from None
+
+
+def _read_with_ffmpeg(path: Path) -> np.ndarray:
+    """A video file -> (T, H, W, 3) uint8 frames, decoded by the ffmpeg/ffprobe on PATH."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("ffmpeg") and shutil.which("ffprobe")):
+        raise ValueError(f"--video: reading {path.suffix} files needs ffmpeg and ffprobe on PATH "
+                         "(e.g. apt install ffmpeg); or pass frames as .npy / .gif")
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    try:
+        width, height = (int(v) for v in probe.stdout.strip().split(",")[:2])
+    except ValueError:
+        raise ValueError(f"--video: cannot read {path}: {probe.stderr.strip() or 'no video stream'}") from None
+    run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True)
+    frame = width * height * 3
+    if run.returncode != 0 or not run.stdout or len(run.stdout) % frame:
+        reason = run.stderr.decode(errors="replace").strip() or f"{len(run.stdout)} bytes of frames"
+        raise ValueError(f"--video: cannot decode {path}: {reason}")
+    return np.frombuffer(run.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
 
 
 class Generalist:
