@@ -173,12 +173,7 @@ class MoE(nn.Module):
         if self.training and c.capacity_factor is not None:
             capacity = math.ceil(c.capacity_factor * t * k / e)
         x_SD, sort_idx_S, sizes_E = permute(x_TD, expert_idx_TK, e, capacity)
-
-        def mm(a: Tensor, w: Tensor) -> Tensor:
-            return grouped_mm(a, w.to(dt), sizes_E, backend=self.backend)
-
-        h_SF = F.silu(mm(x_SD, self.w1_EDF)) * mm(x_SD, self.w3_EDF)
-        y_TD = y_TD + unpermute(mm(h_SF, self.w2_EFD), sort_idx_S, weights_TK)  # summed in fp32
+        y_TD = y_TD + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)  # summed in fp32
 
         # Statistics and losses; f counts the router's choices before any drop.
         with torch.no_grad():
@@ -187,14 +182,33 @@ class MoE(nn.Module):
             counts_by_modality = _count(modality_ids_T.long()[tokens_S] * e + experts_S, c.n_modalities, e)
             dropped = torch.full((), t * k - sort_idx_S.shape[0], dtype=torch.int64, device=x_TD.device)
             routed_E = _count(expert_idx_TK.reshape(-1).long(), 1, e)[0]
+        balance, z = self.router_losses(logits_TE, probs_TE, routed_E)
+        aux = c.aux_loss_weight * balance + c.z_loss_weight * z
+        return y_TD, MoEStats(aux, balance.detach(), z.detach(), counts_by_task, counts_by_modality, dropped)
+
+    # The two methods below are the hook points of expert parallelism (generalist/parallel/expert.py),
+    # which overrides them; model code stays single-device.
+    def routed_experts(self, x_SD: Tensor, sizes_E: Tensor) -> Tensor:
+        """Rows sorted by expert (S, D), int32 group sizes (E,) -> SwiGLU expert outputs (S, D)."""
+        dt = x_SD.dtype
+
+        def mm(a: Tensor, w: Tensor) -> Tensor:
+            return grouped_mm(a, w.to(dt), sizes_E, backend=self.backend)
+
+        h_SF = F.silu(mm(x_SD, self.w1_EDF)) * mm(x_SD, self.w3_EDF)
+        return mm(h_SF, self.w2_EFD)
+
+    def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
+        """(balance, z) over this batch from logits and probs (T, E) and int64 router choices per
+        expert (E,) before drops: balance = E * sum_e f_e * P_e (Switch), z = mean_t lse_t^2."""
+        t, (e, k) = logits_TE.shape[0], (self.config.n_routed, self.config.top_k)
         if t:
             f_E = routed_E.to(probs_TE.dtype) / (t * k)
             balance = e * (f_E * probs_TE.mean(dim=0)).sum()
             z = torch.logsumexp(logits_TE, dim=-1).square().mean()
         else:
             balance = z = logits_TE.sum()  # zero, and still connected to the router
-        aux = c.aux_loss_weight * balance + c.z_loss_weight * z
-        return y_TD, MoEStats(aux, balance.detach(), z.detach(), counts_by_task, counts_by_modality, dropped)
+        return balance, z
 
 
 def _count(key_S: Tensor, rows: int, cols: int) -> Tensor:
