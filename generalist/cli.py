@@ -88,7 +88,7 @@ def _train(args) -> int:
     """Under torchrun (`torchrun --nproc-per-node N -m generalist train ...`) every rank runs this;
     rank 0 alone clears --overwrite, logs, saves and evaluates."""
     from generalist.train.data import build_data, get_mixture
-    from generalist.train.distributed import Distributed
+    from generalist.train.distributed import Distributed, check_batch
     from generalist.train.trainer import TrainConfig, Trainer, set_option
 
     cfg = TrainConfig(preset=args.preset, mixture=args.mixture, out=args.out, max_minutes=args.max_minutes)
@@ -109,6 +109,8 @@ def _train(args) -> int:
     group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
     main_rank = group is None or group.main
     try:
+        if group is not None:
+            check_batch(cfg.batch_size, group.world)  # before --overwrite deletes anything
         out = Path(args.out)
         if not args.resume and (out / "checkpoint").exists():
             if not args.overwrite:

@@ -8,12 +8,18 @@ skips the step (it never reaches the weights); `max_bad_steps` in a row stop the
 Checkpoints (atomic, see checkpoint.py) every `ckpt_every` steps and at the end; `resume`
 continues exactly where the checkpoint left off: on CPU a killed-and-resumed run gives the same
 losses, step for step, as one never interrupted.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (see distributed.py): every
+rank draws the same global batch and takes its slice, DDP averages the gradients, and only
+rank 0 logs, shows progress and writes checkpoints, holding the global numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +36,7 @@ from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
                                          set_rng_state)
 from generalist.train.data import TaskData
+from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
 
 
@@ -57,11 +64,14 @@ class TrainConfig:
     max_bad_steps: int = 5
     bf16: bool = True  # autocast on CUDA only
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
 
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
@@ -109,8 +119,15 @@ def train_tokenizer(data: dict[str, TaskData], vocab_size: int) -> TextTokenizer
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: dict[str, TaskData], resume: bool = False, progress: bool = True,
                  device: str | None = None):
-        self.cfg, self.data, self.progress = cfg, data, progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg, self.data = cfg, data
+        self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
+        self.main = self.group is None or self.group.main  # the rank that logs and saves
+        self.progress = progress and self.main
+        if self.group is not None:
+            check_batch(cfg.batch_size, self.group.world)
+            self.device = self.group.device
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tasks = sorted(data)
@@ -124,7 +141,11 @@ class Trainer:
             self.tokenizer = GeneralistModel.load_tokenizer(ckpt)
         else:
             torch.manual_seed(cfg.seed)
-            self.tokenizer = train_tokenizer(data, cfg.vocab_size)
+            if self.group is None:
+                self.tokenizer = train_tokenizer(data, cfg.vocab_size)
+            else:  # one tokenizer for every rank: rank 0's
+                text = train_tokenizer(data, cfg.vocab_size).to_json() if self.main else None
+                self.tokenizer = TextTokenizer.from_json(self.group.broadcast_object(text))
             mcfg = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, n_tasks=len(self.tasks),
                           bos_id=self.tokenizer.token_id("<bos>"), eos_id=self.tokenizer.token_id("<eos>"), **cfg.model)
             self.model = GeneralistModel(mcfg).to(self.device)
@@ -147,8 +168,13 @@ class Trainer:
             self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])
             self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
-            set_rng_state(state["rng"])
-            self._truncate_log(self.step)
+            rng = state["rng"]  # rank 0's; a run saved by as many ranks as this one also has each rank's
+            if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
+                rng = state["rng_ranks"][self.group.rank]
+            set_rng_state(rng)
+            if self.main:
+                self._truncate_log(self.step)
+        self.dp = DataParallel(self, self.group) if self.group is not None else None
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
@@ -156,6 +182,13 @@ class Trainer:
         if key not in self._encoded:
             self._encoded[key] = self.encoder.encode(self.data[task].train[i])
         return self._encoded[key]
+
+    def _contrastive_pairs(self, con: list[tuple[str, int]]) -> tuple[list, list]:
+        """Encoded (non-text inputs, target text) pairs of contrastive examples."""
+        inputs = [Example([s for s in self.data[t].train[i].segments if s[0] != "text"] or
+                          self.data[t].train[i].segments, "", t) for t, i in con]
+        texts = [Example([("text", self.data[t].train[i].target_text)], "", t) for t, i in con]
+        return [self.encoder.encode(e) for e in inputs], [self.encoder.encode(e) for e in texts]
 
     def _micro_batch_loss(self, picks: list[tuple[str, int]]):
         gen = [(t, i) for t, i in picks if self.data[t].task.generative]
@@ -177,11 +210,9 @@ class Trainer:
                     self.routing["task"][layer] += st.counts_by_task.cpu().numpy()
                     self.routing["modality"][layer] += st.counts_by_modality.cpu().numpy()
             if len(con) >= 2:
-                inputs = [Example([s for s in self.data[t].train[i].segments if s[0] != "text"] or
-                                  self.data[t].train[i].segments, "", t) for t, i in con]
-                texts = [Example([("text", self.data[t].train[i].target_text)], "", t) for t, i in con]
-                a = self.model.embed([self.encoder.encode(e) for e in inputs])
-                b = self.model.embed([self.encoder.encode(e) for e in texts])
+                inputs, texts = self._contrastive_pairs(con)
+                a = self.model.embed(inputs)
+                b = self.model.embed(texts)
                 closs = self.model.contrastive_loss(a, b)
                 total = total + self.cfg.contrastive_weight * closs
                 per_task.setdefault("contrastive", []).append(closs.item())
@@ -195,13 +226,21 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         losses, per_task, tokens, finite = [], {}, 0, True
-        for _ in range(cfg.accum):
-            loss, pt, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss / cfg.accum).backward()
-            losses.append(loss.item())
+        for micro in range(cfg.accum):
+            if self.dp is not None:  # the same global loss on every rank, so they all agree to skip
+                loss, pt, n = self.dp.micro_batch(self.sampler.sample(cfg.batch_size), 1 / cfg.accum,
+                                                  sync=micro == cfg.accum - 1)
+                if not math.isfinite(loss):
+                    finite = False
+                    break
+                losses.append(loss)
+            else:
+                loss, pt, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss / cfg.accum).backward()
+                losses.append(loss.item())
             tokens += n
             for k, v in pt.items():
                 per_task.setdefault(k, []).extend(v)
@@ -216,7 +255,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.bad_in_row += 1
             self.skipped += 1
-            tqdm.write(f"step {self.step}: non-finite loss or gradient, step skipped ({self.bad_in_row} in a row)")
+            if self.main:
+                tqdm.write(f"step {self.step}: non-finite loss or gradient, step skipped ({self.bad_in_row} in a row)")
             if self.bad_in_row >= cfg.max_bad_steps:
                 raise FloatingPointError(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient "
                                          f"(last at step {self.step}); stopping. Lower the learning rate or check the data.")
@@ -233,28 +273,50 @@ class Trainer:
             keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             log.write_text("".join(line + "\n" for line in keep))
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
         state = {"step": self.step, "skipped": self.skipped, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
+        if self.group is not None:
+            state["rng_ranks"] = self.group.gather_objects(state["rng"])
+            if not self.main:
+                return None
         meta = {"tasks": self.tasks, "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.opt, state, meta)
 
     def fit(self) -> None:
+        try:
+            if self.group is None:
+                self._fit()
+            else:
+                with self.group.guard():
+                    self._fit()
+                self.group.barrier()  # leave together, once rank 0's last checkpoint is written
+        finally:
+            if self.group is not None:
+                self.group.close()  # only if this trainer initialised the process group
+
+    def _fit(self) -> None:
         cfg = self.cfg
         self.model.train()
-        writer = _tensorboard(self.run_dir)
+        writer = _tensorboard(self.run_dir) if self.main else None
         # the bar counts steps, or training seconds when a time budget is set (whichever ends the
         # run is not known in advance; the postfix always shows the step)
         timed = cfg.max_minutes is not None
         bar = tqdm(total=round(60 * cfg.max_minutes) if timed else cfg.steps,
                    initial=min(round(self.elapsed), round(60 * cfg.max_minutes)) if timed else self.step,
                    unit="s" if timed else "it", desc="train", disable=not self.progress, dynamic_ncols=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as log:
+        # all three are closed however the loop ends, so an error prints after the bar's last line
+        with open(self.run_dir / "metrics.jsonl" if self.main else os.devnull, "a") as log, bar, \
+                (writer if writer is not None else contextlib.nullcontext()):
             while self.step < cfg.steps:
                 t0 = time.time()
                 rec = self.train_step()
-                self.elapsed += time.time() - t0
-                rec["tokens_per_s"] = rec["tokens"] / max(1e-9, time.time() - t0)
+                dt = time.time() - t0
+                if self.group is not None:  # the ranks must agree on the time spent: it can end the run
+                    dt = self.group.max(dt)
+                self.elapsed += dt
+                rec["tokens_per_s"] = rec["tokens"] / max(1e-9, dt)
                 log.write(json.dumps(rec) + "\n")
                 if writer is not None:
                     writer.add_scalar("loss/total", rec["loss"], rec["step"])
@@ -271,11 +333,9 @@ class Trainer:
                     log.flush()
                     self.save()
                 if out_of_time:
-                    tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {self.step}; checkpoint saved")
+                    if self.main:
+                        tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {self.step}; checkpoint saved")
                     break
-        bar.close()
-        if writer is not None:
-            writer.close()
         self.model.eval()
 
 

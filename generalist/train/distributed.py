@@ -1,0 +1,291 @@
+"""Data parallelism for the trainer over torch.distributed, applied from outside the model.
+
+`torchrun --nproc-per-node N -m generalist train ...` runs the same training on N processes; a
+world of one (no torchrun) has no process group at all and the trainer runs its single-process
+code unchanged.
+
+- `Distributed.from_env` reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK and initialises the
+  process group (gloo on CPU, nccl on CUDA) with a timeout, unless one is already initialised.
+- Every rank draws the same global batch of B picks from its own copy of the MixtureSampler
+  (same seed, same state) and keeps its contiguous slice of B/N (B % N == 0): the task mixture
+  and the examples seen are those of one process with batch B, and the sampler state every rank
+  holds is the single-process one, so checkpoints move freely between world sizes.
+- `DataParallel` wraps one micro-batch's forward (generative pass, both contrastive embeddings,
+  contrastive loss) in DDP(find_unused_parameters=True): the set of parameters a rank uses
+  changes from step to step (the contrastive head only on steps with contrastive pairs, an
+  embedder only when its modality is in the slice), so the graph is not static. Parameters a
+  rank did not use enter the all-reduce as zeros; one that no rank used keeps grad None, as in
+  one process.
+- Losses are weighted so that DDP's gradient average is the gradient of the global batch's
+  loss: the LM loss (a mean over the batch's generative examples) enters as the rank's sum over
+  its examples / G_global, times N to undo DDP's division by N; the contrastive loss (in-batch
+  negatives) is computed on every rank over the all-gathered embeddings of the whole batch, with
+  gradient through the rank's own rows (times N) and through the shared logit scale (once).
+  The MoE aux losses (load balance, z-loss) are the one exception: each rank's router statistics
+  cover its own slice, and DDP averages them over ranks (Megatron's micro-batch-level balancing).
+- The numbers logged are global: loss, per-task losses, token and routing counts go through one
+  float64 all-reduce per micro-batch, so every rank holds (and rank 0 writes) the global values.
+- A collective that fails or times out (a rank died or hung) raises `DistributedError`, one line
+  that names the likely cause, instead of a hang or a gloo/nccl traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+DEFAULT_TIMEOUT_S = 600.0
+_PEER_FAILURE = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
+                 "socket", "peer")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank most likely died or hung."""
+
+
+def _first_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:200]  # gloo: "[pair.cc:553] Connection ..."
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world}): "
+                         f"each process takes batch_size / {world} examples of every global batch")
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    timeout_s: float
+    owns_group: bool  # this object initialised the process group, so close() destroys it
+
+    @classmethod
+    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.device | None = None
+                 ) -> "Distributed | None":
+        """None outside torchrun (WORLD_SIZE unset or 1); else this rank, its process group ready."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        if "RANK" not in os.environ:
+            raise ValueError(f"WORLD_SIZE is {world} but RANK is not set; launch with torchrun")
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        owns = not dist.is_initialized()
+        if owns:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            try:
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=timedelta(seconds=timeout_s))
+            except RuntimeError as error:  # DistStoreError, DistNetworkError: a rank never came
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise DistributedError(f"rank {rank} of {world}: could not form the process group at {where} within "
+                                       f"{timeout_s:g} s (option dist_timeout_s): {_first_line(error)}") from error
+        if dist.get_world_size() != world or dist.get_rank() != rank:
+            raise ValueError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
+                             f"RANK={rank} WORLD_SIZE={world}")
+        return cls(rank, world, local_rank, device, timeout_s, owns)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def lost(self, error: BaseException) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank} of {self.world}: a collective failed or timed out (limit {self.timeout_s:g} s, "
+            f"option dist_timeout_s); another rank most likely died or hung, see its log. Cause: {_first_line(error)}")
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Turns a failed collective inside the block into a one-line DistributedError."""
+        try:
+            yield
+        except DistributedError:
+            raise
+        except RuntimeError as error:  # DistBackendError and friends subclass RuntimeError
+            if isinstance(error, dist.DistError) or any(w in str(error).lower() for w in _PEER_FAILURE):
+                raise self.lost(error) from error
+            raise
+
+    # ---- collectives (each one guarded) --------------------------------------------------------
+    def all_reduce(self, x: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        with self.guard():
+            dist.all_reduce(x, op=op)
+        return x
+
+    def max(self, value: float) -> float:
+        """The largest value over ranks (identical on every rank)."""
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device),
+                                     dist.ReduceOp.MAX)[0])
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        with self.guard():
+            dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def gather_objects(self, obj) -> list:
+        out = [None] * self.world
+        with self.guard():
+            dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        with self.guard():
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+
+class _MicroBatch(nn.Module):
+    """What DDP wraps: every use of a parameter in one micro-batch happens inside this forward
+    (DDP finds unused parameters from its outputs, and a parameter used outside it would be
+    reduced twice)."""
+
+    def __init__(self, model: nn.Module, group: Distributed, contrastive_weight: float):
+        super().__init__()
+        self.model, self.group, self.weight = model, group, contrastive_weight
+
+    def forward(self, gen: list, con_inputs: list, con_texts: list, n_gen: int, con_counts: list[int]):
+        """gen: this rank's encoded generative examples; con_*: its contrastive pairs (encoded);
+        n_gen: generative examples in the global micro-batch; con_counts: contrastive pairs on
+        each rank. Returns (the loss this rank back-propagates, detached statistics)."""
+        model, world = self.model, self.group.world
+        zero = torch.zeros((), device=model.boundary.device)
+        lm = aux = closs = zero
+        stats = {"ce": None, "tokens": 0, "routing": None}
+        if gen:
+            out = model(gen)
+            lm = out.lm_loss * (len(gen) / n_gen)  # this rank's share of the global mean over examples
+            aux = out.aux_loss / world
+            with torch.no_grad():
+                ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none")
+                stats["ce"] = torch.stack([p.mean() for p in ce.split([len(ex.target_ids) + 1 for ex in gen])])
+            stats["tokens"] = int(out.labels.numel()) + out.n_input_tokens
+            stats["routing"] = (torch.stack([s.counts_by_task for s in out.moe_stats]),
+                                torch.stack([s.counts_by_modality for s in out.moe_stats]))
+        if sum(con_counts) >= 2:
+            mine = torch.stack([model.embed(con_inputs), model.embed(con_texts)]) if con_inputs else None
+            a_CE, b_CE = self._gather_pairs(mine, con_counts, model.cfg.embed_dim, zero.device)
+            closs = model.contrastive_loss(a_CE, b_CE)
+            # Every rank computes the same loss, so the gradient of the one parameter it shares
+            # across rows (the logit scale) would count N times: the second term, with the
+            # embeddings detached, takes N - 1 of them back (its value cancels out).
+            closs_for_grad = world * closs - (world - 1) * model.contrastive_loss(a_CE.detach(), b_CE.detach())
+        else:
+            closs_for_grad = closs
+        loss = world * (lm + aux) + self.weight * closs_for_grad
+        if not loss.requires_grad:  # nothing to do on this rank: still take part in the all-reduce
+            # (the logit scale then counts as used here, with a zero gradient)
+            loss = loss + 0.0 * model.logit_scale
+        stats["report"] = (lm + aux + (self.weight * closs if self.group.main else 0.0)).detach()
+        stats["contrastive"] = closs.detach()
+        return loss, stats
+
+    def _gather_pairs(self, mine_2CE: Tensor | None, counts: list[int], dim: int, device) -> tuple[Tensor, Tensor]:
+        """The whole micro-batch's (a, b) embeddings in global order; only this rank's rows carry
+        gradient (each rank back-propagates the same loss through its own rows; DDP's average
+        of those, times N, is the full gradient)."""
+        width = max(counts)
+        pad = torch.zeros(2, width, dim, dtype=torch.float32, device=device)
+        if mine_2CE is not None:
+            pad[:, :mine_2CE.shape[1]] = mine_2CE.detach().float()
+        bufs = [torch.empty_like(pad) for _ in range(self.group.world)]
+        with self.group.guard():
+            dist.all_gather(bufs, pad)
+        parts = [mine_2CE.float() if r == self.group.rank else bufs[r][:, :n]
+                 for r, n in enumerate(counts) if n]
+        both = torch.cat(parts, dim=1)
+        return both[0], both[1]
+
+
+class DataParallel:
+    """The trainer's data-parallel micro-batch: this rank's slice of the global picks, the
+    DDP-wrapped forward and backward, and the global statistics."""
+
+    def __init__(self, trainer, group: Distributed):
+        self.trainer, self.group = trainer, group
+        check_batch(trainer.cfg.batch_size, group.world)
+        with group.guard():  # DDP checks the shapes and broadcasts rank 0's weights
+            self.ddp = DistributedDataParallel(_MicroBatch(trainer.model, group, trainer.cfg.contrastive_weight),
+                                               find_unused_parameters=True)
+        self.names = trainer.tasks + ["contrastive"]
+
+    def local(self, picks: list, rank: int | None = None) -> list:
+        n = len(picks) // self.group.world
+        r = self.group.rank if rank is None else rank
+        return picks[r * n:(r + 1) * n]
+
+    def micro_batch(self, picks: list, scale: float, sync: bool) -> tuple[float, dict[str, list[float]], int]:
+        """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
+        slice of `picks`; gradients are all-reduced when `sync`. Returns the global loss, the
+        per-task losses and the global token count."""
+        tr, g = self.trainer, self.group
+        task = {name: tr.data[name].task for name in tr.data}
+        n_gen = sum(task[t].generative for t, _ in picks)
+        con_counts = [sum(task[t].contrastive for t, _ in self.local(picks, r)) for r in range(g.world)]
+        mine = self.local(picks)
+        gen = [tr._encode(t, i) for t, i in mine if task[t].generative]
+        con = [(t, i) for t, i in mine if task[t].contrastive]
+        con_inputs, con_texts = tr._contrastive_pairs(con) if con and sum(con_counts) >= 2 else ([], [])
+        gen_tasks = [t for t, _ in mine if task[t].generative]
+        with g.guard(), (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+            with torch.autocast(tr.device.type, dtype=torch.bfloat16,
+                                enabled=tr.cfg.bf16 and tr.device.type == "cuda"):
+                loss, st = self.ddp(gen, con_inputs, con_texts, n_gen, con_counts)
+            vec = self._reduce(st, gen_tasks, sum(con_counts) >= 2)
+            total = float(vec[0])
+            if torch.isfinite(vec[0]):
+                (loss * scale).backward()
+        return total, *self._unpack(vec)
+
+    def _reduce(self, st: dict, gen_tasks: list[str], has_con: bool) -> Tensor:
+        """[loss, tokens, per-task loss sums, per-task counts, routing by task, by modality]."""
+        k, routing = len(self.names), self.trainer.routing
+        vec = torch.zeros(2 + 2 * k + routing["task"].size + routing["modality"].size, dtype=torch.float64)
+        vec[0], vec[1] = float(st["report"]), st["tokens"]
+        for t, ce in zip(gen_tasks, st["ce"].tolist() if st["ce"] is not None else []):
+            vec[2 + self.names.index(t)] += ce
+            vec[2 + k + self.names.index(t)] += 1
+        if has_con and self.group.main:
+            vec[2 + k - 1], vec[2 + 2 * k - 1] = float(st["contrastive"]), 1
+        if st["routing"] is not None:
+            n = routing["task"].size
+            vec[2 + 2 * k:2 + 2 * k + n] = st["routing"][0].flatten().double().cpu()
+            vec[2 + 2 * k + n:] = st["routing"][1].flatten().double().cpu()
+        return self.group.all_reduce(vec.to(self.group.device)).cpu()
+
+    def _unpack(self, vec: Tensor) -> tuple[dict[str, list[float]], int]:
+        k, routing = len(self.names), self.trainer.routing
+        n = routing["task"].size
+        routing["task"] += vec[2 + 2 * k:2 + 2 * k + n].round().long().numpy().reshape(routing["task"].shape)
+        routing["modality"] += vec[2 + 2 * k + n:].round().long().numpy().reshape(routing["modality"].shape)
+        per_task = {}
+        for j, name in enumerate(self.names):
+            count = int(round(float(vec[2 + k + j])))
+            if count:  # one entry per example, so means over micro-batches weigh examples equally
+                per_task[name] = [float(vec[2 + j]) / count] * count
+        return per_task, int(round(float(vec[1])))

@@ -1,0 +1,186 @@
+"""Data-parallel training on 2 CPU processes (gloo), launched like torchrun launches them: every
+test starts its own subprocesses running the real command line on the toy tasks (dist_script.py).
+
+The runs use a constant learning rate after warm-up (min_lr_ratio=1), so a run stopped at step 3
+and resumed to step 6 follows the same schedule as one run of 6 steps, and no MoE aux losses (the
+one term that data parallelism computes per rank; see generalist/train/distributed.py), so that
+2 ranks with global batch B must give the losses of 1 process with batch B.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generalist.train.distributed import check_batch
+
+SCRIPT = Path(__file__).parent / "dist_script.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+for _name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_name, None)
+OPTIONS = ["batch_size=8", "ckpt_every=3", "log_every=1", "vocab_size=300", "warmup=2", "lr=3e-3", "min_lr_ratio=1.0",
+           "model.aux_loss_weight=0", "model.z_loss_weight=0"]
+
+
+def _train_args(out, steps, resume=False, extra=()):
+    args = ["train", "--preset", "tiny", "--out", str(out), "--steps", str(steps), "--no-eval"]
+    for option in [*OPTIONS, *extra]:
+        args += ["--set", option]
+    return args + (["--resume"] if resume else [])
+
+
+def _one(out, steps, resume=False):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--", *_train_args(out, steps, resume)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _torchrun(out, steps, resume=False, dump=None):
+    """2 ranks under the real launcher."""
+    dump_args = ["--dump", str(dump)] if dump else []
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(SCRIPT), *dump_args, "--", *_train_args(out, steps, resume)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(script_args, world=2):
+    """The ranks as plain subprocesses with torchrun's environment (no launcher to kill the
+    survivors when one rank dies: the trainer must notice by itself)."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, str(SCRIPT), *script_args],
+                             env={**ENV, "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+
+
+def _records(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(run):
+    return json.loads((Path(run) / "checkpoint" / "state.json").read_text())
+
+
+def _assert_same_training(a, b, steps):
+    ra, rb = _records(a), _records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in rb], [r["loss"] for r in ra], rtol=2e-5, atol=1e-6)
+    assert [r["tokens"] for r in rb] == [r["tokens"] for r in ra]
+    for x, y in zip(ra, rb):
+        assert x["task_loss"].keys() == y["task_loss"].keys()
+        np.testing.assert_allclose([y["task_loss"][k] for k in x["task_loss"]], list(x["task_loss"].values()),
+                                   rtol=2e-5, atol=1e-6)
+    sa, sb = _state(a), _state(b)
+    assert sb["step"] == sa["step"] == steps and sb["sampler"] == sa["sampler"]
+    assert sb["routing"] == sa["routing"]  # global counts, summed over the ranks
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 8, 6 steps."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _one(out, 6)
+    return out
+
+
+def test_two_ranks_equal_one_process_and_save_a_one_process_checkpoint(reference, tmp_path):
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    _torchrun(out, 6, dump=dump)
+    _assert_same_training(reference, out, 6)
+    assert (out / "tensorboard").is_dir() and not list(out.glob("*rank*"))  # rank 0 alone writes the run
+    # rank 0 saved the unwrapped model: no DDP prefixes, and the very weights both ranks hold
+    saved = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert not [k for k in saved if k.startswith("module.")]
+    rank0, rank1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    assert saved.keys() == rank0.keys() == rank1.keys()
+    assert all(torch.equal(saved[k], rank0[k]) and torch.equal(saved[k], rank1[k]) for k in saved)
+    state = _state(out)
+    assert len(state["rng_ranks"]) == 2 and state["rng"] == state["rng_ranks"][0]
+    # one process loads it for prediction (`generalist predict` and Python) with rank 1's weights
+    from generalist.cli import main
+    from generalist.infer.generalist import Generalist
+
+    g = Generalist.load(out)
+    assert all(torch.equal(v, rank1[k]) for k, v in g.model.state_dict().items())
+    answer = subprocess.run([sys.executable, "-m", "generalist", "predict", str(out), "--task", "echo", "--text",
+                             "red blue"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == g.predict(task="echo", text="red blue")
+    assert main(["predict", str(out), "--task", "bars", "--image", str(_bar_image(tmp_path))]) == 0
+
+
+def _bar_image(tmp_path):
+    path = tmp_path / "bar.npy"
+    img = np.zeros((8, 8), dtype=np.float32)
+    img[:, 3] = 1.0
+    np.save(path, img)
+    return path
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(reference, tmp_path):
+    out = tmp_path / "run"
+    _torchrun(out, 3)
+    assert _state(out)["step"] == 3
+    _one(out, 6, resume=True)
+    _assert_same_training(reference, out, 6)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(reference, tmp_path):
+    out = tmp_path / "run"
+    _one(out, 3)
+    assert "rng_ranks" not in _state(out)
+    _torchrun(out, 6, resume=True)
+    _assert_same_training(reference, out, 6)
+
+
+@pytest.mark.parametrize("failure,timeout", [("die", 30), ("hang", 4)])
+def test_a_failed_rank_stops_the_other_with_a_clear_error(tmp_path, failure, timeout):
+    """Rank 1 is SIGKILLed (or stops answering) after step 2; rank 0 must exit with one clear
+    line: well within the process-group timeout for a dead peer (its connection closes), after
+    the timeout for a silent one (start-up takes under 10 s of the 60 allowed here)."""
+    ranks = _spawn_ranks([f"--{failure}-at", "2", "--",
+                          *_train_args(tmp_path / "run", 20, extra=[f"dist_timeout_s={timeout}"])])
+    start = time.time()
+    try:
+        _, err = ranks[0].communicate(timeout=90)
+        rank0_done = time.time() - start
+        if failure == "die":
+            assert ranks[1].wait(timeout=30) == -9
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert ranks[0].returncode == 1, err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip()]  # the progress bar redraws with \r
+    assert lines[-1].startswith("generalist train: error: rank 0 of 2: a collective failed or timed out"), err
+    assert "another rank most likely died or hung" in lines[-1] and "Traceback" not in err, err
+    assert rank0_done < (timeout if failure == "die" else 60)
+
+
+def test_batch_must_split_evenly_and_module_entry_point():
+    check_batch(8, 2)
+    with pytest.raises(ValueError, match=r"batch_size \(9\) must be a multiple of the number of processes \(2\)"):
+        check_batch(9, 2)
+    done = subprocess.run([sys.executable, "-m", "generalist", "train", "--help"], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--resume" in done.stdout
