@@ -27,18 +27,17 @@ serve, else the reference). `num_splits` (0 = chosen by the kernel) only tunes t
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 from torch import Tensor
 
 from generalist.ops import _attention_checks as checks
+from generalist.ops._triton_device import device_unsupported
 from generalist.ops._registry import Implementation, Registry
 
 DECODE_BACKENDS = Registry("attention_decode", known=("reference", "triton"))
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
-CPU_OPT_IN = "GENERALIST_TRITON_ON_CPU"  # the same switch as the triton attention backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,21 +95,7 @@ def _triton_unsupported(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
     if q.shape[-1] > _kernels.MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {_kernels.MAX_HEAD_DIM}"
-    if q.device.type == "cuda":
-        if torch.version.hip is None and not _kernels.interpreting():
-            major, minor = torch.cuda.get_device_capability(q.device)
-            if major < 8:
-                return f"needs a GPU of compute capability 8.0 or newer, this one has {major}.{minor}"
-        return None
-    if q.device.type == "cpu":
-        if not _kernels.interpreting():
-            return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (set before import)"
-        if os.environ.get(CPU_OPT_IN) != "1":
-            return f"CPU tensors run the Triton interpreter only with {CPU_OPT_IN}=1 (it is for tests)"
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is wrong in Triton 3.6's interpreter; run bfloat16 on a GPU"
-        return None
-    return f"device {q.device.type} is not supported"
+    return device_unsupported(q, _kernels.interpreting())
 
 
 if _kernels is not None:

@@ -15,11 +15,9 @@ Shapes and semantics are those of generalist.ops.attention (varlen layout).
 
 from __future__ import annotations
 
-import functools
-import os
 
-import torch
 
+from generalist.ops._triton_device import device_unsupported
 from generalist.ops._registry import Implementation
 
 try:
@@ -27,12 +25,6 @@ try:
 except ImportError:  # triton is not installed: the backend is not registered
     kernels = None
 
-CPU_OPT_IN = "GENERALIST_TRITON_ON_CPU"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
@@ -42,21 +34,7 @@ def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
     if q.shape[-1] > kernels.MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {kernels.MAX_HEAD_DIM}"
-    if q.device.type == "cuda":
-        if torch.version.hip is None and not kernels.interpreting():
-            major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            if major < 8:
-                return f"needs a GPU of compute capability 8.0 or newer, this one has {major}.{minor}"
-        return None
-    if q.device.type == "cpu":
-        if not kernels.interpreting():
-            return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (set before import)"
-        if os.environ.get(CPU_OPT_IN) != "1":
-            return f"CPU tensors run the Triton interpreter only with {CPU_OPT_IN}=1 (it is for tests)"
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is wrong in Triton 3.6's interpreter; run bfloat16 on a GPU"
-        return None
-    return f"device {q.device.type} is not supported"
+    return device_unsupported(q, kernels.interpreting())
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, prefix_lens):

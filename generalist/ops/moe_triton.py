@@ -15,11 +15,9 @@ Shapes and semantics are those of generalist.ops.moe.grouped_mm (x_TD, w_EDF, gr
 
 from __future__ import annotations
 
-import functools
-import os
 
-import torch
 
+from generalist.ops._triton_device import device_unsupported
 from generalist.ops._registry import Implementation
 
 try:
@@ -27,34 +25,13 @@ try:
 except ImportError:  # triton is not installed: the backend is not registered
     kernels = None
 
-CPU_OPT_IN = "GENERALIST_TRITON_ON_CPU"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def unsupported(x_TD, w_EDF, group_sizes_E) -> str | None:
     """None when the Triton kernels can serve these inputs, else the reason why not."""
     if x_TD.dtype not in kernels.DTYPES:
         return f"dtype {x_TD.dtype} is not supported (float16, bfloat16, float32)"
-    if x_TD.device.type == "cuda":
-        if torch.version.hip is None and not kernels.interpreting():
-            index = x_TD.device.index if x_TD.device.index is not None else torch.cuda.current_device()
-            major, minor = _capability(index)
-            if major < 8:
-                return f"needs a GPU of compute capability 8.0 or newer, this one has {major}.{minor}"
-        return None
-    if x_TD.device.type == "cpu":
-        if not kernels.interpreting():
-            return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (set before import)"
-        if os.environ.get(CPU_OPT_IN) != "1":
-            return f"CPU tensors run the Triton interpreter only with {CPU_OPT_IN}=1 (it is for tests)"
-        if x_TD.dtype == torch.bfloat16:
-            return "bfloat16 is wrong in Triton 3.6's interpreter; run bfloat16 on a GPU"
-        return None
-    return f"device {x_TD.device.type} is not supported"
+    return device_unsupported(x_TD, kernels.interpreting())
 
 
 def grouped_mm(x_TD, w_EDF, group_sizes_E):
