@@ -16,7 +16,7 @@ FLOORS = {
     "spoken_digits": ("accuracy", 0.10, 0.40),
     "av_digits": ("accuracy", 0.10, 0.40),
     "moving_digits": ("direction_accuracy", 0.125, 0.45),
-    "vqa": ("accuracy", 0.15, 0.23),
+    "vqa": ("accuracy", 0.15, 0.21),
     "text_topic": ("accuracy", 1 / 6, 0.28),
     "tabular": ("accuracy", 0.40, 0.65),
     "table_image": ("accuracy", 0.10, 0.16),
