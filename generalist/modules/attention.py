@@ -64,10 +64,8 @@ class SelfAttention(nn.Module):
         if torch.is_grad_enabled() and (q.requires_grad or cache["k"].requires_grad or cache["v"].requires_grad):
             out = flash_attn_func(q[:, None], cache["k"], cache["v"], causal=True, backend=self.backend)
         else:
-            b, s = cache["k"].shape[:2]
-            lens_B = torch.full((b,), s, dtype=torch.int32, device=q.device)
             backend = self.backend if self.backend in DECODE_BACKENDS.known else "auto"
-            out = attention_decode(q[:, None], cache["k"], cache["v"], lens_B, backend=backend)
+            out = attention_decode(q[:, None], cache["k"], cache["v"], None, backend=backend)  # no host sync
         return self.wo(out.flatten(1))
 
 

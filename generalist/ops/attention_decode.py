@@ -123,10 +123,11 @@ def _(q, k_cache, v_cache, cache_lens, softmax_scale, num_splits, backend):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
 
 
-def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits) -> int:
-    """Every error a caller can cause, as a ValueError naming the argument; returns num_splits."""
+def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values: bool = True) -> int:
+    """Every error a caller can cause, as a ValueError naming the argument; returns num_splits.
+    `values`: also check the values of cache_lens (a device sync)."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_lens", cache_lens)):
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) and not (name == "cache_lens" and x is None and not values):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     for name, x, layout in (("q", q, "(B, Lq, H, D)"), ("k_cache", k_cache, "(B, S, Hkv, D)"),
                             ("v_cache", v_cache, "(B, S, Hkv, D)")):
@@ -169,7 +170,7 @@ def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits) -> int:
             if x.requires_grad:
                 raise ValueError(f"{name} requires grad, but attention_decode is inference-only (no backward); "
                                  f"call it under torch.no_grad() or use flash_attn_varlen_func to train")
-    if checks._value_checks and not torch.compiler.is_compiling() and b:
+    if values and checks._value_checks and not torch.compiler.is_compiling() and b:
         lo, hi = int(cache_lens.min()), int(cache_lens.max())  # a device sync; set_value_checks(False) skips it
         if lo < 0 or hi > k_cache.shape[1]:
             raise ValueError(f"cache_lens must lie in [0, {k_cache.shape[1]}] (the cache capacity S), "
@@ -177,18 +178,22 @@ def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits) -> int:
     return num_splits
 
 
-def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor | None,
                      softmax_scale: float | None = None, *, num_splits: int = 0, return_lse: bool = False,
                      backend: str = "auto"):
     """Causal attention of the last Lq tokens of each sequence to its KV cache (inference only).
 
     q (B, Lq, H, D); k_cache, v_cache (B, S, Hkv, D) with H % Hkv == 0; cache_lens int32 (B,), the
-    number of valid cache positions of each sequence, the Lq new tokens included. Returns out
+    number of valid cache positions of each sequence, the Lq new tokens included (None: every
+    sequence fills the whole cache, which needs no check of the values). Returns out
     (B, Lq, H, D) in q's dtype, and lse (B, H, Lq) fp32 too when `return_lse`. See the module
     docstring for the mask and the backends.
     """
     DECODE_BACKENDS.check_name(backend)
-    num_splits = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits)
+    full = cache_lens is None
+    if full and isinstance(k_cache, torch.Tensor) and isinstance(q, torch.Tensor) and k_cache.dim() == 4:
+        cache_lens = torch.full((k_cache.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
+    num_splits = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values=not full)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
     out, lse = attention_decode_op(q, k_cache, v_cache, cache_lens, scale, num_splits, backend)
     return (out, lse) if return_lse else out

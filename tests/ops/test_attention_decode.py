@@ -233,6 +233,19 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(name, match):
         attention_decode(*args, **kw)
 
 
+def test_no_lengths_means_the_whole_cache_without_a_value_check(gen, monkeypatch):
+    """cache_lens=None: every sequence fills its cache (the generate path), and the values are
+    never read back to the host."""
+    q, k, v, _ = _problem([6, 6, 6], 2, 4, 2, 16, gen, capacity=6)
+    full = torch.full((3,), 6, dtype=torch.int32)
+    want = attention_decode(q, k, v, full, backend="reference")
+    called = []
+    monkeypatch.setattr(torch.Tensor, "min", lambda *a, **kw: called.append(1) or torch.tensor(0))
+    got = attention_decode(q, k, v, None, backend="reference")
+    assert not called
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_no_backward():
     args, _ = _bad("grad")
     with torch.no_grad():  # fine without grad mode
