@@ -83,3 +83,50 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, lens_q, lens_k, scale: floa
     out = torch.cat(outs) if outs else q.new_zeros(q.shape, dtype=dtype)
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros((h, 0), dtype=dtype)
     return out, lse
+
+
+# ---- checks shared by the backend test files -------------------------------------------------
+
+# atol of the tolerance rule: error(kernel vs float64) <= 2 x error(PyTorch at the dtype) + atol
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def run_varlen(case: VarlenCase, causal: bool, backend: str, **kw):
+    """flash_attn_varlen_func on a random_varlen case."""
+    from generalist.ops import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
+                                  max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
+                                  backend=backend, **kw)
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_forward(case: VarlenCase, causal: bool, dtype: torch.dtype, seed: int, backend: str) -> None:
+    """Asserts out and lse of `backend` against float64 (the tolerance rule above; lse to 1e-4,
+    -inf exactly where a row sees no key)."""
+    out, lse = run_varlen(case, causal, backend, return_lse=True)
+    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
+    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
+    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (case.q.shape[1], case.q.shape[0])
+    assert torch.isfinite(out).all()
+    err, baseline = max_err(out, want), max_err(same_dtype, want)
+    assert err <= 2 * baseline + ATOL[dtype], f"out: error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"lse finiteness (seed {seed})"
+    assert torch.isneginf(lse[~finite]).all()
+    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4,
+                               msg=lambda m: f"lse: {m} (seed {seed})")
+
+
+def attention_grads(case: VarlenCase, dout: Tensor, dlse: Tensor, fn) -> tuple[Tensor, ...]:
+    """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) over the rows with a finite lse, where
+    fn() -> (out, lse)."""
+    out, lse = fn()
+    finite = torch.isfinite(lse.detach())
+    loss = (out * dout.to(out.dtype)).sum().double() + (lse[finite] * dlse[finite].to(lse.dtype)).sum().double()
+    return torch.autograd.grad(loss, (case.q, case.k, case.v))

@@ -13,9 +13,11 @@ import torch
 from generalist import _ext
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 from generalist.ops import attention_cuda
-from generalist.testing import naive_attention, random_varlen
+from generalist.testing import (ATOL, attention_grads, check_forward, max_err, naive_attention,
+                                random_varlen, run_varlen)
 
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+BACKEND = "cuda"
+
 
 # (lens_q, lens_k, H, Hkv, causal, prefix); lengths around the 64-token tiles, empty sequences
 CASES = [
@@ -42,39 +44,12 @@ def _args(case, causal):
             case.q.shape[-1] ** -0.5, causal, case.prefix_lens)
 
 
-def _run(case, causal, backend="cuda", **kw):
-    return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
-                                  max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
-                                  backend=backend, **kw)
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def _check_forward(case, causal, dtype, seed):
-    out, lse = _run(case, causal, return_lse=True)
-    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
-    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
-    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert lse.dtype == torch.float32 and lse.shape == (case.q.shape[1], case.q.shape[0])
-    assert torch.isfinite(out).all()
-    err, baseline = _max_err(out, want), _max_err(same_dtype, want)
-    assert err <= 2 * baseline + ATOL[dtype], f"out: error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
-    finite = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse), finite), f"lse finiteness (seed {seed})"
-    assert torch.isneginf(lse[~finite]).all()
-    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4,
-                               msg=lambda m: f"lse: {m} (seed {seed})")
 
 
-def _grads(case, dout, dlse, fn):
-    """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) over the rows with a finite lse."""
-    out, lse = fn()
-    finite = torch.isfinite(lse.detach())
-    loss = (out * dout.to(out.dtype)).sum().double() + (lse[finite] * dlse[finite].to(lse.dtype)).sum().double()
-    return torch.autograd.grad(loss, (case.q, case.k, case.v))
 
 
 def _naive(case, causal, dtype=torch.float64):
@@ -99,12 +74,12 @@ def test_backend_absent_or_refusing_without_cuda_and_op_still_works(gen):
     if not attention_cuda.available():
         assert "cuda" not in ATTENTION_BACKENDS.available()
         with pytest.raises(BackendError, match="backend 'cuda' is not available"):
-            _run(case, True, backend="cuda")
+            run_varlen(case, True, "cuda")
     else:  # a CUDA build: CPU tensors are refused with a reason
         with pytest.raises(BackendError, match="backend 'cuda' cannot serve these inputs: runs on CUDA tensors only"):
-            _run(case, True, backend="cuda")
+            run_varlen(case, True, "cuda")
     assert ATTENTION_BACKENDS.resolve("auto", *_args(case, True)).name != "cuda"
-    out = _run(case, True, backend="auto")
+    out = run_varlen(case, True, "auto")
     want, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True,
                               prefix_lens=case.prefix_lens)
     assert (out.double() - want).abs().max().item() <= 2e-2
@@ -124,15 +99,15 @@ def test_forward_and_backward_against_float64(gen, lens_q, lens_k, h, hkv, causa
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype, requires_grad=True)
     assert attention_cuda.unsupported(*_args(case, causal)) is None  # "cuda" serves it (named, below)
     seed = gen.initial_seed()
-    _check_forward(case, causal, dtype, seed)
+    check_forward(case, causal, dtype, seed, BACKEND)
     dout = torch.randn(case.q.shape, generator=gen).to("cuda", dtype)
     dlse = torch.randn(h, sum(lens_q), generator=gen).cuda()
-    got = _grads(case, dout, dlse, lambda: _run(case, causal, return_lse=True))
-    want = _grads(case, dout, dlse, _naive(case, causal))
-    same = _grads(case, dout, dlse, _naive(case, causal, dtype))
+    got = attention_grads(case, dout, dlse, lambda: run_varlen(case, causal, BACKEND, return_lse=True))
+    want = attention_grads(case, dout, dlse, _naive(case, causal))
+    same = attention_grads(case, dout, dlse, _naive(case, causal, dtype))
     for name, g, w, s in zip("qkv", got, want, same):
         assert g.dtype == dtype and g.shape == w.shape and torch.isfinite(g).all(), f"d{name} (seed {seed})"
-        err, baseline = _max_err(g, w), _max_err(s, w)
+        err, baseline = max_err(g, w), max_err(s, w)
         assert err <= 2 * baseline + ATOL[dtype], f"d{name}: {err} vs same-dtype PyTorch {baseline} (seed {seed})"
 
 
@@ -141,7 +116,7 @@ def test_forward_and_backward_against_float64(gen, lens_q, lens_k, h, hkv, causa
 def test_rows_without_keys_are_zero_with_lse_minus_inf(gen, d):
     _needs_cuda_backend()
     case = _case([70], [2], 2, 1, d, None, gen, torch.bfloat16, requires_grad=True)
-    out, lse = _run(case, causal=True, return_lse=True)
+    out, lse = run_varlen(case, True, BACKEND, return_lse=True)
     assert torch.equal(out[:68], torch.zeros_like(out[:68]))  # query i sees keys j <= i - 68
     assert torch.isneginf(lse[:, :68]).all() and torch.isfinite(lse[:, 68:]).all()
     (out.float().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
@@ -279,12 +254,12 @@ def test_unsupported_inputs_fall_back_under_auto(gen, monkeypatch, dtype, d, rea
     monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")  # correctness, not speed
     case = _case([9, 70], [11, 70], 4, 2, d, None, gen, dtype)
     with pytest.raises(BackendError, match=f"backend 'cuda' cannot serve these inputs: {reason}"):
-        _run(case, True, backend="cuda")
+        run_varlen(case, True, "cuda")
     picked = ATTENTION_BACKENDS.resolve("auto", *_args(case, True)).name
     assert picked != "cuda"
     if "triton" in ATTENTION_BACKENDS.available():
         assert picked == "triton"
-    out = _run(case, True, backend="auto")
+    out = run_varlen(case, True, "auto")
     want, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True)
     same, _ = naive_attention(case.q, case.k, case.v, case.lens_q, case.lens_k, causal=True, dtype=dtype)
-    assert _max_err(out, want) <= 2 * _max_err(same, want) + ATOL.get(dtype, 1e-5)
+    assert max_err(out, want) <= 2 * max_err(same, want) + ATOL.get(dtype, 1e-5)

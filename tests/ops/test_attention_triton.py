@@ -20,10 +20,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from generalist.ops import attention_triton  # noqa: E402,F401  (registers "triton")
-from generalist.testing import naive_attention, random_varlen  # noqa: E402
+from generalist.testing import (ATOL, attention_grads, check_forward, max_err, naive_attention,  # noqa: E402
+                                random_varlen, run_varlen)
+
+BACKEND = "triton"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 # (lens_q, lens_k, H, Hkv, D, causal, prefix)
 CASES = [
@@ -62,42 +64,16 @@ def _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=torch.float32, device=DE
     return case
 
 
-def _run(case, causal, backend="triton", **kw):
-    return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
-                                  max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
-                                  backend=backend, **kw)
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def _check_forward(case, causal, dtype, seed):
-    out, lse = _run(case, causal, return_lse=True)
-    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
-    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
-    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert lse.dtype == torch.float32 and lse.shape == (case.q.shape[1], case.q.shape[0])
-    assert torch.isfinite(out).all()
-    err, baseline = _max_err(out, want), _max_err(same_dtype, want)
-    assert err <= 2 * baseline + ATOL[dtype], f"error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
-    finite = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert torch.isneginf(lse[~finite]).all()
-    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4)
 
 
-def _grads(case, causal, dout, dlse, fn):
-    """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) over the rows with a finite lse."""
-    out, lse = fn()
-    finite = torch.isfinite(lse.detach())
-    loss = (out * dout.to(out.dtype)).sum().double() + (lse[finite] * dlse[finite].to(lse.dtype)).sum().double()
-    return torch.autograd.grad(loss, (case.q, case.k, case.v))
 
 
 def _float64_grads(case, causal, dout, dlse):
-    return _grads(case, causal, dout, dlse, lambda: naive_attention(
+    return attention_grads(case, dout, dlse, lambda: naive_attention(
         case.q, case.k, case.v, case.lens_q, case.lens_k, causal=causal, prefix_lens=case.prefix_lens))
 
 
@@ -105,7 +81,7 @@ def _float64_grads(case, causal, dout, dlse):
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", CASES)
 def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype):
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=dtype)
-    _check_forward(case, causal, dtype, gen.initial_seed())
+    check_forward(case, causal, dtype, gen.initial_seed(), BACKEND)
 
 
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", GRAD_CASES)
@@ -113,7 +89,7 @@ def test_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix)
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, requires_grad=True)
     dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
     dlse = torch.randn(h, sum(lens_q), generator=gen).to(DEVICE)
-    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    got = attention_grads(case, dout, dlse, lambda: run_varlen(case, causal, BACKEND, return_lse=True))
     want = _float64_grads(case, causal, dout, dlse)
     for name, g, w in zip("qkv", got, want):
         torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=1e-4,
@@ -125,19 +101,19 @@ def test_fp16_gradients_within_twice_pytorch_error(gen, lens_q, lens_k, h, hkv, 
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=torch.float16, requires_grad=True)
     dout = torch.randn(case.q.shape, generator=gen).to(DEVICE, torch.float16)
     dlse = torch.randn(h, sum(lens_q), generator=gen).to(DEVICE)
-    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    got = attention_grads(case, dout, dlse, lambda: run_varlen(case, causal, BACKEND, return_lse=True))
     want = _float64_grads(case, causal, dout, dlse)
-    same = _grads(case, causal, dout, dlse, lambda: naive_attention(
+    same = attention_grads(case, dout, dlse, lambda: naive_attention(
         case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens, dtype=torch.float16))
     for name, g, w, s in zip("qkv", got, want, same):
         assert g.dtype == torch.float16 and torch.isfinite(g).all()
-        err, baseline = _max_err(g, w), _max_err(s, w)
+        err, baseline = max_err(g, w), max_err(s, w)
         assert err <= 2 * baseline + ATOL[torch.float16], f"d{name}: {err} vs {baseline} (seed {gen.initial_seed()})"
 
 
 def test_rows_without_keys_are_zero_with_lse_minus_inf(gen):
     case = _case([6], [2], 2, 2, 8, None, gen, requires_grad=True)
-    out, lse = _run(case, causal=True, return_lse=True)
+    out, lse = run_varlen(case, True, BACKEND, return_lse=True)
     assert torch.equal(out[:4], torch.zeros_like(out[:4]))  # query i sees keys j <= i - 4
     assert torch.isneginf(lse[:, :4]).all() and torch.isfinite(lse[:, 4:]).all()
     out.sum().backward()
@@ -151,7 +127,7 @@ def test_deterministic(gen):
     dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
     runs = []
     for _ in range(2):
-        out, lse = _run(case, True, return_lse=True)
+        out, lse = run_varlen(case, True, BACKEND, return_lse=True)
         runs.append((out, lse, *torch.autograd.grad((out * dout).sum(), (case.q, case.k, case.v))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -204,18 +180,18 @@ def test_torch_compile_fullgraph(gen):
 def test_errors_name_the_reason(gen, monkeypatch):
     case = _case([4], [4], 2, 2, 8, None, gen, dtype=torch.float64)
     with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: dtype torch.float64"):
-        _run(case, False)
+        run_varlen(case, False, BACKEND)
     cpu = random_varlen([4], [4], 2, 2, 8, generator=gen)
     monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)
     with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: CPU tensors"):
-        _run(cpu, False)
+        run_varlen(cpu, False, BACKEND)
     args = _op_args(cpu, False)[:-1]
     assert ATTENTION_BACKENDS.resolve("auto", *args).name != "triton"  # "auto" never picks the interpreter
     bf16 = random_varlen([4], [4], 2, 2, 8, dtype=torch.bfloat16, generator=gen)
     monkeypatch.setenv("GENERALIST_TRITON_ON_CPU", "1")
     if attention_triton.kernels.interpreting():
         with pytest.raises(BackendError, match="bfloat16"):
-            _run(bf16, False)
+            run_varlen(bf16, False, BACKEND)
 
 
 @pytest.mark.slow
@@ -223,11 +199,11 @@ def test_errors_name_the_reason(gen, monkeypatch):
 def test_long_sequence(gen, dtype):
     lens_q = lens_k = [1025, 3]
     case = _case(lens_q, lens_k, 2, 1, 32, None, gen, dtype=dtype, requires_grad=True)
-    _check_forward(case, True, dtype, gen.initial_seed())
+    check_forward(case, True, dtype, gen.initial_seed(), BACKEND)
     if dtype == torch.float32:
         dout = torch.randn(case.q.shape, generator=gen).to(DEVICE)
         dlse = torch.randn(2, sum(lens_q), generator=gen).to(DEVICE)
-        got = _grads(case, True, dout, dlse, lambda: _run(case, True, return_lse=True))
+        got = attention_grads(case, dout, dlse, lambda: run_varlen(case, True, BACKEND, return_lse=True))
         want = _float64_grads(case, True, dout, dlse)
         for name, g, w in zip("qkv", got, want):
             torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
@@ -290,15 +266,15 @@ def test_cuda_against_float64(gen, monkeypatch, dtype, d, causal, prefix):
     monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")  # each table's first config: correctness, not speed
     lens_q, lens_k = [1, 97, 0, 1025, 300], [5, 97, 3, 1025, 256]
     case = _case(lens_q, lens_k, 8, 2, d, prefix, gen, dtype=dtype, device="cuda", requires_grad=True)
-    _check_forward(case, causal, dtype, gen.initial_seed())
+    check_forward(case, causal, dtype, gen.initial_seed(), BACKEND)
     dout = torch.randn(case.q.shape, generator=gen).to("cuda", dtype)
     dlse = torch.randn(8, sum(lens_q), generator=gen).cuda()
-    got = _grads(case, causal, dout, dlse, lambda: _run(case, causal, return_lse=True))
+    got = attention_grads(case, dout, dlse, lambda: run_varlen(case, causal, BACKEND, return_lse=True))
     want = _float64_grads(case, causal, dout, dlse)
-    same = _grads(case, causal, dout, dlse, lambda: naive_attention(
+    same = attention_grads(case, dout, dlse, lambda: naive_attention(
         case.q, case.k, case.v, lens_q, lens_k, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype))
     for name, g, w, s in zip("qkv", got, want, same):
-        err, baseline = _max_err(g, w), _max_err(s, w)
+        err, baseline = max_err(g, w), max_err(s, w)
         assert err <= 2 * baseline + ATOL[dtype], f"d{name}: {err} vs {baseline} (seed {gen.initial_seed()})"
 
 
@@ -317,8 +293,8 @@ def test_cuda_every_config(gen, monkeypatch, kernel):
     for config in K.configs_for(kernel, 2, 128, arch):
         monkeypatch.setitem(K._CONFIGS_16BIT[arch], (kernel, 128), [config])
         K._autotuned.cache_clear()
-        _check_forward(case, True, torch.bfloat16, gen.initial_seed())
-        got = _grads(case, True, dout, dlse, lambda: _run(case, True, return_lse=True))
+        check_forward(case, True, torch.bfloat16, gen.initial_seed(), BACKEND)
+        got = attention_grads(case, dout, dlse, lambda: run_varlen(case, True, BACKEND, return_lse=True))
         want = _float64_grads(case, True, dout, dlse)
         for name, g, w in zip("qkv", got, want):
             assert (g.double() - w).norm() / w.norm() < 2e-2, f"d{name} with {kernel} config {config}"
