@@ -81,10 +81,13 @@ class GeneralistModel(nn.Module):
         return StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
 
     def embed_inputs(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo]:
-        """Embeds every segment and packs all examples into one encoder stream (S, M)."""
-        if not batch:
-            raise ValueError("empty batch")
+        """Embeds every segment and packs all examples into one encoder stream (S, M). An empty
+        batch gives an empty stream (S = 0)."""
         device = self.boundary.device
+        if not batch:
+            none = torch.zeros(0, dtype=torch.long, device=device)
+            return (self.boundary.new_zeros((0, self.cfg.d_model)),
+                    self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none))
         pieces, mods, tasks = [], [], []
         for b, ex in enumerate(batch):
             if not ex.segments:
@@ -118,7 +121,8 @@ class GeneralistModel(nn.Module):
 
     def decode(self, ids_T: Tensor, dec: StreamInfo, h_SM: Tensor, enc: StreamInfo):
         """Full (teacher-forced) decoder pass: logits (T, V)."""
-        x_TM = self.embedders["text"](ids_T)[0]
+        text = self.embedders["text"]
+        x_TM = text(ids_T)[0] if ids_T.numel() else text.embed(ids_T)  # the embedder refuses empty text
         stats = []
         for block in self.decoder:
             x_TM, st = block(x_TM, dec, block.cross.memory(h_SM), enc)
@@ -126,24 +130,31 @@ class GeneralistModel(nn.Module):
         return self.dec_norm(x_TM) @ self.embedders["text"].weight.t(), stats
 
     def _decoder_stream(self, seqs: list[Tensor], task_ids: list[int]) -> tuple[Tensor, StreamInfo]:
-        ids_T, cu, max_len = pack([[s] for s in seqs])
         device = self.boundary.device
+        if not seqs:
+            none = torch.zeros(0, dtype=torch.long, device=device)
+            return none, self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none)
+        ids_T, cu, max_len = pack([[s] for s in seqs])
         tasks = torch.cat([torch.full((len(s),), t, dtype=torch.long) for s, t in zip(seqs, task_ids)])
         return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
                                               torch.zeros_like(tasks).to(device))
 
     # ---- training --------------------------------------------------------------------------
     def forward(self, batch: list[EncodedExample]) -> ModelOutput:
+        """Losses over `batch`. An empty batch runs every layer on zero tokens and gives zero
+        losses that still depend on every block (so a process with nothing to do takes part in
+        the exchanges of expert parallelism, forward and backward, like the others)."""
         h_SM, enc, enc_stats = self.encode(batch)
         bos, eos = self.cfg.bos_id, self.cfg.eos_id
         ins = [torch.cat([torch.tensor([bos]), ex.target_ids.long()]) for ex in batch]
-        labels = torch.cat([torch.cat([ex.target_ids.long(), torch.tensor([eos])]) for ex in batch])
+        labels = torch.cat([torch.cat([ex.target_ids.long(), torch.tensor([eos])]) for ex in batch]
+                           or [torch.zeros(0, dtype=torch.long)])
         ids_T, dec = self._decoder_stream(ins, [ex.task_id for ex in batch])
         logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
         labels = labels.to(logits_TV.device)
         # each example counts once, whatever its target's length: a caption's dozen tokens must
         # not outweigh a class name's two (the mean of per-example token means)
-        lens = torch.tensor([len(ex.target_ids) + 1 for ex in batch], device=logits_TV.device)
+        lens = torch.tensor([len(ex.target_ids) + 1 for ex in batch], dtype=torch.long, device=logits_TV.device)
         weight_T = torch.repeat_interleave(1.0 / (lens * len(batch)), lens)
         lm_loss = (F.cross_entropy(logits_TV.float(), labels, reduction="none") * weight_T).sum()
         stats = enc_stats + dec_stats
@@ -151,7 +162,8 @@ class GeneralistModel(nn.Module):
         return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats, h_SM.shape[0])
 
     def embed(self, batch: list[EncodedExample]) -> Tensor:
-        """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected."""
+        """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected.
+        An empty batch gives (0, E), after running the encoder on zero tokens."""
         h_SM, enc, _ = self.encode(batch)
         seq_S = torch.repeat_interleave(torch.arange(len(batch), device=h_SM.device),
                                         (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1]).long())
@@ -167,14 +179,24 @@ class GeneralistModel(nn.Module):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def save(self, directory: str | Path, tokenizer: TextTokenizer | None = None) -> None:
-        """config.json + model.safetensors (+ tokenizer.json): no pickled code anywhere."""
-        from safetensors.torch import save_model
+    def save(self, directory: str | Path, tokenizer: TextTokenizer | None = None,
+             state_dict: dict[str, Tensor] | None = None) -> None:
+        """config.json + model.safetensors (+ tokenizer.json): no pickled code anywhere.
+        state_dict: full weights to write in place of this module's own (an expert-parallel
+        rank holds only some experts; the checkpoint is always the single-device model)."""
+        from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        save_model(self, str(directory / "model.safetensors"))
+        if state_dict is None:
+            save_model(self, str(directory / "model.safetensors"))
+        else:
+            mine = self.state_dict()
+            if state_dict.keys() != mine.keys():
+                raise ValueError(f"state_dict keys differ from the model's: {sorted(set(state_dict) ^ set(mine))[:5]}")
+            save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(directory / "model.safetensors"),
+                      metadata={"format": "pt"})
         if tokenizer is not None:
             if tokenizer.vocab_size != self.cfg.vocab_size:
                 raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model {self.cfg.vocab_size}")

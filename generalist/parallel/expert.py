@@ -29,11 +29,17 @@ replicated gradients, the expert gradients are W times too large; `sync_expert_p
 average=True)` divides them by W. A data-parallel wrapper over the same ranks must skip the
 expert parameters (`expert_parameter_names`), which differ between ranks.
 
+`apply_global_router_losses(model, group)` is the same minus the sharding, for plain data
+parallelism: every expert stays on every rank and only the router losses become global.
+
 Contract: every rank calls every converted layer the same number of times (an empty local batch
-is fine) and backpropagates through the same graph; otherwise the collectives hang. Eager mode
+is fine) and backpropagates through the same graph; otherwise the collectives hang. Give the
+layers a process group of their own when a data-parallel wrapper (DDP) reduces gradients on
+another during backward. Eager mode
 only (the split sizes come to the host). Convert before building the optimizer: the expert
 parameters are replaced. Checkpoints go through `gather_expert_state` (full single-device state
-dict on one rank) and `scatter_expert_state` (full state dict from one rank into the shards).
+dict on one rank) and `scatter_expert_state` (full state dict from one rank into the shards);
+optimizer state through `gather_expert_optimizer_state` and `shard_expert_optimizer_state`.
 Expert parallelism over a sub-group of a larger data-parallel world (2-D meshes) would also need
 the expert gradients all-reduced across the copies of each shard; that is not handled here.
 
@@ -86,7 +92,33 @@ class _AllReduceSum(torch.autograd.Function):
         return dx, None
 
 
-class ExpertParallelMoE(MoE):
+class GlobalRouterLossMoE(MoE):
+    """An `MoE` whose router losses (load balance, z-loss) cover the tokens of every rank of
+    `stats_group`: the per-expert token fractions, probability sums and token counts are
+    all-reduced, so they equal the single-device losses on the concatenation of every rank's
+    tokens. Made by `apply_global_router_losses` (plain data parallelism) or
+    `apply_expert_parallel`; the experts and the output are those of `MoE`."""
+
+    stats_group: dist.ProcessGroup
+
+    def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
+        t, (e, k) = logits_TE.shape[0], (self.config.n_routed, self.config.top_k)
+        # One all-reduce of [router choices per expert, tokens, probability sums, sum of lse^2] in
+        # float64 (counts stay exact); the gradient flows back through the sums only.
+        counts = torch.cat([routed_E, routed_E.new_full((1,), t)]).to(torch.float64)
+        sums = torch.cat([probs_TE.sum(dim=0), torch.logsumexp(logits_TE, dim=-1).square().sum().reshape(1)])
+        both = _AllReduceSum.apply(torch.cat([counts, sums.to(torch.float64)]), self.stats_group)
+        counts, sums = both[:e + 1].detach(), both[e + 1:].to(probs_TE.dtype)
+        t_all = int(counts[e])
+        if not t_all:  # no tokens anywhere: zero, still connected to the router (as single-device)
+            balance = z = logits_TE.sum()
+            return balance, z
+        f_E = counts[:e].to(probs_TE.dtype) / (t_all * k)
+        balance = e * (f_E * (sums[:e] / t_all)).sum()
+        return balance, sums[e] / t_all
+
+
+class ExpertParallelMoE(GlobalRouterLossMoE):
     """An `MoE` whose routed experts are sharded over `ep_group`; made by `apply_expert_parallel`
     (which swaps the class of an existing layer, as FSDP2's `fully_shard` does). w1_EDF, w3_EDF
     and w2_EFD hold only the L local experts; everything else is unchanged."""
@@ -120,28 +152,28 @@ class ExpertParallelMoE(MoE):
         y_RD = super().routed_experts(x_RD.index_select(0, order_R), recv_WL.sum(0).to(torch.int32))
         return _AllToAll.apply(y_RD.index_select(0, inverse_R), send_W, recv_W, self.ep_group)
 
-    def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
-        """The single-device losses over the global batch: f, P and the z-loss mean all use the
-        token count and sums of every rank."""
-        t, (e, k) = logits_TE.shape[0], (self.config.n_routed, self.config.top_k)
-        counts = torch.cat([routed_E.to(torch.int64), routed_E.new_full((1,), t, dtype=torch.int64)])
-        dist.all_reduce(counts, group=self.ep_group)
-        sums = torch.cat([probs_TE.sum(dim=0), torch.logsumexp(logits_TE, dim=-1).square().sum().reshape(1)])
-        sums = _AllReduceSum.apply(sums, self.ep_group)
-        t_all = int(counts[e])
-        if not t_all:  # no tokens anywhere: zero, still connected to the router (as single-device)
-            balance = z = logits_TE.sum()
-            return balance, z
-        f_E = counts[:e].to(probs_TE.dtype) / (t_all * k)
-        balance = e * (f_E * (sums[:e] / t_all)).sum()
-        return balance, sums[e] / t_all
-
 
 def _resolve_group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert parallelism needs torch.distributed initialised first "
                            "(torchrun + torch.distributed.init_process_group)")
     return dist.group.WORLD if group is None else group
+
+
+def apply_global_router_losses(module: nn.Module, group=None) -> nn.Module:
+    """Make the router losses of every `MoE` with routed experts in `module` (itself included)
+    global over `group` (default: the world), in place; returns `module`. For plain data
+    parallelism: every rank must then call every layer as often as the others (an empty batch
+    is fine), since each call all-reduces."""
+    group = _resolve_group(group)
+    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    if not layers:
+        raise ValueError(f"apply_global_router_losses found no MoE layer in {type(module).__name__}")
+    for m in layers:
+        if m.config.n_routed and not isinstance(m, GlobalRouterLossMoE):
+            m.__class__ = GlobalRouterLossMoE
+            m.stats_group = group
+    return module
 
 
 def apply_expert_parallel(module: nn.Module, group=None) -> nn.Module:
@@ -158,8 +190,8 @@ def apply_expert_parallel(module: nn.Module, group=None) -> nn.Module:
         raise ValueError(f"apply_expert_parallel found no MoE layer in {type(module).__name__}")
     for name, m in layers:
         label = repr(name) if name else "(the module itself)"
-        if isinstance(m, ExpertParallelMoE):
-            raise ValueError(f"MoE layer {label} is already expert-parallel")
+        if isinstance(m, GlobalRouterLossMoE):
+            raise ValueError(f"MoE layer {label} is already expert-parallel or has global router losses")
         e = m.config.n_routed
         if e % w:
             raise ValueError(f"expert parallelism over {w} ranks needs n_routed divisible by {w}, but MoE "
@@ -173,7 +205,7 @@ def apply_expert_parallel(module: nn.Module, group=None) -> nn.Module:
             full = getattr(m, pname)
             setattr(m, pname, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         m.__class__ = ExpertParallelMoE
-        m.ep_group, m.ep_rank, m.ep_size = group, rank, w
+        m.ep_group, m.ep_rank, m.ep_size, m.stats_group = group, rank, w, group
     return module
 
 
@@ -286,3 +318,72 @@ def scatter_expert_state(module: nn.Module, state_dict: dict[str, Tensor] | None
                 buf.copy_(state_dict[key])
             dist.broadcast(buf, src=src_global, group=group)
         t.copy_(buf)
+
+
+def _expert_params(module: nn.Module) -> dict[int, ExpertParallelMoE]:
+    """id of each sharded expert stack -> its layer."""
+    return {id(getattr(m, n)): m for _, m in _expert_layers(module) for n in EXPERT_PARAMS}
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The parameters in the order of the integer keys of optimizer.state_dict()."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_expert_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, group=None,
+                                  dst: int = 0) -> dict | None:
+    """The optimizer state dict a single-device run would hold, on group rank `dst` (None on the
+    others): per-parameter state tensors of an expert stack that have its shape (AdamW's
+    exp_avg, exp_avg_sq) are gathered along dim 0 in expert order; scalars (step) and the
+    replicated parameters' state are this rank's. The optimizer's own state is not modified.
+    Collective: every rank of `group` must call it."""
+    group = _resolve_group(group)
+    rank, w = dist.get_rank(group), dist.get_world_size(group)
+    state = optimizer.state_dict()
+    experts = _expert_params(module)
+    entries = [(i, key) for i, p in enumerate(_optimizer_params(optimizer)) if id(p) in experts and i in state["state"]
+               for key, v in sorted(state["state"][i].items()) if isinstance(v, Tensor) and v.shape == p.shape]
+    everyone = [None] * w
+    dist.all_gather_object(everyone, entries, group=group)
+    if any(e != entries for e in everyone):
+        raise RuntimeError("gather_expert_optimizer_state: the ranks hold optimizer state for different expert "
+                           "parameters; every rank must step the same parameters")
+    state["state"] = {i: dict(s) for i, s in state["state"].items()}  # never replace the live tensors
+    for i, key in entries:
+        local = state["state"][i][key].contiguous()
+        parts = [torch.empty_like(local) for _ in range(w)] if rank == dst else None
+        dist.gather(local, parts, dst=dist.get_global_rank(group, dst), group=group)
+        if rank == dst:
+            state["state"][i][key] = torch.cat(parts)
+    return state if rank == dst else None
+
+
+def shard_expert_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict) -> dict:
+    """This rank's optimizer state dict from a single-device one (as saved by
+    `gather_expert_optimizer_state` or by a single-device run): state tensors of an expert stack
+    shaped like the full stack are sliced to the local experts. No communication: every rank
+    reads the same saved state. A tensor whose shape fits neither the full nor the local stack
+    raises ValueError naming it."""
+    experts = _expert_params(module)
+    params = _optimizer_params(optimizer)
+    out = {**full_state, "state": {}}
+    for i, st in full_state["state"].items():
+        i = int(i)
+        if i >= len(params):
+            raise ValueError(f"optimizer state has an entry for parameter {i}, but the optimizer has {len(params)}")
+        p, layer = params[i], experts.get(id(params[i]))
+        if layer is None:
+            out["state"][i] = st
+            continue
+        full = (p.shape[0] * layer.ep_size, *p.shape[1:])
+        lo = layer.ep_rank * layer.n_local
+        sliced = {}
+        for key, v in st.items():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                if tuple(v.shape) != full:
+                    raise ValueError(f"optimizer state {key!r} of parameter {i} has shape {tuple(v.shape)}; the full "
+                                     f"expert stack it belongs to has shape {full}")
+                v = v[lo:lo + layer.n_local].clone()
+            sliced[key] = v
+        out["state"][i] = sliced
+    return out

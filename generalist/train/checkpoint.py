@@ -45,15 +45,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, meta: dict) -> Path:
-    """meta (tasks in id order, training config) goes to meta.json; state to state.json."""
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, state: dict, meta: dict,
+                    model_state: dict | None = None) -> Path:
+    """meta (tasks in id order, training config) goes to meta.json; state to state.json.
+    model_state: the weights to write instead of model's own (the full single-device state
+    gathered from expert-parallel ranks)."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT
     tmp = run_dir / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, tokenizer=tokenizer)
+    model.save(tmp, tokenizer=tokenizer, state_dict=model_state)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -79,6 +82,9 @@ def find_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
 
 
-def load_training_state(ckpt: Path, optimizer) -> dict:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
+    """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
+    expert-parallel rank keeps its slice) and returns state.json."""
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(shard(saved) if shard is not None else saved)
     return json.loads((ckpt / "state.json").read_text())

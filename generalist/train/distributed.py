@@ -21,8 +21,18 @@ code unchanged.
   its examples / G_global, times N to undo DDP's division by N; the contrastive loss (in-batch
   negatives) is computed on every rank over the all-gathered embeddings of the whole batch, with
   gradient through the rank's own rows (times N) and through the shared logit scale (once).
-  The MoE aux losses (load balance, z-loss) are the one exception: each rank's router statistics
-  cover its own slice, and DDP averages them over ranks (Megatron's micro-batch-level balancing).
+  The MoE aux losses (load balance, z-loss) are global too: `parallelize_moe` makes every MoE
+  layer all-reduce its router statistics, so each rank holds the single-process aux loss and
+  back-propagates it once (DDP's average of the router gradients is then the full gradient).
+  Since every layer call is a collective, every rank calls the model as often as the others:
+  on an empty slice (the model accepts an empty batch) and, for the contrastive pass, with no
+  pairs of its own.
+- Expert parallelism (`expert_parallel=True`): each rank keeps n_routed / N of every layer's
+  routed experts and exchanges tokens with the others (generalist/parallel/expert.py). DDP
+  ignores those weights; their gradients already sum every rank's loss (N x its share), so
+  `clip_grad_norm` divides them by N, then clips with the global norm. Checkpoints gather the
+  expert stacks and their AdamW moments on rank 0 (the single-process format); on resume every
+  rank reads the full checkpoint and keeps its slice.
 - The numbers logged are global: loss, per-task losses, token and routing counts go through one
   float64 all-reduce per micro-batch, so every rank holds (and rank 0 writes) the global values.
 - A collective that fails or times out (a rank died or hung) raises `DistributedError`, one line
@@ -42,6 +52,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from generalist.parallel.expert import (apply_expert_parallel, apply_global_router_losses, expert_parameter_names,
+                                        gather_expert_optimizer_state, gather_expert_state,
+                                        shard_expert_optimizer_state)
 
 DEFAULT_TIMEOUT_S = 600.0
 _PEER_FAILURE = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
@@ -160,6 +174,20 @@ class Distributed:
                 dist.barrier()
 
 
+def parallelize_moe(model: nn.Module, group: Distributed, expert_parallel: bool):
+    """Converts the model's MoE layers for `group` (before the optimizer is built) and returns the
+    process group their collectives use: one of their own, apart from DDP's, whose bucket
+    all-reduces start as gradients become ready during backward, at points that differ from
+    rank to rank (each rank's batch uses different embedders), and would otherwise interleave
+    differently with the layers' exchanges. expert_parallel: each rank keeps n_routed / N of
+    every layer's routed experts; else the experts stay replicated and only the router losses
+    become global."""
+    with group.guard():
+        moe_group = dist.new_group(timeout=timedelta(seconds=group.timeout_s))
+    (apply_expert_parallel if expert_parallel else apply_global_router_losses)(model, moe_group)
+    return moe_group
+
+
 class _MicroBatch(nn.Module):
     """What DDP wraps: every use of a parameter in one micro-batch happens inside this forward
     (DDP finds unused parameters from its outputs, and a parameter used outside it would be
@@ -177,18 +205,21 @@ class _MicroBatch(nn.Module):
         zero = torch.zeros((), device=model.boundary.device)
         lm = aux = closs = zero
         stats = {"ce": None, "tokens": 0, "routing": None}
-        if gen:
+        # Every rank calls the model as often as the others, an empty slice included: each MoE
+        # layer call exchanges router statistics (and, expert-parallel, tokens) with every rank.
+        if n_gen:
             out = model(gen)
             lm = out.lm_loss * (len(gen) / n_gen)  # this rank's share of the global mean over examples
-            aux = out.aux_loss / world
-            with torch.no_grad():
-                ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none")
-                stats["ce"] = torch.stack([p.mean() for p in ce.split([len(ex.target_ids) + 1 for ex in gen])])
+            aux = out.aux_loss / world  # global: the same on every rank
+            if gen:
+                with torch.no_grad():
+                    ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none")
+                    stats["ce"] = torch.stack([p.mean() for p in ce.split([len(ex.target_ids) + 1 for ex in gen])])
             stats["tokens"] = int(out.labels.numel()) + out.n_input_tokens
             stats["routing"] = (torch.stack([s.counts_by_task for s in out.moe_stats]),
                                 torch.stack([s.counts_by_modality for s in out.moe_stats]))
         if sum(con_counts) >= 2:
-            mine = torch.stack([model.embed(con_inputs), model.embed(con_texts)]) if con_inputs else None
+            mine = torch.stack([model.embed(con_inputs), model.embed(con_texts)])
             a_CE, b_CE = self._gather_pairs(mine, con_counts, model.cfg.embed_dim, zero.device)
             closs = model.contrastive_loss(a_CE, b_CE)
             # Every rank computes the same loss, so the gradient of the one parameter it shares
@@ -198,26 +229,26 @@ class _MicroBatch(nn.Module):
         else:
             closs_for_grad = closs
         loss = world * (lm + aux) + self.weight * closs_for_grad
-        if not loss.requires_grad:  # nothing to do on this rank: still take part in the all-reduce
+        if not loss.requires_grad:  # nothing to do on any rank: still take part in the all-reduce
             # (the logit scale then counts as used here, with a zero gradient)
             loss = loss + 0.0 * model.logit_scale
         stats["report"] = (lm + aux + (self.weight * closs if self.group.main else 0.0)).detach()
         stats["contrastive"] = closs.detach()
         return loss, stats
 
-    def _gather_pairs(self, mine_2CE: Tensor | None, counts: list[int], dim: int, device) -> tuple[Tensor, Tensor]:
+    def _gather_pairs(self, mine_2CE: Tensor, counts: list[int], dim: int, device) -> tuple[Tensor, Tensor]:
         """The whole micro-batch's (a, b) embeddings in global order; only this rank's rows carry
         gradient (each rank back-propagates the same loss through its own rows; DDP's average
-        of those, times N, is the full gradient)."""
+        of those, times N, is the full gradient). This rank's rows enter even when there are
+        none, so that the backward pass runs through its (empty) encoder passes too."""
         width = max(counts)
         pad = torch.zeros(2, width, dim, dtype=torch.float32, device=device)
-        if mine_2CE is not None:
-            pad[:, :mine_2CE.shape[1]] = mine_2CE.detach().float()
+        pad[:, :mine_2CE.shape[1]] = mine_2CE.detach().float()
         bufs = [torch.empty_like(pad) for _ in range(self.group.world)]
         with self.group.guard():
             dist.all_gather(bufs, pad)
         parts = [mine_2CE.float() if r == self.group.rank else bufs[r][:, :n]
-                 for r, n in enumerate(counts) if n]
+                 for r, n in enumerate(counts) if n or r == self.group.rank]
         both = torch.cat(parts, dim=1)
         return both[0], both[1]
 
@@ -226,13 +257,61 @@ class DataParallel:
     """The trainer's data-parallel micro-batch: this rank's slice of the global picks, the
     DDP-wrapped forward and backward, and the global statistics."""
 
-    def __init__(self, trainer, group: Distributed):
-        self.trainer, self.group = trainer, group
+    def __init__(self, trainer, group: Distributed, moe_group):
+        """trainer.model must already have gone through `parallelize_moe` (with moe_group)."""
+        self.trainer, self.group, self.moe_group = trainer, group, moe_group
         check_batch(trainer.cfg.batch_size, group.world)
+        self.expert_names = expert_parameter_names(trainer.model)  # empty unless expert-parallel
+        params = dict(trainer.model.named_parameters())
+        self.expert_params = [params[n] for n in sorted(self.expert_names)]
+        self.replicated_params = [p for n, p in params.items() if n not in self.expert_names]
+        micro = _MicroBatch(trainer.model, group, trainer.cfg.contrastive_weight)
+        if self.expert_names:  # each rank's own experts: never averaged with another rank's
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                micro, [f"model.{n}" for n in self.expert_names])
         with group.guard():  # DDP checks the shapes and broadcasts rank 0's weights
-            self.ddp = DistributedDataParallel(_MicroBatch(trainer.model, group, trainer.cfg.contrastive_weight),
-                                               find_unused_parameters=True)
+            self.ddp = DistributedDataParallel(micro, find_unused_parameters=True)
         self.names = trainer.tasks + ["contrastive"]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """After the last micro-batch's backward: finishes the expert gradients and clips every
+        gradient to the global norm, identical on every rank (so they all agree to skip a step
+        with a non-finite one).
+
+        Each rank's loss is N x its share of the global loss (see _MicroBatch), so the routed
+        experts, which receive the gradients of every rank's loss through the token exchange and
+        are not averaged by DDP, hold N x their gradient until divided here."""
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        if not self.expert_params:
+            return float(torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), max_norm))
+        experts = [p.grad for p in self.expert_params if p.grad is not None]
+        for g in experts:
+            g.div_(self.group.world)
+        replicated = [p.grad for p in self.replicated_params if p.grad is not None]
+        device = self.group.device
+        squares = torch.stack([get_total_norm(gs).to(device, torch.float64) ** 2 if gs else
+                               torch.zeros((), dtype=torch.float64, device=device) for gs in (replicated, experts)])
+        with self.group.guard():
+            dist.all_reduce(squares[1:], group=self.moe_group)  # each rank holds different experts
+        total = squares.sum().sqrt()
+        clip_grads_with_norm_(self.trainer.model.parameters(), max_norm, total.to(torch.float32))
+        return float(total)
+
+    def full_state(self) -> tuple[dict | None, dict]:
+        """(model state dict, optimizer state dict) as one process would hold them, on rank 0
+        (expert stacks gathered from every rank); elsewhere (None, {}). Every rank calls it."""
+        tr = self.trainer
+        if not self.expert_names:
+            return None, tr.opt.state_dict()
+        with self.group.guard():
+            model = gather_expert_state(tr.model, self.moe_group)
+            opt = gather_expert_optimizer_state(tr.model, tr.opt, self.moe_group)
+        return model, opt if opt is not None else {}
+
+    def shard_optimizer_state(self, saved: dict) -> dict:
+        """A saved (single-process) optimizer state dict -> this rank's."""
+        return shard_expert_optimizer_state(self.trainer.model, self.trainer.opt, saved) if self.expert_names else saved
 
     def local(self, picks: list, rank: int | None = None) -> list:
         n = len(picks) // self.group.world

@@ -10,8 +10,9 @@ continues exactly where the checkpoint left off: on CPU a killed-and-resumed run
 losses, step for step, as one never interrupted.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (see distributed.py): every
-rank draws the same global batch and takes its slice, DDP averages the gradients, and only
-rank 0 logs, shows progress and writes checkpoints, holding the global numbers.
+rank draws the same global batch and takes its slice, DDP averages the gradients (with
+`expert_parallel`, the routed experts are sharded over the ranks instead), and only rank 0 logs,
+shows progress and writes checkpoints, holding the global numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
                                          set_rng_state)
 from generalist.train.data import TaskData
-from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
+from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch, parallelize_moe
 from generalist.train.mixture import MixtureSampler
 
 
@@ -65,6 +67,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
+    expert_parallel: bool = False  # torchrun only: each rank holds n_routed / N of every MoE layer's
+    # routed experts and tokens travel to them (n_routed must be a multiple of the number of processes)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
@@ -150,6 +154,12 @@ class Trainer:
                           bos_id=self.tokenizer.token_id("<bos>"), eos_id=self.tokenizer.token_id("<eos>"), **cfg.model)
             self.model = GeneralistModel(mcfg).to(self.device)
         self.encoder = ExampleEncoder(self.tokenizer, self.tasks)
+        moe_group = None
+        if self.group is not None:  # before the optimizer: expert parallelism replaces the expert weights
+            moe_group = parallelize_moe(self.model, self.group, cfg.expert_parallel)
+        elif cfg.expert_parallel:
+            warnings.warn("expert_parallel=True has no effect in a single process; launch with torchrun "
+                          "--nproc-per-node N to shard the experts", stacklevel=2)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -162,8 +172,9 @@ class Trainer:
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
+        self.dp = DataParallel(self, self.group, moe_group) if self.group is not None else None
         if ckpt is not None:
-            state = load_training_state(ckpt, self.opt)
+            state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
             self.step, self.skipped = state["step"], state["skipped"]
             self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])
@@ -174,7 +185,6 @@ class Trainer:
             set_rng_state(rng)
             if self.main:
                 self._truncate_log(self.step)
-        self.dp = DataParallel(self, self.group) if self.group is not None else None
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
@@ -246,7 +256,8 @@ class Trainer:
                 per_task.setdefault(k, []).extend(v)
         grad_norm = float("nan")
         if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            grad_norm = (self.dp.clip_grad_norm(cfg.grad_clip) if self.dp is not None else
+                         float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
             finite = math.isfinite(grad_norm)
         if finite:
             self.opt.step()
@@ -277,12 +288,15 @@ class Trainer:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
         state = {"step": self.step, "skipped": self.skipped, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
+        model_state, opt_state = None, None
         if self.group is not None:
             state["rng_ranks"] = self.group.gather_objects(state["rng"])
+            model_state, opt_state = self.dp.full_state()  # expert-parallel: gathered on rank 0
             if not self.main:
                 return None
         meta = {"tasks": self.tasks, "train": asdict(self.cfg)}
-        return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.opt, state, meta)
+        return save_checkpoint(self.run_dir, self.model, self.tokenizer,
+                               opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
 
     def fit(self) -> None:
         try:

@@ -161,3 +161,30 @@ def test_lm_loss_weighs_each_example_once(tokenizer, gen):
         packed = model(batch).lm_loss
         alone = torch.stack([model([ex]).lm_loss for ex in batch])
     torch.testing.assert_close(packed, alone.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_empty_batch_runs_every_block_on_no_tokens(tokenizer):
+    """What a data-parallel rank with nothing to do runs: zero losses, yet a graph through every
+    encoder and decoder block (its backward must meet the other ranks' in every MoE layer)."""
+    model = _model(tokenizer).train()
+    out = model([])
+    assert out.logits.shape == (0, tokenizer.vocab_size) and out.labels.shape == (0,) and out.n_input_tokens == 0
+    assert out.loss.item() == out.lm_loss.item() == out.aux_loss.item() == 0.0
+    assert len(out.moe_stats) == len(model.encoder) + len(model.decoder)
+    assert all(int(s.counts_by_task.sum()) == 0 for s in out.moe_stats)
+    emb = model.embed([])
+    assert emb.shape == (0, model.cfg.embed_dim)
+    (out.loss + emb.sum()).backward()
+    for blocks in (model.encoder, model.decoder):
+        for block in blocks:
+            assert block.moe.w1_EDF.grad is not None and block.moe.router.weight.grad is not None
+            assert not block.moe.w1_EDF.grad.any()
+
+
+def test_save_writes_a_given_state_dict(tokenizer, tmp_path):
+    model, other = _model(tokenizer, seed=0), _model(tokenizer, seed=1)
+    model.save(tmp_path / "ckpt", tokenizer=tokenizer, state_dict=other.state_dict())
+    loaded = GeneralistModel.load(tmp_path / "ckpt")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="state_dict keys differ"):
+        model.save(tmp_path / "bad", state_dict={k: v for k, v in other.state_dict().items() if "decoder" not in k})

@@ -23,9 +23,12 @@ from generalist.models.generalist import GeneralistModel
 from generalist.modules.moe import MoE, MoEConfig
 from generalist.parallel.expert import (
     apply_expert_parallel,
+    apply_global_router_losses,
     expert_parameter_names,
+    gather_expert_optimizer_state,
     gather_expert_state,
     scatter_expert_state,
+    shard_expert_optimizer_state,
     sync_expert_parallel_grads,
 )
 
@@ -78,9 +81,15 @@ def layer_scenario(rank: int, seed: int, kind: str) -> dict:
         except ValueError as e:
             out["divisibility_error"] = str(e)
         out["untouched"] = type(bad[0]) is MoE and bad[0].w1_EDF.shape[0] == 4
-    apply_expert_parallel(moe)
     lo = sum(lens[:rank])
     rows = slice(lo, lo + lens[rank])
+    # Plain data parallelism with global router losses: every expert on every rank.
+    dense = apply_global_router_losses(moe_case(seed, kind)[0])
+    y_dp, stats_dp = dense(x[rows], tasks[rows], mods[rows])
+    ((y_dp * dy[rows]).sum() + stats_dp.aux_loss / WORLD).backward()
+    sync_expert_parallel_grads(dense, average=False)  # no expert shards: an all-reduce sum of all
+    out.update(dp_aux=stats_dp.aux_loss.detach(), dp_grads={n: p.grad.clone() for n, p in dense.named_parameters()})
+    apply_expert_parallel(moe)
     x_r = x[rows].clone().requires_grad_(True)
     y, stats = moe(x_r, tasks[rows], mods[rows])
     ((y * dy[rows]).sum() + stats.aux_loss / WORLD).backward()
@@ -135,6 +144,31 @@ def checkpoint_scenario(rank: int, seed: int, out_dir: Path) -> dict:
     with torch.no_grad():
         out["logits_scattered"] = model(batch).logits
     out["local_w1"] = model.encoder[0].moe.w1_EDF.detach().clone()
+    # The optimizer's state: gathered into the single-process layout, sliced back per rank.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    shared, own = torch.Generator().manual_seed(seed + 2000), torch.Generator().manual_seed(seed + 3000 + rank)
+    experts = expert_parameter_names(model)
+    for name, p in model.named_parameters():  # replicated weights get the same gradient on every rank
+        p.grad = torch.randn(p.shape, generator=own if name in experts else shared)
+    opt.step()
+    live = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+    full_opt = gather_expert_optimizer_state(model, opt)
+    out["opt_is_none"] = full_opt is None
+    out["opt_unchanged"] = all(torch.equal(v, live[i][k]) for i, st in opt.state_dict()["state"].items()
+                               for k, v in st.items())
+    if rank == 0:
+        torch.save(full_opt, out_dir / "full_opt.pt")
+    dist.barrier()
+    full_opt = torch.load(out_dir / "full_opt.pt")  # what every rank reads back from a checkpoint
+    out["full_opt_shapes"] = {i: tuple(st["exp_avg"].shape) for i, st in full_opt["state"].items()}
+    mine = shard_expert_optimizer_state(model, opt, full_opt)
+    out["opt_roundtrip"] = all(torch.equal(v, live[i][k]) for i, st in mine["state"].items() for k, v in st.items())
+    w1 = next(i for i, p in enumerate(opt.param_groups[0]["params"]) if p is model.encoder[0].moe.w1_EDF)
+    full_opt["state"][w1]["exp_avg"] = full_opt["state"][w1]["exp_avg"][:3]
+    try:
+        shard_expert_optimizer_state(model, opt, full_opt)
+    except ValueError as e:
+        out["opt_error"] = str(e)
     bad = None
     if rank == 0:
         bad = dict(source)

@@ -61,6 +61,10 @@ def test_layer_matches_single_process(tmp_path, gen, kind):
                     assert not torch.equal(g["raw"][name], want), name  # the all-reduce was needed
     for r, g in enumerate(ranks):
         assert torch.equal(g["local_w1"], moe.w1_EDF[2 * r:2 * r + 2].detach())
+        # replicated experts, global router losses: the same aux loss and, summed, every gradient
+        torch.testing.assert_close(g["dp_aux"], stats.aux_loss.detach(), **TIGHT)
+        for name, want in ref.items():
+            torch.testing.assert_close(g["dp_grads"][name], want, **TIGHT)
 
     if kind == "random":
         assert "n_routed divisible by 2" in ranks[0]["divisibility_error"]
@@ -95,6 +99,15 @@ def test_checkpoint_gather_and_scatter(tmp_path, gen):
         assert torch.equal(got["local_w1"], source.encoder[0].moe.w1_EDF[2 * r:2 * r + 2].detach())
         assert "encoder.0.moe.w1_EDF has shape (3, 32, 32)" in got["scatter_error"]
         assert "(4, 32, 32)" in got["scatter_error"]
+    # optimizer state: rank 0 gets the single-process layout, the live state is left alone, and
+    # slicing the saved state gives every rank back its own
+    assert ranks[1]["opt_is_none"] and not ranks[0]["opt_is_none"]
+    by_shape = {tuple(p.shape) for p in single.parameters()}
+    assert set(ranks[0]["full_opt_shapes"].values()) == by_shape
+    assert (4, 32, 32) in by_shape and (2, 32, 32) not in by_shape
+    for got in ranks:
+        assert got["opt_unchanged"] and got["opt_roundtrip"]
+        assert "has shape (3, 32, 32)" in got["opt_error"] and "(4, 32, 32)" in got["opt_error"]
     # the shards really differ from the seed model, so the gather had work to do
     assert not torch.equal(gathered["decoder.0.moe.w2_EFD"], ep_workers.tiny_model(seed).decoder[0].moe.w2_EFD)
 

@@ -2,9 +2,9 @@
 test starts its own subprocesses running the real command line on the toy tasks (dist_script.py).
 
 The runs use a constant learning rate after warm-up (min_lr_ratio=1), so a run stopped at step 3
-and resumed to step 6 follows the same schedule as one run of 6 steps, and no MoE aux losses (the
-one term that data parallelism computes per rank; see generalist/train/distributed.py), so that
-2 ranks with global batch B must give the losses of 1 process with batch B.
+and resumed to step 6 follows the same schedule as one run of 6 steps; 2 ranks with global batch
+B, data parallel or expert parallel (each rank holding 2 of the tiny preset's 4 routed experts),
+must give the losses (MoE aux losses included) and weights of 1 process with batch B.
 """
 
 import json
@@ -22,13 +22,16 @@ import torch
 from safetensors.torch import load_file
 
 from generalist.train.distributed import check_batch
+from generalist.train.mixture import MixtureSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy_tasks  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "dist_script.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for _name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_name, None)
-OPTIONS = ["batch_size=8", "ckpt_every=3", "log_every=1", "vocab_size=300", "warmup=2", "lr=3e-3", "min_lr_ratio=1.0",
-           "model.aux_loss_weight=0", "model.z_loss_weight=0"]
+OPTIONS = ["batch_size=8", "ckpt_every=3", "log_every=1", "vocab_size=300", "warmup=2", "lr=3e-3", "min_lr_ratio=1.0"]
 
 
 def _train_args(out, steps, resume=False, extra=()):
@@ -45,11 +48,14 @@ def _one(out, steps, resume=False):
     return done
 
 
-def _torchrun(out, steps, resume=False, dump=None):
+MODES = {"ddp": [], "expert_parallel": ["expert_parallel=true"]}
+
+
+def _torchrun(out, steps, resume=False, dump=None, mode="ddp"):
     """2 ranks under the real launcher."""
     dump_args = ["--dump", str(dump)] if dump else []
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(SCRIPT), *dump_args, "--", *_train_args(out, steps, resume)], env=ENV,
+                           str(SCRIPT), *dump_args, "--", *_train_args(out, steps, resume, MODES[mode])], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -101,26 +107,47 @@ def reference(tmp_path_factory):
     return out
 
 
-def test_two_ranks_equal_one_process_and_save_a_one_process_checkpoint(reference, tmp_path):
+EXPERT_STACKS = (".moe.w1_EDF", ".moe.w3_EDF", ".moe.w2_EFD")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_equal_one_process_and_save_a_one_process_checkpoint(reference, tmp_path, mode):
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
-    _torchrun(out, 6, dump=dump)
+    _torchrun(out, 6, dump=dump, mode=mode)
     _assert_same_training(reference, out, 6)
     assert (out / "tensorboard").is_dir() and not list(out.glob("*rank*"))  # rank 0 alone writes the run
-    # rank 0 saved the unwrapped model: no DDP prefixes, and the very weights both ranks hold
+    # rank 0 saved the unwrapped model: no DDP prefixes, and the very weights the ranks hold
+    # (expert parallel: each rank its half of every routed-expert stack)
     saved = load_file(str(out / "checkpoint" / "model.safetensors"))
     assert not [k for k in saved if k.startswith("module.")]
     rank0, rank1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     assert saved.keys() == rank0.keys() == rank1.keys()
-    assert all(torch.equal(saved[k], rank0[k]) and torch.equal(saved[k], rank1[k]) for k in saved)
+    stacks = [k for k in saved if k.endswith(EXPERT_STACKS)]
+    assert len(stacks) == 6 and all(saved[k].shape[0] == 4 for k in stacks)  # 2 layers x 3 stacks of 4 experts
+    for k in saved:
+        if mode == "expert_parallel" and k in stacks:
+            assert rank0[k].shape[0] == rank1[k].shape[0] == 2
+            assert torch.equal(saved[k], torch.cat([rank0[k], rank1[k]])), k
+        else:
+            assert torch.equal(saved[k], rank0[k]) and torch.equal(saved[k], rank1[k]), k
+    # and the weights (and optimizer moments) of one process, to fp32 rounding
+    ref_weights = load_file(str(reference / "checkpoint" / "model.safetensors"))
+    assert all(torch.allclose(saved[k], ref_weights[k], rtol=1e-4, atol=1e-6) for k in saved)
+    opt, ref_opt = (torch.load(run / "checkpoint" / "optimizer.pt", weights_only=True) for run in (out, reference))
+    assert opt["state"].keys() == ref_opt["state"].keys()
+    for i, st in ref_opt["state"].items():
+        for key, v in st.items():
+            assert opt["state"][i][key].shape == v.shape and torch.allclose(opt["state"][i][key], v, rtol=1e-3,
+                                                                            atol=1e-8), (i, key)
     state = _state(out)
     assert len(state["rng_ranks"]) == 2 and state["rng"] == state["rng_ranks"][0]
-    # one process loads it for prediction (`generalist predict` and Python) with rank 1's weights
+    # one process loads it for prediction (`generalist predict` and Python) with the saved weights
     from generalist.cli import main
     from generalist.infer.generalist import Generalist
 
     g = Generalist.load(out)
-    assert all(torch.equal(v, rank1[k]) for k, v in g.model.state_dict().items())
+    assert all(torch.equal(v, saved[k]) for k, v in g.model.state_dict().items())
     answer = subprocess.run([sys.executable, "-m", "generalist", "predict", str(out), "--task", "echo", "--text",
                              "red blue"], env=ENV, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
@@ -136,20 +163,49 @@ def _bar_image(tmp_path):
     return path
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(reference, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_two_rank_checkpoint_resumes_in_one_process(reference, tmp_path, mode):
     out = tmp_path / "run"
-    _torchrun(out, 3)
+    _torchrun(out, 3, mode=mode)
     assert _state(out)["step"] == 3
     _one(out, 6, resume=True)
     _assert_same_training(reference, out, 6)
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(reference, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_one_process_checkpoint_resumes_on_two_ranks(reference, tmp_path, mode):
     out = tmp_path / "run"
     _one(out, 3)
     assert "rng_ranks" not in _state(out)
-    _torchrun(out, 6, resume=True)
+    _torchrun(out, 6, resume=True, mode=mode)
     _assert_same_training(reference, out, 6)
+
+
+def test_ranks_with_an_empty_slice_still_match_one_process(tmp_path):
+    """Global batch 4 on 2 ranks, expert parallel: some steps leave a rank without generative
+    examples, or without contrastive pairs while the other has some (checked below on the very
+    picks the runs draw); that rank must still run every MoE layer, forward and backward, so that
+    the token exchanges and the global router losses meet on both ranks and match one process."""
+    steps, extra = 8, ["batch_size=4", "ckpt_every=8", "seed=2"]
+    sampler = MixtureSampler({name: spec["train"] for name, spec in toy_tasks.MIXTURE.items()}, 2.0, 2)
+    tasks = toy_tasks.TASKS
+    slices = [(picks[:2], picks[2:]) for picks in (sampler.sample(4) for _ in range(steps))]
+
+    def count(kind, picks):
+        return sum(getattr(tasks[t], kind) for t, _ in picks)
+
+    assert any(count("generative", a) * count("generative", b) == 0 < count("generative", a + b) for a, b in slices)
+    assert any(count("contrastive", a) * count("contrastive", b) == 0 and count("contrastive", a + b) >= 2
+               for a, b in slices)
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--", *_train_args(one, steps, extra=extra)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(SCRIPT), "--", *_train_args(two, steps, extra=extra + MODES["expert_parallel"])],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_training(one, two, steps)
 
 
 @pytest.mark.parametrize("failure,timeout", [("die", 30), ("hang", 4)])
