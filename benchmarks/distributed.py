@@ -8,7 +8,8 @@ Providers, each a fresh launch that trains `--steps` steps on synthetic tasks (n
   PxT   P processes with T torch threads each (P > 1: `python -m torch.distributed.run
         --standalone --nproc-per-node P`); default 1x1, 1xN and Nx1, so N processes are compared
         with one process on the same N cores;
-  PxT ep  the same with `expert_parallel=True` (each process holds n_routed / P experts).
+  PxT ep    the same with `expert_parallel=True` (each process holds n_routed / P experts);
+  PxT fsdp  the same with `fsdp=True` (FSDP2 instead of DDP).
 The figure per launch is the median over its steps after the first 3 (warm-up) of the global
 tokens (encoder + decoder) per second that the trainer writes to metrics.jsonl (rank 0, from the
 slowest rank's step time). Launches are interleaved (A B C A B C ...) and the median of the
@@ -79,16 +80,17 @@ def worker(args) -> None:
     tasks = _tasks()
     data = build_data({name: {"train": 256, "test": 8} for name in tasks}, tasks=tasks, progress=False)
     cfg = TrainConfig(preset=args.preset, out=args.out, steps=args.steps, batch_size=args.batch, ckpt_every=10 ** 6,
-                      log_every=1, vocab_size=300, warmup=2, expert_parallel=args.ep)
+                      log_every=1, vocab_size=300, warmup=2, expert_parallel=args.mode == "ep",
+                      fsdp=args.mode == "fsdp")
     Trainer(cfg, data, progress=False).fit()
 
 
-def launch(procs: int, threads: int, ep: bool, args, out: Path) -> float:
+def launch(procs: int, threads: int, mode: str, args, out: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     me = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--threads", str(threads),
-          "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps)] + (["--ep"] if ep else [])
+          "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps), "--mode", mode]
     cmd = [sys.executable, *me] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *me]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
@@ -106,19 +108,19 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--ep", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     n = args.nproc
-    providers = [(1, 1, False), (1, n, False), (n, 1, False), (n, 1, True)]
-    rates: dict[tuple[int, int, bool], list[float]] = {p: [] for p in providers}
+    providers = [(1, 1, ""), (1, n, ""), (n, 1, ""), (n, 1, "ep"), (n, 1, "fsdp")]
+    rates: dict[tuple[int, int, str], list[float]] = {p: [] for p in providers}
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, preset {args.preset}, global batch {args.batch}, "
           f"{args.steps} steps per launch ({WARMUP} warm-up), {args.pairs} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.pairs):
             for p in providers:
-                out = Path(tmp) / f"{p[0]}x{p[1]}{'ep' if p[2] else ''}-{r}"
+                out = Path(tmp) / f"{p[0]}x{p[1]}{p[2]}-{r}"
                 rates[p].append(launch(*p, args, out))
                 print(f"  round {r}: {_name(p)}: {rates[p][-1]:.0f} tokens/s", flush=True)
     base = providers[0]
@@ -128,8 +130,8 @@ def main() -> None:
         print(f"{_name(p):<22} {statistics.median(rates[p]):>16.0f} {ratio:>32.2f}")
 
 
-def _name(p: tuple[int, int, bool]) -> str:
-    return f"{p[0]} proc x {p[1]} thread{'s' if p[1] > 1 else ''}{' ep' if p[2] else ''}"
+def _name(p: tuple[int, int, str]) -> str:
+    return f"{p[0]} proc x {p[1]} thread{'s' if p[1] > 1 else ''} {p[2]}".rstrip()
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class GeneralistModel(nn.Module):
                                      for _ in range(cfg.dec_layers))
         self.enc_norm, self.dec_norm = nn.RMSNorm(m), nn.RMSNorm(m)
         self.embed_proj = nn.Linear(m, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP shards no scalar
 
     # ---- streams -------------------------------------------------------------------------
     def _stream(self, cu: Tensor, max_len: int, task_ids_T: Tensor, modality_ids_T: Tensor) -> StreamInfo:
@@ -86,7 +86,10 @@ class GeneralistModel(nn.Module):
         device = self.boundary.device
         if not batch:
             none = torch.zeros(0, dtype=torch.long, device=device)
-            return (self.boundary.new_zeros((0, self.cfg.d_model)),
+            # no rows, but made from a weight, so it requires grad like any stream: the blocks' hooks
+            # (FSDP's post-backward ones are registered on inputs that need a gradient) then fire
+            # on every rank alike
+            return (self.task_emb.weight[:0],
                     self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none))
         pieces, mods, tasks = [], [], []
         for b, ex in enumerate(batch):
@@ -125,7 +128,7 @@ class GeneralistModel(nn.Module):
         x_TM = text(ids_T)[0] if ids_T.numel() else text.embed(ids_T)  # the embedder refuses empty text
         stats = []
         for block in self.decoder:
-            x_TM, st = block(x_TM, dec, block.cross.memory(h_SM), enc)
+            x_TM, st = block(x_TM, dec, h_SM, enc)
             stats.append(st)
         return self.dec_norm(x_TM) @ self.embedders["text"].weight.t(), stats
 

@@ -34,7 +34,10 @@ class DecoderBlock(nn.Module):
         self.cross = CrossAttention(d_model, n_heads, n_kv_heads, backend=backend)
         self.moe = MoE(moe)
 
-    def forward(self, x_TM: Tensor, s: "StreamInfo", memory, enc: "StreamInfo"):
+    def forward(self, x_TM: Tensor, s: "StreamInfo", h_SM: Tensor, enc: "StreamInfo"):
+        """h_SM: the encoder's output; its keys/values are projected here, inside the block's own
+        forward (where FSDP has the block's weights gathered)."""
+        memory = self.cross.memory(h_SM)
         x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen)
         x_TM = x_TM + self.cross(self.norm2(x_TM), memory, s.cu_seqlens, enc.cu_seqlens, s.max_seqlen, enc.max_seqlen)
         y_TM, stats = self.moe(self.norm3(x_TM), s.task_ids, s.modality_ids)

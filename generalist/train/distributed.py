@@ -33,6 +33,13 @@ code unchanged.
   `clip_grad_norm` divides them by N, then clips with the global norm. Checkpoints gather the
   expert stacks and their AdamW moments on rank 0 (the single-process format); on resume every
   rank reads the full checkpoint and keeps its slice.
+- FSDP2 (`fsdp=True`) instead of DDP: `fully_shard` on every encoder and decoder block and on
+  `_MicroBatch` as the root unit (embedders, norms, heads, logit scale: the wrapper's forward
+  spans every use of them). FSDP reduce-scatters the gradients its parameters have, so every
+  rank must give gradients to the same ones: the root parameters enter the loss times zero, and
+  those no rank really used (found by walking the autograd graph) lose that zero gradient after
+  the step's last backward, so AdamW skips them as in one process. Checkpoints gather every
+  DTensor in full on rank 0; on resume each rank keeps its shard of the saved optimizer state.
 - The numbers logged are global: loss, per-task losses, token and routing counts go through one
   float64 all-reduce per micro-batch, so every rank holds (and rank 0 writes) the global values.
 - A collective that fails or times out (a rank died or hung) raises `DistributedError`, one line
@@ -51,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from generalist.parallel.expert import (apply_expert_parallel, apply_global_router_losses, expert_parameter_names,
@@ -193,9 +201,12 @@ class _MicroBatch(nn.Module):
     (DDP finds unused parameters from its outputs, and a parameter used outside it would be
     reduced twice)."""
 
-    def __init__(self, model: nn.Module, group: Distributed, contrastive_weight: float):
+    def __init__(self, model: nn.Module, group: Distributed, contrastive_weight: float,
+                 root_params: list[str] | None = None):
+        """root_params (FSDP only): names of the model parameters that the root unit shards."""
         super().__init__()
         self.model, self.group, self.weight = model, group, contrastive_weight
+        self.root_params = root_params
 
     def forward(self, gen: list, con_inputs: list, con_texts: list, n_gen: int, con_counts: list[int]):
         """gen: this rank's encoded generative examples; con_*: its contrastive pairs (encoded);
@@ -229,12 +240,25 @@ class _MicroBatch(nn.Module):
         else:
             closs_for_grad = closs
         loss = world * (lm + aux) + self.weight * closs_for_grad
+        if self.root_params is not None:
+            loss, stats["used"] = self._touch_root(loss)
         if not loss.requires_grad:  # nothing to do on any rank: still take part in the all-reduce
             # (the logit scale then counts as used here, with a zero gradient)
-            loss = loss + 0.0 * model.logit_scale
+            loss = loss + 0.0 * model.logit_scale.sum()
         stats["report"] = (lm + aux + (self.weight * closs if self.group.main else 0.0)).detach()
         stats["contrastive"] = closs.detach()
         return loss, stats
+
+    def _touch_root(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """FSDP reduce-scatters the gradients of the root unit's parameters that have one, so
+        every rank must give a gradient to the same ones: each enters the loss times zero. Returns
+        that loss and whether each one was really used here (int, root_params order), so that
+        those no rank used can drop their zero gradient, as in one process."""
+        params = dict(self.model.named_parameters())  # unsharded inside the root's forward
+        root = [params[n] for n in self.root_params]
+        reached = _leaves(loss)
+        used = torch.tensor([id(p) in reached for p in root], dtype=torch.int32)
+        return loss + sum(0.0 * p.sum() for p in root if p.requires_grad), used
 
     def _gather_pairs(self, mine_2CE: Tensor, counts: list[int], dim: int, device) -> tuple[Tensor, Tensor]:
         """The whole micro-batch's (a, b) embeddings in global order; only this rank's rows carry
@@ -253,24 +277,83 @@ class _MicroBatch(nn.Module):
         return both[0], both[1]
 
 
+def _full(v):
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def _shard_like_params(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A single-process optimizer state dict -> one whose per-parameter tensors are sharded like
+    the (FSDP, DTensor) parameters they belong to; every rank holds the full saved state, so
+    each keeps its own shard with no communication."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {**saved, "state": {}}
+    for i, st in saved["state"].items():
+        i = int(i)
+        if i >= len(params):
+            raise ValueError(f"optimizer state has an entry for parameter {i}, but the optimizer has {len(params)}")
+        p, mine = params[i], {}
+        for key, v in st.items():
+            if isinstance(p, DTensor) and isinstance(v, Tensor) and v.dim() > 0:
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {key!r} of parameter {i} has shape {tuple(v.shape)}, the "
+                                     f"parameter {tuple(p.shape)}")
+                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            mine[key] = v
+        out["state"][i] = mine
+    return out
+
+
+def _leaves(t: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) that t's autograd graph accumulates gradients into."""
+    out, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            out.add(id(leaf))
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
 class DataParallel:
     """The trainer's data-parallel micro-batch: this rank's slice of the global picks, the
     DDP-wrapped forward and backward, and the global statistics."""
 
-    def __init__(self, trainer, group: Distributed, moe_group):
-        """trainer.model must already have gone through `parallelize_moe` (with moe_group)."""
-        self.trainer, self.group, self.moe_group = trainer, group, moe_group
-        check_batch(trainer.cfg.batch_size, group.world)
-        self.expert_names = expert_parameter_names(trainer.model)  # empty unless expert-parallel
-        params = dict(trainer.model.named_parameters())
+    def __init__(self, trainer, group: Distributed):
+        """Converts trainer.model in place for `group` (before the optimizer is built): MoE layers
+        (`parallelize_moe`), then DDP, or FSDP2 (`fully_shard` on every encoder and decoder block
+        and on the rest as the root unit) with trainer.cfg.fsdp."""
+        self.trainer, self.group = trainer, group
+        cfg, model = trainer.cfg, trainer.model
+        check_batch(cfg.batch_size, group.world)
+        self.moe_group = parallelize_moe(model, group, cfg.expert_parallel)
+        self.expert_names = expert_parameter_names(model)  # empty unless expert-parallel
+        self.fsdp = cfg.fsdp
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            root = [n for n, _ in model.named_parameters() if not n.startswith(("encoder.", "decoder."))]
+            micro = _MicroBatch(model, group, cfg.contrastive_weight, root)
+            with group.guard():
+                for block in [*model.encoder, *model.decoder]:
+                    fully_shard(block)
+                self.wrapped = fully_shard(micro)
+            params = dict(model.named_parameters())  # now sharded (DTensor)
+            self.root_params = [params[n] for n in root]
+            self._used = None  # whether each root parameter had a gradient on any micro-batch of the step
+        else:
+            micro = _MicroBatch(model, group, cfg.contrastive_weight)
+            if self.expert_names:  # each rank's own experts: never averaged with another rank's
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    micro, [f"model.{n}" for n in self.expert_names])
+            with group.guard():  # DDP checks the shapes and broadcasts rank 0's weights
+                self.wrapped = DistributedDataParallel(micro, find_unused_parameters=True)
+        params = dict(model.named_parameters())
         self.expert_params = [params[n] for n in sorted(self.expert_names)]
         self.replicated_params = [p for n, p in params.items() if n not in self.expert_names]
-        micro = _MicroBatch(trainer.model, group, trainer.cfg.contrastive_weight)
-        if self.expert_names:  # each rank's own experts: never averaged with another rank's
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                micro, [f"model.{n}" for n in self.expert_names])
-        with group.guard():  # DDP checks the shapes and broadcasts rank 0's weights
-            self.ddp = DistributedDataParallel(micro, find_unused_parameters=True)
         self.names = trainer.tasks + ["contrastive"]
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -284,7 +367,11 @@ class DataParallel:
         from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
         if not self.expert_params:
-            return float(torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), max_norm))
+            total = torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), max_norm)
+            if isinstance(total, DTensor):  # FSDP
+                with self.group.guard():
+                    total = total.full_tensor()
+            return float(total)
         experts = [p.grad for p in self.expert_params if p.grad is not None]
         for g in experts:
             g.div_(self.group.world)
@@ -302,6 +389,12 @@ class DataParallel:
         """(model state dict, optimizer state dict) as one process would hold them, on rank 0
         (expert stacks gathered from every rank); elsewhere (None, {}). Every rank calls it."""
         tr = self.trainer
+        if self.fsdp:  # every sharded tensor in full on every rank, in the same order everywhere
+            with self.group.guard():
+                model = {k: _full(v) for k, v in tr.model.state_dict().items()}
+                opt = tr.opt.state_dict()
+                opt["state"] = {i: {k: _full(v) for k, v in sorted(st.items())} for i, st in sorted(opt["state"].items())}
+            return (model, opt) if self.group.main else (None, {})
         if not self.expert_names:
             return None, tr.opt.state_dict()
         with self.group.guard():
@@ -311,6 +404,8 @@ class DataParallel:
 
     def shard_optimizer_state(self, saved: dict) -> dict:
         """A saved (single-process) optimizer state dict -> this rank's."""
+        if self.fsdp:
+            return _shard_like_params(self.trainer.opt, saved)
         return shard_expert_optimizer_state(self.trainer.model, self.trainer.opt, saved) if self.expert_names else saved
 
     def local(self, picks: list, rank: int | None = None) -> list:
@@ -331,15 +426,31 @@ class DataParallel:
         con = [(t, i) for t, i in mine if task[t].contrastive]
         con_inputs, con_texts = tr._contrastive_pairs(con) if con and sum(con_counts) >= 2 else ([], [])
         gen_tasks = [t for t, _ in mine if task[t].generative]
-        with g.guard(), (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+        if self.fsdp:
+            self.wrapped.set_requires_gradient_sync(sync)
+        with g.guard(), (contextlib.nullcontext() if sync or self.fsdp else self.wrapped.no_sync()):
             with torch.autocast(tr.device.type, dtype=torch.bfloat16,
                                 enabled=tr.cfg.bf16 and tr.device.type == "cuda"):
-                loss, st = self.ddp(gen, con_inputs, con_texts, n_gen, con_counts)
+                loss, st = self.wrapped(gen, con_inputs, con_texts, n_gen, con_counts)
             vec = self._reduce(st, gen_tasks, sum(con_counts) >= 2)
             total = float(vec[0])
             if torch.isfinite(vec[0]):
                 (loss * scale).backward()
+                if self.fsdp:
+                    self._drop_unused(st["used"], sync)
         return total, *self._unpack(vec)
+
+    def _drop_unused(self, used: Tensor, last: bool) -> None:
+        """FSDP: after the step's last backward, the root parameters that no rank used on any of
+        its micro-batches lose the zero gradient that _touch_root gave them (AdamW then leaves
+        them alone, as in one process)."""
+        self._used = used if self._used is None else self._used | used
+        if last:
+            flags = self.group.all_reduce(self._used.to(self.group.device), dist.ReduceOp.MAX)
+            for p, flag in zip(self.root_params, flags.tolist()):
+                if not flag:
+                    p.grad = None
+            self._used = None
 
     def _reduce(self, st: dict, gen_tasks: list[str], has_con: bool) -> Tensor:
         """[loss, tokens, per-task loss sums, per-task counts, routing by task, by modality]."""

@@ -38,7 +38,7 @@ from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
                                          set_rng_state)
 from generalist.train.data import TaskData
-from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch, parallelize_moe
+from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
 
 
@@ -67,6 +67,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
+    fsdp: bool = False  # torchrun only: FSDP2 (fully_shard) instead of DDP: each rank holds 1 / N of the weights,
+    # gradients and optimizer state (not with expert_parallel)
     expert_parallel: bool = False  # torchrun only: each rank holds n_routed / N of every MoE layer's
     # routed experts and tokens travel to them (n_routed must be a multiple of the number of processes)
 
@@ -76,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.fsdp and self.expert_parallel:
+            raise ValueError("fsdp and expert_parallel cannot be combined yet: choose one")
 
 
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
@@ -154,12 +158,11 @@ class Trainer:
                           bos_id=self.tokenizer.token_id("<bos>"), eos_id=self.tokenizer.token_id("<eos>"), **cfg.model)
             self.model = GeneralistModel(mcfg).to(self.device)
         self.encoder = ExampleEncoder(self.tokenizer, self.tasks)
-        moe_group = None
-        if self.group is not None:  # before the optimizer: expert parallelism replaces the expert weights
-            moe_group = parallelize_moe(self.model, self.group, cfg.expert_parallel)
-        elif cfg.expert_parallel:
-            warnings.warn("expert_parallel=True has no effect in a single process; launch with torchrun "
-                          "--nproc-per-node N to shard the experts", stacklevel=2)
+        # before the optimizer: expert parallelism and FSDP replace parameters
+        self.dp = DataParallel(self, self.group) if self.group is not None else None
+        if self.group is None and (cfg.expert_parallel or cfg.fsdp):
+            warnings.warn("expert_parallel and fsdp have no effect in a single process; launch with torchrun "
+                          "--nproc-per-node N", stacklevel=2)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -172,7 +175,6 @@ class Trainer:
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
-        self.dp = DataParallel(self, self.group, moe_group) if self.group is not None else None
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
             self.step, self.skipped = state["step"], state["skipped"]

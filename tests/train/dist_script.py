@@ -5,7 +5,8 @@
 Run it plainly for one process, under torchrun, or with torchrun's environment set by hand. It
 calls the real command line (generalist.cli.main) with the mixture and tasks swapped for the toy
 ones; --dump writes each rank's final weights to DIR/rank<R>.safetensors; --die-at / --hang-at
-make rank R SIGKILL itself / stop answering after its step K.
+make rank R SIGKILL itself / stop answering after its step K. Dumped FSDP weights are gathered
+in full (expert-parallel ones are each rank's own shard).
 """
 
 import argparse
@@ -54,7 +55,9 @@ if args.dump:
     def dumping_fit(self):
         _fit(self)
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP: every rank gathers every tensor
+                 for k, v in self.model.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in state.items()},
                   str(Path(args.dump) / f"rank{rank}.safetensors"))
     Trainer.fit = dumping_fit
 

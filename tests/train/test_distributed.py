@@ -48,7 +48,7 @@ def _one(out, steps, resume=False):
     return done
 
 
-MODES = {"ddp": [], "expert_parallel": ["expert_parallel=true"]}
+MODES = {"ddp": [], "expert_parallel": ["expert_parallel=true"], "fsdp": ["fsdp=true"]}
 
 
 def _torchrun(out, steps, resume=False, dump=None, mode="ddp"):
@@ -181,11 +181,13 @@ def test_one_process_checkpoint_resumes_on_two_ranks(reference, tmp_path, mode):
     _assert_same_training(reference, out, 6)
 
 
-def test_ranks_with_an_empty_slice_still_match_one_process(tmp_path):
-    """Global batch 4 on 2 ranks, expert parallel: some steps leave a rank without generative
-    examples, or without contrastive pairs while the other has some (checked below on the very
-    picks the runs draw); that rank must still run every MoE layer, forward and backward, so that
-    the token exchanges and the global router losses meet on both ranks and match one process."""
+@pytest.mark.parametrize("mode", ["expert_parallel", "fsdp"])
+def test_ranks_with_an_empty_slice_still_match_one_process(tmp_path, mode):
+    """Global batch 4 on 2 ranks: some steps leave a rank without generative examples, or without
+    contrastive pairs while the other has some (checked below on the very picks the runs draw);
+    that rank must still run every block, forward and backward, so that the token exchanges, the
+    global router losses and FSDP's gathers and reduce-scatters meet on both ranks and match one
+    process."""
     steps, extra = 8, ["batch_size=4", "ckpt_every=8", "seed=2"]
     sampler = MixtureSampler({name: spec["train"] for name, spec in toy_tasks.MIXTURE.items()}, 2.0, 2)
     tasks = toy_tasks.TASKS
@@ -202,7 +204,7 @@ def test_ranks_with_an_empty_slice_still_match_one_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(SCRIPT), "--", *_train_args(two, steps, extra=extra + MODES["expert_parallel"])],
+                           str(SCRIPT), "--", *_train_args(two, steps, extra=extra + MODES[mode])],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_training(one, two, steps)
@@ -234,6 +236,10 @@ def test_a_failed_rank_stops_the_other_with_a_clear_error(tmp_path, failure, tim
 
 
 def test_batch_must_split_evenly_and_module_entry_point():
+    from generalist.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="fsdp and expert_parallel cannot be combined"):
+        TrainConfig(fsdp=True, expert_parallel=True)
     check_batch(8, 2)
     with pytest.raises(ValueError, match=r"batch_size \(9\) must be a multiple of the number of processes \(2\)"):
         check_batch(9, 2)
