@@ -53,6 +53,12 @@ class ModelOutput:
     n_input_tokens: int  # S, the packed encoder stream's length
 
 
+def _scalar_logit_scale(state_dict, prefix, *_):
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class GeneralistModel(nn.Module):
     def __init__(self, cfg: GeneralistConfig):
         super().__init__()
@@ -74,6 +80,7 @@ class GeneralistModel(nn.Module):
         self.enc_norm, self.dec_norm = nn.RMSNorm(m), nn.RMSNorm(m)
         self.embed_proj = nn.Linear(m, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP shards no scalar
+        self._register_load_state_dict_pre_hook(_scalar_logit_scale)  # checkpoints saved when it was ()
 
     # ---- streams -------------------------------------------------------------------------
     def _stream(self, cu: Tensor, max_len: int, task_ids_T: Tensor, modality_ids_T: Tensor) -> StreamInfo:

@@ -188,3 +188,15 @@ def test_save_writes_a_given_state_dict(tokenizer, tmp_path):
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ValueError, match="state_dict keys differ"):
         model.save(tmp_path / "bad", state_dict={k: v for k, v in other.state_dict().items() if "decoder" not in k})
+
+
+def test_loads_a_checkpoint_with_the_older_scalar_logit_scale(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(tokenizer)
+    model.save(tmp_path / "ckpt", tokenizer=tokenizer)
+    weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    weights["logit_scale"] = torch.tensor(1.5)  # shape () as saved before it became (1,)
+    save_file(weights, str(tmp_path / "ckpt" / "model.safetensors"))
+    loaded = GeneralistModel.load(tmp_path / "ckpt")
+    assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 1.5
