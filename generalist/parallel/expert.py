@@ -261,14 +261,16 @@ def sync_expert_parallel_grads(module: nn.Module, group=None, *, average: bool =
                 p.grad /= w
 
 
-def gather_expert_state(module: nn.Module, group=None, dst: int = 0) -> dict[str, Tensor] | None:
+def gather_expert_state(module: nn.Module, group=None, dst: int = 0,
+                        state: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
     """The full single-device state dict of `module` (expert stacks of every shard concatenated
     in expert order), returned on group rank `dst`; None on the other ranks. As with
-    `state_dict()`, the replicated entries alias the live parameters. Collective: every rank of
-    `group` must call it."""
+    `state_dict()`, the replicated entries alias the live parameters. `state`: the module's
+    state dict to complete instead of `module.state_dict()` (e.g. with FSDP-sharded entries
+    already gathered). Collective: every rank of `group` must call it."""
     group = _resolve_group(group)
     rank, w = dist.get_rank(group), dist.get_world_size(group)
-    state = module.state_dict()
+    state = module.state_dict() if state is None else dict(state)
     for key in _expert_keys(module):
         local = state[key].contiguous()
         parts = [torch.empty_like(local) for _ in range(w)] if rank == dst else None
@@ -331,15 +333,16 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
 
 
 def gather_expert_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, group=None,
-                                  dst: int = 0) -> dict | None:
+                                  dst: int = 0, state: dict | None = None) -> dict | None:
     """The optimizer state dict a single-device run would hold, on group rank `dst` (None on the
     others): per-parameter state tensors of an expert stack that have its shape (AdamW's
     exp_avg, exp_avg_sq) are gathered along dim 0 in expert order; scalars (step) and the
     replicated parameters' state are this rank's. The optimizer's own state is not modified.
+    `state`: the optimizer state dict to complete instead of `optimizer.state_dict()`.
     Collective: every rank of `group` must call it."""
     group = _resolve_group(group)
     rank, w = dist.get_rank(group), dist.get_world_size(group)
-    state = optimizer.state_dict()
+    state = optimizer.state_dict() if state is None else state
     experts = _expert_params(module)
     entries = [(i, key) for i, p in enumerate(_optimizer_params(optimizer)) if id(p) in experts and i in state["state"]
                for key, v in sorted(state["state"][i].items()) if isinstance(v, Tensor) and v.shape == p.shape]

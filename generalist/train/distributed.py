@@ -40,6 +40,7 @@ code unchanged.
   those no rank really used (found by walking the autograd graph) lose that zero gradient after
   the step's last backward, so AdamW skips them as in one process. Checkpoints gather every
   DTensor in full on rank 0; on resume each rank keeps its shard of the saved optimizer state.
+  With expert parallelism too, FSDP ignores the expert weights (already sharded by expert).
 - The numbers logged are global: loss, per-task losses, token and routing counts go through one
   float64 all-reduce per micro-batch, so every rank holds (and rank 0 writes) the global values.
 - A collective that fails or times out (a rank died or hung) raises `DistributedError`, one line
@@ -337,10 +338,11 @@ class DataParallel:
 
             root = [n for n, _ in model.named_parameters() if not n.startswith(("encoder.", "decoder."))]
             micro = _MicroBatch(model, group, cfg.contrastive_weight, root)
+            experts = {model.get_parameter(n) for n in self.expert_names}  # already sharded, by expert
             with group.guard():
                 for block in [*model.encoder, *model.decoder]:
-                    fully_shard(block)
-                self.wrapped = fully_shard(micro)
+                    fully_shard(block, ignored_params=experts)
+                self.wrapped = fully_shard(micro, ignored_params=experts)
             params = dict(model.named_parameters())  # now sharded (DTensor)
             self.root_params = [params[n] for n in root]
             self._used = None  # whether each root parameter had a gradient on any micro-batch of the step
@@ -377,36 +379,37 @@ class DataParallel:
             g.div_(self.group.world)
         replicated = [p.grad for p in self.replicated_params if p.grad is not None]
         device = self.group.device
-        squares = torch.stack([get_total_norm(gs).to(device, torch.float64) ** 2 if gs else
-                               torch.zeros((), dtype=torch.float64, device=device) for gs in (replicated, experts)])
         with self.group.guard():
+            squares = torch.stack([_full(get_total_norm(gs)).to(device, torch.float64) ** 2 if gs else
+                                   torch.zeros((), dtype=torch.float64, device=device)
+                                   for gs in (replicated, experts)])  # FSDP: the replicated norm is global
             dist.all_reduce(squares[1:], group=self.moe_group)  # each rank holds different experts
-        total = squares.sum().sqrt()
-        clip_grads_with_norm_(self.trainer.model.parameters(), max_norm, total.to(torch.float32))
+        total = squares.sum().sqrt().to(torch.float32)
+        for params in (self.replicated_params, self.expert_params):  # DTensors (FSDP) and plain tensors apart
+            clip_grads_with_norm_(params, max_norm, total)
         return float(total)
 
     def full_state(self) -> tuple[dict | None, dict]:
         """(model state dict, optimizer state dict) as one process would hold them, on rank 0
         (expert stacks gathered from every rank); elsewhere (None, {}). Every rank calls it."""
         tr = self.trainer
-        if self.fsdp:  # every sharded tensor in full on every rank, in the same order everywhere
-            with self.group.guard():
-                model = {k: _full(v) for k, v in tr.model.state_dict().items()}
-                opt = tr.opt.state_dict()
-                opt["state"] = {i: {k: _full(v) for k, v in sorted(st.items())} for i, st in sorted(opt["state"].items())}
-            return (model, opt) if self.group.main else (None, {})
-        if not self.expert_names:
+        if not self.fsdp and not self.expert_names:
             return None, tr.opt.state_dict()
         with self.group.guard():
-            model = gather_expert_state(tr.model, self.moe_group)
-            opt = gather_expert_optimizer_state(tr.model, tr.opt, self.moe_group)
-        return model, opt if opt is not None else {}
+            model, opt = tr.model.state_dict(), tr.opt.state_dict()
+            if self.fsdp:  # every sharded tensor in full on every rank, in the same order everywhere
+                model = {k: _full(v) for k, v in model.items()}
+                opt["state"] = {i: {k: _full(v) for k, v in sorted(st.items())} for i, st in sorted(opt["state"].items())}
+            if self.expert_names:  # each rank's experts, concatenated on rank 0
+                model = gather_expert_state(tr.model, self.moe_group, state=model)
+                opt = gather_expert_optimizer_state(tr.model, tr.opt, self.moe_group, state=opt)
+        return (model, opt) if self.group.main else (None, {})
 
     def shard_optimizer_state(self, saved: dict) -> dict:
         """A saved (single-process) optimizer state dict -> this rank's."""
-        if self.fsdp:
-            return _shard_like_params(self.trainer.opt, saved)
-        return shard_expert_optimizer_state(self.trainer.model, self.trainer.opt, saved) if self.expert_names else saved
+        if self.expert_names:
+            saved = shard_expert_optimizer_state(self.trainer.model, self.trainer.opt, saved)
+        return _shard_like_params(self.trainer.opt, saved) if self.fsdp else saved
 
     def local(self, picks: list, rank: int | None = None) -> list:
         n = len(picks) // self.group.world

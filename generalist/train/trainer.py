@@ -68,7 +68,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
     fsdp: bool = False  # torchrun only: FSDP2 (fully_shard) instead of DDP: each rank holds 1 / N of the weights,
-    # gradients and optimizer state (not with expert_parallel)
+    # gradients and optimizer state (with expert_parallel: of the dense ones; the experts are sharded by expert)
     expert_parallel: bool = False  # torchrun only: each rank holds n_routed / N of every MoE layer's
     # routed experts and tokens travel to them (n_routed must be a multiple of the number of processes)
 
@@ -78,8 +78,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        if self.fsdp and self.expert_parallel:
-            raise ValueError("fsdp and expert_parallel cannot be combined yet: choose one")
+
 
 
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
