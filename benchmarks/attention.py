@@ -17,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _report import emit, pivot
+
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 
 
@@ -225,22 +227,7 @@ def gpu_grid(args):
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
              "bwd 2.5×, fwd+bwd 3.5×", ""]
-    names = list(dict.fromkeys(r[3] for r in rows))
-    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
-    table = {(r[0], r[1], r[2], r[3]): r[5] for r in rows}
-    lines.append("| shape | causal | pass | " + " | ".join(names) + " |")
-    lines.append("|" + "---|" * (3 + len(names)))
-    for key in keys:
-        cells = [f"{table[key + (n,)]:.0f}" if key + (n,) in table else "-" for n in names]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".csv", "w") as f:
-            f.write("shape,causal,pass,provider,seconds,tflops\n")
-            f.writelines(f"{r[0]},{r[1]},{r[2]},{r[3]},{r[4]:.6g},{r[5]:.2f}\n" for r in rows)
+    emit(lines + pivot(rows, ("shape", "causal", "pass")), args.out, "shape,causal,pass,provider,seconds,tflops", rows)
 
 
 def main():
@@ -272,11 +259,7 @@ def main():
              "", header, "|" + "---|" * 8]
     for backend, shape, mode, causal, ta, tb, ratio, tf in rows:
         lines.append(f"| {backend} | {shape} | {mode} | {causal} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {ratio:.2f} | {tf:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

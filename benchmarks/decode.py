@@ -15,6 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from _report import emit
+
 from generalist.ops import attention_decode, flash_attn_func, set_value_checks
 
 
@@ -55,11 +57,7 @@ def main():
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}", "",
              "| shape | max diff vs SDPA | " + " | ".join(providers) + " |", "|" + "---|" * (2 + len(providers))]
     lines += [f"| {shape} | {err} | " + " | ".join(cells) + " |" for shape, err, cells in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import argparse
 
 import torch
 
+from _report import emit, pivot
+
 from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm
 
 PASS_FACTOR = {"fwd": 1.0, "fwd+bwd": 3.0}
@@ -111,22 +113,8 @@ def gpu_grid(args):
 
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton {triton.__version__}; "
              "do_bench median; TFLOP/s = 2·T·D·F (fwd), 3× (fwd+bwd); T = tokens × top-k", ""]
-    names = list(dict.fromkeys(r[3] for r in rows))
-    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
-    table = {(r[0], r[1], r[2], r[3]): r[5] for r in rows}
-    lines.append("| shape | largest group | pass | " + " | ".join(names) + " |")
-    lines.append("|" + "---|" * (3 + len(names)))
-    for key in keys:
-        cells = [f"{table[key + (n,)]:.0f}" if key + (n,) in table else "-" for n in names]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".csv", "w") as f:
-            f.write("shape,largest_group,pass,provider,seconds,tflops\n")
-            f.writelines(f"{r[0]},{r[1]},{r[2]},{r[3]},{r[4]:.6g},{r[5]:.2f}\n" for r in rows)
+    emit(lines + pivot(rows, ("shape", "largest group", "pass")), args.out,
+         "shape,largest_group,pass,provider,seconds,tflops", rows)
 
 
 def main():
