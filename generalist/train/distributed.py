@@ -198,9 +198,9 @@ def parallelize_moe(model: nn.Module, group: Distributed, expert_parallel: bool)
 
 
 class _MicroBatch(nn.Module):
-    """What DDP wraps: every use of a parameter in one micro-batch happens inside this forward
-    (DDP finds unused parameters from its outputs, and a parameter used outside it would be
-    reduced twice)."""
+    """What DDP wraps (or FSDP's root unit): every use of a parameter in one micro-batch happens
+    inside this forward (DDP finds unused parameters from its outputs, and a parameter used
+    outside it would be reduced twice; FSDP gathers the root's weights for this forward only)."""
 
     def __init__(self, model: nn.Module, group: Distributed, contrastive_weight: float,
                  root_params: list[str] | None = None):
