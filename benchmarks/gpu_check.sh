@@ -37,12 +37,23 @@ try:
     torch.ops.generalist._varlen_positions(torch.tensor([0, 3, 2], dtype=torch.int32), 2)
 except RuntimeError as e:
     print("raised:", str(e).splitlines()[0])'
+INLINE='import torch, torch.utils.cpp_extension as ext
+m = ext.load_inline("throw_check", cpp_sources="void f(int64_t x) { TORCH_CHECK(x == 0, \"x must be 0, got \", x); }",
+                    functions=["f"])
+try:
+    m.f(3)
+except RuntimeError as e:
+    print("minimal extension raised:", str(e).splitlines()[0])'
 if $PY -c "$THROW" >"$OUT/cpp-errors.log" 2>&1; then
   step "C++ errors: $(tail -n 1 "$OUT/cpp-errors.log")"
 else
   step "C++ errors: CRASHED (backtrace in cpp-errors.log)"; status=1
   { echo "--- compiler: $(c++ --version | head -n 1)"; $PY -c "import torch; print('torch cxx11 abi', torch.compiled_with_cxx11_abi())"
-    command -v cuda-gdb >/dev/null && cuda-gdb -batch -ex run -ex bt --args $PY -c "$THROW" 2>&1 | tail -n 60; } >>"$OUT/cpp-errors.log" 2>&1
+    command -v cuda-gdb >/dev/null && cuda-gdb -batch -ex run -ex bt --args $PY -c "$THROW" 2>&1 | tail -n 60
+    # the same kind of error from a minimal CPU-only extension built here by torch itself: a crash
+    # there too points at this torch and compiler, none at our CMake build
+    echo "--- minimal extension (torch.utils.cpp_extension.load_inline):"
+    $PY -c "$INLINE" 2>&1 | tail -n 5 || echo "minimal extension: CRASHED too"; } >>"$OUT/cpp-errors.log" 2>&1
 fi
 
 # gpu-marked tests everywhere, plus the op and model tests (they run on CUDA when it is there)
