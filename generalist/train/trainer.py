@@ -50,7 +50,7 @@ class TrainConfig:
     steps: int = 1000
     max_minutes: float | None = None  # stop (with a checkpoint) when this much training time has passed;
     # the learning-rate schedule then follows whichever budget, steps or time, runs out first
-    batch_size: int = 32
+    batch_size: int = 64  # examples per micro-batch (the demo learns most per minute at 64 on 2 CPU cores)
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
