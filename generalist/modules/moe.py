@@ -186,8 +186,8 @@ class MoE(nn.Module):
         aux = c.aux_loss_weight * balance + c.z_loss_weight * z
         return y_TD, MoEStats(aux, balance.detach(), z.detach(), counts_by_task, counts_by_modality, dropped)
 
-    # The two methods below are the hook points of expert parallelism (generalist/parallel/expert.py),
-    # which overrides them; model code stays single-device.
+    # `routed_experts` and `router_stats` are the hook points of expert parallelism
+    # (generalist/parallel/expert.py), which overrides them; model code stays single-device.
     def routed_experts(self, x_SD: Tensor, sizes_E: Tensor) -> Tensor:
         """Rows sorted by expert (S, D), int32 group sizes (E,) -> SwiGLU expert outputs (S, D)."""
         dt = x_SD.dtype
@@ -199,16 +199,24 @@ class MoE(nn.Module):
         return mm(h_SF, self.w2_EFD)
 
     def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
-        """(balance, z) over this batch from logits and probs (T, E) and int64 router choices per
-        expert (E,) before drops: balance = E * sum_e f_e * P_e (Switch), z = mean_t lse_t^2."""
-        t, (e, k) = logits_TE.shape[0], (self.config.n_routed, self.config.top_k)
-        if t:
-            f_E = routed_E.to(probs_TE.dtype) / (t * k)
-            balance = e * (f_E * probs_TE.mean(dim=0)).sum()
-            z = torch.logsumexp(logits_TE, dim=-1).square().mean()
-        else:
-            balance = z = logits_TE.sum()  # zero, and still connected to the router
-        return balance, z
+        """(balance, z) from logits and probs (T, E) and int64 router choices per expert (E,)
+        before drops: balance = E * sum_e f_e * P_e (Switch), z = mean_t lse_t^2, over the tokens
+        that `router_stats` sums (this batch here)."""
+        e, k = self.config.n_routed, self.config.top_k
+        sums = torch.cat([probs_TE.sum(dim=0), torch.logsumexp(logits_TE, dim=-1).square().sum().reshape(1)])
+        routed_E, sums, t = self.router_stats(routed_E, sums, logits_TE.shape[0])
+        if not t:  # no tokens: zero, and still connected to the router
+            balance = z = logits_TE.sum()
+            return balance, z
+        f_E = routed_E.to(probs_TE.dtype) / (t * k)
+        balance = e * (f_E * (sums[:e] / t)).sum()
+        return balance, sums[e] / t
+
+    def router_stats(self, routed_E: Tensor, sums: Tensor, t: int) -> tuple[Tensor, Tensor, int]:
+        """The statistics the router losses are made of: router choices per expert (E,), [sum_t
+        probs (E), sum_t lse^2] and the token count T. This batch's as they are; data parallelism
+        sums them over ranks (generalist/parallel/expert.py)."""
+        return routed_E, sums, t
 
 
 def _count(key_S: Tensor, rows: int, cols: int) -> Tensor:

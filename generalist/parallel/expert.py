@@ -100,21 +100,13 @@ class GlobalRouterLossMoE(MoE):
 
     stats_group: dist.ProcessGroup
 
-    def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
-        t, (e, k) = logits_TE.shape[0], (self.config.n_routed, self.config.top_k)
+    def router_stats(self, routed_E: Tensor, sums: Tensor, t: int) -> tuple[Tensor, Tensor, int]:
         # One all-reduce of [router choices per expert, tokens, probability sums, sum of lse^2] in
         # float64 (counts stay exact); the gradient flows back through the sums only.
+        e = routed_E.shape[0]
         counts = torch.cat([routed_E, routed_E.new_full((1,), t)]).to(torch.float64)
-        sums = torch.cat([probs_TE.sum(dim=0), torch.logsumexp(logits_TE, dim=-1).square().sum().reshape(1)])
         both = _AllReduceSum.apply(torch.cat([counts, sums.to(torch.float64)]), self.stats_group)
-        counts, sums = both[:e + 1].detach(), both[e + 1:].to(probs_TE.dtype)
-        t_all = int(counts[e])
-        if not t_all:  # no tokens anywhere: zero, still connected to the router (as single-device)
-            balance = z = logits_TE.sum()
-            return balance, z
-        f_E = counts[:e].to(probs_TE.dtype) / (t_all * k)
-        balance = e * (f_E * (sums[:e] / t_all)).sum()
-        return balance, sums[e] / t_all
+        return both[:e].detach(), both[e + 1:].to(sums.dtype), int(both[e])
 
 
 class ExpertParallelMoE(GlobalRouterLossMoE):
