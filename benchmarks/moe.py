@@ -6,6 +6,7 @@ against one dense matmul of the same FLOPs, measured in one run.
 GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Providers:
   triton            generalist.ops.grouped_mm(backend="triton"), the grouped kernels;
   reference         generalist.ops.grouped_mm(backend="reference"), a loop of torch.matmul per expert;
+                    both called as the MoE layer calls them (check_values=False: no device sync);
   torch._grouped_mm PyTorch's own grouped GEMM, when this torch has it and it runs the shape;
   dense             one torch.matmul (T, D) @ (D, F): the same FLOPs with no grouping, the ceiling.
 TFLOP/s = 2·T·D·F for the forward, 3× that for forward + backward (dx and dw). Group sizes are
@@ -76,7 +77,8 @@ def _providers(backends, t, d, f, sizes, dtype):
     w = (torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5).requires_grad_()
     gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
     for backend in backends:
-        yield backend, (lambda backend=backend: grouped_mm(x, w, gs, backend=backend)), (x, w)
+        # as the MoE layer calls it: group sizes from permute, no host-side check (a device sync)
+        yield backend, (lambda backend=backend: grouped_mm(x, w, gs, backend=backend, check_values=False)), (x, w)
     if hasattr(torch, "_grouped_mm"):
         offs = gs.cumsum(0, dtype=torch.int32)
         yield "torch._grouped_mm", (lambda: torch._grouped_mm(x, w, offs)), (x, w)

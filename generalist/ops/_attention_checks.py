@@ -3,8 +3,10 @@ names the argument.
 
 Shape, dtype and device checks are static and also run under torch.compile. Checks on the
 *values* of cu_seqlens / prefix_lens need them on the host (a device sync), so they run in
-eager mode only, and can be switched off with `set_value_checks(False)` on a hot GPU path
-whose packer already guarantees them.
+eager mode only, once per tensor: a tensor that passed is remembered (with its version counter,
+which every in-place write bumps) and not read again, so the layers of a model that share one
+cu_seqlens pay one sync, not one each. `set_value_checks(False)` switches them off altogether on
+a hot GPU path whose packer already guarantees them (the MoE op's group-size checks too).
 """
 
 from __future__ import annotations
@@ -24,6 +26,39 @@ def set_value_checks(enabled: bool) -> bool:
     global _value_checks
     old, _value_checks = _value_checks, bool(enabled)
     return old
+
+
+_CHECKED = "_generalist_checked_values"
+
+
+def _stamp(x: torch.Tensor):
+    """(version counter, data pointer), or None for tensors without a version counter (those made
+    under inference_mode), which are checked on every call."""
+    try:
+        return x._version, x.data_ptr()
+    except RuntimeError:
+        return None
+
+
+def checked_before(x: torch.Tensor, key) -> bool:
+    """Whether x's values passed the check named by `key` and x has not been written since."""
+    seen = getattr(x, _CHECKED, None)
+    return seen is not None and seen[0] == _stamp(x) and key in seen[1]
+
+
+def remember_checked(x: torch.Tensor, key) -> None:
+    """Record that x's current values passed the check named by `key` (hashable)."""
+    stamp = _stamp(x)
+    if stamp is None:
+        return
+    seen = getattr(x, _CHECKED, None)
+    if seen is None or seen[0] != stamp:
+        seen = (stamp, set())
+        try:
+            setattr(x, _CHECKED, seen)
+        except (AttributeError, RuntimeError):  # a tensor subclass without attributes: check every time
+            return
+    seen[1].add(key)
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -110,12 +145,17 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     if _value_checks and not torch.compiler.is_compiling():
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", maxes[0])
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", maxes[1])
-        if prefix_lens is not None and prefix_lens.numel() and int(prefix_lens.min()) < 0:
-            raise ValueError(f"prefix_lens must be >= 0, got {prefix_lens.tolist()}")
+        if prefix_lens is not None and prefix_lens.numel() and not checked_before(prefix_lens, "prefix"):
+            if int(prefix_lens.min()) < 0:
+                raise ValueError(f"prefix_lens must be >= 0, got {prefix_lens.tolist()}")
+            remember_checked(prefix_lens, "prefix")
     return maxes[0], maxes[1]
 
 
 def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
+    key = ("cu_seqlens", total, max_seqlen)
+    if checked_before(cu, key):
+        return
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -127,3 +167,4 @@ def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_name: str, max
     longest = max((b - a for a, b in zip(values, values[1:])), default=0)
     if longest > max_seqlen:
         raise ValueError(f"{max_name} is {max_seqlen} but a sequence in {name} has length {longest}")
+    remember_checked(cu, key)

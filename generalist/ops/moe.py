@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from generalist.ops import _attention_checks as checks
 from generalist.ops._registry import Implementation, Registry
 
 MOE_BACKENDS = Registry("moe", known=("reference", "triton"))
@@ -103,12 +104,15 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(t.shape)}")
 
 
-def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: str = "auto") -> Tensor:
+def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: str = "auto",
+               check_values: bool = True) -> Tensor:
     """Per-expert matmul over rows sorted by expert: x (T, D), w (E, D, F), group_sizes int32 or
     int64 (E,), non-negative, summing to T. Rows [o_e, o_e + group_sizes[e]) with
     o_e = sum(group_sizes[:e]) are multiplied by w[e]. Returns y (T, F) in x's dtype.
 
-    Value checks on group_sizes need them on the host, so they run in eager mode only.
+    Value checks on group_sizes need them on the host (a device sync), so they run in eager mode
+    only, and are skipped with `check_values=False` (group sizes made by `permute`, as the MoE
+    layer does) or `set_value_checks(False)`.
     """
     MOE_BACKENDS.check_name(backend)
     _check_tensor("x_TD", x_TD, 2, "(T, D)")
@@ -128,7 +132,7 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
     if group_sizes_E.shape[0] != w_EDF.shape[0]:
         raise ValueError(f"group_sizes_E has {group_sizes_E.shape[0]} entries but w_EDF has "
                          f"{w_EDF.shape[0]} experts")
-    if not torch.compiler.is_compiling():
+    if check_values and checks._value_checks and not torch.compiler.is_compiling():
         sizes = group_sizes_E.tolist()
         if any(n < 0 for n in sizes):
             raise ValueError(f"group_sizes_E must be non-negative, got {sizes}")
@@ -137,8 +141,8 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
     return grouped_mm_op(x_TD, w_EDF, group_sizes_E, backend)
 
 
-def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int,
-            capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int | None = None, *,
+            check_values: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Sort token-expert assignments by expert for `grouped_mm`.
 
     x (T, D); expert_idx int32/int64 (T, K) with values in [0, n_experts). Assignment
@@ -148,6 +152,8 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int,
 
     Returns x_sorted (S, D) with x_sorted[s] = x[sort_idx[s] // K], sort_idx int64 (S,) the
     flat assignment index of each kept row, and group_sizes int32 (E,) summing to S.
+    The range check on expert_idx is a device sync; `check_values=False` skips it (indices from
+    a router's topk are in range by construction).
     """
     _check_tensor("x_TD", x_TD, 2, "(T, D)")
     _check_tensor("expert_idx_TK", expert_idx_TK, 2, "(T, K)")
@@ -159,7 +165,7 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int,
         raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
     if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or a non-negative int, got {capacity!r}")
-    if not torch.compiler.is_compiling() and expert_idx_TK.numel():
+    if check_values and checks._value_checks and not torch.compiler.is_compiling() and expert_idx_TK.numel():
         lo, hi = expert_idx_TK.min().item(), expert_idx_TK.max().item()
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"expert_idx_TK values must lie in [0, {n_experts}), got [{lo}, {hi}]")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from generalist import _ext
+from generalist.ops import _attention_checks as checks
 
 
 @torch.library.custom_op("generalist::varlen_positions", mutates_args=())
@@ -47,10 +48,11 @@ def varlen_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
         raise ValueError("cu_seqlens must be a 1-D tensor with at least one entry")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if not torch.compiler.is_compiling():
-        values = cu_seqlens.tolist()
+    if not torch.compiler.is_compiling() and not checks.checked_before(cu_seqlens, ("positions", total)):
+        values = cu_seqlens.tolist()  # a device sync, once per tensor
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {values}")
         if values[-1] != total:
             raise ValueError(f"cu_seqlens[-1] is {values[-1]} but total is {total}")
+        checks.remember_checked(cu_seqlens, ("positions", total))
     return _varlen_positions(cu_seqlens, total)

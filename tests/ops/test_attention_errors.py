@@ -110,3 +110,35 @@ def test_cpu_kernel_checks_offsets_itself(cu_seqlens_q):
                     cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32), backend="cpu")
     finally:
         set_value_checks(old)
+
+
+def test_value_checks_run_once_per_tensor_and_again_after_a_write(monkeypatch):
+    """A cu_seqlens that passed is not read back again (no device sync per layer), but any in-place
+    write to it brings the check back."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    q = torch.randn(10, 2, 8)
+    flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="reference")
+    first = len(reads)
+    assert first >= 1
+    flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="reference")
+    assert len(reads) == first  # remembered
+    with pytest.raises(ValueError, match="max_seqlen_q is 5"):  # another bound is checked anew
+        flash_attn_varlen_func(q, q, q, cu, cu, 5, 6, backend="reference")
+    cu[1] = 11
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="reference")
+    prefix = torch.tensor([1, 2], dtype=torch.int32)
+    cu[1] = 4
+    flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, causal=True, prefix_lens=prefix, backend="reference")
+    prefix[0] = -1
+    with pytest.raises(ValueError, match="prefix_lens must be >= 0"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, causal=True, prefix_lens=prefix, backend="reference")
+    with torch.inference_mode():  # no version counter: checked every time
+        cu2 = torch.tensor([0, 4, 10], dtype=torch.int32)
+        before = len(reads)
+        flash_attn_varlen_func(q, q, q, cu2, cu2, 6, 6, backend="reference")
+        flash_attn_varlen_func(q, q, q, cu2, cu2, 6, 6, backend="reference")
+        assert len(reads) - before >= 2

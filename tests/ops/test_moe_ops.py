@@ -222,3 +222,20 @@ def test_permute_unpermute_gradients(gen):
 def test_permute_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_value_checks_can_be_skipped():
+    """check_values=False (sizes made by permute, indices by a router) skips the host-side reads."""
+    x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
+    bad_sizes = torch.tensor([2, 3], dtype=torch.int32)  # sums to 5, not 6
+    with pytest.raises(ValueError, match="sums to 5"):
+        grouped_mm(x, w, bad_sizes, backend="reference")
+    good = torch.tensor([2, 4], dtype=torch.int32)
+    torch.testing.assert_close(grouped_mm(x, w, good, backend="reference", check_values=False),
+                               grouped_mm(x, w, good, backend="reference"))
+    assert grouped_mm(x, w, bad_sizes, backend="reference", check_values=False).shape == (6, 3)
+    idx = torch.tensor([[0], [2], [1]])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+        permute(x[:3], idx, 2)
+    xs, _, sizes = permute(x[:3], idx, 2, check_values=False)  # out of range: not counted in any group
+    assert sizes.tolist() == [1, 1]
