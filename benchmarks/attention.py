@@ -188,13 +188,15 @@ def gpu_grid(args):
     dtype = torch.bfloat16
     backends = [name for name in ("cuda", "triton") if name in ATTENTION_BACKENDS.available()
                 and serves(name, dtype, "cuda")]
-    modes = ("fwd", "bwd", "fwd+bwd")
+    modes = tuple(args.passes.split(","))
     tokens = 16384  # batch x seqlen, as flash-attention's own benchmarks
     seqs = (1024, 4096, 16384) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
     rows = []
 
     def record(shape, causal, providers, fl):
         for name, make, inputs in providers:
+            if args.providers and name not in args.providers.split(","):
+                continue
             try:
                 times = _timed_modes(make, inputs, modes)
             except Exception as error:  # a provider that cannot run this shape is reported, not fatal
@@ -235,6 +237,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (the demo)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--providers", default="", help="GPU: only these providers (comma-separated names)")
+    parser.add_argument("--passes", default="fwd,bwd,fwd+bwd", help="GPU: passes to time (fwd, bwd, fwd+bwd)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if torch.cuda.is_available():

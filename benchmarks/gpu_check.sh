@@ -4,7 +4,8 @@
 # the benchmarks, and write logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 # QUICK=1 benchmarks fewer sizes. It writes a dozen files: where only a few may be carried back,
-# point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .).
+# point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .). Each step has
+# a time limit (seconds: T_TESTS, T_BENCH), so that a slow step cannot eat the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -58,18 +59,27 @@ fi
 
 # gpu-marked tests everywhere, plus the op and model tests (they run on CUDA when it is there)
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
-$PY -m pytest -q $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops tests/models \
+timeout "${T_TESTS:-200}" $PY -m pytest -q $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops tests/models \
   >"$OUT/pytest-gpu.log" 2>&1 || status=1
 step "gpu tests: $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in attention moe decode; do
+for bench in moe attention decode; do
   [ -f benchmarks/$bench.py ] || continue
-  $PY benchmarks/$bench.py ${QUICK:+--quick} --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1 || status=1
-  step "benchmark $bench: exit $?"
+  timeout "${T_BENCH:-150}" $PY benchmarks/$bench.py ${QUICK:+--quick} --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
+  code=$?; [ $code = 0 ] || status=1
+  step "benchmark $bench: exit $code"
 done
-for bench in attention moe decode; do
-  [ -f "$OUT/$bench.md" ] && { echo; cat "$OUT/$bench.md"; }
+# the CUDA forward's two tile sizes (64 and 128 queries per CTA) against SDPA's flash backend
+if $PY -c 'import generalist._ext as e, sys; sys.exit(not e.cuda_built())' 2>/dev/null; then
+  for warps in 4 8; do
+    GENERALIST_CUDA_FWD_WARPS=$warps timeout 60 $PY benchmarks/attention.py --quick --providers cuda,sdpa-flash \
+      --passes fwd --out "$OUT/cuda-fwd-warps$warps.md" >"$OUT/cuda-fwd-warps$warps.log" 2>&1
+    step "benchmark cuda forward, $warps warps per CTA: exit $?"
+  done
+fi
+for bench in attention moe decode cuda-fwd-warps4 cuda-fwd-warps8; do
+  [ -f "$OUT/$bench.md" ] && { echo; echo "## $bench"; cat "$OUT/$bench.md"; }
 done
 echo; cat "$OUT/summary.txt"
 exit $status

@@ -84,6 +84,16 @@ def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix,
     check_forward(case, causal, dtype, gen.initial_seed(), BACKEND)
 
 
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", CASES)
+def test_forward_per_sequence_order_matches_float64(gen, monkeypatch, lens_q, lens_k, h, hkv, d, causal, prefix):
+    """The forward's other program order (2-D grid, sequence by sequence), a tuning candidate."""
+    from generalist.kernels.triton import attention as K
+
+    monkeypatch.setattr(K, "_FWD_ORDERS", (False, True))
+    case = _case(lens_q, lens_k, h, hkv, d, prefix, gen)
+    check_forward(case, causal, torch.float32, gen.initial_seed(), BACKEND)
+
+
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", GRAD_CASES)
 def test_gradients_match_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix):
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, requires_grad=True)
@@ -226,7 +236,8 @@ for head_dim in (block_d, block_d - 3):
     for name, fn in K._KERNELS.items():
         bm, bn, warps, stages = K.configs_for(name, elem, block_d, arch)[0]
         cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=True, HAS_PREFIX=True,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+                  **({"LONGEST_FIRST": True} if name == "fwd" else {}))
         sig = {a: "constexpr" if a in cx else ("*i32" if a in ("CU_Q", "CU_K", "PREFIX") else
                "*fp32" if a in ("LSE", "DELTA") else f"*{dtype}" if a.isupper() else
                "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}
@@ -290,12 +301,15 @@ def test_cuda_every_config(gen, monkeypatch, kernel):
     dlse = torch.zeros(8, sum(lens_q), device="cuda")
     major, minor = torch.cuda.get_device_capability()
     arch = 90 if major >= 9 else 80
-    for config in K.configs_for(kernel, 2, 128, arch):
+    for config, order in [(c, o) for c in K.configs_for(kernel, 2, 128, arch) for o in (True, False)]:
+        if kernel != "fwd" and not order:
+            continue
         monkeypatch.setitem(K._CONFIGS_16BIT[arch], (kernel, 128), [config])
+        monkeypatch.setattr(K, "_FWD_ORDERS", (order,))
         K._autotuned.cache_clear()
         check_forward(case, True, torch.bfloat16, gen.initial_seed(), BACKEND)
         got = attention_grads(case, dout, dlse, lambda: run_varlen(case, True, BACKEND, return_lse=True))
         want = _float64_grads(case, True, dout, dlse)
         for name, g, w in zip("qkv", got, want):
-            assert (g.double() - w).norm() / w.norm() < 2e-2, f"d{name} with {kernel} config {config}"
+            assert (g.double() - w).norm() / w.norm() < 2e-2, f"d{name} with {kernel} config {config} {order}"
     K._autotuned.cache_clear()

@@ -9,7 +9,9 @@ lse = -inf.
 
 Kernels (one program per block of one sequence and one head; B = number of sequences):
   _attn_fwd_kernel        grid (B * cdiv(max_seqlen_q, BLOCK_M), H): a query block, online
-                          softmax in fp32 over the key blocks it can see.
+                          softmax in fp32 over the key blocks it can see. With LONGEST_FIRST
+                          (tuned like a block size) the grid is 1-D, ordered by block position
+                          across the batch, so the longest blocks do not run last.
   _attn_bwd_delta_kernel  grid (cdiv(Tq, BLOCK_T), H): delta = rowsum(dO * O) - dlse.
   _attn_bwd_dkdv_kernel   grid (B * cdiv(max_seqlen_k, BLOCK_N), Hkv): a key block; loops over the
                           query blocks of every query head that reads it, dK/dV in fp32 registers.
@@ -97,19 +99,28 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K, PREFIX,
-    softmax_scale, max_seqlen_q, group, seq_bucket,
+    softmax_scale, max_seqlen_q, group, seq_bucket, batch, n_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
-    # program -> (sequence, query block, head); the longest causal blocks start first
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
-    b = pid // num_m
-    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    if LONGEST_FIRST:
+        # 1-D grid, query-block position slowest: the last blocks of every sequence and head (the
+        # longest under a causal mask, those of the longest sequences) start first batch-wide
+        pid = tl.program_id(0)
+        rank = pid // (batch * n_heads)
+        b = (pid % (batch * n_heads)) // n_heads
+        h = pid % n_heads
+        start_m = (num_m - 1 - rank) * BLOCK_M
+    else:
+        # program -> (sequence, query block, head); in each sequence the longest causal blocks first
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        b = pid // num_m
+        start_m = (num_m - 1 - pid % num_m) * BLOCK_M
     q_start = tl.load(CU_Q + b)
     lq = tl.load(CU_Q + b + 1) - q_start
     if start_m >= lq:
@@ -425,6 +436,9 @@ _CONFIGS_FP32 = {
 # Under the interpreter: small blocks (fast on a CPU, several blocks per test sequence), and
 # query and key blocks of different sizes so that both orders of the mask arithmetic run.
 _INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (32, 16)}
+# The forward's two program orders: both are tuning candidates on a GPU; the interpreter runs the
+# first (tests switch it).
+_FWD_ORDERS = (True, False)
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_PREFIX", "seq_bucket"]
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
@@ -461,7 +475,9 @@ def _autotuned(kernel: str, elem: int, block_d: int, device: int, tune: bool):
     table = configs_for(kernel, elem, block_d, arch, props["max_shared_mem"])
     if not tune:
         table = table[:1]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+    orders = [{"LONGEST_FIRST": o} for o in (_FWD_ORDERS if tune else _FWD_ORDERS[:1])] if kernel == "fwd" else [{}]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **order}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in table for order in orders]
     return triton.autotune(configs=configs, key=_TUNE_KEY)(_KERNELS[kernel])
 
 
@@ -480,7 +496,7 @@ def _launch(kernel: str, grid_of, q: torch.Tensor, *args, **constexprs):
     GENERALIST_TRITON_AUTOTUNE=0 skips tuning (each table's first config), e.g. for tests."""
     if _use_interpreter_blocks():
         bm, bn = _INTERPRET_BLOCKS[kernel]
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"LONGEST_FIRST": _FWD_ORDERS[0]} if kernel == "fwd" else {})}
         _KERNELS[kernel][grid_of(meta)](q, *args, **constexprs, **meta)
         return
     tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
@@ -551,9 +567,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     has_prefix = prefix_lens is not None and bool(causal)
     with _on_device(q):
         _launch(
-            "fwd", lambda meta: (batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h),
+            "fwd", lambda meta: ((batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) * h,) if meta["LONGEST_FIRST"]
+                                 else (batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h)),
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens if has_prefix else cu_seqlens_q,
-            float(softmax_scale), int(max_seqlen_q), h // hkv, _seq_bucket(max_seqlen_q),
+            float(softmax_scale), int(max_seqlen_q), h // hkv, _seq_bucket(max_seqlen_q), batch, h,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
             HEAD_DIM=d, BLOCK_D=_block_d(d), IS_CAUSAL=bool(causal), HAS_PREFIX=has_prefix,
