@@ -16,10 +16,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -129,16 +127,6 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return out;
 }
 
-// Warps per forward CTA (attention_kernel.cuh): 8 (128-query tiles) at D = 128, 4 (64-query
-// tiles) at D = 64. GENERALIST_CUDA_FWD_WARPS=4 or 8 forces one, read on every call so that tests
-// and benchmarks can compare the two in one process.
-int forward_warps(int64_t head_dim) {
-  const char* env = std::getenv("GENERALIST_CUDA_FWD_WARPS");
-  if (env != nullptr && std::string_view(env) == "4") return 4;
-  if (env != nullptr && std::string_view(env) == "8") return 8;
-  return head_dim == 128 ? 8 : 4;
-}
-
 template <typename Fn>
 cudaError_t dispatch(at::ScalarType dtype, int64_t head_dim, const Fn& fn) {
   // fn(dtype tag, head-dim tag); check_qkv has limited both to what is instantiated
@@ -168,7 +156,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.lse = lse.data_ptr<float>();
   p.o_row_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
-  p.fwd_warps = forward_warps(p.head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = dispatch(q.scalar_type(), p.head_dim, [&](auto dt, auto d) {
     return launch_attention_fwd<decltype(dt)::value, decltype(d)::value>(p, stream);

@@ -55,7 +55,6 @@ struct AttentionParams {
   int max_seqlen_q = 0, max_seqlen_k = 0;  // grid sizes: at least the longest sequence
   float softmax_scale = 1.0f;
   bool causal = false;
-  int fwd_warps = 8;  // forward CTA: 8 warps (128 queries) or 4 (64 queries); others mean 8
 };
 
 // Launchers per (element type, head dim), explicitly instantiated for D in {64, 128} in

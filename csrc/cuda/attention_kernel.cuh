@@ -4,12 +4,10 @@
 // are in attention.h, the host side in attention.cpp. Instantiated per element type in
 // attention_{fwd,bwd}_{fp16,bf16}.cu for head dims 64 and 128.
 //
-// Each warp owns 16 rows of the CTA's tile (query rows in the forward and dQ kernels, key rows in
-// the dK/dV kernel), so softmax rows never cross warps. Backward CTAs have 4 warps; forward ones 8
-// (or 4, AttentionParams::fwd_warps).
-//   forward       grid (batch * cdiv(max_seqlen_q, 16 * warps), H): a 128- (64-) query tile,
-//                 online softmax over the 64-key tiles it can see (fully masked tiles are not
-//                 visited; a warp skips the tiles none of its rows sees).
+// Every CTA has 4 warps; each warp owns 16 rows of the CTA's tile (query rows in the forward
+// and dQ kernels, key rows in the dK/dV kernel), so softmax rows never cross warps.
+//   forward       grid (batch * cdiv(max_seqlen_q, 64), H): a 64-query tile, online softmax over
+//                 the 64-key tiles it can see (fully masked tiles are not visited).
 //   bwd delta     one warp per (token, head): delta = rowsum(dO * O) - dlse.
 //   bwd dK/dV     grid (batch * cdiv(max_seqlen_k, 64), Hkv): a 64-key tile, looping over the
 //                 query heads of its GQA group and the query tiles that see it. No atomics.
@@ -166,14 +164,14 @@ struct SeqMask {
 // rows x D elements from global (row r at src + r * row_stride, 16-byte chunks) into shared
 // memory with pitch kPitchOf<D>; rows >= valid_rows are zero-filled. Needs valid_rows >= 1
 // (row 0 stands in as the address of the rows it does not read).
-template <int ROWS, int D, int THREADS = kThreads, typename T>
+template <int ROWS, int D, typename T>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int valid_rows, int tid) {
   constexpr int kChunksPerRow = D / 8;
   constexpr int kChunks = ROWS * kChunksPerRow;
-  static_assert(kChunks % THREADS == 0, "tile chunks must divide among the threads");
+  static_assert(kChunks % kThreads == 0, "tile chunks must divide among the threads");
 #pragma unroll
-  for (int i = 0; i < kChunks / THREADS; ++i) {
-    const int c = tid + i * THREADS;
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int c = tid + i * kThreads;
     const int r = c / kChunksPerRow;
     const int col = (c % kChunksPerRow) * 8;
     const bool valid = r < valid_rows;
@@ -270,25 +268,19 @@ __device__ __forceinline__ void store_row(T* dst, const float (&c)[D / 8][4], in
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// WARPS warps of 16 query rows each: a (16 * WARPS)-query tile per CTA. At D = 128 both fit one
-// SM's registers 8 warps at a time (8 x 1 CTA, 216 registers; 4 x 2 CTAs, 240), and 8 warps per
-// CTA halve the K/V traffic per query; at D = 64, 4-warp CTAs fit 3 to an SM (12 warps) and
-// 8-warp ones only 1.
-template <typename T, int D, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const AttentionParams p) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kPitch = kPitchOf<D>;
   constexpr int kNT = kBlockN / 8;  // score n-tiles per warp
-  constexpr int kBM = 16 * WARPS;   // query rows per CTA
-  constexpr int kThr = 32 * WARPS;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* s_q = reinterpret_cast<T*>(smem);     // [kBM][kPitch]
-  T* s_k = s_q + kBM * kPitch;             // [2][kBlockN][kPitch]
+  T* s_q = reinterpret_cast<T*>(smem);     // [kBlockM][kPitch]
+  T* s_k = s_q + kBlockM * kPitch;         // [2][kBlockN][kPitch]
   T* s_v = s_k + 2 * kBlockN * kPitch;     // [2][kBlockN][kPitch]
 
   // CTA -> (sequence, query tile, head); the last (longest causal) tiles start first
-  const int num_m = (p.max_seqlen_q + kBM - 1) / kBM;
+  const int num_m = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
   const int b = blockIdx.x / num_m;
-  const int m0 = (num_m - 1 - static_cast<int>(blockIdx.x % num_m)) * kBM;
+  const int m0 = (num_m - 1 - static_cast<int>(blockIdx.x % num_m)) * kBlockM;
   const int h = blockIdx.y;
   const int q_start = p.cu_seqlens_q[b];
   const int lq = p.cu_seqlens_q[b + 1] - q_start;
@@ -304,12 +296,9 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const Attenti
   const int vis[2] = {mask.visible(row0), mask.visible(row0 + 8)};
 
   // key tiles [0, full_tiles) are seen entirely by every row of the tile; [full_tiles, n_tiles)
-  // need the mask; later ones are seen by none. A warp skips the tiles from warp_tiles on, which
-  // none of its 16 rows sees (on the causal diagonal; rows past the sequence see nothing).
-  const int n_tiles = (mask.visible(min(m0 + kBM, lq) - 1) + kBlockN - 1) / kBlockN;
+  // need the mask; later ones are seen by none
+  const int n_tiles = (mask.visible(min(m0 + kBlockM, lq) - 1) + kBlockN - 1) / kBlockN;
   const int full_tiles = mask.visible(m0) / kBlockN;
-  const int warp_last = min(m0 + warp * 16 + 15, lq - 1);
-  const int warp_tiles = warp_last < m0 + warp * 16 ? 0 : (mask.visible(warp_last) + kBlockN - 1) / kBlockN;
 
   const T* q_tile = static_cast<const T*>(p.q) + (q_start + static_cast<int64_t>(m0)) * p.q_row_stride +
                     h * p.q_head_stride;
@@ -322,9 +311,9 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const Attenti
   float l_run[2] = {0.0f, 0.0f};            // this thread's part of the running row sum
 
   if (n_tiles > 0) {
-    load_tile<kBM, D, kThr>(s_q, q_tile, p.q_row_stride, lq - m0, tid);
-    load_tile<kBlockN, D, kThr>(s_k, k_seq, p.k_row_stride, lk, tid);
-    load_tile<kBlockN, D, kThr>(s_v, v_seq, p.v_row_stride, lk, tid);
+    load_tile<kBlockM, D>(s_q, q_tile, p.q_row_stride, lq - m0, tid);
+    load_tile<kBlockN, D>(s_k, k_seq, p.k_row_stride, lk, tid);
+    load_tile<kBlockN, D>(s_v, v_seq, p.v_row_stride, lk, tid);
     cp_async_commit();
   }
   for (int j = 0; j < n_tiles; ++j) {
@@ -333,16 +322,12 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const Attenti
     if (j + 1 < n_tiles) {
       const int n1 = (j + 1) * kBlockN;
       const int nxt = (stage ^ 1) * kBlockN * kPitch;
-      load_tile<kBlockN, D, kThr>(s_k + nxt, k_seq + n1 * p.k_row_stride, p.k_row_stride, lk - n1, tid);
-      load_tile<kBlockN, D, kThr>(s_v + nxt, v_seq + n1 * p.v_row_stride, p.v_row_stride, lk - n1, tid);
+      load_tile<kBlockN, D>(s_k + nxt, k_seq + n1 * p.k_row_stride, p.k_row_stride, lk - n1, tid);
+      load_tile<kBlockN, D>(s_v + nxt, v_seq + n1 * p.v_row_stride, p.v_row_stride, lk - n1, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (j >= warp_tiles) {  // warp-uniform: nothing of this tile is visible to this warp
-      __syncthreads();
-      continue;
-    }
     const T* k_tile = s_k + stage * kBlockN * kPitch;
     const T* v_tile = s_v + stage * kBlockN * kPitch;
 
@@ -694,19 +679,12 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
   return cudaGetLastError();
 }
 
-template <typename T, int D, int WARPS>
-cudaError_t launch_attention_fwd_warps(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int kBM = 16 * WARPS;
-  const size_t smem = sizeof(T) * (kBM + 4 * kBlockN) * kPitchOf<D>;
-  const unsigned num_m = (p.max_seqlen_q + kBM - 1) / kBM;
-  return launch(attention_fwd_kernel<T, D, WARPS>, dim3(num_m * p.batch, p.heads), 32 * WARPS, smem, stream, p);
-}
-
 template <Dtype DT, int D>
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   using T = typename Element<DT>::type;
-  if (p.fwd_warps == 4) return launch_attention_fwd_warps<T, D, 4>(p, stream);
-  return launch_attention_fwd_warps<T, D, 8>(p, stream);
+  const size_t smem = sizeof(T) * (kBlockM + 4 * kBlockN) * kPitchOf<D>;
+  const unsigned num_m = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
+  return launch(attention_fwd_kernel<T, D>, dim3(num_m * p.batch, p.heads), kThreads, smem, stream, p);
 }
 
 template <Dtype DT, int D>
