@@ -337,3 +337,18 @@ def test_cuda_against_float64(gen, dtype, q_len, h, hkv, d, num_splits):
     out, lse = attention_decode(q, k, v, cache_lens, num_splits=num_splits, return_lse=True, backend="triton")
     _check_against_float64(q, k, v, lens, out, lse, gen.initial_seed())
     assert DECODE_BACKENDS.resolve("auto", q, k, v, cache_lens, 1.0, 0).name == "triton"
+
+
+def test_default_split_count(monkeypatch):
+    """No split when the programs already cover half the SMs; else about two programs per SM,
+    capped by four key blocks per split and MAX_SPLITS. (Needs triton, not a GPU.)"""
+    decode = pytest.importorskip("generalist.kernels.triton.decode")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    assert decode.default_num_splits(128, 8192, 64, gpu) == 1  # B16 x 8 kv heads
+    assert decode.default_num_splits(66, 8192, 64, gpu) == 1
+    assert decode.default_num_splits(65, 8192, 64, gpu) == 5  # cdiv(264, 65)
+    assert decode.default_num_splits(8, 32768, 64, gpu) == 33  # B1 x 8 kv heads
+    assert decode.default_num_splits(8, 512, 64, gpu) == 2  # 8 key blocks: 4 per split
+    assert decode.default_num_splits(1, 1 << 20, 64, gpu) == decode.MAX_SPLITS
+    assert decode.default_num_splits(8, 0, 64, gpu) == 1

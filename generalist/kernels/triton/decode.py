@@ -212,14 +212,18 @@ def _sm_count(device: int) -> int:
 
 
 def default_num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """How many key splits fill the machine: enough programs for about two per SM, but at least
-    four key blocks per split (under the interpreter: at most 4 splits)."""
+    """How many key splits fill the machine: none when the (sequence, kv head, row block)
+    programs already give every other SM one (on an H200, 128 programs ran 1.2x faster unsplit
+    than in 3 splits), else enough for about two programs per SM, with at least four key blocks
+    per split (under the interpreter: at most 4 splits)."""
     if max_len <= 0:
         return 1
     if device.type != "cuda":
         return max(1, min(4, triton.cdiv(max_len, 4 * block_n)))
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    splits = min(triton.cdiv(target, max(programs, 1)), triton.cdiv(max_len, 4 * block_n), MAX_SPLITS)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if 2 * programs >= sms:
+        return 1
+    splits = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(max_len, 4 * block_n), MAX_SPLITS)
     return max(1, splits)
 
 
