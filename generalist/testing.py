@@ -104,15 +104,14 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def check_forward(case: VarlenCase, causal: bool, dtype: torch.dtype, seed: int, backend: str) -> None:
-    """Asserts out and lse of `backend` against float64 (the tolerance rule above; lse to 1e-4,
-    -inf exactly where a row sees no key)."""
-    out, lse = run_varlen(case, causal, backend, return_lse=True)
-    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
-    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
-    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert lse.dtype == torch.float32 and lse.shape == (case.q.shape[1], case.q.shape[0])
+def check_output(out: Tensor, lse: Tensor, want: Tensor, want_lse: Tensor, same_dtype: Tensor,
+                 lse_shape: tuple[int, ...], seed: int) -> None:
+    """Asserts a kernel's out / lse against the float64 reference (want, want_lse) by the tolerance
+    rule above, `same_dtype` being PyTorch's result at out's dtype; lse fp32 of `lse_shape`, to
+    1e-4, and -inf exactly where the reference has it (a row that sees no key)."""
+    dtype = same_dtype.dtype
+    assert out.dtype == dtype and out.shape == want.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse_shape
     assert torch.isfinite(out).all()
     err, baseline = max_err(out, want), max_err(same_dtype, want)
     assert err <= 2 * baseline + ATOL[dtype], f"out: error {err} vs same-dtype PyTorch {baseline} (seed {seed})"
@@ -121,6 +120,16 @@ def check_forward(case: VarlenCase, causal: bool, dtype: torch.dtype, seed: int,
     assert torch.isneginf(lse[~finite]).all()
     torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-4, rtol=1e-4,
                                msg=lambda m: f"lse: {m} (seed {seed})")
+
+
+def check_forward(case: VarlenCase, causal: bool, dtype: torch.dtype, seed: int, backend: str) -> None:
+    """Asserts out and lse of `backend` against float64 (check_output)."""
+    out, lse = run_varlen(case, causal, backend, return_lse=True)
+    args = (case.q, case.k, case.v, case.lens_q, case.lens_k)
+    want, want_lse = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens)
+    same_dtype, _ = naive_attention(*args, causal=causal, prefix_lens=case.prefix_lens, dtype=dtype)
+    assert same_dtype.dtype == dtype
+    check_output(out, lse, want, want_lse, same_dtype, (case.q.shape[1], case.q.shape[0]), seed)
 
 
 def attention_grads(case: VarlenCase, dout: Tensor, dlse: Tensor, fn) -> tuple[Tensor, ...]:
