@@ -214,6 +214,8 @@ def gpu_grid(args):
         for s in (seqs if d == 128 else (1024, 4096)):
             b = max(1, tokens // s)
             for causal in (False, True):
+                if args.shapes not in f"dense B{b} H{h} S{s} D{d}":
+                    continue
                 record(f"dense B{b} H{h} S{s} D{d}", causal,
                        _dense_providers(backends, b, h, s, d, causal, dtype), flops(b, h, s, s, d, causal, "fwd"))
     gen = torch.Generator().manual_seed(0)
@@ -223,8 +225,9 @@ def gpu_grid(args):
     # work under the mask: prefix block p*p plus the causal rest (n*(n+1) - p*(p+1))/2 + p*(n-p)
     pairs = sum(p * p + (n * (n + 1) - p * (p + 1)) // 2 for n, p in zip(lens, prefix))
     fl = 4 * 16 * 128 * pairs
-    record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
-           _prefix_providers(backends, lens, prefix, 16, 128, dtype), fl)
+    if args.shapes in f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128":
+        record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
+               _prefix_providers(backends, lens, prefix, 16, 128, dtype), fl)
 
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
@@ -239,6 +242,7 @@ def main():
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--providers", default="", help="GPU: only these providers (comma-separated names)")
     parser.add_argument("--passes", default="fwd,bwd,fwd+bwd", help="GPU: passes to time (fwd, bwd, fwd+bwd)")
+    parser.add_argument("--shapes", default="", help="GPU: only the shapes whose name contains this (e.g. prefix)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if torch.cuda.is_available():

@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 # QUICK=1 benchmarks fewer sizes. It writes a dozen files: where only a few may be carried back,
 # point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .). Each step has
-# a time limit (seconds: T_TESTS, T_BENCH), so that a slow step cannot eat the rest.
+# a time limit (seconds: T_TESTS, T_BENCH), so that a slow step cannot eat the rest. BENCHES picks
+# the benchmarks (default "moe attention decode"); ATTENTION_ARGS are passed to attention.py (e.g.
+# "--providers cuda,sdpa-flash --passes fwd"). BUILD=0 uses the extension already built.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -25,7 +27,9 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 start=$(date +%s)
-if GENERALIST_CUDA=ON $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
+if [ "${BUILD:-1}" = 0 ]; then
+  step "build: skipped (BUILD=0); cuda_built=$($PY -c 'import generalist._ext as e; print(e.cuda_built())')"
+elif GENERALIST_CUDA=ON $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
   step "build: ok in $(( $(date +%s) - start )) s; cuda_built=$($PY -c 'import generalist._ext as e; print(e.cuda_built())')"
 else
   step "build: FAILED (see build.log)"; status=1; tail -n 30 "$OUT/build.log"
@@ -65,13 +69,15 @@ timeout "${T_TESTS:-300}" $PY -m pytest -v -rfE $xdist -m "gpu or not slow" -p n
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in moe attention decode; do
+for bench in ${BENCHES:-moe attention decode}; do
   [ -f benchmarks/$bench.py ] || continue
-  timeout "${T_BENCH:-150}" $PY benchmarks/$bench.py ${QUICK:+--quick} --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
+  extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}
+  # shellcheck disable=SC2086  # extra holds several arguments
+  timeout "${T_BENCH:-150}" $PY benchmarks/$bench.py ${QUICK:+--quick} $extra --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
   code=$?; [ $code = 0 ] || status=1
   step "benchmark $bench: exit $code"
 done
-for bench in attention moe decode; do
+for bench in ${BENCHES:-attention moe decode}; do
   [ -f "$OUT/$bench.md" ] && { echo; echo "## $bench"; cat "$OUT/$bench.md"; }
 done
 echo; cat "$OUT/summary.txt"

@@ -2,6 +2,7 @@
 against one dense matmul of the same FLOPs, measured in one run.
 
     python benchmarks/moe.py [--quick] [--out results.md]
+    python benchmarks/moe.py --kernels [--out results.md]   # forward, dx, dw kernels apart
 
 GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Providers:
   triton            generalist.ops.grouped_mm(backend="triton"), the grouped kernels;
@@ -87,6 +88,16 @@ def _providers(backends, t, d, f, sizes, dtype):
     yield "dense", (lambda: torch.matmul(x2, w2)), (x2, w2)
 
 
+def print_tuned_configs():
+    """The configuration the autotuner chose for each (kernel, tuning key) of the bf16 kernels."""
+    from generalist.kernels.triton import moe as K
+
+    for kernel in ("mm", "dw"):
+        tuner = K._autotuned(kernel, 2, torch.cuda.current_device(), True)
+        for key, config in getattr(tuner, "cache", {}).items():
+            print(f"tuned {kernel} {tuple(key)[:4]}: {config}")
+
+
 def gpu_grid(args):
     import triton
 
@@ -113,22 +124,65 @@ def gpu_grid(args):
                         print(f"{shape:36s} {mode:7s} {name:18s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
                 torch.cuda.empty_cache()
 
+    print_tuned_configs()
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton {triton.__version__}; "
              "do_bench median; TFLOP/s = 2·T·D·F (fwd), 3× (fwd+bwd); T = tokens × top-k", ""]
     emit(lines + pivot(rows, ("shape", "largest group", "pass")), args.out,
          "shape,largest_group,pass,provider,seconds,tflops", rows)
 
 
+def kernel_breakdown(args):
+    """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
+    group), next to the forward kernel, the three back to back, and the dense matmul of each
+    one's shape."""
+    import triton
+    from generalist.kernels.triton import moe as K
+
+    dtype, t, d, f = torch.bfloat16, 16384, 2048, 1408
+    gen = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
+    w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
+    dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
+    rows = []
+    for e, skew in ((8, "balanced"), (64, "balanced"), (64, "skewed")):
+        sizes = group_sizes(t, e, skew, gen)
+        gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
+        w = torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5
+        shape = f"T{t} D{d} F{f} E{e} {skew}"
+        providers = {("fwd", "triton"): lambda: K._mm(x, w, gs),
+                     ("dx", "triton"): lambda: K._mm(dy, w.transpose(1, 2), gs),
+                     ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
+                     # the three kernels back to back, as the autograd path launches them
+                     ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
+        providers.update({(part, "dense"): fn for part, fn in dense.items()})
+        providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
+        for (part, name), fn in providers.items():
+            sec = _bench_gpu(fn)
+            tf = flops(t, d, f) * (3 if part == "fwd+dx+dw" else 1) / sec / 1e12
+            rows.append((shape, max(sizes), part, name, sec, tf))
+            print(f"{shape:36s} {part:9s} {name:20s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+    lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
+             "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together", ""]
+    out = args.out.replace(".md", "-kernels.md") if args.out else None
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")), out,
+         "shape,largest_group,kernel,provider,seconds,tflops", rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape, E in {8, 64}")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--kernels", action="store_true",
+                        help="time the Triton forward, dx and dw kernels apart against dense matmuls (one shape)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if not torch.cuda.is_available():
         print("benchmarks/moe.py measures GPU kernels and needs a CUDA device; nothing to do here.")
         return
-    gpu_grid(args)
+    if args.kernels:
+        kernel_breakdown(args)
+    else:
+        gpu_grid(args)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@
 // are in attention.h, the host side in attention.cpp. Instantiated per element type in
 // attention_{fwd,bwd}_{fp16,bf16}.cu for head dims 64 and 128.
 //
-// Every CTA has 4 warps; each warp owns 16 rows of the CTA's tile (query rows in the forward
+// Every CTA has 4 warps; each warp owns whole rows of the CTA's tile (query rows in the forward
 // and dQ kernels, key rows in the dK/dV kernel), so softmax rows never cross warps.
-//   forward       grid (batch * cdiv(max_seqlen_q, 64), H): a 64-query tile, online softmax over
-//                 the 64-key tiles it can see (fully masked tiles are not visited).
+//   forward       grid (batch * cdiv(max_seqlen_q, 128), H): a 128-query tile, 32 rows per warp
+//                 (two 16-row mma tiles sharing every K/V fragment), online softmax over the key
+//                 tiles it can see (64 keys at D = 64, 32 at D = 128; fully masked tiles are not
+//                 visited).
 //   bwd delta     one warp per (token, head): delta = rowsum(dO * O) - dlse.
 //   bwd dK/dV     grid (batch * cdiv(max_seqlen_k, 64), Hkv): a 64-key tile, looping over the
 //                 query heads of its GQA group and the query tiles that see it. No atomics.
@@ -33,7 +35,7 @@
 namespace generalist::cuda_attention {
 
 constexpr int kThreads = 128;  // 4 warps
-constexpr int kBlockM = 64;    // query rows per CTA (forward, dQ)
+constexpr int kBlockM = 64;    // query rows per CTA (dQ; the forward's are kFwdBlockM)
 constexpr int kBlockN = 64;    // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -268,19 +270,78 @@ __device__ __forceinline__ void store_row(T* dst, const float (&c)[D / 8][4], in
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D>
+// s[mt] (16 x 8*NT) += rows [row0 + 16 mt, row0 + 16 mt + 16) of the A-tile times the B-tile
+// transposed, for MT row tiles at once: each B fragment loaded from shared memory feeds MT mmas.
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void gemm_abt_rows(float (&c)[MT][NT][4], const T* a_tile, int row0, const T* b_tile,
+                                              int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], a_tile, row0 + 16 * mt, kk * 16, lane);
+#pragma unroll
+    for (int nn = 0; nn < NT / 2; ++nn) {
+      uint32_t b[4];
+      load_b_rows<D>(b, b_tile, nn * 16, kk * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(c[mt][2 * nn], a[mt], b[0], b[1]);
+        mma_16816<T>(c[mt][2 * nn + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mt] (16 x D) += p[mt] (16 x 8*NT, accumulator layout, rounded to T) times the B-tile, for
+// MT row tiles at once (each V fragment feeds MT mmas).
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void gemm_pb_rows(float (&acc)[MT][D / 8][4], const float (&p)[MT][NT][4],
+                                             const T* b_tile, int lane) {
+#pragma unroll
+  for (int kb = 0; kb < NT / 2; ++kb) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], p[mt], kb);
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t b[4];
+      load_b_cols<D>(b, b_tile, kb * 16, dn * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * dn + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Query rows per forward CTA: 4 warps of MT row tiles of 16.
+template <int MT>
+constexpr int kFwdBlockM = 4 * 16 * MT;
+// Keys per tile of the 128-query forward: 32 at D = 128 keeps its two 16 x D accumulators, the
+// scores and the fragments in registers (64 spills there).
+template <int D>
+constexpr int kFwdBlockN = D <= 64 ? 64 : 32;
+
+// The forward for a tile of 64 * MT queries: warp w owns rows [16 MT w, 16 MT (w + 1)) of the tile,
+// MT row tiles of 16. MT = 2 (FlashAttention-2's layout) is what is launched: every K and V
+// fragment read from shared memory feeds two mmas, half the ldmatrix traffic per mma of MT = 1
+// (16 rows per warp), which ran at 0.81-0.96x the speed of MT = 2 on an H200 (BENCHMARKS.md).
+template <typename T, int D, int MT, int BN>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kPitch = kPitchOf<D>;
-  constexpr int kNT = kBlockN / 8;  // score n-tiles per warp
+  constexpr int kBM = kFwdBlockM<MT>;
+  constexpr int kNT = BN / 8;  // score n-tiles per warp
   extern __shared__ __align__(16) unsigned char smem[];
-  T* s_q = reinterpret_cast<T*>(smem);     // [kBlockM][kPitch]
-  T* s_k = s_q + kBlockM * kPitch;         // [2][kBlockN][kPitch]
-  T* s_v = s_k + 2 * kBlockN * kPitch;     // [2][kBlockN][kPitch]
+  T* s_q = reinterpret_cast<T*>(smem);     // [kBM][kPitch]
+  T* s_k = s_q + kBM * kPitch;             // [2][BN][kPitch]
+  T* s_v = s_k + 2 * BN * kPitch;          // [2][BN][kPitch]
 
   // CTA -> (sequence, query tile, head); the last (longest causal) tiles start first
-  const int num_m = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_m = (p.max_seqlen_q + kBM - 1) / kBM;
   const int b = blockIdx.x / num_m;
-  const int m0 = (num_m - 1 - static_cast<int>(blockIdx.x % num_m)) * kBlockM;
+  const int m0 = (num_m - 1 - static_cast<int>(blockIdx.x % num_m)) * kBM;
   const int h = blockIdx.y;
   const int q_start = p.cu_seqlens_q[b];
   const int lq = p.cu_seqlens_q[b + 1] - q_start;
@@ -292,91 +353,108 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int row0 = m0 + warp * 16 + g;  // the two rows (in the sequence) this thread holds
-  const int vis[2] = {mask.visible(row0), mask.visible(row0 + 8)};
+  const int wrow0 = warp * 16 * MT;  // this warp's first row in the tile
+  // rows m0 + wrow0 + 16 mt + g + 8 half (in the sequence) are this thread's; vis: keys each sees
+  int vis[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    vis[mt][0] = mask.visible(m0 + wrow0 + 16 * mt + g);
+    vis[mt][1] = mask.visible(m0 + wrow0 + 16 * mt + g + 8);
+  }
 
   // key tiles [0, full_tiles) are seen entirely by every row of the tile; [full_tiles, n_tiles)
   // need the mask; later ones are seen by none
-  const int n_tiles = (mask.visible(min(m0 + kBlockM, lq) - 1) + kBlockN - 1) / kBlockN;
-  const int full_tiles = mask.visible(m0) / kBlockN;
+  const int n_tiles = (mask.visible(min(m0 + kBM, lq) - 1) + BN - 1) / BN;
+  const int full_tiles = mask.visible(m0) / BN;
 
   const T* q_tile = static_cast<const T*>(p.q) + (q_start + static_cast<int64_t>(m0)) * p.q_row_stride +
                     h * p.q_head_stride;
   const T* k_seq = static_cast<const T*>(p.k) + k_start * p.k_row_stride + kvh * p.k_head_stride;
   const T* v_seq = static_cast<const T*>(p.v) + k_start * p.v_row_stride + kvh * p.v_head_stride;
 
-  float acc[D / 8][4];
-  zero(acc);
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of base-2 scores
-  float l_run[2] = {0.0f, 0.0f};            // this thread's part of the running row sum
+  float acc[MT][D / 8][4];
+  float m_run[MT][2], l_run[MT][2];  // running max of base-2 scores; this thread's part of the row sum
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(acc[mt]);
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
 
   if (n_tiles > 0) {
-    load_tile<kBlockM, D>(s_q, q_tile, p.q_row_stride, lq - m0, tid);
-    load_tile<kBlockN, D>(s_k, k_seq, p.k_row_stride, lk, tid);
-    load_tile<kBlockN, D>(s_v, v_seq, p.v_row_stride, lk, tid);
+    load_tile<kBM, D>(s_q, q_tile, p.q_row_stride, lq - m0, tid);
+    load_tile<BN, D>(s_k, k_seq, p.k_row_stride, lk, tid);
+    load_tile<BN, D>(s_v, v_seq, p.v_row_stride, lk, tid);
     cp_async_commit();
   }
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j & 1;
     // prefetch the next K/V tile into the other stage, then wait for this one
     if (j + 1 < n_tiles) {
-      const int n1 = (j + 1) * kBlockN;
-      const int nxt = (stage ^ 1) * kBlockN * kPitch;
-      load_tile<kBlockN, D>(s_k + nxt, k_seq + n1 * p.k_row_stride, p.k_row_stride, lk - n1, tid);
-      load_tile<kBlockN, D>(s_v + nxt, v_seq + n1 * p.v_row_stride, p.v_row_stride, lk - n1, tid);
+      const int n1 = (j + 1) * BN;
+      const int nxt = (stage ^ 1) * BN * kPitch;
+      load_tile<BN, D>(s_k + nxt, k_seq + n1 * p.k_row_stride, p.k_row_stride, lk - n1, tid);
+      load_tile<BN, D>(s_v + nxt, v_seq + n1 * p.v_row_stride, p.v_row_stride, lk - n1, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const T* k_tile = s_k + stage * kBlockN * kPitch;
-    const T* v_tile = s_v + stage * kBlockN * kPitch;
+    const T* k_tile = s_k + stage * BN * kPitch;
+    const T* v_tile = s_v + stage * BN * kPitch;
 
     // scores S = Q K^T in base 2; keys past a row's visible run -> -inf
-    float s[kNT][4];
-    zero(s);
-    gemm_abt<T, D>(s, s_q, warp * 16, k_tile, lane);
-    const int n0 = j * kBlockN;
+    float s[MT][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+    gemm_abt_rows<T, D>(s, s_q, wrow0, k_tile, lane);
+    const int n0 = j * BN;
     const bool masked = j >= full_tiles;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = s[nt][e] * scale_log2;
-        s[nt][e] = (masked && n0 + nt * 8 + 2 * t + (e & 1) >= vis[e >> 1]) ? -INFINITY : x;
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = s[mt][nt][e] * scale_log2;
+          s[mt][nt][e] = (masked && n0 + nt * 8 + 2 * t + (e & 1) >= vis[mt][e >> 1]) ? -INFINITY : x;
+        }
       }
     }
 
     // online softmax per row; a row with nothing visible yet keeps m = -inf and shifts by 0
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = -INFINITY;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[half], mx);
-      const float shift = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2_approx(m_run[half] - shift);
-      m_run[half] = m_new;
-      float sum = 0.0f;
+      for (int half = 0; half < 2; ++half) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[mt][half], mx);
+        const float shift = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = exp2_approx(m_run[mt][half] - shift);
+        m_run[mt][half] = m_new;
+        float sum = 0.0f;
 #pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          s[nt][e] = exp2_approx(s[nt][e] - shift);
-          sum += s[nt][e];
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            s[mt][nt][e] = exp2_approx(s[mt][nt][e] - shift);
+            sum += s[mt][nt][e];
+          }
         }
-      }
-      l_run[half] = l_run[half] * alpha + sum;
+        l_run[mt][half] = l_run[mt][half] * alpha + sum;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][2 * half] *= alpha;
-        acc[dt][2 * half + 1] *= alpha;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[mt][dt][2 * half] *= alpha;
+          acc[mt][dt][2 * half + 1] *= alpha;
+        }
       }
     }
 
     // acc += P V
-    gemm_pb<T, D>(acc, s, v_tile, lane);
+    gemm_pb_rows<T, D>(acc, s, v_tile, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
@@ -384,14 +462,17 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   T* out_seq = static_cast<T*>(p.out) + q_start * p.o_row_stride + h * p.o_head_stride;
   float* lse_seq = p.lse + h * p.total_q + q_start;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float l = l_run[half];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int row = row0 + 8 * half;
-    if (row < lq) {
-      store_row<T, D>(out_seq + row * p.o_row_stride, acc, half, l > 0.0f ? 1.0f / l : 0.0f, t);
-      if (t == 0) lse_seq[row] = l > 0.0f ? (m_run[half] + log2f(l)) * kLn2 : -INFINITY;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float l = l_run[mt][half];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = m0 + wrow0 + 16 * mt + g + 8 * half;
+      if (row < lq) {
+        store_row<T, D>(out_seq + row * p.o_row_stride, acc[mt], half, l > 0.0f ? 1.0f / l : 0.0f, t);
+        if (t == 0) lse_seq[row] = l > 0.0f ? (m_run[mt][half] + log2f(l)) * kLn2 : -INFINITY;
+      }
     }
   }
 }
@@ -679,12 +760,17 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
   return cudaGetLastError();
 }
 
+template <typename T, int D, int MT, int BN>
+cudaError_t launch_fwd_tiles(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int kBM = kFwdBlockM<MT>;
+  const size_t smem = sizeof(T) * (kBM + 4 * BN) * kPitchOf<D>;
+  const unsigned num_m = (p.max_seqlen_q + kBM - 1) / kBM;
+  return launch(attention_fwd_kernel<T, D, MT, BN>, dim3(num_m * p.batch, p.heads), kThreads, smem, stream, p);
+}
+
 template <Dtype DT, int D>
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
-  using T = typename Element<DT>::type;
-  const size_t smem = sizeof(T) * (kBlockM + 4 * kBlockN) * kPitchOf<D>;
-  const unsigned num_m = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
-  return launch(attention_fwd_kernel<T, D>, dim3(num_m * p.batch, p.heads), kThreads, smem, stream, p);
+  return launch_fwd_tiles<typename Element<DT>::type, D, 2, kFwdBlockN<D>>(p, stream);
 }
 
 template <Dtype DT, int D>

@@ -223,7 +223,7 @@ def test_no_lengths_means_the_whole_cache_without_a_value_check(gen, monkeypatch
     """cache_lens=None: every sequence fills its cache (the generate path), and the values are
     never read back to the host."""
     q, k, v, _ = _problem([6, 6, 6], 2, 4, 2, 16, gen, capacity=6)
-    full = torch.full((3,), 6, dtype=torch.int32)
+    full = torch.full((3,), 6, dtype=torch.int32, device=q.device)
     want = attention_decode(q, k, v, full, backend="reference")
     called = []
     monkeypatch.setattr(torch.Tensor, "min", lambda *a, **kw: called.append(1) or torch.tensor(0))

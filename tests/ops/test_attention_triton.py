@@ -237,7 +237,8 @@ for head_dim in (block_d, block_d - 3):
         bm, bn, warps, stages = K.configs_for(name, elem, block_d, arch)[0]
         cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=True, HAS_PREFIX=True,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
-                  **({"LONGEST_FIRST": True} if name == "fwd" else {}))
+                  **({"LONGEST_FIRST": True} if name == "fwd" else {}),
+                  **({"BLOCKED_SUM": dtype == "fp32"} if name in ("dkdv", "dq") else {}))
         sig = {a: "constexpr" if a in cx else ("*i32" if a in ("CU_Q", "CU_K", "PREFIX") else
                "*fp32" if a in ("LSE", "DELTA") else f"*{dtype}" if a.isupper() else
                "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from generalist.kernels.triton.common import dot_acc
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
 
@@ -53,17 +55,6 @@ def _tile_schedule(SIZES, E, tile, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr)
     row_start = tl.sum(tl.where(before, sizes, 0), 0) + (tile - tl.sum(tl.where(before, tiles, 0), 0)) * BLOCK_M
     row_end = tl.sum(tl.where(offs_e <= g, sizes, 0), 0)
     return g, row_start, row_end
-
-
-@triton.jit
-def _dot_acc(a, b, acc, zero, DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr):
-    """acc + a @ b. With BLOCKED_SUM (fp32 operands, whose dot is a chain of FMAs over all of K)
-    each BLOCK_K slice is summed on its own first, so rounding grows like K / BLOCK_K + BLOCK_K
-    terms rather than K, as in cuBLAS; tensor-core dots keep accumulating in place. `zero` is a
-    runtime 0.0: Triton folds acc + dot(a, b, 0) back into dot(a, b, acc)."""
-    if BLOCKED_SUM:
-        return acc + tl.dot(a, b, tl.full(acc.shape, 0.0, tl.float32) + zero, input_precision=DOT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -105,7 +96,7 @@ def _grouped_mm_kernel(
         k_ok = offs_k < K - k
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+        acc = dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -150,7 +141,7 @@ def _grouped_dw_kernel(
         r_ok = offs_r < row_end - (r - row_start)
         xt = tl.load(x_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
         dy = tl.load(dy_ptrs, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-        acc = _dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+        acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
         x_ptrs += BLOCK_K * stride_xt
         dy_ptrs += BLOCK_K * stride_yt
 
@@ -329,12 +320,18 @@ def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Te
         raise ValueError(f"triton grouped_mm backward: x_TD {tuple(x_TD.shape)}, w_EDF {tuple(w_EDF.shape)} and "
                          f"dy_TF {tuple(dy_TF.shape)} do not fit")
     sizes_E = _check_sizes(group_sizes_E, e, x_TD.device)
-    dx_TD = _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E)
-    dw_EDF = torch.empty_like(w_EDF, memory_format=torch.contiguous_format)
+    return _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E), _dw(x_TD, dy_TF, sizes_E, e)
+
+
+def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int) -> torch.Tensor:
+    """dw (E, D, F), contiguous: dw[g] = x[rows of g]^T @ dy[rows of g], zeros for an empty group."""
+    t, d = x_TD.shape
+    f = dy_TF.shape[1]
+    dw_EDF = torch.empty((e, d, f), dtype=x_TD.dtype, device=x_TD.device)
     if e == 0 or d == 0 or f == 0:
-        return dx_TD, dw_EDF
+        return dw_EDF
     if t == 0:
-        return dx_TD, dw_EDF.zero_()
+        return dw_EDF.zero_()
     with _on_device(x_TD):
         _launch(
             "dw", lambda meta: (triton.cdiv(d, meta["BLOCK_M"]) * triton.cdiv(f, meta["BLOCK_N"]), e),
@@ -345,4 +342,4 @@ def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Te
             DOT_PRECISION=_dot_precision(x_TD.dtype), BLOCKED_SUM=x_TD.dtype == torch.float32,
             BLOCK_E=_block_e(e),
         )
-    return dx_TD, dw_EDF
+    return dw_EDF
