@@ -270,6 +270,18 @@ __device__ __forceinline__ void store_row(T* dst, const float (&c)[D / 8][4], in
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// c[mt][n], c[mt][n + 1] += a[mt] times the two 16x8 B fragments in b (n-blocks n and n + 1), for
+// every row tile mt: one B fragment feeds MT mmas.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void mma_rows(float (&c)[MT][NT][4], const uint32_t (&a)[MT][4], const uint32_t (&b)[4],
+                                         int n) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    mma_16816<T>(c[mt][n], a[mt], b[0], b[1]);
+    mma_16816<T>(c[mt][n + 1], a[mt], b[2], b[3]);
+  }
+}
+
 // s[mt] (16 x 8*NT) += rows [row0 + 16 mt, row0 + 16 mt + 16) of the A-tile times the B-tile
 // transposed, for MT row tiles at once: each B fragment loaded from shared memory feeds MT mmas.
 template <typename T, int D, int NT, int MT>
@@ -284,11 +296,7 @@ __device__ __forceinline__ void gemm_abt_rows(float (&c)[MT][NT][4], const T* a_
     for (int nn = 0; nn < NT / 2; ++nn) {
       uint32_t b[4];
       load_b_rows<D>(b, b_tile, nn * 16, kk * 16, lane);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(c[mt][2 * nn], a[mt], b[0], b[1]);
-        mma_16816<T>(c[mt][2 * nn + 1], a[mt], b[2], b[3]);
-      }
+      mma_rows<T>(c, a, b, 2 * nn);
     }
   }
 }
@@ -307,11 +315,7 @@ __device__ __forceinline__ void gemm_pb_rows(float (&acc)[MT][D / 8][4], const f
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t b[4];
       load_b_cols<D>(b, b_tile, kb * 16, dn * 16, lane);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
-        mma_16816<T>(acc[mt][2 * dn + 1], a[mt], b[2], b[3]);
-      }
+      mma_rows<T>(acc, a, b, 2 * dn);
     }
   }
 }
