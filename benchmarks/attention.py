@@ -5,7 +5,8 @@
 CPU: each (provider, baseline) pair is timed interleaved (A B A B ...) after a warm-up, and the
 median of the per-pair time ratios is reported next to the median times; the thread count is
 fixed. GPU: triton.testing.do_bench (median, CUDA events). TFLOP/s uses 4·B·H·Sq·Sk·D for the
-forward (halved when causal), 2.5× that for the backward. Benchmarks never assert.
+forward (halved when causal), 2.5× that for the backward. On a GPU --quick times fwd and bwd
+of fewer shapes, and of SDPA only its flash and cuDNN backends. Benchmarks never assert.
 """
 
 from __future__ import annotations
@@ -157,9 +158,9 @@ def _dense_providers(backends, b, h, s, d, causal, dtype):
     yield "flash-attn", (lambda: fa_func(q, k, v, causal=causal)), (q, k, v)
 
 
-def _prefix_providers(backends, lens, prefix, h, d, dtype):
+def _prefix_providers(backends, lens, prefix, h, d, dtype, want_flex=True):
     """Packed prefix-LM batch (varlen, causal after a bidirectional prefix): ours vs FlexAttention
-    on the same mask (one packed row, document ids)."""
+    on the same mask (one packed row, document ids; its block mask is built only if `want_flex`)."""
     total = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     pre = torch.tensor(prefix, dtype=torch.int32, device="cuda")
@@ -167,6 +168,8 @@ def _prefix_providers(backends, lens, prefix, h, d, dtype):
     for backend in backends:
         yield backend, (lambda backend=backend: flash_attn_varlen_func(
             q, k, v, cu, cu, max(lens), max(lens), causal=True, prefix_lens=pre, backend=backend)), (q, k, v)
+    if not want_flex:
+        return
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -189,13 +192,16 @@ def gpu_grid(args):
     backends = [name for name in ("cuda", "triton") if name in ATTENTION_BACKENDS.available()
                 and serves(name, dtype, "cuda")]
     modes = tuple(args.passes.split(","))
+    # --quick (the GPU check's grid, which has a time limit): SDPA's flash and cuDNN backends only
+    wanted = args.providers.split(",") if args.providers else None
+    skipped = ("sdpa-efficient", "sdpa-math") if args.quick and wanted is None else ()
     tokens = 16384  # batch x seqlen, as flash-attention's own benchmarks
     seqs = (1024, 4096, 16384) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
     rows = []
 
     def record(shape, causal, providers, fl):
         for name, make, inputs in providers:
-            if args.providers and name not in args.providers.split(","):
+            if (wanted is not None and name not in wanted) or name in skipped:
                 continue
             try:
                 times = _timed_modes(make, inputs, modes)
@@ -227,7 +233,7 @@ def gpu_grid(args):
     fl = 4 * 16 * 128 * pairs
     if args.shapes in f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128":
         record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
-               _prefix_providers(backends, lens, prefix, 16, 128, dtype), fl)
+               _prefix_providers(backends, lens, prefix, 16, 128, dtype, wanted is None or "flex" in wanted), fl)
 
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
@@ -241,9 +247,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--providers", default="", help="GPU: only these providers (comma-separated names)")
-    parser.add_argument("--passes", default="fwd,bwd,fwd+bwd", help="GPU: passes to time (fwd, bwd, fwd+bwd)")
+    parser.add_argument("--passes", default=None,
+                        help="GPU: passes to time, of fwd, bwd, fwd+bwd (default: all; fwd,bwd with --quick)")
     parser.add_argument("--shapes", default="", help="GPU: only the shapes whose name contains this (e.g. prefix)")
     args = parser.parse_args()
+    if args.passes is None:
+        args.passes = "fwd,bwd" if args.quick else "fwd,bwd,fwd+bwd"
     torch.manual_seed(0)
     if torch.cuda.is_available():
         return gpu_grid(args)
