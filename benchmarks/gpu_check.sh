@@ -80,7 +80,7 @@ for bench in ${BENCHES:-moe attention decode}; do
   code=$?; [ $code = 0 ] || status=1
   step "benchmark $bench: exit $code"
 done
-for bench in ${BENCHES:-attention moe decode}; do
+for bench in ${BENCHES:-attention moe moe-kernels decode}; do
   [ -f "$OUT/$bench.md" ] && { echo; echo "## $bench"; cat "$OUT/$bench.md"; }
 done
 echo; cat "$OUT/summary.txt"

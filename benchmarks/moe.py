@@ -2,7 +2,8 @@
 against one dense matmul of the same FLOPs, measured in one run.
 
     python benchmarks/moe.py [--quick] [--out results.md]
-    python benchmarks/moe.py --kernels [--out results.md]   # forward, dx, dw kernels apart
+    python benchmarks/moe.py --kernels [--out results.md]   # only the forward, dx, dw kernels apart
+                                                            # (--quick runs both)
 
 GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Providers:
   triton            generalist.ops.grouped_mm(backend="triton"), the grouped kernels;
@@ -179,10 +180,10 @@ def main():
     if not torch.cuda.is_available():
         print("benchmarks/moe.py measures GPU kernels and needs a CUDA device; nothing to do here.")
         return
-    if args.kernels:
-        kernel_breakdown(args)
-    else:
+    if not args.kernels:
         gpu_grid(args)
+    if args.kernels or args.quick:
+        kernel_breakdown(args)
 
 
 if __name__ == "__main__":
