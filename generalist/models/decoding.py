@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from generalist.data.packing import EncodedExample
+from generalist.modules.attention import reorder_cache
 from generalist.modules.blocks import StreamInfo
 
 
@@ -41,7 +42,8 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     scores_BW = torch.full((b, w), float("-inf"), device=device)
     scores_BW[:, 0] = 0.0
     finished_N = torch.zeros(b * w, dtype=torch.bool, device=device)
-    caches = [{"memory": blk.cross.memory(h_SM)} for blk in model.decoder] if use_cache else None
+    caches = ([{"memory": blk.cross.memory(h_SM), "capacity": max_new_tokens} for blk in model.decoder]
+              if use_cache else None)
 
     for step in range(max_new_tokens):
         if use_cache:
@@ -63,9 +65,9 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
         token_N = (flat_BW % v).flatten()
         tokens_Ns = torch.cat([tokens_Ns[origin_N], token_N[:, None]], dim=1)
         finished_N = finished_N[origin_N] | (token_N == cfg.eos_id)
-        if use_cache:
-            for cache in caches:  # beams of one example share its encoder memory; only self-attn reorders
-                cache["k"], cache["v"] = cache["k"][origin_N], cache["v"][origin_N]
+        if use_cache and w > 1:  # beams of one example share its encoder memory; only self-attn reorders
+            for cache in caches:
+                reorder_cache(cache, origin_N)
         if finished_N.all():
             break
 

@@ -52,21 +52,49 @@ class SelfAttention(nn.Module):
         return self.wo(out.flatten(1))
 
     def step(self, x_BM: Tensor, pos_B: Tensor, cache: dict) -> Tensor:
-        """One decoding step for B sequences moving in lockstep: appends this token's k/v to
-        cache["k"], cache["v"] (B, S, K, D) and attends to everything cached so far.
+        """One decoding step for B sequences moving in lockstep: writes this token's k/v into the
+        cache and attends to everything cached so far.
 
-        Inference runs the split-K decoding op (attention_decode: "auto" is the Triton kernel on
-        CUDA, the reference on CPU; the layer's backend when the op knows that name). With grad
-        enabled it falls back to flash_attn_func, since the decoding op has no backward."""
+        Inference: the cache holds buffers cache["k"], cache["v"] (B, capacity, K, D) whose first
+        cache["len"] positions are filled; set cache["capacity"] before the first step to size them
+        (else they start at 64 positions; they double when full), so a step copies no cache, and
+        the keys are read through views of the filled part by the split-K decoding op
+        (attention_decode: "auto" is the Triton kernel on CUDA, the reference on CPU; the layer's
+        backend when the op knows that name). With grad enabled (the decoding op has no
+        backward) the cache is instead the concatenation of every step's k/v, so gradients
+        reach all of them, and flash_attn_func attends."""
         q, k, v = self.project(x_BM, pos_B)
-        cache["k"] = k[:, None] if cache.get("k") is None else torch.cat([cache["k"], k[:, None]], 1)
-        cache["v"] = v[:, None] if cache.get("v") is None else torch.cat([cache["v"], v[:, None]], 1)
-        if torch.is_grad_enabled() and (q.requires_grad or cache["k"].requires_grad or cache["v"].requires_grad):
+        n = cache.get("len", 0)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            for name, new in (("k", k), ("v", v)):
+                cache[name] = new[:, None] if not n else torch.cat([cache[name][:, :n], new[:, None]], 1)
+            cache["len"] = n + 1
             out = flash_attn_func(q[:, None], cache["k"], cache["v"], causal=True, backend=self.backend)
-        else:
-            backend = self.backend if self.backend in DECODE_BACKENDS.known else "auto"
-            out = attention_decode(q[:, None], cache["k"], cache["v"], None, backend=backend)  # no host sync
+            return self.wo(out.flatten(1))
+        with torch.no_grad():
+            if not n or n == cache["k"].shape[1]:  # first step, or full: (re)allocate
+                cap = max(cache.get("capacity", 64), 2 * n, 1)
+                for name, new in (("k", k), ("v", v)):
+                    buf = new.new_empty((new.shape[0], cap) + tuple(new.shape[1:]))
+                    if n:
+                        buf[:, :n] = cache[name][:, :n]
+                    cache[name] = buf
+            cache["k"][:, n] = k
+            cache["v"][:, n] = v
+        cache["len"] = n + 1
+        backend = self.backend if self.backend in DECODE_BACKENDS.known else "auto"
+        out = attention_decode(q[:, None], cache["k"][:, :n + 1], cache["v"][:, :n + 1], None,
+                               backend=backend)  # no host sync
         return self.wo(out.flatten(1))
+
+
+def reorder_cache(cache: dict, rows: Tensor) -> None:
+    """Make row i of a SelfAttention.step cache a copy of row rows[i] (beam search), in place and
+    over the filled positions only."""
+    n = cache.get("len", 0)
+    for name in ("k", "v"):
+        if cache.get(name) is not None and n:
+            cache[name][:, :n] = cache[name][rows, :n]
 
 
 class CrossAttention(nn.Module):

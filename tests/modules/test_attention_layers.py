@@ -1,6 +1,6 @@
 import torch
 
-from generalist.modules.attention import SelfAttention, rotary
+from generalist.modules.attention import SelfAttention, reorder_cache, rotary
 
 
 def test_rotary_keeps_norms_and_depends_only_on_offsets(gen):
@@ -24,3 +24,43 @@ def test_causal_step_with_cache_equals_full_pass(gen):
     cache = {}
     steps = [attn.step(x[:, i], torch.full((b,), i), cache) for i in range(s)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_step_cache_grows_in_place_and_matches_full_pass(gen):
+    """A cache sized for 2 positions doubles (2 -> 4 -> 8) over 6 steps; every step still equals
+    the full causal pass, and writes land in the buffer without replacing it between doublings."""
+    attn = SelfAttention(32, n_heads=4, n_kv_heads=2, causal=True)
+    b, s = 3, 6
+    x = torch.randn(b, s, 32, generator=gen)
+    cu = torch.arange(b + 1, dtype=torch.int32) * s
+    with torch.no_grad():
+        full = attn(x.flatten(0, 1), torch.arange(s).repeat(b), cu, s).view(b, s, 32)
+        cache, steps, buffers = {"capacity": 2}, [], []
+        for i in range(s):
+            steps.append(attn.step(x[:, i], torch.full((b,), i), cache))
+            buffers.append(cache["k"].data_ptr())
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache["len"] == s and cache["k"].shape[:2] == (b, 8) and cache["v"].shape[:2] == (b, 8)
+    assert len(set(buffers)) == 3 and buffers[2] == buffers[3] and buffers[4] == buffers[5]
+
+
+def test_step_with_grad_reaches_every_cached_token(gen):
+    attn = SelfAttention(32, n_heads=4, n_kv_heads=2, causal=True)
+    x = torch.randn(2, 4, 32, generator=gen, requires_grad=True)
+    cache = {}
+    outs = [attn.step(x[:, i], torch.full((2,), i), cache) for i in range(4)]
+    outs[-1].sum().backward()
+    assert cache["k"].shape[:2] == (2, 4)
+    assert all(x.grad[:, i].abs().sum() > 0 for i in range(4))  # the last step saw every token's k/v
+
+
+def test_reorder_cache_copies_rows_over_the_filled_part(gen):
+    attn = SelfAttention(16, n_heads=2, n_kv_heads=1, causal=True)
+    with torch.no_grad():
+        cache = {"capacity": 5}
+        for i in range(3):
+            attn.step(torch.randn(3, 16, generator=gen), torch.full((3,), i), cache)
+        before = cache["k"][:, :3].clone(), cache["v"][:, :3].clone()
+        reorder_cache(cache, torch.tensor([2, 2, 0]))
+    assert torch.equal(cache["k"][:, :3], before[0][[2, 2, 0]])
+    assert torch.equal(cache["v"][:, :3], before[1][[2, 2, 0]])
