@@ -28,6 +28,27 @@ def set_value_checks(enabled: bool) -> bool:
     return old
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: always take the registered op
+    _get_current_dispatch_mode = None
+
+
+def plain_eager(*tensors) -> bool:
+    """True when an op may call its backend's forward directly instead of through its registered
+    torch.library op, whose Python dispatch costs some 30 us a call (more than a decoding step's
+    kernel): not under torch.compile, no dispatch or torch-function mode active (FakeTensorMode,
+    tracing), every input a plain torch.Tensor (None allowed), and no autograd graph to record
+    (grad mode off, or no input requires grad)."""
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    if not all(t is None or type(t) is torch.Tensor for t in tensors):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 _CHECKED = "_generalist_checked_values"
 
 

@@ -195,5 +195,9 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
         cache_lens = torch.full((k_cache.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
     num_splits = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values=not full)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
-    out, lse = attention_decode_op(q, k_cache, v_cache, cache_lens, scale, num_splits, backend)
+    args = (q, k_cache, v_cache, cache_lens, scale, num_splits)
+    if checks.plain_eager(q, k_cache, v_cache, cache_lens):  # the op's own dispatch is host time per step
+        out, lse = DECODE_BACKENDS.resolve(backend, *args).functions["forward"](*args)
+    else:
+        out, lse = attention_decode_op(*args, backend)
     return (out, lse) if return_lse else out

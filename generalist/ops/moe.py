@@ -138,6 +138,9 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
             raise ValueError(f"group_sizes_E must be non-negative, got {sizes}")
         if sum(sizes) != x_TD.shape[0]:
             raise ValueError(f"group_sizes_E sums to {sum(sizes)} but x_TD has {x_TD.shape[0]} rows")
+    if checks.plain_eager(x_TD, w_EDF, group_sizes_E):  # inference: no dispatch of the op (host time)
+        return MOE_BACKENDS.resolve(backend, x_TD, w_EDF, group_sizes_E).functions["grouped_mm"](
+            x_TD, w_EDF, group_sizes_E)
     return grouped_mm_op(x_TD, w_EDF, group_sizes_E, backend)
 
 

@@ -359,3 +359,31 @@ def test_every_backend_on_cuda(gen, dtype):
             continue  # e.g. "cpu" serves CPU tensors only
         out = _run(case, True, backend=backend)
         assert (out.double() - want).abs().max().item() <= 2 * baseline + ATOL[dtype], backend
+
+
+def test_inference_calls_skip_the_op_dispatch_training_and_tracing_use_it(gen, monkeypatch):
+    """Without an autograd graph to record, in eager mode on plain tensors, the forward goes
+    straight to the backend (the registered op's dispatch is host time per call); with grad, or
+    under FakeTensorMode, the op runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = sys.modules["generalist.ops.attention"]
+    calls = []
+    op = module.attention_fwd
+    monkeypatch.setattr(module, "attention_fwd", lambda *a: calls.append(1) or op(*a))
+    case = random_varlen([5, 0, 9], [7, 3, 9], 4, 2, 16, generator=gen, requires_grad=True)
+    args = (case.q, case.k, case.v, case.cu_q, case.cu_k, 9, 9)
+    with torch.no_grad():
+        out = flash_attn_varlen_func(*args, causal=True, backend="reference")
+    assert not calls
+    grad_out = flash_attn_varlen_func(*args, causal=True, backend="reference")
+    assert calls == [1] and grad_out.requires_grad
+    torch.testing.assert_close(out, grad_out.detach(), rtol=0, atol=0)
+    plain = [t.detach() for t in args[:5]]
+    # fake tensors have no values to check
+    monkeypatch.setattr(sys.modules["generalist.ops._attention_checks"], "_value_checks", False)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in plain]
+        with torch.no_grad():
+            assert flash_attn_varlen_func(*fake, 9, 9, causal=True, backend="reference").shape == case.q.shape
+    assert calls == [1, 1]

@@ -251,6 +251,31 @@ def test_opcheck_triton(gen, triton_backend):
     torch.library.opcheck(torch.ops.generalist.attention_decode.default, (q, k, v, lens, 0.25, 2, triton_backend))
 
 
+def test_eager_calls_skip_the_op_dispatch_but_tracing_uses_the_op(gen, monkeypatch):
+    """Eager calls on plain tensors go straight to the backend (the registered op's Python dispatch
+    costs more host time than a decoding step's kernel); under FakeTensorMode the op (with its fake
+    implementation) is used."""
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    M = sys.modules["generalist.ops.attention_decode"]  # the module (the package exports the function)
+
+    q, k, v, lens = _problem([5, 0, 9], 2, 4, 2, 16, gen, device="cpu")
+    want = torch.ops.generalist.attention_decode(q, k, v, lens, 0.25, 0, "reference")
+    calls = []
+    op = M.attention_decode_op
+    monkeypatch.setattr(M, "attention_decode_op", lambda *a: calls.append(1) or op(*a))
+    got = attention_decode(q, k, v, lens, 0.25, return_lse=True, backend="reference")
+    assert not calls
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out = attention_decode(fq, fk, fv, None, 0.25, backend="reference")  # None: no value check
+    assert calls and out.shape == q.shape
+
+
 def test_torch_compile_fullgraph(gen):
     q, k, v, lens = _problem([5, 0, 9], 1, 4, 1, 16, gen, device="cpu")
     f = lambda q, k, v, lens: attention_decode(q, k, v, lens, return_lse=True, backend="reference")

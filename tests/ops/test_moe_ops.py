@@ -239,3 +239,21 @@ def test_value_checks_can_be_skipped():
         permute(x[:3], idx, 2)
     xs, _, sizes = permute(x[:3], idx, 2, check_values=False)  # out of range: not counted in any group
     assert sizes.tolist() == [1, 1]
+
+
+def test_inference_calls_skip_the_op_dispatch(gen, monkeypatch):
+    """grouped_mm without an autograd graph to record calls the backend directly (no op dispatch);
+    with grad the op runs, and both give the same result."""
+    import sys
+
+    module = sys.modules["generalist.ops.moe"]
+    calls = []
+    op = module.grouped_mm_op
+    monkeypatch.setattr(module, "grouped_mm_op", lambda *a: calls.append(1) or op(*a))
+    x, w, gs = _inputs(gen, [3, 0, 5])
+    with torch.no_grad():
+        y = grouped_mm(x, w, gs, backend="reference")
+    assert not calls
+    y_grad = grouped_mm(x.requires_grad_(), w, gs, backend="reference")
+    assert calls == [1] and y_grad.requires_grad
+    torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
