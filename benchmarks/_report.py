@@ -3,6 +3,9 @@ next to a CSV of the raw rows."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 
 def pivot(rows: list[tuple], key_names: tuple[str, str, str]) -> list[str]:
     """Markdown table of rows (k0, k1, k2, provider, seconds, tflops): one line per key, one
@@ -30,3 +33,21 @@ def emit(lines: list[str], out: str | None, csv_header: str | None = None, csv_r
         with open(out.rsplit(".", 1)[0] + ".csv", "w") as f:
             f.write(csv_header + "\n")
             f.writelines(",".join(str(x) for x in r[:-2]) + f",{r[-2]:.6g},{r[-1]:.2f}\n" for r in csv_rows)
+
+
+@contextlib.contextmanager
+def until_stopped(notes: list[str]):
+    """Runs the block to its end or until the process gets SIGTERM (a time limit such as
+    `timeout`) or Ctrl-C, then carries on, so that the rows measured so far are still written;
+    a cut adds a line to `notes` for the table."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        notes.extend(["", "Cut short by a time limit: the rows above are those measured before it."])
+        print(notes[-1], flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _report import emit, pivot
+from _report import emit, pivot, until_stopped
 
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 
@@ -215,30 +215,32 @@ def gpu_grid(args):
                       flush=True)
         torch.cuda.empty_cache()
 
-    for d in (128, 64):
-        h = 2048 // d
-        for s in (seqs if d == 128 else (1024, 4096)):
-            b = max(1, tokens // s)
-            for causal in (False, True):
-                if args.shapes not in f"dense B{b} H{h} S{s} D{d}":
-                    continue
-                record(f"dense B{b} H{h} S{s} D{d}", causal,
-                       _dense_providers(backends, b, h, s, d, causal, dtype), flops(b, h, s, s, d, causal, "fwd"))
-    gen = torch.Generator().manual_seed(0)
-    lens = torch.randint(256, 4096, (64,), generator=gen)
-    lens = lens[: int((lens.cumsum(0) <= tokens).sum())].tolist()
-    prefix = [n // 2 for n in lens]
-    # work under the mask: prefix block p*p plus the causal rest (n*(n+1) - p*(p+1))/2 + p*(n-p)
-    pairs = sum(p * p + (n * (n + 1) - p * (p + 1)) // 2 for n, p in zip(lens, prefix))
-    fl = 4 * 16 * 128 * pairs
-    if args.shapes in f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128":
-        record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
-               _prefix_providers(backends, lens, prefix, 16, 128, dtype, wanted is None or "flex" in wanted), fl)
+    notes = []
+    with until_stopped(notes):
+        for d in (128, 64):
+            h = 2048 // d
+            for s in (seqs if d == 128 else (1024, 4096)):
+                b = max(1, tokens // s)
+                for causal in (False, True):
+                    if args.shapes not in f"dense B{b} H{h} S{s} D{d}":
+                        continue
+                    record(f"dense B{b} H{h} S{s} D{d}", causal,
+                           _dense_providers(backends, b, h, s, d, causal, dtype), flops(b, h, s, s, d, causal, "fwd"))
+        gen = torch.Generator().manual_seed(0)
+        lens = torch.randint(256, 4096, (64,), generator=gen)
+        lens = lens[: int((lens.cumsum(0) <= tokens).sum())].tolist()
+        prefix = [n // 2 for n in lens]
+        # work under the mask: prefix block p*p plus the causal rest (n*(n+1) - p*(p+1))/2 + p*(n-p)
+        pairs = sum(p * p + (n * (n + 1) - p * (p + 1)) // 2 for n, p in zip(lens, prefix))
+        fl = 4 * 16 * 128 * pairs
+        if args.shapes in f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128":
+            record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
+                   _prefix_providers(backends, lens, prefix, 16, 128, dtype, wanted is None or "flex" in wanted), fl)
 
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
              "bwd 2.5×, fwd+bwd 3.5×", ""]
-    emit(lines + pivot(rows, ("shape", "causal", "pass")), args.out, "shape,causal,pass,provider,seconds,tflops", rows)
+    emit(lines + pivot(rows, ("shape", "causal", "pass")) + notes, args.out, "shape,causal,pass,provider,seconds,tflops", rows)
 
 
 def main():

@@ -18,9 +18,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from _report import emit
+from _report import emit, until_stopped
 
 from generalist.ops import attention_decode, flash_attn_func, set_value_checks
+
+
+NAMES = ("decode (split-K)", "decode, 1 split", "flash (triton)", "sdpa")
 
 
 def main():
@@ -37,37 +40,40 @@ def main():
     torch.manual_seed(0)
     shapes = [(16, 8192, 32, 8, 128), (1, 32768, 32, 8, 128), (64, 2048, 32, 8, 128), (4, 16384, 16, 1, 64)]
     rows = []
-    for b, s, h, hkv, d in shapes[:2] if args.quick else shapes:
-        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        providers = {
-            "decode (split-K)": lambda: attention_decode(q, k, v, lens, backend="triton"),
-            "decode, 1 split": lambda: attention_decode(q, k, v, lens, num_splits=1, backend="triton"),
-            "flash (triton)": lambda: flash_attn_func(q, k, v, causal=True, backend="triton"),
-            "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
-        }
-        err = (providers["decode (split-K)"]().float() - providers["sdpa"]().transpose(1, 2).float()).abs().max().item()
-        gbytes = 2 * k.numel() * k.element_size() / 1e9
-        for mode, bench in (("eager", lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")),
-                            ("graph", lambda fn: do_bench_cudagraph(fn, rep=100, return_mode="median"))):
-            cells = []
-            for name, fn in providers.items():
-                try:
-                    t = bench(fn) / 1e3
-                    cells.append(f"{t * 1e6:.0f} us, {gbytes / t:.0f} GB/s")
-                except Exception as error:  # e.g. a provider that cannot be captured in a graph
-                    print(f"{name} ({mode}): {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-                    cells.append("-")
-            rows.append((f"B{b} S{s} H{h} Hkv{hkv} D{d}", mode, f"{err:.1e}", cells))
-            print(rows[-1], flush=True)
+    notes = []
+    with until_stopped(notes):
+        for b, s, h, hkv, d in shapes[:2] if args.quick else shapes:
+            q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            providers = dict(zip(NAMES, (
+                lambda: attention_decode(q, k, v, lens, backend="triton"),
+                lambda: attention_decode(q, k, v, lens, num_splits=1, backend="triton"),
+                lambda: flash_attn_func(q, k, v, causal=True, backend="triton"),
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
+            )))
+            err = (providers["decode (split-K)"]().float()
+                   - providers["sdpa"]().transpose(1, 2).float()).abs().max().item()
+            gbytes = 2 * k.numel() * k.element_size() / 1e9
+            for mode, bench in (("eager", lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")),
+                                ("graph", lambda fn: do_bench_cudagraph(fn, rep=100, return_mode="median"))):
+                cells = []
+                for name, fn in providers.items():
+                    try:
+                        t = bench(fn) / 1e3
+                        cells.append(f"{t * 1e6:.0f} us, {gbytes / t:.0f} GB/s")
+                    except Exception as error:  # e.g. a provider that cannot be captured in a graph
+                        print(f"{name} ({mode}): {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+                        cells.append("-")
+                rows.append((f"B{b} S{s} H{h} Hkv{hkv} D{d}", mode, f"{err:.1e}", cells))
+                print(rows[-1], flush=True)
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}", "",
-             "| shape | timed | max diff vs SDPA | " + " | ".join(providers) + " |",
-             "|" + "---|" * (3 + len(providers))]
+             "| shape | timed | max diff vs SDPA | " + " | ".join(NAMES) + " |",
+             "|" + "---|" * (3 + len(NAMES))]
     lines += [f"| {shape} | {mode} | {err} | " + " | ".join(cells) + " |" for shape, mode, err, cells in rows]
-    emit(lines, args.out)
+    emit(lines + notes, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from _report import emit, pivot
+from _report import emit, pivot, until_stopped
 
 from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm
 
@@ -110,26 +110,29 @@ def gpu_grid(args):
     shapes = [(2048, 1408)] if args.quick else [(2048, 1408), (1408, 2048), (4096, 1024)]
     experts = (8, 64) if args.quick else (8, 16, 64, 128)
     rows = []
-    for d, f in shapes:
-        for e in experts:
-            for skew in ("balanced", "skewed"):
-                sizes = group_sizes(t, e, skew, gen)
-                shape = f"T{t} D{d} F{f} E{e} {skew}"
-                for name, make, inputs in _providers(backends, t, d, f, sizes, dtype):
-                    for mode, sec in _timed_modes(make, inputs):
-                        if mode is None:
-                            print(f"{name} {shape}: {type(sec).__name__}: {str(sec).splitlines()[0][:160]}")
-                            continue
-                        tf = flops(t, d, f) * PASS_FACTOR[mode] / sec / 1e12
-                        rows.append((shape, max(sizes), mode, name, sec, tf))
-                        print(f"{shape:36s} {mode:7s} {name:18s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
-                torch.cuda.empty_cache()
+    notes = []
+    with until_stopped(notes):
+        for d, f in shapes:
+            for e in experts:
+                for skew in ("balanced", "skewed"):
+                    sizes = group_sizes(t, e, skew, gen)
+                    shape = f"T{t} D{d} F{f} E{e} {skew}"
+                    for name, make, inputs in _providers(backends, t, d, f, sizes, dtype):
+                        for mode, sec in _timed_modes(make, inputs):
+                            if mode is None:
+                                print(f"{name} {shape}: {type(sec).__name__}: {str(sec).splitlines()[0][:160]}")
+                                continue
+                            tf = flops(t, d, f) * PASS_FACTOR[mode] / sec / 1e12
+                            rows.append((shape, max(sizes), mode, name, sec, tf))
+                            print(f"{shape:36s} {mode:7s} {name:18s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+                    torch.cuda.empty_cache()
 
     print_tuned_configs()
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton {triton.__version__}; "
              "do_bench median; TFLOP/s = 2·T·D·F (fwd), 3× (fwd+bwd); T = tokens × top-k", ""]
-    emit(lines + pivot(rows, ("shape", "largest group", "pass")), args.out,
+    emit(lines + pivot(rows, ("shape", "largest group", "pass")) + notes, args.out,
          "shape,largest_group,pass,provider,seconds,tflops", rows)
+    return not notes  # False when cut short
 
 
 def kernel_breakdown(args):
@@ -145,27 +148,29 @@ def kernel_breakdown(args):
     w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
     dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
     rows = []
-    for e, skew in ((8, "balanced"), (64, "balanced"), (64, "skewed")):
-        sizes = group_sizes(t, e, skew, gen)
-        gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
-        w = torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5
-        shape = f"T{t} D{d} F{f} E{e} {skew}"
-        providers = {("fwd", "triton"): lambda: K._mm(x, w, gs),
-                     ("dx", "triton"): lambda: K._mm(dy, w.transpose(1, 2), gs),
-                     ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
-                     # the three kernels back to back, as the autograd path launches them
-                     ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
-        providers.update({(part, "dense"): fn for part, fn in dense.items()})
-        providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
-        for (part, name), fn in providers.items():
-            sec = _bench_gpu(fn)
-            tf = flops(t, d, f) * (3 if part == "fwd+dx+dw" else 1) / sec / 1e12
-            rows.append((shape, max(sizes), part, name, sec, tf))
-            print(f"{shape:36s} {part:9s} {name:20s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+    notes = []
+    with until_stopped(notes):
+        for e, skew in ((8, "balanced"), (64, "balanced"), (64, "skewed")):
+            sizes = group_sizes(t, e, skew, gen)
+            gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
+            w = torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5
+            shape = f"T{t} D{d} F{f} E{e} {skew}"
+            providers = {("fwd", "triton"): lambda: K._mm(x, w, gs),
+                         ("dx", "triton"): lambda: K._mm(dy, w.transpose(1, 2), gs),
+                         ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
+                         # the three kernels back to back, as the autograd path launches them
+                         ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
+            providers.update({(part, "dense"): fn for part, fn in dense.items()})
+            providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
+            for (part, name), fn in providers.items():
+                sec = _bench_gpu(fn)
+                tf = flops(t, d, f) * (3 if part == "fwd+dx+dw" else 1) / sec / 1e12
+                rows.append((shape, max(sizes), part, name, sec, tf))
+                print(f"{shape:36s} {part:9s} {name:20s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
              "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together", ""]
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")), out,
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
 
 
@@ -180,9 +185,8 @@ def main():
     if not torch.cuda.is_available():
         print("benchmarks/moe.py measures GPU kernels and needs a CUDA device; nothing to do here.")
         return
-    if not args.kernels:
-        gpu_grid(args)
-    if args.kernels or args.quick:
+    finished = args.kernels or gpu_grid(args)
+    if finished and (args.kernels or args.quick):
         kernel_breakdown(args)
 
 

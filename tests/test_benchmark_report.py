@@ -1,0 +1,30 @@
+"""The benchmark scripts' shared output helpers (benchmarks/_report.py)."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_time_limit_cuts_the_grid_but_the_rows_so_far_are_written(tmp_path):
+    """SIGTERM (what `timeout` sends) inside until_stopped ends the loop, and the table of the rows
+    measured before it is still written, with a note saying it was cut."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+        from _report import emit, pivot, until_stopped
+        rows, notes = [], []
+        with until_stopped(notes):
+            for i in range(1000):
+                rows.append((f"shape {{i}}", False, "fwd", "ours", 1e-3, float(i)))
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        emit(pivot(rows, ("shape", "causal", "pass")) + notes, {str(tmp_path / "out.md")!r})
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = (tmp_path / "out.md").read_text()
+    assert "| shape 2 | False | fwd | 2 |" in text and "shape 3" not in text
+    assert text.rstrip().endswith("Cut short by a time limit: the rows above are those measured before it.")
