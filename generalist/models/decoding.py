@@ -42,7 +42,10 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     scores_BW = torch.full((b, w), float("-inf"), device=device)
     scores_BW[:, 0] = 0.0
     finished_N = torch.zeros(b * w, dtype=torch.bool, device=device)
-    caches = ([{"memory": blk.cross.memory(h_SM), "capacity": max_new_tokens} for blk in model.decoder]
+    done_V = torch.full((v,), float("-inf"), device=device)  # the log-probs of a finished row
+    done_V[cfg.eos_id] = 0.0
+    cu_N = torch.arange(b * w + 1, dtype=torch.int32, device=device)  # one query per row, shared by the layers
+    caches = ([{"memory": blk.cross.memory(h_SM), "capacity": max_new_tokens, "cu_q": cu_N} for blk in model.decoder]
               if use_cache else None)
 
     for step in range(max_new_tokens):
@@ -56,9 +59,8 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
             ids_T, dec = model._decoder_stream(list(tokens_Ns), task_N.tolist())
             logits_TV, _ = model.decode(ids_T, dec, h_SM, enc)
             logits_NV = logits_TV[dec.cu_seqlens[1:].long() - 1]
-        logp_NV = torch.log_softmax(logits_NV.float(), dim=-1)
-        logp_NV[finished_N] = float("-inf")
-        logp_NV[finished_N, cfg.eos_id] = 0.0
+        # finished rows may only add eos, at no cost (torch.where: a boolean index would sync on a GPU)
+        logp_NV = torch.where(finished_N[:, None], done_V, torch.log_softmax(logits_NV.float(), dim=-1))
         cand_BX = (scores_BW[:, :, None] + logp_NV.view(b, w, v)).view(b, w * v)
         scores_BW, flat_BW = cand_BX.topk(w, dim=-1)
         origin_N = (torch.arange(b, device=device)[:, None] * w + flat_BW // v).flatten()

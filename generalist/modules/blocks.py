@@ -47,7 +47,11 @@ class DecoderBlock(nn.Module):
              enc: "StreamInfo"):
         """One token per sequence against the cached keys/values (see SelfAttention.step)."""
         x_BM = x_BM + self.attn.step(self.norm1(x_BM), pos_B, cache)
-        cu_q = torch.arange(x_BM.shape[0] + 1, dtype=torch.int32, device=x_BM.device)
+        # one query per sequence: cu_q = 0..B, made once and kept in the cache, so the op's check
+        # of its values (a device sync on a GPU) runs once, not at every step
+        cu_q = cache.get("cu_q")
+        if cu_q is None or cu_q.shape[0] != x_BM.shape[0] + 1:
+            cu_q = cache["cu_q"] = torch.arange(x_BM.shape[0] + 1, dtype=torch.int32, device=x_BM.device)
         x_BM = x_BM + self.cross(self.norm2(x_BM), cache["memory"], cu_q, enc.cu_seqlens, 1, enc.max_seqlen)
         y_BM, _ = self.moe(self.norm3(x_BM), task_ids_B, modality_ids_B)
         return x_BM + y_BM

@@ -71,6 +71,26 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
     assert all(len(s) <= 12 and tokenizer.token_id("<eos>") not in s for s in cached)
 
 
+def test_cached_decoding_checks_cu_seqlens_values_once_not_per_step(tokenizer, gen, monkeypatch):
+    """Reading cu_seqlens values is a device sync on a GPU: the decoding loop's per-step
+    cross-attention reuses one cu_q, so the number of value checks does not grow with the steps."""
+    import sys
+
+    checks = sys.modules["generalist.ops._attention_checks"]
+    model = _model(tokenizer, seed=1)
+    batch = _encode(tokenizer, _examples(gen))
+    read = []
+    remember = checks.remember_checked
+    monkeypatch.setattr(checks, "remember_checked", lambda x, key: read.append(key) or remember(x, key))
+    counts = []
+    for steps in (2, 10):
+        read.clear()
+        out = generate(model, batch, max_new_tokens=steps, beam_size=2)
+        counts.append(len(read))
+    assert max(len(s) for s in out) > 2  # the second run did take more steps
+    assert counts[0] == counts[1] > 0
+
+
 def test_checkpoint_round_trip_is_exact(tokenizer, gen, tmp_path):
     model = _model(tokenizer, seed=2, modalities={"image": {"patch": 4, "max_size": 32}, "table": {"n_columns": 8}})
     batch = _encode(tokenizer, _examples(gen))
