@@ -38,6 +38,7 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     h_SM, enc, _ = model.encode(batch)
     h_SM, enc = _repeat_stream(model, h_SM, enc, w)
     task_N = torch.tensor([ex.task_id for ex in batch for _ in range(w)], device=device)
+    text_N = torch.zeros_like(task_N)  # modality id of the decoded tokens (text), made once: see cu_N
     tokens_Ns = torch.full((b * w, 1), cfg.bos_id, dtype=torch.long, device=device)
     scores_BW = torch.full((b, w), float("-inf"), device=device)
     scores_BW[:, 0] = 0.0
@@ -53,7 +54,7 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
             x_NM = model.embedders["text"](tokens_Ns[:, -1])[0]
             pos_N = torch.full((b * w,), step, device=device)
             for blk, cache in zip(model.decoder, caches):
-                x_NM = blk.step(x_NM, pos_N, task_N, torch.zeros_like(task_N), cache, enc)
+                x_NM = blk.step(x_NM, pos_N, task_N, text_N, cache, enc)
             logits_NV = model.dec_norm(x_NM) @ model.embedders["text"].weight.t()
         else:
             ids_T, dec = model._decoder_stream(list(tokens_Ns), task_N.tolist())

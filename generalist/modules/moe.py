@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generalist.ops import _attention_checks as checks
 from generalist.ops.moe import grouped_mm, permute, unpermute
 
 INIT_STD = 0.02
@@ -132,10 +133,14 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must have shape (T={x_TD.shape[0]},), got {shape}")
             if ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
-            if not torch.compiler.is_compiling() and ids.numel():
+            # the values: a device sync on a GPU, so once per tensor (the layers of a model share
+            # one), and not at all under torch.compile or set_value_checks(False)
+            if checks._value_checks and not torch.compiler.is_compiling() and ids.numel() \
+                    and not checks.checked_before(ids, ("ids", n)):
                 lo, hi = ids.min().item(), ids.max().item()
                 if lo < 0 or hi >= n:
                     raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")
+                checks.remember_checked(ids, ("ids", n))
 
     def _router_input(self, x_TD: Tensor, task_ids_T: Tensor, modality_ids_T: Tensor) -> Tensor:
         h_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))

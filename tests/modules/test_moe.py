@@ -218,6 +218,25 @@ def test_bad_input(x, tasks, mods, match):
         moe(x, tasks, mods)
 
 
+def test_id_values_are_read_once_per_tensor_and_again_after_a_write(gen, monkeypatch):
+    """Reading task/modality ids is a device sync on a GPU: the layers of a model share the ids
+    of a batch, so they are checked once; an in-place write makes them checked again."""
+    import sys
+
+    checks = sys.modules["generalist.ops._attention_checks"]
+    reads = []
+    remember = checks.remember_checked
+    monkeypatch.setattr(checks, "remember_checked", lambda x, key: reads.append(key) or remember(x, key))
+    moe = MoE(MoEConfig(d_model=12, d_ff=8, n_tasks=2))
+    x, tasks, mods = torch.randn(5, 12, generator=gen), _ids(gen, 5, 2), _ids(gen, 5, 5)
+    moe(x, tasks, mods)
+    moe(x, tasks, mods)
+    assert len(reads) == 2  # tasks and modalities, on the first call only
+    tasks[3] = 2  # out of range, written in place
+    with pytest.raises(ValueError, match=r"task_ids_T must lie in \[0, 2\)"):
+        moe(x, tasks, mods)
+
+
 def test_low_precision_and_empty_batch(gen):
     moe = MoE(MoEConfig(d_model=12, d_ff=8, n_routed=4, top_k=2)).to(torch.bfloat16)
     x = torch.randn(7, 12, generator=gen).to(torch.bfloat16)
