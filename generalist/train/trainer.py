@@ -202,10 +202,13 @@ class Trainer:
         return [self.encoder.encode(e) for e in inputs], [self.encoder.encode(e) for e in texts]
 
     def _micro_batch_loss(self, picks: list[tuple[str, int]]):
+        """(loss, pending, tokens). `pending` holds the per-example losses and the routing counts
+        on the device; _collect reads them back after the backward is queued, in one transfer
+        each, rather than syncing with the device once per example before it."""
         gen = [(t, i) for t, i in picks if self.data[t].task.generative]
         con = [(t, i) for t, i in picks if self.data[t].task.contrastive]
         total = torch.zeros((), device=self.device)
-        per_task: dict[str, list[float]] = {}
+        pending = {"names": [], "losses": [], "task": None, "modality": None}
         tokens = 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda"):
             if gen:
@@ -214,20 +217,31 @@ class Trainer:
                 total = total + out.loss
                 lens = [len(ex.target_ids) + 1 for ex in batch]
                 ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none").detach()
-                for (t, _), part in zip(gen, ce.split(lens)):
-                    per_task.setdefault(t, []).append(part.mean().item())
+                pending["names"] += [t for t, _ in gen]
+                pending["losses"].append(torch.stack([part.mean() for part in ce.split(lens)]))
                 tokens += int(out.labels.numel()) + out.n_input_tokens
-                for layer, st in enumerate(out.moe_stats):
-                    self.routing["task"][layer] += st.counts_by_task.cpu().numpy()
-                    self.routing["modality"][layer] += st.counts_by_modality.cpu().numpy()
+                if out.moe_stats:
+                    pending["task"] = torch.stack([st.counts_by_task for st in out.moe_stats])
+                    pending["modality"] = torch.stack([st.counts_by_modality for st in out.moe_stats])
             if len(con) >= 2:
                 inputs, texts = self._contrastive_pairs(con)
                 a = self.model.embed(inputs)
                 b = self.model.embed(texts)
                 closs = self.model.contrastive_loss(a, b)
                 total = total + self.cfg.contrastive_weight * closs
-                per_task.setdefault("contrastive", []).append(closs.item())
-        return total, per_task, tokens
+                pending["names"].append("contrastive")
+                pending["losses"].append(closs.detach().float().reshape(1))
+        return total, pending, tokens
+
+    def _collect(self, pending: dict, per_task: dict[str, list[float]]) -> None:
+        """Adds a micro-batch's per-example losses to per_task and its routing counts to
+        self.routing (host transfers: call it once the backward is queued)."""
+        if pending["losses"]:
+            for name, value in zip(pending["names"], torch.cat(pending["losses"]).tolist()):
+                per_task.setdefault(name, []).append(value)
+        for key in ("task", "modality"):
+            if pending[key] is not None:
+                self.routing[key] += pending[key].cpu().numpy()
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -245,16 +259,20 @@ class Trainer:
                     finite = False
                     break
                 losses.append(loss)
+                for k, v in pt.items():
+                    per_task.setdefault(k, []).extend(v)
             else:
-                loss, pt, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
-                if not torch.isfinite(loss):
+                loss, pending, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
+                # backward first, then read the loss: the check needs the host, and a non-finite
+                # loss's (non-finite) gradients are dropped with the step below
+                (loss / cfg.accum).backward()
+                value = loss.item()
+                if not math.isfinite(value):
                     finite = False
                     break
-                (loss / cfg.accum).backward()
-                losses.append(loss.item())
+                losses.append(value)
+                self._collect(pending, per_task)
             tokens += n
-            for k, v in pt.items():
-                per_task.setdefault(k, []).extend(v)
         grad_norm = float("nan")
         if finite:
             grad_norm = (self.dp.clip_grad_norm(cfg.grad_clip) if self.dp is not None else
