@@ -137,7 +137,7 @@ class MoE(nn.Module):
             # one), and not at all under torch.compile or set_value_checks(False)
             if checks._value_checks and not torch.compiler.is_compiling() and ids.numel() \
                     and not checks.checked_before(ids, ("ids", n)):
-                lo, hi = ids.min().item(), ids.max().item()
+                lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one transfer
                 if lo < 0 or hi >= n:
                     raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")
                 checks.remember_checked(ids, ("ids", n))
