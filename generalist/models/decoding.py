@@ -51,7 +51,9 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
 
     for step in range(max_new_tokens):
         if use_cache:
-            x_NM = model.embedders["text"](tokens_Ns[:, -1])[0]
+            # the embedding table directly: the ids come from topk (nothing to check, which would
+            # be a device sync), and the N rows are N sequences, not one text of N tokens
+            x_NM = model.embedders["text"].embed(tokens_Ns[:, -1])
             pos_N = torch.full((b * w,), step, device=device)
             for blk, cache in zip(model.decoder, caches):
                 x_NM = blk.step(x_NM, pos_N, task_N, text_N, cache, enc)

@@ -131,8 +131,9 @@ class GeneralistModel(nn.Module):
 
     def decode(self, ids_T: Tensor, dec: StreamInfo, h_SM: Tensor, enc: StreamInfo):
         """Full (teacher-forced) decoder pass: logits (T, V)."""
-        text = self.embedders["text"]
-        x_TM = text(ids_T)[0] if ids_T.numel() else text.embed(ids_T)  # the embedder refuses empty text
+        # the embedding table directly: ids_T packs many sequences (the text embedder's checks
+        # are for one text), and _decoder_stream has checked them on the host
+        x_TM = self.embedders["text"].embed(ids_T)
         stats = []
         for block in self.decoder:
             x_TM, st = block(x_TM, dec, h_SM, enc)
@@ -145,6 +146,13 @@ class GeneralistModel(nn.Module):
             none = torch.zeros(0, dtype=torch.long, device=device)
             return none, self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none)
         ids_T, cu, max_len = pack([[s] for s in seqs])
+        text = self.embedders["text"].cfg
+        if max_len > text.max_len:
+            raise ValueError(f"a decoder sequence has {max_len} tokens; the text embedder's max_len is {text.max_len}")
+        if ids_T.numel():
+            lo, hi = torch.stack(torch.aminmax(ids_T)).tolist()  # on the host for batches from the data path
+            if lo < 0 or hi >= text.vocab_size:
+                raise ValueError(f"target token ids must be in [0, {text.vocab_size}); got min {lo}, max {hi}")
         tasks = torch.cat([torch.full((len(s),), t, dtype=torch.long) for s, t in zip(seqs, task_ids)])
         return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
                                               torch.zeros_like(tasks).to(device))

@@ -71,6 +71,22 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
     assert all(len(s) <= 12 and tokenizer.token_id("<eos>") not in s for s in cached)
 
 
+def test_decoder_streams_longer_than_the_text_max_len(tokenizer, gen):
+    """max_len bounds one text, not a packed stream: each decoding step embeds one token for each
+    of the N = examples x beams rows, and training packs every target into one stream; both may
+    exceed it. Bad target ids are still refused, by name."""
+    model = _model(tokenizer, seed=1, modalities={"text": {"max_len": 16}})
+    batch = _encode(tokenizer, _examples(gen))
+    assert len(batch) * 4 > 16
+    cached = generate(model, batch, max_new_tokens=4, beam_size=4, use_cache=True)
+    assert cached == generate(model, batch, max_new_tokens=4, beam_size=4, use_cache=False)
+    # training packs every example's target into one decoder stream: longer than max_len in all
+    assert sum(len(ex.target_ids) + 1 for ex in batch) > 16 and torch.isfinite(model(batch).loss)
+    batch[1].target_ids = torch.tensor([3, tokenizer.vocab_size])  # an id past the vocabulary
+    with pytest.raises(ValueError, match=r"target token ids must be in \[0, 300\)"):
+        model(batch)
+
+
 def test_cached_decoding_checks_cu_seqlens_values_once_not_per_step(tokenizer, gen, monkeypatch):
     """Reading cu_seqlens values is a device sync on a GPU: the decoding loop's per-step
     cross-attention reuses one cu_q, so the number of value checks does not grow with the steps."""
