@@ -32,6 +32,8 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     """Token ids generated for each example (without bos, cut before the first eos)."""
     if beam_size < 1 or max_new_tokens < 0:
         raise ValueError(f"beam_size must be >= 1 and max_new_tokens >= 0, got {beam_size} and {max_new_tokens}")
+    if not batch:
+        return []
     cfg = model.cfg
     b, w, v = len(batch), beam_size, cfg.vocab_size
     device = model.boundary.device

@@ -69,6 +69,7 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
     full = generate(model, batch, max_new_tokens=12, beam_size=beam_size, use_cache=False)
     assert cached == full
     assert all(len(s) <= 12 and tokenizer.token_id("<eos>") not in s for s in cached)
+    assert generate(model, [], max_new_tokens=3, beam_size=beam_size) == []
 
 
 def test_decoder_streams_longer_than_the_text_max_len(tokenizer, gen):
