@@ -221,11 +221,10 @@ def gpu_grid(args):
             h = 2048 // d
             for s in (seqs if d == 128 else (1024, 4096)):
                 b = max(1, tokens // s)
-                for causal in (False, True):
-                    if args.shapes not in f"dense B{b} H{h} S{s} D{d}":
-                        continue
-                    record(f"dense B{b} H{h} S{s} D{d}", causal,
-                           _dense_providers(backends, b, h, s, d, causal, dtype), flops(b, h, s, s, d, causal, "fwd"))
+                shape = f"dense B{b} H{h} S{s} D{d}"
+                for causal in (False, True) if args.shapes in shape else ():
+                    record(shape, causal, _dense_providers(backends, b, h, s, d, causal, dtype),
+                           flops(b, h, s, s, d, causal, "fwd"))
         gen = torch.Generator().manual_seed(0)
         lens = torch.randint(256, 4096, (64,), generator=gen)
         lens = lens[: int((lens.cumsum(0) <= tokens).sum())].tolist()
@@ -233,9 +232,10 @@ def gpu_grid(args):
         # work under the mask: prefix block p*p plus the causal rest (n*(n+1) - p*(p+1))/2 + p*(n-p)
         pairs = sum(p * p + (n * (n + 1) - p * (p + 1)) // 2 for n, p in zip(lens, prefix))
         fl = 4 * 16 * 128 * pairs
-        if args.shapes in f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128":
-            record(f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128", True,
-                   _prefix_providers(backends, lens, prefix, 16, 128, dtype, wanted is None or "flex" in wanted), fl)
+        shape = f"prefix-LM varlen {len(lens)} seqs {sum(lens)} tok D128"
+        if args.shapes in shape:
+            record(shape, True, _prefix_providers(backends, lens, prefix, 16, 128, dtype,
+                                                  wanted is None or "flex" in wanted), fl)
 
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "

@@ -28,25 +28,10 @@ def set_value_checks(enabled: bool) -> bool:
     return old
 
 
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-except ImportError:  # a torch without it: always take the registered op
-    _get_current_dispatch_mode = None
-
-
-def plain_eager(*tensors) -> bool:
-    """True when an op may call its backend's forward directly instead of through its registered
-    torch.library op, whose Python dispatch costs some 30 us a call (more than a decoding step's
-    kernel): not under torch.compile, no dispatch or torch-function mode active (FakeTensorMode,
-    tracing), every input a plain torch.Tensor (None allowed), and no autograd graph to record
-    (grad mode off, or no input requires grad)."""
-    if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
-        return False
-    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
-        return False
-    if not all(t is None or type(t) is torch.Tensor for t in tensors):
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+def value_checks_on() -> bool:
+    """Whether checks that read values back to the host run now: switched on (set_value_checks)
+    and not under torch.compile."""
+    return _value_checks and not torch.compiler.is_compiling()
 
 
 _CHECKED = "_generalist_checked_values"
@@ -163,7 +148,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise ValueError(f"prefix_lens is on {prefix_lens.device} but q is on {q.device}")
         if not causal:
             raise ValueError("prefix_lens needs causal=True (keys after the prefix are seen causally); without causal every key is visible already")
-    if _value_checks and not torch.compiler.is_compiling():
+    if value_checks_on():
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", maxes[0])
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", maxes[1])
         if prefix_lens is not None and prefix_lens.numel() and not checked_before(prefix_lens, "prefix"):

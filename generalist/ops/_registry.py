@@ -11,6 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: always take the registered op
+    _get_current_dispatch_mode = None
+
+
+def plain_eager(*inputs: Any) -> bool:
+    """True when an op may call its backend directly instead of through its registered
+    torch.library op, whose Python dispatch costs some 30 us a call (more than a decoding step's
+    kernel): not under torch.compile, no dispatch or torch-function mode active (FakeTensorMode,
+    tracing), every tensor input a plain torch.Tensor, and no autograd graph to record (grad mode
+    off, or no tensor input requires grad). Inputs that are not tensors are ignored."""
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
 
 class BackendError(ValueError):
     """The `backend` argument names an implementation that cannot serve these inputs."""
@@ -43,6 +66,13 @@ class Registry:
             raise BackendError(
                 f"{self.op}: unknown backend {name!r}; choose one of {('auto',) + self.known}"
             )
+
+    def call(self, op: Callable[..., Any], function: str, name: str, *inputs: Any) -> Any:
+        """op(*inputs, name), the registered op; or, when `plain_eager(*inputs)` (inference in
+        eager mode), the resolved backend's `function` called on the inputs directly."""
+        if plain_eager(*inputs):
+            return self.resolve(name, *inputs).functions[function](*inputs)
+        return op(*inputs, name)
 
     def resolve(self, name: str, *inputs: Any) -> Implementation:
         self.check_name(name)

@@ -91,15 +91,6 @@ def _backward(ctx, dout, dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, prefix_lens, backend):
-    """attention_fwd, or (inference in eager mode: checks.plain_eager) the backend's forward called
-    directly, without the op's dispatch."""
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, prefix_lens)
-    if checks.plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens):
-        return BACKENDS.resolve(backend, *args).functions["forward"](*args)
-    return attention_fwd(*args, backend)
-
-
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None = None,
                            causal: bool = False, *, prefix_lens: Tensor | None = None,
@@ -116,8 +107,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     max_q, max_k = checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        causal, prefix_lens)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
-    out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, bool(causal), prefix_lens,
-                        backend)
+    out, lse = BACKENDS.call(attention_fwd, "forward", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                             scale, bool(causal), prefix_lens)
     return (out, lse) if return_lse else out
 
 
@@ -133,8 +124,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     b, sq, h, d = q.shape
     sk = k.shape[1]
     steps = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-    out, lse = _forward(q.reshape(b * sq, h, d), k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]),
-                        steps * sq, steps * sk, sq, sk, scale, bool(causal), None, backend)
+    out, lse = BACKENDS.call(attention_fwd, "forward", backend, q.reshape(b * sq, h, d),
+                             k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]), steps * sq, steps * sk,
+                             sq, sk, scale, bool(causal), None)
     out = out.view(b, sq, h, d)
     return (out, lse.view(h, b, sq).transpose(0, 1)) if return_lse else out
 

@@ -170,7 +170,7 @@ def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values: bool = Tr
             if x.requires_grad:
                 raise ValueError(f"{name} requires grad, but attention_decode is inference-only (no backward); "
                                  f"call it under torch.no_grad() or use flash_attn_varlen_func to train")
-    if values and checks._value_checks and not torch.compiler.is_compiling() and b:
+    if values and checks.value_checks_on() and b:
         lo, hi = int(cache_lens.min()), int(cache_lens.max())  # a device sync; set_value_checks(False) skips it
         if lo < 0 or hi > k_cache.shape[1]:
             raise ValueError(f"cache_lens must lie in [0, {k_cache.shape[1]}] (the cache capacity S), "
@@ -195,9 +195,6 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
         cache_lens = torch.full((k_cache.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
     num_splits = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values=not full)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
-    args = (q, k_cache, v_cache, cache_lens, scale, num_splits)
-    if checks.plain_eager(q, k_cache, v_cache, cache_lens):  # the op's own dispatch is host time per step
-        out, lse = DECODE_BACKENDS.resolve(backend, *args).functions["forward"](*args)
-    else:
-        out, lse = attention_decode_op(*args, backend)
+    out, lse = DECODE_BACKENDS.call(attention_decode_op, "forward", backend, q, k_cache, v_cache, cache_lens, scale,
+                                    num_splits)
     return (out, lse) if return_lse else out

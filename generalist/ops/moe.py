@@ -132,16 +132,13 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
     if group_sizes_E.shape[0] != w_EDF.shape[0]:
         raise ValueError(f"group_sizes_E has {group_sizes_E.shape[0]} entries but w_EDF has "
                          f"{w_EDF.shape[0]} experts")
-    if check_values and checks._value_checks and not torch.compiler.is_compiling():
+    if check_values and checks.value_checks_on():
         sizes = group_sizes_E.tolist()
         if any(n < 0 for n in sizes):
             raise ValueError(f"group_sizes_E must be non-negative, got {sizes}")
         if sum(sizes) != x_TD.shape[0]:
             raise ValueError(f"group_sizes_E sums to {sum(sizes)} but x_TD has {x_TD.shape[0]} rows")
-    if checks.plain_eager(x_TD, w_EDF, group_sizes_E):  # inference: no dispatch of the op (host time)
-        return MOE_BACKENDS.resolve(backend, x_TD, w_EDF, group_sizes_E).functions["grouped_mm"](
-            x_TD, w_EDF, group_sizes_E)
-    return grouped_mm_op(x_TD, w_EDF, group_sizes_E, backend)
+    return MOE_BACKENDS.call(grouped_mm_op, "grouped_mm", backend, x_TD, w_EDF, group_sizes_E)
 
 
 def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int | None = None, *,
@@ -168,7 +165,7 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
         raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
     if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or a non-negative int, got {capacity!r}")
-    if check_values and checks._value_checks and not torch.compiler.is_compiling() and expert_idx_TK.numel():
+    if check_values and checks.value_checks_on() and expert_idx_TK.numel():
         lo, hi = expert_idx_TK.min().item(), expert_idx_TK.max().item()
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"expert_idx_TK values must lie in [0, {n_experts}), got [{lo}, {hi}]")

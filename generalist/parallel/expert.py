@@ -36,9 +36,10 @@ Contract: every rank calls every converted layer the same number of times (an em
 is fine) and backpropagates through the same graph; otherwise the collectives hang. Give the
 layers a process group of their own when a data-parallel wrapper (DDP) reduces gradients on
 another during backward. Eager mode only (the split sizes come to the host). Convert before
-building the optimizer: the expert parameters are replaced. Checkpoints go through `gather_expert_state` (full single-device state
-dict on one rank) and `scatter_expert_state` (full state dict from one rank into the shards);
-optimizer state through `gather_expert_optimizer_state` and `shard_expert_optimizer_state`.
+building the optimizer: the expert parameters are replaced. Checkpoints go through
+`gather_expert_state` (full single-device state dict on one rank) and `scatter_expert_state`
+(full state dict from one rank into the shards); optimizer state through
+`gather_expert_optimizer_state` and `shard_expert_optimizer_state`.
 Expert parallelism over a sub-group of a larger data-parallel world (2-D meshes) would also need
 the expert gradients all-reduced across the copies of each shard; that is not handled here.
 
