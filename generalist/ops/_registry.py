@@ -19,20 +19,34 @@ except ImportError:  # a torch without it: always take the registered op
     _get_current_dispatch_mode = None
 
 
-def plain_eager(*inputs: Any) -> bool:
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*inputs: Any) -> bool:
     """True when an op may call its backend directly instead of through its registered
-    torch.library op, whose Python dispatch costs some 30 us a call (more than a decoding step's
-    kernel): not under torch.compile, no dispatch or torch-function mode active (FakeTensorMode,
-    tracing), every tensor input a plain torch.Tensor, and no autograd graph to record (grad mode
-    off, or no tensor input requires grad). Inputs that are not tensors are ignored."""
+    torch.library op, whose Python dispatch (and, with grad, its autograd wrapper) costs tens of
+    microseconds a call, more than a decoding step's kernel: not under torch.compile, no dispatch
+    or torch-function mode active (FakeTensorMode, tracing), no torch.func transform, and every
+    tensor input a plain torch.Tensor or nn.Parameter (not a subclass such as DTensor). Inputs
+    that are not tensors are ignored."""
     if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    if any(type(t) is not torch.Tensor for t in tensors):
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+    return all(type(t) in _PLAIN for t in inputs if isinstance(t, torch.Tensor))
+
+
+def needs_grad(*inputs: Any) -> bool:
+    """Whether a call records an autograd graph: grad mode on and a tensor input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def plain_eager(*inputs: Any) -> bool:
+    """`eager(*inputs)` with no autograd graph to record: the backend's forward may be called as
+    it is."""
+    return eager(*inputs) and not needs_grad(*inputs)
 
 
 class BackendError(ValueError):
@@ -67,11 +81,17 @@ class Registry:
                 f"{self.op}: unknown backend {name!r}; choose one of {('auto',) + self.known}"
             )
 
-    def call(self, op: Callable[..., Any], function: str, name: str, *inputs: Any) -> Any:
-        """op(*inputs, name), the registered op; or, when `plain_eager(*inputs)` (inference in
-        eager mode), the resolved backend's `function` called on the inputs directly."""
-        if plain_eager(*inputs):
-            return self.resolve(name, *inputs).functions[function](*inputs)
+    def call(self, op: Callable[..., Any], function: str, name: str, *inputs: Any,
+             autograd: type[torch.autograd.Function] | None = None) -> Any:
+        """op(*inputs, name), the registered op; or, in eager mode (`eager(*inputs)`), the resolved
+        backend's `function` called on the inputs directly when there is no autograd graph to
+        record, and `autograd.apply(implementation, *inputs)` when there is and the op has such a
+        torch.autograd.Function (its forward and backward call the backend directly too)."""
+        if eager(*inputs):
+            if not needs_grad(*inputs):
+                return self.resolve(name, *inputs).functions[function](*inputs)
+            if autograd is not None:
+                return autograd.apply(self.resolve(name, *inputs), *inputs)
         return op(*inputs, name)
 
     def resolve(self, name: str, *inputs: Any) -> Implementation:

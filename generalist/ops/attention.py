@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops import attention_cpu
@@ -91,6 +92,30 @@ def _backward(ctx, dout, dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """What the registered op and its autograd do, for eager calls that record a graph, calling
+    the resolved backend directly: no op dispatch on the way in or out (Registry.call)."""
+
+    @staticmethod
+    def forward(ctx, impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, prefix_lens):
+        out, lse = impl.functions["forward"](q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, prefix_lens)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, prefix_lens)
+        ctx.static = (impl, max_q, max_k, scale, causal)
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient, not a tensor of zeros
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, prefix_lens = ctx.saved_tensors
+        impl, max_q, max_k, scale, causal = ctx.static
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = impl.functions["backward"](dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
+                                                causal, prefix_lens)
+        return None, dq, dk, dv, None, None, None, None, None, None, None
+
+
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None = None,
                            causal: bool = False, *, prefix_lens: Tensor | None = None,
@@ -108,7 +133,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                                        causal, prefix_lens)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
     out, lse = BACKENDS.call(attention_fwd, "forward", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-                             scale, bool(causal), prefix_lens)
+                             scale, bool(causal), prefix_lens, autograd=_EagerAttention)
     return (out, lse) if return_lse else out
 
 
@@ -126,7 +151,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     steps = torch.arange(b + 1, dtype=torch.int32, device=q.device)
     out, lse = BACKENDS.call(attention_fwd, "forward", backend, q.reshape(b * sq, h, d),
                              k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]), steps * sq, steps * sk,
-                             sq, sk, scale, bool(causal), None)
+                             sq, sk, scale, bool(causal), None, autograd=_EagerAttention)
     out = out.view(b, sq, h, d)
     return (out, lse.view(h, b, sq).transpose(0, 1)) if return_lse else out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops._registry import Implementation, Registry
@@ -97,6 +98,24 @@ def _backward(ctx, dy_TF):
 grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerGroupedMM(torch.autograd.Function):
+    """What the registered op and its autograd do, for eager calls that record a graph, calling
+    the resolved backend directly: no op dispatch on the way in or out (Registry.call)."""
+
+    @staticmethod
+    def forward(ctx, impl, x_TD, w_EDF, group_sizes_E):
+        ctx.save_for_backward(x_TD, w_EDF, group_sizes_E)
+        ctx.impl = impl
+        return impl.functions["grouped_mm"](x_TD, w_EDF, group_sizes_E)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_TF):
+        x_TD, w_EDF, group_sizes_E = ctx.saved_tensors
+        dx_TD, dw_EDF = ctx.impl.functions["grouped_mm_bwd"](dy_TF.contiguous(), x_TD, w_EDF, group_sizes_E)
+        return None, dx_TD, dw_EDF, None
+
+
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -138,7 +157,7 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
             raise ValueError(f"group_sizes_E must be non-negative, got {sizes}")
         if sum(sizes) != x_TD.shape[0]:
             raise ValueError(f"group_sizes_E sums to {sum(sizes)} but x_TD has {x_TD.shape[0]} rows")
-    return MOE_BACKENDS.call(grouped_mm_op, "grouped_mm", backend, x_TD, w_EDF, group_sizes_E)
+    return MOE_BACKENDS.call(grouped_mm_op, "grouped_mm", backend, x_TD, w_EDF, group_sizes_E, autograd=_EagerGroupedMM)
 
 
 def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int | None = None, *,

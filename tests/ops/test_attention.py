@@ -361,10 +361,18 @@ def test_every_backend_on_cuda(gen, dtype):
         assert (out.double() - want).abs().max().item() <= 2 * baseline + ATOL[dtype], backend
 
 
-def test_inference_calls_skip_the_op_dispatch_training_and_tracing_use_it(gen, monkeypatch):
-    """Without an autograd graph to record, in eager mode on plain tensors, the forward goes
-    straight to the backend (the registered op's dispatch is host time per call); with grad, or
-    under FakeTensorMode, the op runs."""
+class _NoOpMode(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that changes nothing: while it is active the ops must dispatch."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_op_dispatch_tracing_uses_it(gen, monkeypatch):
+    """In eager mode on plain tensors the registered op (whose Python dispatch is host time per
+    call) is skipped: without an autograd graph to record the backend's forward is called as it
+    is, with one an autograd.Function calls the backend's forward and backward. Both give what the
+    op gives, bit for bit. Under FakeTensorMode, or any torch-function mode, the op runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     module = sys.modules["generalist.ops.attention"]
@@ -373,12 +381,33 @@ def test_inference_calls_skip_the_op_dispatch_training_and_tracing_use_it(gen, m
     monkeypatch.setattr(module, "attention_fwd", lambda *a: calls.append(1) or op(*a))
     case = random_varlen([5, 0, 9], [7, 3, 9], 4, 2, 16, generator=gen, requires_grad=True)
     args = (case.q, case.k, case.v, case.cu_q, case.cu_k, 9, 9)
+    dout = torch.randn(case.q.shape, generator=gen)
+
+    def run():
+        out, lse = flash_attn_varlen_func(*args, causal=True, prefix_lens=case.prefix_lens, return_lse=True,
+                                          backend="reference")
+        grads = torch.autograd.grad((out * dout).sum() + lse.sum(), (case.q, case.k, case.v))
+        return out.detach(), lse.detach(), grads
+
     with torch.no_grad():
         out = flash_attn_varlen_func(*args, causal=True, backend="reference")
     assert not calls
-    grad_out = flash_attn_varlen_func(*args, causal=True, backend="reference")
-    assert calls == [1] and grad_out.requires_grad
-    torch.testing.assert_close(out, grad_out.detach(), rtol=0, atol=0)
+    eager = run()
+    assert not calls
+    with _NoOpMode():
+        dispatched = run()
+    assert calls == [1]
+    torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(eager, dispatched, rtol=0, atol=0)
+    # only lse used, or only out: the missing gradient is zero either way
+    for use in (lambda o, lse: lse.sum(), lambda o, lse: (o * dout).sum()):
+        got = torch.autograd.grad(use(*flash_attn_varlen_func(*args, causal=True, return_lse=True,
+                                                              backend="reference")), (case.q, case.k))
+        with _NoOpMode():
+            want = torch.autograd.grad(use(*flash_attn_varlen_func(*args, causal=True, return_lse=True,
+                                                                   backend="reference")), (case.q, case.k))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert calls == [1, 1, 1]
     plain = [t.detach() for t in args[:5]]
     # fake tensors have no values to check
     monkeypatch.setattr(sys.modules["generalist.ops._attention_checks"], "_value_checks", False)
@@ -386,4 +415,4 @@ def test_inference_calls_skip_the_op_dispatch_training_and_tracing_use_it(gen, m
         fake = [mode.from_tensor(t) for t in plain]
         with torch.no_grad():
             assert flash_attn_varlen_func(*fake, 9, 9, causal=True, backend="reference").shape == case.q.shape
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1, 1]

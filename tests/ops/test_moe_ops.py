@@ -241,9 +241,10 @@ def test_value_checks_can_be_skipped():
     assert sizes.tolist() == [1, 1]
 
 
-def test_inference_calls_skip_the_op_dispatch(gen, monkeypatch):
-    """grouped_mm without an autograd graph to record calls the backend directly (no op dispatch);
-    with grad the op runs, and both give the same result."""
+def test_eager_calls_skip_the_op_dispatch(gen, monkeypatch):
+    """In eager mode grouped_mm calls the backend directly: as it is without an autograd graph to
+    record, through an autograd.Function with one; weights may be nn.Parameters. Under a
+    torch-function mode the registered op runs, and the results agree bit for bit."""
     import sys
 
     module = sys.modules["generalist.ops.moe"]
@@ -251,9 +252,24 @@ def test_inference_calls_skip_the_op_dispatch(gen, monkeypatch):
     op = module.grouped_mm_op
     monkeypatch.setattr(module, "grouped_mm_op", lambda *a: calls.append(1) or op(*a))
     x, w, gs = _inputs(gen, [3, 0, 5])
+    w = torch.nn.Parameter(w)
+    dy = torch.randn(8, 7, generator=gen)
+
+    class NoOpMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def run(x):
+        y = grouped_mm(x, w, gs, backend="reference")
+        return (y.detach(), *torch.autograd.grad((y * dy).sum(), (x, w)))
+
     with torch.no_grad():
         y = grouped_mm(x, w, gs, backend="reference")
     assert not calls
-    y_grad = grouped_mm(x.requires_grad_(), w, gs, backend="reference")
-    assert calls == [1] and y_grad.requires_grad
-    torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
+    eager = run(x.clone().requires_grad_())
+    assert not calls
+    with NoOpMode():
+        dispatched = run(x.clone().requires_grad_())
+    assert calls == [1]
+    torch.testing.assert_close(y, eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(eager, dispatched, rtol=0, atol=0)

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import dot_acc
+from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -517,12 +517,12 @@ def _launch(kernel: str, grid_of, q: torch.Tensor, *args, **constexprs):
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _seq_bucket(n: int) -> int:
     """Autotuning key for a sequence length: powers of two from 128 to 16384."""
-    return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
+    return min(max(next_power_of_2(max(n, 1)), 128), 16384)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -574,8 +574,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     has_prefix = prefix_lens is not None and bool(causal)
     with _on_device(q):
         _launch(
-            "fwd", lambda meta: ((batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) * h,) if meta["LONGEST_FIRST"]
-                                 else (batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h)),
+            "fwd", lambda meta: ((batch * cdiv(max_seqlen_q, meta["BLOCK_M"]) * h,) if meta["LONGEST_FIRST"]
+                                 else (batch * cdiv(max_seqlen_q, meta["BLOCK_M"]), h)),
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens if has_prefix else cu_seqlens_q,
             float(softmax_scale), int(max_seqlen_q), h // hkv, _seq_bucket(max_seqlen_q), batch, h,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -618,7 +618,7 @@ def attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.T
         delta = torch.empty((h, tq), dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float() if dlse is not None else delta
         block_t = 16 if _use_interpreter_blocks() else 64
-        _attn_bwd_delta_kernel[(triton.cdiv(tq, block_t), h)](
+        _attn_bwd_delta_kernel[(cdiv(tq, block_t), h)](
             out, dout, dlse_arg, delta, tq,
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1),
             delta.stride(0),
@@ -629,7 +629,7 @@ def attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.T
 
         # dK, dV: one program per key block
         _launch(
-            "dkdv", lambda meta: (batch * triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv),
+            "dkdv", lambda meta: (batch * cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv),
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, prefix,
             float(softmax_scale), int(max_seqlen_k), group, _seq_bucket(max_seqlen_k),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -639,7 +639,7 @@ def attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.T
         )
         # dQ: one program per query block
         _launch(
-            "dq", lambda meta: (batch * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h),
+            "dq", lambda meta: (batch * cdiv(max_seqlen_q, meta["BLOCK_M"]), h),
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, prefix,
             float(softmax_scale), int(max_seqlen_q), group, _seq_bucket(max_seqlen_q),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

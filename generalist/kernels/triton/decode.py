@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from generalist.kernels.triton.common import cdiv, next_power_of_2
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
 MAX_HEAD_DIM = 256
@@ -193,7 +195,7 @@ def config_for(elem: int, block_d: int, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an operand width in bytes, BLOCK_D and the
     number of query rows per (sequence, kv head)."""
     table = _CONFIGS[(elem, max(64, block_d))]
-    block_m = min(max(16, triton.next_power_of_2(rows)), table[-1][0])
+    block_m = min(max(16, next_power_of_2(rows)), table[-1][0])
     for max_m, block_n, warps, stages in table:
         if block_m <= max_m:
             return block_m, block_n, warps, stages
@@ -219,11 +221,11 @@ def default_num_splits(programs: int, max_len: int, block_n: int, device: torch.
     if max_len <= 0:
         return 1
     if device.type != "cuda":
-        return max(1, min(4, triton.cdiv(max_len, 4 * block_n)))
+        return max(1, min(4, cdiv(max_len, 4 * block_n)))
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if 2 * programs >= sms:
         return 1
-    splits = min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(max_len, 4 * block_n), MAX_SPLITS)
+    splits = min(cdiv(2 * sms, max(programs, 1)), cdiv(max_len, 4 * block_n), MAX_SPLITS)
     return max(1, splits)
 
 
@@ -278,15 +280,15 @@ def decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if s == 0:  # no cache anywhere: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
 
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     block_m, block_n, warps, stages = config_for(q.element_size(), block_d, group * lq)
     interp = interpreting()
     if interp:
         block_n = _INTERPRET_BLOCK_N
-    row_blocks = triton.cdiv(group * lq, block_m)
+    row_blocks = cdiv(group * lq, block_m)
     if num_splits <= 0:
         num_splits = default_num_splits(b * hkv * row_blocks, s, block_n, q.device)
-    num_splits = max(1, min(int(num_splits), triton.cdiv(s, block_n)))  # more splits than key blocks is waste
+    num_splits = max(1, min(int(num_splits), cdiv(s, block_n)))  # more splits than key blocks is waste
     launch = {} if interp else {"num_warps": warps, "num_stages": stages}
     constexprs = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                       BLOCK_M=block_m, BLOCK_N=block_n)
@@ -319,7 +321,7 @@ def decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 part_o, part_l, out, lse, lq, h, num_splits,
                 part_o.stride(1), part_o.stride(2), part_l.stride(1),
                 out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)),
                 **({} if interp else {"num_warps": 4 if block_d >= 128 else 2}),
             )
     return out, lse

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import dot_acc
+from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
@@ -237,11 +237,11 @@ def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **cons
 
 def _t_bucket(t: int) -> int:
     """Autotuning key for a row count: powers of two from 256 to 65536."""
-    return min(max(triton.next_power_of_2(max(t, 1)), 256), 65536)
+    return min(max(next_power_of_2(max(t, 1)), 256), 65536)
 
 
 def _block_e(e: int) -> int:
-    return max(2, triton.next_power_of_2(e))
+    return max(2, next_power_of_2(e))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -282,7 +282,7 @@ def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor) -> torch
         return c_TN.zero_()
     with _on_device(a_TK):
         _launch(
-            "mm", lambda meta: ((triton.cdiv(t, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),),
+            "mm", lambda meta: ((cdiv(t, meta["BLOCK_M"]) + e) * cdiv(n, meta["BLOCK_N"]),),
             a_TK.device, a_TK.element_size(),
             a_TK, b_EKN, c_TN, sizes_E, t, k, n, e, _t_bucket(t),
             a_TK.stride(0), a_TK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
@@ -334,7 +334,7 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int) 
         return dw_EDF.zero_()
     with _on_device(x_TD):
         _launch(
-            "dw", lambda meta: (triton.cdiv(d, meta["BLOCK_M"]) * triton.cdiv(f, meta["BLOCK_N"]), e),
+            "dw", lambda meta: (cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"]), e),
             x_TD.device, x_TD.element_size(),
             x_TD, dy_TF, dw_EDF, sizes_E, t, d, f, e, _t_bucket(t),
             x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
