@@ -10,7 +10,7 @@
 # T_TOTAL (default 470) from the start of the build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
 # it measured). BENCHES picks the benchmarks (default
-# "attention moe decode"); ATTENTION_ARGS are passed to attention.py (e.g.
+# "attention moe decode host_overhead"); ATTENTION_ARGS are passed to attention.py (e.g.
 # "--providers cuda,sdpa-flash --passes fwd"). BUILD=0 uses the extension already built;
 # DIAGNOSE=1 investigates a crash of the C++ error check (a backtrace, a minimal extension).
 set -uo pipefail
@@ -81,7 +81,7 @@ timeout -k 15 "$(limit 60)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tes
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in ${BENCHES:-attention moe decode}; do
+for bench in ${BENCHES:-attention moe decode host_overhead}; do
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}
   # shellcheck disable=SC2086  # extra holds several arguments
@@ -89,7 +89,7 @@ for bench in ${BENCHES:-attention moe decode}; do
   code=$?; [ $code = 0 ] || status=1
   step "benchmark $bench: exit $code"
 done
-for bench in ${BENCHES:-attention moe moe-kernels decode}; do
+for bench in ${BENCHES:-attention moe moe-kernels decode host_overhead}; do
   [ -f "$OUT/$bench.md" ] && { echo; echo "## $bench"; cat "$OUT/$bench.md"; }
 done
 echo; cat "$OUT/summary.txt"
