@@ -400,6 +400,8 @@ def _attn_bwd_dq_kernel(
 # fp32 runs exact fp32 products on the CUDA cores, which need small tiles on both. The first entry
 # of each table (the default when tuning is off) compiles without register spills with Triton 3.6
 # for full and for masked head dims; the others do for full head dims (see the compile test).
+# Hopper tuning is tiles, warps and pipeline depth: Triton 3.6's automatic warp specialization
+# (tl.range(warp_specialize=True)) runs on Blackwell only and on plain matmul loops.
 _CONFIGS_16BIT = {
     90: {
         ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
