@@ -53,7 +53,7 @@ class DecoderBlock(nn.Module):
         if cu_q is None or cu_q.shape[0] != x_BM.shape[0] + 1:
             cu_q = cache["cu_q"] = torch.arange(x_BM.shape[0] + 1, dtype=torch.int32, device=x_BM.device)
         x_BM = x_BM + self.cross(self.norm2(x_BM), cache["memory"], cu_q, enc.cu_seqlens, 1, enc.max_seqlen)
-        y_BM, _ = self.moe(self.norm3(x_BM), task_ids_B, modality_ids_B)
+        y_BM, _ = self.moe(self.norm3(x_BM), task_ids_B, modality_ids_B, stats=False)
         return x_BM + y_BM
 
 

@@ -82,7 +82,8 @@ def _swiglu(x_TD: Tensor, w1_DH: Tensor, w3_DH: Tensor, w2_HD: Tensor) -> Tensor
 
 
 class MoE(nn.Module):
-    """forward(x (T, D), task_ids int (T,), modality_ids int (T,)) -> (y (T, D), MoEStats).
+    """forward(x (T, D), task_ids int (T,), modality_ids int (T,)) -> (y (T, D), MoEStats), or
+    (y, None) with stats=False.
 
     The router takes softmax over the n_routed experts, keeps the top_k and renormalises those
     k weights to sum to 1; y = shared(x) + sum over the kept top-k e of weight_e * expert_e(x).
@@ -153,13 +154,18 @@ class MoE(nn.Module):
         h_TD = self._router_input(x_TD, task_ids_T, modality_ids_T)
         return F.linear(h_TD, self.router.weight.to(h_TD.dtype))
 
-    def forward(self, x_TD: Tensor, task_ids_T: Tensor, modality_ids_T: Tensor) -> tuple[Tensor, MoEStats]:
+    def forward(self, x_TD: Tensor, task_ids_T: Tensor, modality_ids_T: Tensor, *,
+                stats: bool = True) -> tuple[Tensor, MoEStats | None]:
+        """(y, MoEStats); with `stats=False` (decoding, which discards them) (y, None): no counts,
+        no router losses, and so none of their small kernels nor router_stats' collectives."""
         self._check_inputs(x_TD, task_ids_T, modality_ids_T)
         c, (t, d), dt = self.config, x_TD.shape, x_TD.dtype
         y_TD = x_TD.new_zeros((t, d))
         if self.shared_w1_DH is not None:
             y_TD = _swiglu(x_TD, self.shared_w1_DH.to(dt), self.shared_w3_DH.to(dt), self.shared_w2_HD.to(dt))
         if not c.n_routed:
+            if not stats:
+                return y_TD, None
             zero, ints = x_TD.new_zeros((), dtype=torch.float32), dict(dtype=torch.int64, device=x_TD.device)
             return y_TD, MoEStats(zero, zero, zero, torch.zeros((c.n_tasks, 0), **ints),
                                   torch.zeros((c.n_modalities, 0), **ints), torch.zeros((), **ints))
@@ -178,6 +184,8 @@ class MoE(nn.Module):
             capacity = math.ceil(c.capacity_factor * t * k / e)
         x_SD, sort_idx_S, sizes_E = permute(x_TD, expert_idx_TK, e, capacity, check_values=False)
         y_TD = y_TD + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)  # summed in fp32
+        if not stats:
+            return y_TD, None
 
         # Statistics and losses; f counts the router's choices before any drop.
         with torch.no_grad():

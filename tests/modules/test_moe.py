@@ -107,6 +107,21 @@ def test_dropless_output_is_weighted_sum_of_topk_experts(gen, condition_router):
     assert len(kept) == t * 3 and stats.dropped.item() == 0
 
 
+@pytest.mark.parametrize("n_routed", [6, 0])
+def test_without_stats_the_output_is_the_same_and_no_statistics_are_made(gen, monkeypatch, n_routed):
+    """stats=False (decoding) gives the same y and no MoEStats, and never reaches router_stats
+    (where data parallelism all-reduces)."""
+    moe = _moe(gen, n_shared=1, n_routed=n_routed, top_k=2, n_tasks=3).eval()
+    x = torch.randn(11, 12, generator=gen, dtype=torch.float64)
+    tasks, mods = _ids(gen, 11, 3), _ids(gen, 11, 5)
+    y, stats = moe(x, tasks, mods)
+    assert stats is not None
+    monkeypatch.setattr(MoE, "router_stats", lambda *a: pytest.fail("router_stats ran"))
+    y_fast, none = moe(x, tasks, mods, stats=False)
+    assert none is None
+    torch.testing.assert_close(y_fast, y, rtol=0, atol=0)
+
+
 def test_gradients_reach_router_and_embeddings(gen):
     moe = _moe(gen, n_routed=4, top_k=2, n_tasks=2)
     x = torch.randn(16, 12, generator=gen, dtype=torch.float64, requires_grad=True)
