@@ -15,15 +15,22 @@ from generalist.ops import flash_attn_func, flash_attn_varlen_func
 from generalist.ops.attention_decode import DECODE_BACKENDS, attention_decode
 
 
-def rotary(x_THD: Tensor, pos_T: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotate pairs (first half, second half) of each head by angle pos * base^(-2i/D)."""
+def rotary_angles(pos_T: Tensor, d: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """(cos, sin) (T, 1, D // 2) fp32 of the angles pos * base^(-2i/D): compute once, rotate q and k."""
+    half = d // 2
+    inv_freq = base ** (-torch.arange(half, device=pos_T.device, dtype=torch.float32) / half)
+    ang_TF = pos_T.float()[:, None] * inv_freq[None, :]
+    return ang_TF.cos()[:, None, :], ang_TF.sin()[:, None, :]
+
+
+def rotary(x_THD: Tensor, pos_T: Tensor, base: float = 10000.0, angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Rotate pairs (first half, second half) of each head by angle pos * base^(-2i/D);
+    `angles`: rotary_angles(pos_T, D, base), when already computed."""
     d = x_THD.shape[-1]
     half = d // 2
     if half == 0:
         return x_THD
-    inv_freq = base ** (-torch.arange(half, device=x_THD.device, dtype=torch.float32) / half)
-    ang_TF = pos_T.float()[:, None] * inv_freq[None, :]
-    cos, sin = ang_TF.cos()[:, None, :], ang_TF.sin()[:, None, :]
+    cos, sin = angles if angles is not None else rotary_angles(pos_T, d, base)
     x1, x2 = x_THD[..., :half].float(), x_THD[..., half:2 * half].float()
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x_THD[..., 2 * half:].float()], dim=-1)
     return out.to(x_THD.dtype)
@@ -41,9 +48,10 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_heads * self.d, d_model, bias=False)
 
     def project(self, x_TM: Tensor, pos_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T)
+        angles = rotary_angles(pos_T, self.d) if self.d >= 2 else None  # shared by q and k
+        q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T, angles=angles)
         k_TKD, v_TKD = self.wkv(x_TM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
-        return q_THD, rotary(k_TKD, pos_T), v_TKD
+        return q_THD, rotary(k_TKD, pos_T, angles=angles), v_TKD
 
     def forward(self, x_TM: Tensor, pos_T: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         q, k, v = self.project(x_TM, pos_T)
