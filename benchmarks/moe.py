@@ -137,8 +137,8 @@ def gpu_grid(args):
 
 def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
-    group), next to the forward kernel, the three back to back, and the dense matmul of each
-    one's shape."""
+    group), next to the forward kernel, the three back to back, the same through grouped_mm and
+    autograd, and the dense matmul of each one's shape."""
     import triton
     from generalist.kernels.triton import moe as K
 
@@ -162,13 +162,17 @@ def kernel_breakdown(args):
                          ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
             providers.update({(part, "dense"): fn for part, fn in dense.items()})
             providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
+            # the same three kernels through the public function and autograd, as training runs them
+            xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+            providers[("autograd fwd+bwd", "triton")] = lambda: grouped_mm(
+                xg, wg, gs, backend="triton", check_values=False).backward(dy)
             for (part, name), fn in providers.items():
-                sec = _bench_gpu(fn)
-                tf = flops(t, d, f) * (3 if part == "fwd+dx+dw" else 1) / sec / 1e12
+                sec = _bench_gpu(fn, (xg, wg) if part.startswith("autograd") else ())
+                tf = flops(t, d, f) * (1 if part in dense else 3) / sec / 1e12
                 rows.append((shape, max(sizes), part, name, sec, tf))
                 print(f"{shape:36s} {part:9s} {name:20s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
-             "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together", ""]
+             "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
     out = args.out.replace(".md", "-kernels.md") if args.out else None
     emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
