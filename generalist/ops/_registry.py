@@ -27,15 +27,16 @@ def eager(*inputs: Any) -> bool:
     torch.library op, whose Python dispatch (and, with grad, its autograd wrapper) costs tens of
     microseconds a call, more than a decoding step's kernel: not under torch.compile, no dispatch
     or torch-function mode active (FakeTensorMode, tracing), no torch.func transform, and every
-    tensor input a plain torch.Tensor or nn.Parameter (not a subclass such as DTensor). Inputs
-    that are not tensors are ignored."""
+    tensor input a plain torch.Tensor or nn.Parameter (not a subclass such as DTensor) with data
+    (not on the meta device, which the op's fake implementation serves). Inputs that are not
+    tensors are ignored."""
     if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(type(t) in _PLAIN for t in inputs if isinstance(t, torch.Tensor))
+    return all(type(t) in _PLAIN and not t.is_meta for t in inputs if isinstance(t, torch.Tensor))
 
 
 def needs_grad(*inputs: Any) -> bool:

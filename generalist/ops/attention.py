@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops import attention_cpu
@@ -105,14 +104,16 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, prefix_lens = ctx.saved_tensors
         impl, max_q, max_k, scale, causal = ctx.static
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        dq, dk, dv = impl.functions["backward"](dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
-                                                causal, prefix_lens)
+        args = (dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, prefix_lens)
+        if torch.is_grad_enabled():  # create_graph: the registered op, whose result refuses a second backward
+            dq, dk, dv = attention_bwd(*args, impl.name)
+        else:
+            dq, dk, dv = impl.functions["backward"](*args)
         return None, dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops._registry import Implementation, Registry
@@ -109,10 +108,13 @@ class _EagerGroupedMM(torch.autograd.Function):
         return impl.functions["grouped_mm"](x_TD, w_EDF, group_sizes_E)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy_TF):
         x_TD, w_EDF, group_sizes_E = ctx.saved_tensors
-        dx_TD, dw_EDF = ctx.impl.functions["grouped_mm_bwd"](dy_TF.contiguous(), x_TD, w_EDF, group_sizes_E)
+        args = (dy_TF.contiguous(), x_TD, w_EDF, group_sizes_E)
+        if torch.is_grad_enabled():  # create_graph: the registered op, whose result refuses a second backward
+            dx_TD, dw_EDF = grouped_mm_bwd(*args, ctx.impl.name)
+        else:
+            dx_TD, dw_EDF = ctx.impl.functions["grouped_mm_bwd"](*args)
         return None, dx_TD, dw_EDF, None
 
 

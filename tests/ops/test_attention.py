@@ -408,6 +408,15 @@ def test_eager_calls_skip_the_op_dispatch_tracing_uses_it(gen, monkeypatch):
                                                                    backend="reference")), (case.q, case.k))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert calls == [1, 1, 1]
+    # create_graph: the same first gradients, and a second backward is refused, not silently wrong
+    def dq_of(**kw):
+        out = flash_attn_varlen_func(*args, causal=True, backend="reference")
+        return torch.autograd.grad((out * dout).sum(), case.q, **kw)[0]
+
+    dq = dq_of(create_graph=True)
+    torch.testing.assert_close(dq.detach(), dq_of(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        (dq ** 2).sum().backward()
     plain = [t.detach() for t in args[:5]]
     # fake tensors have no values to check
     monkeypatch.setattr(sys.modules["generalist.ops._attention_checks"], "_value_checks", False)

@@ -273,3 +273,14 @@ def test_eager_calls_skip_the_op_dispatch(gen, monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(y, eager[0], rtol=0, atol=0)
     torch.testing.assert_close(eager, dispatched, rtol=0, atol=0)
+
+    # create_graph: the same first gradients, and a second backward is refused, not silently wrong
+    x2 = x.clone().requires_grad_()
+    dx, = torch.autograd.grad((grouped_mm(x2, w, gs, backend="reference") * dy).sum(), x2, create_graph=True)
+    torch.testing.assert_close(dx.detach(), eager[1], rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        (dx ** 2).sum().backward()
+
+    # meta tensors (shapes only) take the op and its fake implementation
+    meta = grouped_mm(x.to("meta"), torch.nn.Parameter(w.detach().to("meta")), gs.to("meta"), check_values=False)
+    assert meta.shape == (8, 7) and meta.is_meta
