@@ -111,6 +111,20 @@ def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _fused_adamw_serves(params: list[torch.Tensor]) -> bool:
+    """Whether AdamW's fused implementation (one kernel over every tensor, on CPU and CUDA: 4x
+    faster than its per-tensor loop on a CPU for the demo preset's 109 tensors) takes `params`:
+    not when FSDP's sharded (DTensor) parameters sit next to plain ones (the expert weights under
+    expert parallelism)."""
+    if not all(p.device.type in ("cpu", "cuda") for p in params):
+        return False
+    if not torch.distributed.is_available():
+        return True
+    from torch.distributed.tensor import DTensor
+
+    return sum(isinstance(p, DTensor) for p in params) in (0, len(params))
+
+
 def train_tokenizer(data: dict[str, TaskData], vocab_size: int) -> TextTokenizer:
     def texts():
         for td in data.values():
@@ -164,8 +178,10 @@ class Trainer:
                           "--nproc-per-node N", stacklevel=2)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        fused = _fused_adamw_serves(decay + no_decay) or None
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                                     fused=fused)
         trainable = {t: len(d.train) for t, d in data.items() if d.train and (d.task.generative or d.task.contrastive)}
         self.sampler = MixtureSampler(trainable, cfg.temperature, cfg.seed)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
@@ -176,6 +192,8 @@ class Trainer:
         self._encoded: dict[tuple[str, int], object] = {}
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
+            for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
+                group["fused"] = fused
             self.step, self.skipped = state["step"], state["skipped"]
             self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])

@@ -13,7 +13,7 @@ import toy_tasks  # noqa: E402
 
 from generalist.train.data import build_data  # noqa: E402
 from generalist.train.mixture import MixtureSampler  # noqa: E402
-from generalist.train.trainer import TrainConfig, Trainer, lr_at, set_option  # noqa: E402
+from generalist.train.trainer import TrainConfig, Trainer, _fused_adamw_serves, lr_at, set_option  # noqa: E402
 
 
 def _cfg(tmp_path, **over):
@@ -44,6 +44,9 @@ def test_a_few_steps_log_and_checkpoint(tmp_path):
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 6
     assert not (run / ".checkpoint.tmp").exists()
     assert trainer.routing["task"].sum() > 0
+    # AdamW's fused implementation (plain CPU parameters); not for parameters it cannot take
+    assert all(group["fused"] for group in trainer.opt.param_groups)
+    assert not _fused_adamw_serves([torch.nn.Parameter(torch.zeros(2, device="meta"))])
 
 
 SCRIPT = """
