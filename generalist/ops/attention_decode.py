@@ -33,6 +33,7 @@ from torch import Tensor
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops._triton_device import device_unsupported
+from generalist.ops.attention_reference import exact
 from generalist.ops._registry import Implementation, Registry
 
 DECODE_BACKENDS = Registry("attention_decode", known=("reference", "triton"))
@@ -52,6 +53,7 @@ def visible_mask(cache_lens: Tensor, q_len: int, capacity: int) -> Tensor:
     return j <= cache_lens.long()[:, None, None] - q_len + i
 
 
+@exact
 def _reference_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, softmax_scale: float,
                        num_splits: int) -> tuple[Tensor, Tensor]:
     """Plain PyTorch in fp32 (fp64 for fp64 inputs) over the whole (B, K, G, Lq, S) score tensor."""

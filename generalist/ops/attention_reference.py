@@ -9,13 +9,29 @@ i sees key j when
     causal:       j <= i + (lk - lq)           (bottom-right aligned, as flash-attn >= 2.1)
     + prefix p:   j < p  or  j <= i + (lk - lq)
 A query that sees no key returns zeros and lse = -inf. Computation is in fp32 (fp64 for fp64
-inputs) on a padded (B, K, G, Lq, Lk) score tensor; outputs come back in the input dtype.
+inputs) on a padded (B, K, G, Lq, Lk) score tensor, autocast or not; outputs come back in the
+input dtype.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+def exact(fn):
+    """Runs fn (whose first argument is a tensor) with autocast off on that tensor's device, so a
+    reference computes in the dtypes it names, not in autocast's lower precision."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = args[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def visible_mask(lens_q: Tensor, lens_k: Tensor, max_q: int, max_k: int, causal: bool,
@@ -80,6 +96,7 @@ def _probs(s_BKGQL: Tensor, lse_BKGQ: Tensor) -> Tensor:
     return torch.exp(s_BKGQL - torch.where(torch.isinf(lse_BKGQ), 0.0, lse_BKGQ)[..., None])
 
 
+@exact
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
                       prefix_lens: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -97,6 +114,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_
     return out, lse.t().contiguous()
 
 
+@exact
 def attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, softmax_scale: float, causal: bool,

@@ -425,3 +425,19 @@ def test_eager_calls_skip_the_op_dispatch_tracing_uses_it(gen, monkeypatch):
         with torch.no_grad():
             assert flash_attn_varlen_func(*fake, 9, 9, causal=True, backend="reference").shape == case.q.shape
     assert calls == [1, 1, 1, 1]
+
+def test_the_reference_computes_in_its_own_precision_under_autocast(gen):
+    """Autocast would run the reference's fp32 products in bf16 (and return a bf16 lse): it is
+    switched off inside, so forward, lse and gradients equal those without autocast."""
+    case = random_varlen([5, 9], [7, 9], 4, 2, 16, generator=gen, requires_grad=True)
+    args = (case.q, case.k, case.v, case.cu_q, case.cu_k, 9, 9)
+
+    def run():
+        out, lse = flash_attn_varlen_func(*args, causal=True, return_lse=True, backend="reference")
+        return out, lse, torch.autograd.grad(out.sum() + lse.sum(), (case.q, case.k, case.v))
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    assert got[1].dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

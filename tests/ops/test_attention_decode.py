@@ -121,6 +121,16 @@ def test_equals_flash_attn_varlen_on_the_packed_problem(gen, request, backend):
     torch.testing.assert_close(lse, want_lse.view(h, 4, q_len).transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_ignores_autocast(gen):
+    """The reference computes in fp32 under autocast too (it is switched off inside)."""
+    q, k, v, lens = _problem([5, 9], 2, 4, 2, 16, gen, device="cpu")
+    want = attention_decode(q, k, v, lens, return_lse=True, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_decode(q, k, v, lens, return_lse=True, backend="reference")
+    assert got[1].dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_triton_strided_caches_and_capacity(gen, triton_backend):
     """k/v caches as views into one (B, S, 2, Hkv, D) buffer, q a slice; a large unused capacity."""
     lens, h, hkv, d = [33, 7, 64], 4, 2, 32
