@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+# one configuration per kernel: host time does not depend on it, and tuning would take minutes
+os.environ.setdefault("GENERALIST_TRITON_AUTOTUNE", "0")
 ON_GPU = "--cpu" not in sys.argv and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
 if not ON_GPU or __import__("torch").cuda.is_available() is False:
     ON_GPU = False
