@@ -138,6 +138,13 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     return (out, lse) if return_lse else out
 
 
+def _equal_lengths(b: int, s: int, device) -> Tensor:
+    """cu_seqlens of b sequences of s tokens: 0, s, ..., b*s (int32), in one op."""
+    if s == 0:
+        return torch.zeros(b + 1, dtype=torch.int32, device=device)
+    return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+
+
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None, causal: bool = False,
                     *, return_lse: bool = False, backend: str = "auto"):
     """Attention over a dense batch: q (B, Sq, H, D); k, v (B, Sk, Hkv, D) with H % Hkv == 0.
@@ -149,9 +156,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     scale = checks.check_scale(softmax_scale, q.shape[-1])
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    steps = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    cu_q = _equal_lengths(b, sq, q.device)
+    cu_k = cu_q if sk == sq else _equal_lengths(b, sk, q.device)
     out, lse = BACKENDS.call(attention_fwd, "forward", backend, q.reshape(b * sq, h, d),
-                             k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]), steps * sq, steps * sk,
+                             k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]), cu_q, cu_k,
                              sq, sk, scale, bool(causal), None, autograd=_EagerAttention)
     out = out.view(b, sq, h, d)
     return (out, lse.view(h, b, sq).transpose(0, 1)) if return_lse else out
