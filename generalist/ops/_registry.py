@@ -44,12 +44,6 @@ def needs_grad(*inputs: Any) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
-def plain_eager(*inputs: Any) -> bool:
-    """`eager(*inputs)` with no autograd graph to record: the backend's forward may be called as
-    it is."""
-    return eager(*inputs) and not needs_grad(*inputs)
-
-
 class BackendError(ValueError):
     """The `backend` argument names an implementation that cannot serve these inputs."""
 
