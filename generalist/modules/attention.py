@@ -48,7 +48,7 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_heads * self.d, d_model, bias=False)
 
     def project(self, x_TM: Tensor, pos_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        angles = rotary_angles(pos_T, self.d) if self.d >= 2 else None  # shared by q and k
+        angles = rotary_angles(pos_T, self.d)  # shared by q and k
         q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T, angles=angles)
         k_TKD, v_TKD = self.wkv(x_TM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
         return q_THD, rotary(k_TKD, pos_T, angles=angles), v_TKD

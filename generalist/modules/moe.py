@@ -160,9 +160,10 @@ class MoE(nn.Module):
         no router losses, and so none of their small kernels nor router_stats' collectives."""
         self._check_inputs(x_TD, task_ids_T, modality_ids_T)
         c, (t, d), dt = self.config, x_TD.shape, x_TD.dtype
-        y_TD = x_TD.new_zeros((t, d))
         if self.shared_w1_DH is not None:
             y_TD = _swiglu(x_TD, self.shared_w1_DH.to(dt), self.shared_w3_DH.to(dt), self.shared_w2_HD.to(dt))
+        else:
+            y_TD = x_TD.new_zeros((t, d))
         if not c.n_routed:
             if not stats:
                 return y_TD, None
