@@ -240,7 +240,26 @@ def gpu_grid(args):
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}; do_bench median; TFLOP/s = 4·B·H·S²·D (÷2 causal), "
              "bwd 2.5×, fwd+bwd 3.5×", ""]
-    emit(lines + pivot(rows, ("shape", "causal", "pass")) + notes, args.out, "shape,causal,pass,provider,seconds,tflops", rows)
+    emit(lines + pivot(rows, ("shape", "causal", "pass")) + notes + tuned_configs(), args.out,
+         "shape,causal,pass,provider,seconds,tflops", rows)
+
+
+def tuned_configs() -> list[str]:
+    """What the Triton autotuner chose for each bf16 kernel and tuning key this run met: lines
+    for the report (and printed), so that the tables' candidates can be pruned to the winners."""
+    if "triton" not in ATTENTION_BACKENDS.available():
+        return []
+    from generalist.kernels.triton import attention as K
+
+    lines = ["", "Triton configurations chosen by the autotuner (kernel, BLOCK_D; key HEAD_DIM, IS_CAUSAL, "
+             "HAS_PREFIX, seq_bucket):", ""]
+    for kernel in K._KERNELS:
+        for block_d in (64, 128):
+            tuner = K._autotuned(kernel, 2, block_d, torch.cuda.current_device(), True)
+            for key, config in sorted(getattr(tuner, "cache", {}).items(), key=str):
+                lines.append(f"- {kernel} D{block_d} {tuple(key)[:4]}: {config}")
+    print("\n".join(lines))
+    return lines
 
 
 def main():

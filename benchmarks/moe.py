@@ -89,14 +89,21 @@ def _providers(backends, t, d, f, sizes, dtype):
     yield "dense", (lambda: torch.matmul(x2, w2)), (x2, w2)
 
 
-def print_tuned_configs():
-    """The configuration the autotuner chose for each (kernel, tuning key) of the bf16 kernels."""
+def tuned_configs() -> list[str]:
+    """The configuration the autotuner chose for each (kernel, tuning key) of the bf16 kernels:
+    lines for the report (and printed)."""
+    if "triton" not in MOE_BACKENDS.available():
+        return []
     from generalist.kernels.triton import moe as K
 
+    lines = ["", "Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
+             "t_bucket for dw):", ""]
     for kernel in ("mm", "dw"):
         tuner = K._autotuned(kernel, 2, torch.cuda.current_device(), True)
         for key, config in getattr(tuner, "cache", {}).items():
-            print(f"tuned {kernel} {tuple(key)[:4]}: {config}")
+            lines.append(f"- {kernel} {tuple(key)[:4]}: {config}")
+    print("\n".join(lines))
+    return lines
 
 
 def gpu_grid(args):
@@ -127,10 +134,9 @@ def gpu_grid(args):
                             print(f"{shape:36s} {mode:7s} {name:18s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
                     torch.cuda.empty_cache()
 
-    print_tuned_configs()
     lines = [f"device: {torch.cuda.get_device_name()}, bf16, torch {torch.__version__}, triton {triton.__version__}; "
              "do_bench median; TFLOP/s = 2·T·D·F (fwd), 3× (fwd+bwd); T = tokens × top-k", ""]
-    emit(lines + pivot(rows, ("shape", "largest group", "pass")) + notes, args.out,
+    emit(lines + pivot(rows, ("shape", "largest group", "pass")) + notes + tuned_configs(), args.out,
          "shape,largest_group,pass,provider,seconds,tflops", rows)
     return not notes  # False when cut short
 

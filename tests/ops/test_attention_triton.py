@@ -7,6 +7,7 @@ interpreter is slow: sizes stay small, longer sequences are `slow`, and bf16 run
 Tolerance for fp16: error(kernel vs float64) <= 2 x error(PyTorch at fp16 vs float64) + atol.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -221,53 +222,87 @@ def test_long_sequence(gen, dtype):
 
 # Compiling for a GPU needs no GPU: Triton's bundled ptxas builds sm_80 / sm_90 code here, which
 # keeps the kernels from rotting where the (more permissive) interpreter would still run them, and
-# shows register spills. Each kernel's default config, for a full and a masked head dim.
+# shows register spills. Each kernel's default config, for a full and a masked head dim; with
+# "all", every config of the table for a full head dim, causal with a prefix and not, specialised
+# as a launch on aligned tensors is (pointers and strides divisible by 16).
 _COMPILE_SCRIPT = r"""
-import os, subprocess, sys, tempfile
+import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from generalist.kernels.triton import attention as K
 
-arch, dtype, block_d = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+arch, dtype, block_d, every = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "all"
 elem = 4 if dtype == "fp32" else 2
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for head_dim in (block_d, block_d - 3):
-    for name, fn in K._KERNELS.items():
-        bm, bn, warps, stages = K.configs_for(name, elem, block_d, arch)[0]
-        cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=True, HAS_PREFIX=True,
+for name, fn in K._KERNELS.items():
+    table = K.configs_for(name, elem, block_d, arch)
+    runs = ([(c, block_d, m) for c in table for m in ((False, False), (True, True))] if every else
+            [(table[0], hd, (True, True)) for hd in (block_d, block_d - 3)])
+    for (bm, bn, warps, stages), head_dim, (causal, prefix) in runs:
+        cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_PREFIX=prefix,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
                   **({"LONGEST_FIRST": True} if name == "fwd" else {}),
                   **({"BLOCKED_SUM": dtype == "fp32"} if name in ("dkdv", "dq") else {}))
         sig = {a: "constexpr" if a in cx else ("*i32" if a in ("CU_Q", "CU_K", "PREFIX") else
                "*fp32" if a in ("LSE", "DELTA") else f"*{dtype}" if a.isupper() else
                "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if every and a not in cx and (a.isupper() or a.startswith("stride"))}
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": warps, "num_stages": stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"]); f.flush()
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        print(name, dtype, head_dim, (bm, bn, warps, stages),
-              *[w for w in usage.split() if w.startswith(("REG", "STACK"))])
+        ir = kernel.asm["ttgir"]
+        # wgmma dots, and the pipeline's buffers (the shared-memory tiles' leading dimension)
+        depth = max((int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", ir)), default=1)
+        print(name, dtype, head_dim, (bm, bn, warps, stages), "causal" if causal else "full",
+              *[w for w in usage.split() if w.startswith(("REG", "STACK"))],
+              f"WGMMA:{ir.count('warp_group_dot ')}", f"DEPTH:{depth}")
 """
+
+
+def _compile(arch, dtype, block_d, which):
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(block_d), which], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype,block_d", [("fp16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 128)])
 def test_kernels_compile_for_gpu_without_spills(arch, dtype, block_d):
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("this triton has no bundled CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(block_d)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 6, run.stdout
+    lines = _compile(arch, dtype, block_d, "defaults")
+    assert len(lines) == 6, lines
     for line in lines:
         assert "STACK:0" in line.split(), f"register spills: {line}"
+
+
+@pytest.mark.slow
+def test_every_hopper_hdim128_config_compiles_without_spills_and_defaults_use_wgmma():
+    """Every bf16 hdim-128 Hopper candidate compiles without spills, causal with a prefix and not;
+    those on wgmma keep num_stages tiles in flight; each kernel's default is one of them."""
+    lines = _compile(90, "bf16", 128, "all")
+    from generalist.kernels.triton import attention as K
+
+    assert len(lines) == 2 * sum(len(K.configs_for(n, 2, 128, 90)) for n in K._KERNELS), lines
+    for line in lines:
+        words = line.split()
+        assert "STACK:0" in words, f"register spills: {line}"
+        stages = ast.literal_eval(line[line.index("("):line.index(")") + 1])[3]
+        if "WGMMA:0" not in words:
+            assert f"DEPTH:{stages}" in words, f"on wgmma but not pipelined {stages} deep: {line}"
+    for name in K._KERNELS:
+        default = str(K.configs_for(name, 2, 128, 90)[0])
+        first = [line for line in lines if line.startswith(f"{name} ") and default in line]
+        assert first and all("WGMMA:0" not in line.split() for line in first), f"{name} default not on wgmma: {first}"
 
 
 @pytest.mark.gpu

@@ -401,7 +401,11 @@ def _attn_bwd_dq_kernel(
 # of each table (the default when tuning is off) compiles without register spills with Triton 3.6
 # for full and for masked head dims; the others do for full head dims (see the compile test).
 # Hopper tuning is tiles, warps and pipeline depth: Triton 3.6's automatic warp specialization
-# (tl.range(warp_specialize=True)) runs on Blackwell only and on plain matmul loops.
+# (tl.range(warp_specialize=True)) runs on Blackwell only and on plain matmul loops. On Hopper a
+# dot runs on wgmma only when its row side (BLOCK_M in fwd and dq, BLOCK_N in dkdv) is at least
+# 64; narrower tiles fall back to mma.sync. Those stay candidates but are no default: with one
+# as the hdim-128 dkdv default, the untuned backward ran at a third of the tuned one's speed on
+# an H100 (BENCHMARKS.md). The compile test checks every hdim-128 Hopper entry.
 _CONFIGS_16BIT = {
     90: {
         ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
@@ -411,12 +415,12 @@ _CONFIGS_16BIT = {
         ("fwd", 256): [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
         ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3),
                        (32, 64, 8, 3), (16, 128, 8, 2)],
-        ("dkdv", 128): [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
-                        (32, 64, 8, 2)],
+        ("dkdv", 128): [(16, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3),
+                        (64, 64, 8, 2), (32, 64, 4, 2), (16, 32, 8, 2)],
         ("dkdv", 256): [(16, 32, 8, 2), (32, 32, 8, 2)],
         ("dq", 64): [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
         ("dq", 128): [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (128, 32, 8, 3),
-                      (128, 64, 8, 2)],
+                      (128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
         ("dq", 256): [(32, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)],
     },
     80: {
