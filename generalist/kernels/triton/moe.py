@@ -15,8 +15,8 @@ Kernels:
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
                       BLOCK_N tile of F, GROUPS_PER_PROGRAM experts), looping over the experts'
                       rows (one flat loop when there are several, so that the pipeline spans
-                      short groups); an empty group writes zeros. The experts are grid axis 1,
-                      so at most 65535 programs' worth.
+                      short groups); an empty group writes zeros. Grid axis 1 steps over the
+                      experts GROUPS_PER_PROGRAM at a time, at most 65535 steps.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
 products ("ieee"), not tf32, summed per BLOCK_K slice and then across slices (a sequential sum
 over a 1000-row group is several times less accurate than cuBLAS). No atomics: results are
