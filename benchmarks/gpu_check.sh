@@ -9,9 +9,11 @@
 # default 150 per benchmark), so that a slow step cannot eat the rest, cut to what is left of
 # T_TOTAL (default 470) from the start of the build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
-# it measured). BENCHES picks the benchmarks (default
-# "attention moe decode host_overhead"); ATTENTION_ARGS are passed to attention.py (e.g.
-# "--providers cuda,sdpa-flash --passes fwd"). BUILD=0 uses the extension already built;
+# it measured). BENCHES picks the benchmarks and their order (default
+# "moe attention decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it
+# finishes first); ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash
+# --passes fwd", or "--shapes D128"). TEST_MARKS selects the op tests (default "gpu or not slow";
+# "gpu" alone leaves more of the time to the benchmarks). BUILD=0 uses the extension already built;
 # DIAGNOSE=1 investigates a crash of the C++ error check (a backtrace, a minimal extension).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,13 +77,13 @@ fi
 # tests; the rest of the model tests are device-independent and run in CI
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
 # -v under xdist prints each result as it lands, so the names of failures survive the time limit
-timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "gpu or not slow" -p no:cacheprovider tests/ops \
+timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "${TEST_MARKS:-gpu or not slow}" -p no:cacheprovider tests/ops \
   >"$OUT/pytest-gpu.log" 2>&1 || status=1
 timeout -k 15 "$(limit 60)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tests/models >>"$OUT/pytest-gpu.log" 2>&1 || status=1
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in ${BENCHES:-attention moe decode host_overhead}; do
+for bench in ${BENCHES:-moe attention decode host_overhead}; do
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}
   # shellcheck disable=SC2086  # extra holds several arguments
@@ -89,8 +91,10 @@ for bench in ${BENCHES:-attention moe decode host_overhead}; do
   code=$?; [ $code = 0 ] || status=1
   step "benchmark $bench: exit $code"
 done
-for bench in ${BENCHES:-attention moe moe-kernels decode host_overhead}; do
-  [ -f "$OUT/$bench.md" ] && { echo; echo "## $bench"; cat "$OUT/$bench.md"; }
+for bench in ${BENCHES:-moe attention decode host_overhead}; do
+  for table in "$bench" "$bench-kernels"; do  # moe.py --quick writes moe-kernels.md too
+    [ -f "$OUT/$table.md" ] && { echo; echo "## $table"; cat "$OUT/$table.md"; }
+  done
 done
 echo; cat "$OUT/summary.txt"
 exit $status
