@@ -277,7 +277,8 @@ def _compile(arch, dtype, block_d, which):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype,block_d", [("fp16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 128)])
+@pytest.mark.parametrize("dtype,block_d", [("fp16", 64), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 128),
+                                           ("fp32", 256)])
 def test_kernels_compile_for_gpu_without_spills(arch, dtype, block_d):
     lines = _compile(arch, dtype, block_d, "defaults")
     assert len(lines) == 6, lines
