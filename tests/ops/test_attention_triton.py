@@ -222,9 +222,10 @@ def test_long_sequence(gen, dtype):
 
 # Compiling for a GPU needs no GPU: Triton's bundled ptxas builds sm_80 / sm_90 code here, which
 # keeps the kernels from rotting where the (more permissive) interpreter would still run them, and
-# shows register spills. Each kernel's default config, for a full and a masked head dim; with
-# "all", every config of the table for a full head dim, causal with a prefix and not, specialised
-# as a launch on aligned tensors is (pointers and strides divisible by 16).
+# shows register spills. Each kernel's default config: for a full head dim causal with a prefix,
+# specialised as a launch on aligned tensors is (pointers and strides divisible by 16) and not,
+# and on aligned tensors without a mask; for a masked head dim causal with a prefix. With "all",
+# every config of the table for a full head dim on aligned tensors, causal with a prefix and not.
 _COMPILE_SCRIPT = r"""
 import os, re, subprocess, sys, tempfile
 import triton
@@ -237,9 +238,11 @@ elem = 4 if dtype == "fp32" else 2
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for name, fn in K._KERNELS.items():
     table = K.configs_for(name, elem, block_d, arch)
-    runs = ([(c, block_d, m) for c in table for m in ((False, False), (True, True))] if every else
-            [(table[0], hd, (True, True)) for hd in (block_d, block_d - 3)])
-    for (bm, bn, warps, stages), head_dim, (causal, prefix) in runs:
+    # (config, head dim, (causal, prefix), aligned pointers and strides)
+    runs = ([(c, block_d, m, True) for c in table for m in ((False, False), (True, True))] if every else
+            [(table[0], block_d, (False, False), True)] +
+            [(table[0], hd, (True, True), al) for hd, al in ((block_d, True), (block_d, False), (block_d - 3, False))])
+    for (bm, bn, warps, stages), head_dim, (causal, prefix), aligned in runs:
         cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_PREFIX=prefix,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
                   **({"LONGEST_FIRST": True} if name == "fwd" else {}),
@@ -248,7 +251,7 @@ for name, fn in K._KERNELS.items():
                "*fp32" if a in ("LSE", "DELTA") else f"*{dtype}" if a.isupper() else
                "fp32" if a == "softmax_scale" else "i32") for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if every and a not in cx and (a.isupper() or a.startswith("stride"))}
+                 if aligned and a not in cx and (a.isupper() or a.startswith("stride"))}
         kernel = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": warps, "num_stages": stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -258,6 +261,7 @@ for name, fn in K._KERNELS.items():
         # wgmma dots, and the pipeline's buffers (the shared-memory tiles' leading dimension)
         depth = max((int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", ir)), default=1)
         print(name, dtype, head_dim, (bm, bn, warps, stages), "causal" if causal else "full",
+              "aligned" if aligned else "unaligned",
               *[w for w in usage.split() if w.startswith(("REG", "STACK"))],
               f"WGMMA:{ir.count('warp_group_dot ')}", f"DEPTH:{depth}")
 """
@@ -281,7 +285,7 @@ def _compile(arch, dtype, block_d, which):
                                            ("fp32", 256)])
 def test_kernels_compile_for_gpu_without_spills(arch, dtype, block_d):
     lines = _compile(arch, dtype, block_d, "defaults")
-    assert len(lines) == 6, lines
+    assert len(lines) == 12, lines
     for line in lines:
         assert "STACK:0" in line.split(), f"register spills: {line}"
 

@@ -177,7 +177,9 @@ def _decode_reduce_kernel(
 # take more programs). Decoding is bound by reading the cache, so tiles stay small and every
 # program gets 8 warps: the loop-invariant q tile and the fp32 accumulator then fit in registers.
 # Every entry compiles without register spills with Triton 3.6 for sm_80 and sm_90, for full and
-# masked head dims (the slow compile test); fp32 runs exact fp32 products on the CUDA cores,
+# masked head dims, and on sm_90 also as launched on aligned tensors (the slow compile test; on
+# sm_80 the bf16 16-row entry at head dim 128 spills 8 bytes there, and keeps the 3 stages it
+# was measured with on Hopper); fp32 runs exact fp32 products on the CUDA cores,
 # which hold whole operand rows in registers, hence its smaller tiles.
 _CONFIGS = {
     (2, 64): [(64, 64, 8, 3)],
