@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine that already has torch and triton (no registry needed):
-# build generalist._C with its CUDA kernels, run the `gpu` tests and the op tests on the GPU, run
-# the benchmarks, and write logs and tables to RESULTS_DIR. Prints a short summary last.
+# build generalist._C with its CUDA kernels, run the `gpu` tests, run the benchmarks, and write
+# logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 # QUICK=1 benchmarks fewer sizes and providers. It writes a dozen files: where only a few may be
 # carried back, point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .).
@@ -9,12 +9,14 @@
 # default 150 per benchmark), so that a slow step cannot eat the rest, cut to what is left of
 # T_TOTAL (default 470) from the start of the build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
-# it measured). BENCHES picks the benchmarks and their order (default
-# "moe attention decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it
-# finishes first); ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash
-# --passes fwd", or "--shapes D128"). TEST_MARKS selects the op tests (default "gpu or not slow";
-# "gpu" alone leaves more of the time to the benchmarks). BUILD=0 uses the extension already built;
-# DIAGNOSE=1 investigates a crash of the C++ error check (a backtrace, a minimal extension).
+# it measured). BENCHES picks the benchmarks and their order (default "moe attention decode
+# host_overhead": the MoE grid tunes fewer kernels than attention's, so it finishes first);
+# ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
+# "--shapes D128"). TEST_MARKS selects the op tests (default "gpu": those written for the GPU,
+# every kernel configuration against float64 among them; "gpu or not slow" also runs the
+# device-independent op tests on CUDA, for about two minutes of the benchmarks' time). BUILD=0
+# uses the extension already built; DIAGNOSE=1 investigates a crash of the C++ error check (a
+# backtrace, a minimal extension).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -73,11 +75,11 @@ else
     timeout -k 5 120 $PY -c "$INLINE" 2>&1 | tail -n 5 || echo "minimal extension: CRASHED too"; } >>"$OUT/cpp-errors.log" 2>&1
 fi
 
-# the op tests (those not marked gpu run on CUDA too when it is there) and the gpu-marked model
+# the gpu-marked op tests (TEST_MARKS: the others run on CUDA too when it is there) and model
 # tests; the rest of the model tests are device-independent and run in CI
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
 # -v under xdist prints each result as it lands, so the names of failures survive the time limit
-timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "${TEST_MARKS:-gpu or not slow}" -p no:cacheprovider tests/ops \
+timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "${TEST_MARKS:-gpu}" -p no:cacheprovider tests/ops \
   >"$OUT/pytest-gpu.log" 2>&1 || status=1
 timeout -k 15 "$(limit 60)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tests/models >>"$OUT/pytest-gpu.log" 2>&1 || status=1
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
