@@ -89,9 +89,13 @@ for bench in ${BENCHES:-moe attention decode host_overhead}; do
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}
   # shellcheck disable=SC2086  # extra holds several arguments
-  timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY benchmarks/$bench.py ${QUICK:+--quick} $extra --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
+  # TRITON_PRINT_AUTOTUNING: each tuning (compiling and timing every candidate for one key) logs
+  # its duration, which is the wait a first training step has on a fresh machine
+  TRITON_PRINT_AUTOTUNING=1 timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY benchmarks/$bench.py ${QUICK:+--quick} $extra \
+    --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
   code=$?; [ $code = 0 ] || status=1
-  step "benchmark $bench: exit $code"
+  step "benchmark $bench: exit $code; $(grep -o 'finished after [0-9.]*' "$OUT/$bench.log" |
+    awk '{n++; t += $3} END {printf "%d tunings, %.0f s", n, t}')"
 done
 for bench in ${BENCHES:-moe attention decode host_overhead}; do
   for table in "$bench" "$bench-kernels"; do  # moe.py --quick writes moe-kernels.md too

@@ -493,7 +493,9 @@ def _autotuned(kernel: str, elem: int, block_d: int, device: int, tune: bool):
     orders = [{"LONGEST_FIRST": o} for o in (_FWD_ORDERS if tune else _FWD_ORDERS[:1])] if kernel == "fwd" else [{}]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **order}, num_warps=w, num_stages=s)
                for bm, bn, w, s in table for order in orders]
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(_KERNELS[kernel])
+    # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
+    # reuses the choice instead of timing every candidate again
+    return triton.autotune(configs=configs, key=_TUNE_KEY, cache_results=True)(_KERNELS[kernel])
 
 
 def interpreting() -> bool:

@@ -252,7 +252,9 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
     if not tune:
         table = table[:1]
     configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4]) for c in table]
-    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel])(_KERNELS[kernel])
+    # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
+    # reuses the choice instead of timing every candidate again
+    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True)(_KERNELS[kernel])
 
 
 def interpreting() -> bool:
