@@ -90,7 +90,8 @@ for bench in ${BENCHES:-moe attention decode host_overhead}; do
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}
   # shellcheck disable=SC2086  # extra holds several arguments
   # TRITON_PRINT_AUTOTUNING: each tuning (compiling and timing every candidate for one key) logs
-  # its duration, which is the wait a first training step has on a fresh machine
+  # its duration: on a fresh machine, about the wait of a first training step (less what the test
+  # step compiled already; a choice read from Triton's cache is neither timed nor counted)
   TRITON_PRINT_AUTOTUNING=1 timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY benchmarks/$bench.py ${QUICK:+--quick} $extra \
     --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
   code=$?; [ $code = 0 ] || status=1

@@ -311,7 +311,8 @@ for max_m, bn, warps, stages in K._CONFIGS[(elem, block_d)]:  # each entry at it
     runs.append((K._decode_split_kernel, dict(BLOCK_M=max_m, BLOCK_N=bn, DOT_PRECISION="ieee" if elem == 4 else "tf32"),
                  (warps, stages)))
 # a full head dim on aligned tensors (pointers and strides divisible by 16, as contiguous ones
-# with a head dim of 16k are; Hopper only, see decode._CONFIGS) and not, a masked head dim
+# with a head dim of 16k are, close to a real launch: there the few strides of the lse buffers that
+# are 1 become constants; Hopper only, see decode._CONFIGS) and not, a masked head dim
 for head_dim, aligned in ((block_d, True), (block_d, False), (block_d - 3, False)):
     if aligned and arch < 90:
         continue

@@ -112,18 +112,29 @@ def test_dw_experts_per_program_agree_bitwise(gen, monkeypatch, dtype):
     """dw with 1, 2, 3 or 5 experts per program (the flat loop over several experts' rows) is the
     same sum in the same order: equal bit for bit, empty groups exactly zero, and within the
     float64 bound. The groups put empty and one-row experts at program boundaries, groups of
-    exactly one and two row steps (32 rows), and an expert count no program size divides."""
+    exactly one and two row steps (32 rows under the interpreter; 64 on a GPU, where each run
+    takes the tuning table's first entry), and an expert count no program size divides."""
     from generalist.kernels.triton import moe as K
 
-    sizes, d, f = [0, 32, 1, 0, 0, 64, 45, 0, 3, 31, 33], 40, 70
+    sizes, d, f = [0, 32, 1, 0, 0, 64, 45, 0, 3, 31, 33, 128, 65], 40, 70
     x, _, gs = _inputs(gen, sizes, d, f, dtype)
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     ref = grouped_mm_bwd(dy.double(), x.double(), torch.zeros(len(sizes), d, f, dtype=torch.float64, device=DEVICE),
                          gs, "reference")[1]
     results = {}
+    if DEVICE == "cuda":  # each run the table's first entry alone, at that many experts per program
+        major, _ = torch.cuda.get_device_capability()
+        tables = K._CONFIGS_FP32 if dtype == torch.float32 else K._CONFIGS_16BIT[90 if major >= 9 else 80]
+        first_entry = tables["dw"][0][:5]
     for per_program in (1, 2, 3, 5):
-        monkeypatch.setitem(K._INTERPRET_BLOCKS, "dw", {**K._INTERPRET_BLOCKS["dw"], "GROUPS_PER_PROGRAM": per_program})
+        if DEVICE == "cuda":
+            monkeypatch.setitem(tables, "dw", [first_entry + (per_program,)])
+            K._autotuned.cache_clear()
+        else:
+            monkeypatch.setitem(K._INTERPRET_BLOCKS, "dw", {**K._INTERPRET_BLOCKS["dw"],
+                                                            "GROUPS_PER_PROGRAM": per_program})
         results[per_program] = K._dw(x, dy, gs, len(sizes))
+    K._autotuned.cache_clear()  # (the patched tables are restored after the test)
     first = results[1]
     for per_program, dw in results.items():
         assert torch.equal(dw, first), f"{per_program} experts per program differ from 1"
@@ -275,7 +286,10 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) >= 3, run.stdout  # fwd, dx and dw, each config
+    from generalist.kernels.triton import moe as K
+
+    elem, smem = (4 if dtype == "fp32" else 2), (232448 if arch >= 90 else 166912)
+    assert len(lines) == sum(len(K.configs_for(k, elem, arch, smem)) for k in ("mm", "mm", "dw")), run.stdout  # fwd, dx, dw
     for line in lines:
         assert "STACK:0" in line.split(), f"register spills: {line}"
         if arch >= 90 and dtype != "fp32":
@@ -308,7 +322,7 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
     """Each tuned configuration of each kernel gives the right answer (ragged D and F)."""
     from generalist.kernels.triton import moe as K
 
-    sizes, d, f = [0, 300, 1, 0, 517, 77], 200, 136
+    sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 200, 136  # 64 and 128: groups of whole row steps
     x, w, gs = _inputs(gen, sizes, d, f, dtype, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", dtype)
     major, _ = torch.cuda.get_device_capability()

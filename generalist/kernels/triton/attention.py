@@ -399,15 +399,17 @@ def _attn_bwd_dq_kernel(
 # counts queries, BLOCK_N keys. 16-bit tables differ between Hopper (wgmma) and Ampere (mma.sync);
 # fp32 runs exact fp32 products on the CUDA cores, which need small tiles on both. The first entry
 # of each table (the default when tuning is off) compiles without register spills with Triton 3.6
-# for full head dims (as launched on aligned tensors and not, with and without a mask) and for
-# masked ones; at hdim 128 on Hopper every entry does on aligned tensors (the compile tests).
+# for full head dims (causal with a prefix as launched on aligned tensors and not, without a mask
+# on aligned ones) and for masked ones; at hdim 128 on Hopper every entry does on aligned tensors
+# (the compile tests).
 # Elsewhere a few candidates spill a few bytes: the tuner weighs that.
 # Hopper tuning is tiles, warps and pipeline depth: Triton 3.6's automatic warp specialization
 # (tl.range(warp_specialize=True)) runs on Blackwell only and on plain matmul loops. On Hopper a
 # dot runs on wgmma only when its row side (BLOCK_M in fwd and dq, BLOCK_N in dkdv) is at least
-# 64; narrower tiles fall back to mma.sync. Those stay candidates but are no default: with one
-# as the hdim-128 dkdv default, the untuned backward ran at a third of the tuned one's speed on
-# an H100 (BENCHMARKS.md). The compile test checks every hdim-128 Hopper entry.
+# 64; narrower tiles fall back to mma.sync. Up to hdim 128 those stay candidates but are no
+# default: with one as the hdim-128 dkdv default, the untuned backward ran at a third of the tuned
+# one's speed on an H100 (BENCHMARKS.md). At hdim 256 every wgmma tile spills, so mma.sync it is.
+# The compile test checks every hdim-128 Hopper entry.
 _CONFIGS_16BIT = {
     90: {
         ("fwd", 64): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),

@@ -223,13 +223,15 @@ _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
 def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None = None) -> list[tuple[int, ...]]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one kernel, operand width
-    in bytes and architecture (90: Hopper and newer, 80: older), less those needing more shared
-    memory than `smem_limit` (but never none)."""
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, GROUPS_PER_PROGRAM]) for one
+    kernel, operand width in bytes and architecture (90: Hopper and newer, 80: older), less those
+    needing more shared memory than `smem_limit` (but never none)."""
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
     if smem_limit is None:
         return list(table)
-    smem = lambda c: (c[0] + c[1]) * c[2] * c[4] * elem  # a and b tiles, num_stages deep
+    # a and b tiles, num_stages deep; with several experts per program the tile's store sits
+    # inside the loop and its staging buffer adds to that (measured on sm_90: up to one more tile)
+    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] if len(c) > 5 and c[5] > 1 else 0)) * elem
     return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
 
 
