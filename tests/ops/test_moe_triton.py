@@ -289,7 +289,8 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
     from generalist.kernels.triton import moe as K
 
     elem, smem = (4 if dtype == "fp32" else 2), (232448 if arch >= 90 else 166912)
-    assert len(lines) == sum(len(K.configs_for(k, elem, arch, smem)) for k in ("mm", "mm", "dw")), run.stdout  # fwd, dx, dw
+    expected = sum(len(K.configs_for(k, elem, arch, smem)) for k in ("mm", "mm", "dw"))  # fwd, dx, dw
+    assert len(lines) == expected, run.stdout
     for line in lines:
         assert "STACK:0" in line.split(), f"register spills: {line}"
         if arch >= 90 and dtype != "fp32":
