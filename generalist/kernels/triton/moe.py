@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2
+from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, parallel_compile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
@@ -255,8 +255,11 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
         table = table[:1]
     configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4]) for c in table]
     # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
-    # reuses the choice instead of timing every candidate again
-    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True)(_KERNELS[kernel])
+    # reuses the choice instead of timing every candidate again; the early_config_prune hook
+    # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
+    prune = {"early_config_prune": parallel_compile(_KERNELS[kernel])}
+    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True,
+                           prune_configs_by=prune)(_KERNELS[kernel])
 
 
 def interpreting() -> bool:
