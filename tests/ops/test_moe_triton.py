@@ -336,3 +336,23 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
             _check_against_float64(x, w, gs, dy, gen.initial_seed())
         monkeypatch.setitem(tables, kernel, table)
     K._autotuned.cache_clear()
+
+
+@pytest.mark.gpu
+def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
+    """A first call with a new tuning key compiles every candidate (on a thread pool) before the
+    tuner times them, and the tuned result is right."""
+    from generalist.kernels.triton import moe as K
+
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "1")
+    K._autotuned.cache_clear()
+    sizes, d, f = [40, 0, 77, 3], 48, 80
+    x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    kernel_cache = K._KERNELS["mm"].device_caches[torch.cuda.current_device()][0]
+    kernel_cache.clear()  # the in-memory kernels (Triton's disk cache refills it)
+    y = grouped_mm(x, w, gs, backend="triton")
+    n_configs = len(K._autotuned("mm", 2, torch.cuda.current_device(), True).configs)
+    assert len(kernel_cache) == n_configs  # one specialisation per candidate, all compiled
+    torch.testing.assert_close(y.float(), grouped_mm(x.float(), w.float(), gs, backend="reference"),
+                               atol=5e-2, rtol=5e-2)
+    K._autotuned.cache_clear()
