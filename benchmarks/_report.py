@@ -51,3 +51,14 @@ def until_stopped(notes: list[str]):
         print(notes[-1], flush=True)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def tuner_choices(header: str, tuners) -> list[str]:
+    """Lines for a report (also printed): the configuration each Triton autotuner of `tuners`
+    ((label, tuner) pairs) chose per tuning key it met this run, the key's first four values."""
+    lines = ["", header, ""]
+    for label, tuner in tuners:
+        for key, config in sorted(getattr(tuner, "cache", {}).items(), key=str):
+            lines.append(f"- {label} {tuple(key)[:4]}: {config}")
+    print("\n".join(lines))
+    return lines

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _report import emit, pivot, until_stopped
+from _report import emit, pivot, tuner_choices, until_stopped
 
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 
@@ -245,21 +245,17 @@ def gpu_grid(args):
 
 
 def tuned_configs() -> list[str]:
-    """What the Triton autotuner chose for each bf16 kernel and tuning key this run met: lines
-    for the report (and printed), so that the tables' candidates can be pruned to the winners."""
+    """What the Triton autotuner chose for each bf16 kernel and tuning key this run met, so that
+    the tables' candidates can be pruned to the winners."""
     if "triton" not in ATTENTION_BACKENDS.available():
         return []
     from generalist.kernels.triton import attention as K
 
-    lines = ["", "Triton configurations chosen by the autotuner (kernel, BLOCK_D; key HEAD_DIM, IS_CAUSAL, "
-             "HAS_PREFIX, seq_bucket):", ""]
-    for kernel in K._KERNELS:
-        for block_d in (64, 128):
-            tuner = K._autotuned(kernel, 2, block_d, torch.cuda.current_device(), True)
-            for key, config in sorted(getattr(tuner, "cache", {}).items(), key=str):
-                lines.append(f"- {kernel} D{block_d} {tuple(key)[:4]}: {config}")
-    print("\n".join(lines))
-    return lines
+    device = torch.cuda.current_device()
+    return tuner_choices("Triton configurations chosen by the autotuner (kernel, BLOCK_D; key HEAD_DIM, IS_CAUSAL, "
+                         "HAS_PREFIX, seq_bucket):",
+                         ((f"{kernel} D{block_d}", K._autotuned(kernel, 2, block_d, device, True))
+                          for kernel in K._KERNELS for block_d in (64, 128)))
 
 
 def main():

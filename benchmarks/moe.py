@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from _report import emit, pivot, until_stopped
+from _report import emit, pivot, tuner_choices, until_stopped
 
 from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm
 
@@ -91,20 +91,14 @@ def _providers(backends, t, d, f, sizes, dtype):
 
 
 def tuned_configs() -> list[str]:
-    """The configuration the autotuner chose for each (kernel, tuning key) of the bf16 kernels:
-    lines for the report (and printed)."""
+    """The configuration the autotuner chose for each (kernel, tuning key) of the bf16 kernels."""
     if "triton" not in MOE_BACKENDS.available():
         return []
     from generalist.kernels.triton import moe as K
 
-    lines = ["", "Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
-             "t_bucket for dw):", ""]
-    for kernel in ("mm", "dw"):
-        tuner = K._autotuned(kernel, 2, torch.cuda.current_device(), True)
-        for key, config in getattr(tuner, "cache", {}).items():
-            lines.append(f"- {kernel} {tuple(key)[:4]}: {config}")
-    print("\n".join(lines))
-    return lines
+    return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
+                         "t_bucket for dw):",
+                         ((k, K._autotuned(k, 2, torch.cuda.current_device(), True)) for k in ("mm", "dw")))
 
 
 def gpu_grid(args):
