@@ -254,7 +254,7 @@ def tuned_configs() -> list[str]:
     device = torch.cuda.current_device()
     return tuner_choices("Triton configurations chosen by the autotuner (kernel, BLOCK_D; key HEAD_DIM, IS_CAUSAL, "
                          "HAS_PREFIX, seq_bucket):",
-                         ((f"{kernel} D{block_d}", K._autotuned(kernel, 2, block_d, device, True))
+                         ((f"{kernel} D{block_d}", K._autotuned(kernel, 2, block_d, device, True).tuner)
                           for kernel in K._KERNELS for block_d in (64, 128)))
 
 

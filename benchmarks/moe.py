@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import torch
 
@@ -62,6 +63,21 @@ def _bench_gpu(fn, grads=()):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median") / 1e3
 
 
+def _host_seconds(fn, grads=(), calls=10) -> float:
+    """Host time per call: back-to-back calls timed before the GPU is waited on, which is the
+    Python and launch path alone while the GPU's queue has room (a few launches a call)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        for g in grads:
+            g.grad = None
+        fn()
+    sec = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return sec
+
+
 def _timed_modes(make, inputs):
     """(mode, seconds or the exception) for a provider; make() runs the forward and returns the output."""
     try:
@@ -98,7 +114,7 @@ def tuned_configs() -> list[str]:
 
     return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
                          "t_bucket for dw):",
-                         ((k, K._autotuned(k, 2, torch.cuda.current_device(), True)) for k in ("mm", "dw")))
+                         ((k, K._autotuned(k, 2, torch.cuda.current_device(), True).tuner) for k in ("mm", "dw")))
 
 
 def gpu_grid(args):
@@ -176,8 +192,10 @@ def kernel_breakdown(args):
     x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
     w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
     dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
-    rows = []
-    notes = []
+    rows, notes = [], []
+    host = ["", "Triton, GPU time (do_bench) against host time per call (the calls' Python and launches, "
+            "timed without waiting for the GPU): where the host's is the larger, the GPU waits on it.", "",
+            "| shape | kernels | GPU ms | host ms |", "|---|---|---|---|"]
     with until_stopped(notes):
         for e, skew in ((8, "balanced"), (64, "balanced"), (64, "skewed")):
             sizes = group_sizes(t, e, skew, gen)
@@ -196,8 +214,11 @@ def kernel_breakdown(args):
             providers[("autograd fwd+bwd", "triton")] = lambda: grouped_mm(
                 xg, wg, gs, backend="triton", check_values=False).backward(dy)
             for (part, name), fn in providers.items():
-                sec = _bench_gpu(fn, (xg, wg) if part.startswith("autograd") else ())
+                grads = (xg, wg) if part.startswith("autograd") else ()
+                sec = _bench_gpu(fn, grads)
                 record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (1 if part in dense else 3))
+                if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
+                    host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
             # dw as it was before programs could take several experts: the table's single-expert entries
             with single_expert_dw() as changed:
                 if changed:
@@ -206,7 +227,7 @@ def kernel_breakdown(args):
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
              "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + notes, out,
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
 
 

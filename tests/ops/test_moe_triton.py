@@ -351,7 +351,7 @@ def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
     kernel_cache = K._KERNELS["mm"].device_caches[torch.cuda.current_device()][0]
     kernel_cache.clear()  # the in-memory kernels (Triton's disk cache refills it)
     y = grouped_mm(x, w, gs, backend="triton")
-    n_configs = len(K._autotuned("mm", 2, torch.cuda.current_device(), True).configs)
+    n_configs = len(K._autotuned("mm", 2, torch.cuda.current_device(), True).tuner.configs)
     assert len(kernel_cache) == n_configs  # one specialisation per candidate, all compiled
     torch.testing.assert_close(y.float(), grouped_mm(x.float(), w.float(), gs, backend="reference"),
                                atol=5e-2, rtol=5e-2)

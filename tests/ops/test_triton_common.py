@@ -1,8 +1,9 @@
-"""generalist.kernels.triton.common: the parallel compile hook of the autotuners.
+"""generalist.kernels.triton.common: the parallel compile hook of the autotuners, and the
+launcher that asks the autotuner once per tuning key.
 
 Triton's own Autotuner runs here with a stand-in for the kernel (compiling and launching need a
-GPU driver): what is checked is when the hook compiles, with which arguments, and that the tuner
-goes on as before.
+GPU driver): what is checked is when the hook compiles, with which arguments, that the tuner
+goes on as before, and which configuration each launch gets.
 """
 
 import threading
@@ -11,7 +12,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from generalist.kernels.triton.common import parallel_compile  # noqa: E402
+import torch  # noqa: E402
+
+from generalist.kernels.triton.common import TunedLauncher, parallel_compile  # noqa: E402
 
 
 class StandIn:
@@ -24,7 +27,7 @@ class StandIn:
         pass
 
     def __init__(self, fail_on=None):
-        self.compiled, self.launched, self.threads = [], [], set()
+        self.compiled, self.launched, self.threads, self.launch_kwargs = [], [], set(), []
         self.fail_on = fail_on
         self.lock = threading.Lock()
 
@@ -45,10 +48,11 @@ class StandIn:
 
     def run(self, *args, grid, warmup, **kwargs):
         self.launched.append((args, kwargs["BLOCK"]))
+        self.launch_kwargs.append(dict(kwargs, grid=grid))
 
 
-def _tuner(fn, blocks=(16, 32, 64)):
-    configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in blocks]
+def _tuner(fn, blocks=(16, 32, 64), pre_hook=None):
+    configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2, pre_hook=pre_hook) for b in blocks]
     # do_bench: run the candidate once and call the larger block faster, so the choice is known
     tuner = triton.autotune(configs=configs, key=["n", "KEYED"],
                             prune_configs_by={"early_config_prune": parallel_compile(fn)},
@@ -107,3 +111,54 @@ def test_an_active_async_compile_mode_is_left_alone():
     with ThreadPoolExecutor(1) as pool, triton.AsyncCompileMode(pool):
         tuner[(1,)](object(), 5, KEYED=True)
     assert fn.compiled == [] and len(fn.launched) == 4
+
+
+class CountingTuner:
+    """Wraps a tuner: counts the launches that went through it."""
+
+    def __init__(self, tuner):
+        self.tuner, self.calls = tuner, 0
+        self.fn, self.arg_names, self.keys = tuner.fn, tuner.arg_names, tuner.keys
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.tuner[grid]
+
+    @property
+    def best_config(self):
+        return self.tuner.best_config
+
+
+def test_launcher_asks_the_tuner_once_per_key_then_launches_its_choice():
+    fn = StandIn()
+    tuner = CountingTuner(_tuner(fn))
+    launch = TunedLauncher(tuner)
+    x16, x32 = torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float32)
+    grid = lambda meta: (meta["BLOCK"],)
+    launch[grid](x16, 100, KEYED=True)
+    assert tuner.calls == 1 and [b for _, b in fn.launched] == [16, 32, 64, 64]
+    for n in range(3):  # same key: straight to the kernel, with the tuner's choice and launch options
+        launch[grid](x16, 100, KEYED=True)
+    assert tuner.calls == 1 and [b for _, b in fn.launched][4:] == [64, 64, 64]
+    last = fn.launch_kwargs[-1]
+    assert last["grid"] is grid and last["KEYED"] is True and last["num_warps"] == 4 and last["num_stages"] == 2
+    assert fn.launched[-1][0] == (x16, 100)
+    # a new key value, a new tensor dtype, a key argument passed by position: each asks the tuner
+    launch[grid](x16, 200, KEYED=True)
+    launch[grid](x32, 100, KEYED=True)
+    launch[grid](x16, 100, False)
+    assert tuner.calls == 4
+    launch[grid](x32, 100, KEYED=True)
+    launch[grid](x16, 100, False)
+    assert tuner.calls == 4 and len(fn.launched) == 7 + 3 * 4 + 2
+
+
+def test_launcher_leaves_configs_with_a_pre_hook_to_the_tuner():
+    hooked = []
+    fn = StandIn()
+    tuner = CountingTuner(_tuner(fn, pre_hook=lambda nargs: hooked.append(nargs["BLOCK"])))
+    launch = TunedLauncher(tuner)
+    x = torch.zeros(2)
+    for _ in range(3):
+        launch[(1,)](x, 100, KEYED=True)
+    assert tuner.calls == 3 and hooked[-2:] == [64, 64]

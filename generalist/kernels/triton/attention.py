@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, parallel_compile
+from generalist.kernels.triton.common import TunedLauncher, cdiv, dot_acc, next_power_of_2, parallel_compile
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -484,8 +484,8 @@ def configs_for(kernel: str, elem: int, block_d: int, arch: int = 90,
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: str, elem: int, block_d: int, device: int, tune: bool):
-    """The autotuned launcher of one kernel for one operand width and BLOCK_D on one device,
-    built on first use (never at import)."""
+    """The autotuned launcher (a TunedLauncher; its `tuner` is Triton's autotuner) of one kernel
+    for one operand width and BLOCK_D on one device, built on first use (never at import)."""
     major, minor = torch.cuda.get_device_capability(device)
     arch = 80 if torch.version.hip is not None else 10 * major + minor
     props = triton.runtime.driver.active.utils.get_device_properties(device)
@@ -499,8 +499,8 @@ def _autotuned(kernel: str, elem: int, block_d: int, device: int, tune: bool):
     # reuses the choice instead of timing every candidate again; the early_config_prune hook
     # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
     prune = {"early_config_prune": parallel_compile(_KERNELS[kernel])}
-    return triton.autotune(configs=configs, key=_TUNE_KEY, cache_results=True,
-                           prune_configs_by=prune)(_KERNELS[kernel])
+    return TunedLauncher(triton.autotune(configs=configs, key=_TUNE_KEY, cache_results=True,
+                                         prune_configs_by=prune)(_KERNELS[kernel]))
 
 
 def interpreting() -> bool:

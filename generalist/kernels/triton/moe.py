@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, parallel_compile
+from generalist.kernels.triton.common import TunedLauncher, cdiv, dot_acc, next_power_of_2, parallel_compile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
@@ -245,8 +245,9 @@ def _meta(kernel: str, config: tuple[int, ...]) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: str, elem: int, device: int, tune: bool):
-    """The autotuned launcher of one kernel for one operand width on one device, built on first
-    use (never at import). Tuning reruns the kernel; it only writes its output, so that is safe."""
+    """The autotuned launcher (a TunedLauncher; its `tuner` is Triton's autotuner) of one kernel
+    for one operand width on one device, built on first use (never at import). Tuning reruns the
+    kernel; it only writes its output, so that is safe."""
     major, minor = torch.cuda.get_device_capability(device)
     arch = 80 if torch.version.hip is not None else 10 * major + minor
     props = triton.runtime.driver.active.utils.get_device_properties(device)
@@ -258,8 +259,8 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
     # reuses the choice instead of timing every candidate again; the early_config_prune hook
     # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
     prune = {"early_config_prune": parallel_compile(_KERNELS[kernel])}
-    return triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True,
-                           prune_configs_by=prune)(_KERNELS[kernel])
+    return TunedLauncher(triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True,
+                                         prune_configs_by=prune)(_KERNELS[kernel]))
 
 
 def interpreting() -> bool:
