@@ -6,7 +6,10 @@ Layout: routed expert e computes (silu(x W1_e) * (x W3_e)) W2_e, with the weight
 w1_EDF, w3_EDF, w2_EFD for `grouped_mm`. The n_shared shared experts are stored as one wide
 SwiGLU of hidden width n_shared * d_ff (exactly the sum of n_shared separate experts).
 Routing is dropless by default: permute -> grouped_mm -> unpermute. The router (logits, softmax,
-top-k weights, losses) and the weighted sum of expert outputs run in fp32 (fp64 for fp64 x).
+top-k weights, losses) and the weighted sum of expert outputs run in fp32 (fp64 for fp64 x), under
+autocast too. The experts' matmuls run in autocast's dtype when it is on (bf16 in training on a
+GPU), as the shared experts' do: grouped_mm is a custom op, which autocast does not cast by
+itself, so the layer casts the permuted rows and the weights.
 With n_routed == 0 the layer is a dense SwiGLU FFN of the shared experts, with zero aux loss.
 
 Shapes: T tokens, D model dim, F expert hidden dim, H shared hidden dim (n_shared * F),
@@ -15,6 +18,7 @@ E routed experts, K experts per token, S kept token-expert assignments, N tasks,
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -79,6 +83,21 @@ class MoEStats:
 
 def _swiglu(x_TD: Tensor, w1_DH: Tensor, w3_DH: Tensor, w2_HD: Tensor) -> Tensor:
     return (F.silu(x_TD @ w1_DH) * (x_TD @ w3_DH)) @ w2_HD
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's for x's device when it is on and x is a type it
+    casts (fp32, fp16, bf16; not fp64), else x's own."""
+    device = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _without_autocast(x: Tensor):
+    """A context that turns autocast off on x's device if it is on (the router stays in fp32)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 class MoE(nn.Module):
@@ -150,9 +169,10 @@ class MoE(nn.Module):
         return h_TD
 
     def router_logits(self, x_TD: Tensor, task_ids_T: Tensor, modality_ids_T: Tensor) -> Tensor:
-        """logits (T, E) in fp32 (fp64 for fp64 x), without jitter."""
-        h_TD = self._router_input(x_TD, task_ids_T, modality_ids_T)
-        return F.linear(h_TD, self.router.weight.to(h_TD.dtype))
+        """logits (T, E) in fp32 (fp64 for fp64 x), without jitter, autocast or not."""
+        with _without_autocast(x_TD):
+            h_TD = self._router_input(x_TD, task_ids_T, modality_ids_T)
+            return F.linear(h_TD, self.router.weight.to(h_TD.dtype))
 
     def forward(self, x_TD: Tensor, task_ids_T: Tensor, modality_ids_T: Tensor, *,
                 stats: bool = True) -> tuple[Tensor, MoEStats | None]:
@@ -172,18 +192,21 @@ class MoE(nn.Module):
                                   torch.zeros((c.n_modalities, 0), **ints), torch.zeros((), **ints))
 
         e, k = c.n_routed, c.top_k
-        h_TD = self._router_input(x_TD, task_ids_T, modality_ids_T)
-        if self.training and c.router_jitter > 0:
-            h_TD = h_TD * torch.empty_like(h_TD).uniform_(1.0 - c.router_jitter, 1.0 + c.router_jitter)
-        logits_TE = F.linear(h_TD, self.router.weight.to(h_TD.dtype))
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, expert_idx_TK = probs_TE.topk(k, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        with _without_autocast(x_TD):
+            h_TD = self._router_input(x_TD, task_ids_T, modality_ids_T)
+            if self.training and c.router_jitter > 0:
+                h_TD = h_TD * torch.empty_like(h_TD).uniform_(1.0 - c.router_jitter, 1.0 + c.router_jitter)
+            logits_TE = F.linear(h_TD, self.router.weight.to(h_TD.dtype))
+            probs_TE = logits_TE.softmax(dim=-1)
+            weights_TK, expert_idx_TK = probs_TE.topk(k, dim=-1)
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         capacity = None
         if self.training and c.capacity_factor is not None:
             capacity = math.ceil(c.capacity_factor * t * k / e)
-        x_SD, sort_idx_S, sizes_E = permute(x_TD, expert_idx_TK, e, capacity, check_values=False)
+        # the rows are cast before they are permuted (half the bytes moved under bf16 autocast)
+        x_SD, sort_idx_S, sizes_E = permute(x_TD.to(_matmul_dtype(x_TD)), expert_idx_TK, e, capacity,
+                                            check_values=False)
         y_TD = y_TD + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)  # summed in fp32
         if not stats:
             return y_TD, None

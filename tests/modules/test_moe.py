@@ -279,3 +279,67 @@ def test_compile_fullgraph_matches_eager(gen):
         results.append((value.detach(), counts, xr.grad, moe.router.weight.grad.clone()))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
+
+
+def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_fp32(gen, monkeypatch):
+    """Training on a GPU runs under bf16 autocast, which does not cast the custom grouped_mm op:
+    the layer casts the rows and weights itself (fp32 experts ran on fp32 kernels before). The
+    router keeps fp32, so the same tokens go to the same experts as without autocast; the result
+    is the fp32 one to bf16 accuracy, and the fp32 parameters get fp32 gradients."""
+    import generalist.modules.moe as moe_module
+
+    moe = MoE(MoEConfig(d_model=32, d_ff=24, n_shared=1, n_routed=6, top_k=2, n_tasks=3))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(40, 32, generator=gen)
+    tasks, mods = _ids(gen, 40, 3), _ids(gen, 40, 5)
+    seen = []
+
+    def spy_mm(a, w, sizes, **kw):
+        seen.append((a.dtype, w.dtype))
+        return grouped_mm(a, w, sizes, **kw)
+
+    def spy_permute(x_TD, expert_idx_TK, *args, **kw):
+        seen.append(expert_idx_TK.clone())
+        return permute(x_TD, expert_idx_TK, *args, **kw)
+
+    grouped_mm, permute = moe_module.grouped_mm, moe_module.permute
+    monkeypatch.setattr(moe_module, "grouped_mm", spy_mm)
+    monkeypatch.setattr(moe_module, "permute", spy_permute)
+    runs = []
+    for autocast in (False, True):
+        seen.clear()
+        moe.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, stats = moe(xr, tasks, mods)
+            assert moe.router_logits(x, tasks, mods).dtype == torch.float32
+        (y.float().square().sum() + stats.aux_loss).backward()
+        runs.append((y, stats, seen[0], seen[1:], xr.grad, {n: p.grad for n, p in moe.named_parameters()}))
+    (y32, stats32, route32, mms32, dx32, grads32), (y16, stats16, route16, mms16, dx16, grads16) = runs
+    assert mms32 == [(torch.float32, torch.float32)] * 3 and mms16 == [(torch.bfloat16, torch.bfloat16)] * 3
+    assert torch.equal(route16, route32)  # same routing
+    torch.testing.assert_close(stats16.aux_loss, stats32.aux_loss, rtol=0, atol=0)  # fp32 router losses
+    assert stats16.aux_loss.dtype == torch.float32
+    assert _relative_error(y16, y32) < 0.02
+    assert _relative_error(dx16, dx32) < 0.02
+    for name, g in grads16.items():
+        assert g.dtype == torch.float32, name
+        assert _relative_error(g, grads32[name]) < 0.02, name
+
+
+def _relative_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def test_fp64_stays_fp64_under_autocast(gen):
+    """Autocast leaves fp64 alone, and so does the layer: the same output bit for bit."""
+    moe = _moe(gen, n_shared=1, n_routed=4, top_k=2)
+    x = torch.randn(9, 12, generator=gen, dtype=torch.float64)
+    tasks, mods = torch.zeros(9, dtype=torch.int64), _ids(gen, 9, 5)
+    y, _ = moe(x, tasks, mods)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto, _ = moe(x, tasks, mods)
+    assert y_auto.dtype == torch.float64
+    torch.testing.assert_close(y_auto, y, rtol=0, atol=0)
