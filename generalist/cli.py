@@ -133,7 +133,7 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate_run(run_dir, data=None, limit=None) -> int:
+def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int:
     import json
     from pathlib import Path
 
@@ -150,7 +150,7 @@ def _evaluate_run(run_dir, data=None, limit=None) -> int:
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
         data = build_data(mixture, seed=meta["train"]["seed"])
-    results = evaluate(Generalist.load(ckpt), data)
+    results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data)
     print(format_table(results))
     print(f"\nwrote {write_results(run_dir, results)}")
     print(f"report: {write_report(run_dir, results)}")
@@ -158,7 +158,7 @@ def _evaluate_run(run_dir, data=None, limit=None) -> int:
 
 
 def _eval(args) -> int:
-    return _evaluate_run(args.run_dir, limit=args.limit)
+    return _evaluate_run(args.run_dir, limit=args.limit, device=args.device, bf16=False if args.fp32 else None)
 
 
 def _predict(args) -> int:
@@ -166,7 +166,7 @@ def _predict(args) -> int:
 
     from generalist.infer.generalist import Generalist
 
-    g = Generalist.load(args.run_dir)
+    g = Generalist.load(args.run_dir, device=args.device, bf16=False if args.fp32 else None)
     table = None
     if args.table is not None:
         import numpy as np
@@ -181,6 +181,11 @@ def _predict(args) -> int:
                        beam_size=args.beam)
     print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
     return 0
+
+
+def _add_inference_options(parser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--fp32", action="store_true", help="on a GPU, run in fp32 instead of under bf16 autocast")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="per-task metrics of a trained run on its held-out splits")
     ev.add_argument("run_dir")
     ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
+    _add_inference_options(ev)
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="ask a trained generalist: any mix of inputs in, text out")
@@ -225,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_inference_options(pr)
     pr.set_defaults(func=_predict)
 
     try:

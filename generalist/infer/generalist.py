@@ -6,6 +6,9 @@
 
 Inputs may be arrays/tensors or file paths (PNG/JPEG images, WAV audio, .npy arrays). Requests
 of different tasks and modalities batch together: they are packed, never padded.
+
+`load` puts the model on the GPU when there is one. There it runs under bf16 autocast, as
+training does (`bf16=False` for fp32; `bf16=True` asks for it on a CPU too).
 """
 
 from __future__ import annotations
@@ -104,37 +107,62 @@ def _read_with_ffmpeg(path: Path) -> np.ndarray:
     return np.frombuffer(run.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """`device`, or the GPU when there is one (None); a clear error for one that cannot be used."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    return resolved
+
+
 class Generalist:
-    def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24):
+    def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24,
+                 bf16: bool | None = None):
+        """`bf16`: run under bf16 autocast; None (the default) does so on a GPU only."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
         self.encoder = ExampleEncoder(tokenizer, self.tasks)
         self.max_new_tokens = max_new_tokens
+        self.bf16 = bf16
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Generalist":
-        """From a run directory or a checkpoint directory; never executes code from it."""
+    def load(cls, path: str | Path, device: str | None = None, bf16: bool | None = None) -> "Generalist":
+        """From a run directory or a checkpoint directory; never executes code from it. `device`
+        defaults to the GPU when there is one."""
         ckpt = find_checkpoint(Path(path))
         meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
-        model = GeneralistModel.load(ckpt, device=device)
+        model = GeneralistModel.load(ckpt, device=resolve_device(device))
         tasks = meta.get("tasks") or [f"task{i}" for i in range(model.cfg.n_tasks)]
-        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks)
+        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16)
+
+    def _precision(self):
+        """bf16 autocast on the model's device when asked for (by default: on a GPU)."""
+        device = self.model.boundary.device.type
+        on = self.bf16 if self.bf16 is not None else device == "cuda"
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=on)
 
     @torch.no_grad()
     def generate(self, examples: Sequence[Example], batch_size: int = 64, beam_size: int = 1) -> list[str]:
         out = []
         for i in range(0, len(examples), batch_size):
             encoded = [self.encoder.encode(e) for e in examples[i:i + batch_size]]
-            for ids in generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size):
-                out.append(self.tokenizer.decode(ids))
+            with self._precision():
+                ids_batch = generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size)
+            out.extend(self.tokenizer.decode(ids) for ids in ids_batch)
         return out
 
     @torch.no_grad()
     def embed(self, examples: Sequence[Example], batch_size: int = 128) -> torch.Tensor:
         parts = []
         for i in range(0, len(examples), batch_size):
-            parts.append(self.model.embed([self.encoder.encode(e) for e in examples[i:i + batch_size]]))
+            with self._precision():
+                parts.append(self.model.embed([self.encoder.encode(e) for e in examples[i:i + batch_size]]).float())
         return torch.cat(parts)
 
     def predict(self, task: str, beam_size: int = 1, **inputs) -> str:

@@ -101,3 +101,49 @@ def test_predict_accepts_every_modality_from_files_and_arrays(run, tmp_path):
     batch = [Example([("image", np.zeros((8, 8), dtype=np.uint8))], "", "bars"),
              Example([("text", "red")], "", "echo"), Example([("video", np.load(clip))], "", "bars")]
     assert g.generate(batch) == [g.generate([e])[0] for e in batch]  # mixed modalities batch (packed)
+
+
+def test_bf16_inference_runs_the_model_in_bf16_close_to_fp32(run, monkeypatch):
+    """On a GPU inference runs under bf16 autocast by default, as training does; bf16=True asks
+    for it here. The experts' and attention's ops then get bf16 tensors, and the embeddings stay
+    fp32 and close to the fp32 model's."""
+    import torch
+
+    import generalist.modules.attention as attention_module
+    import generalist.modules.moe as moe_module
+
+    out, _ = run
+    seen = []
+    for module, name in ((moe_module, "grouped_mm"), (attention_module, "flash_attn_varlen_func"),
+                         (attention_module, "attention_decode")):
+        def spy(*args, _orig=getattr(module, name), _name=name, **kwargs):
+            seen.append((_name, args[0].dtype))
+            return _orig(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    examples = [Example([("image", np.eye(8, dtype=np.uint8) * 255)], "", "bars"),
+                Example([("text", "red blue")], "", "echo")]
+    g32, g16 = Generalist.load(out), Generalist.load(out, bf16=True)
+    assert g32.bf16 is None and g32.model.boundary.device.type == "cpu"  # no GPU here: CPU, fp32
+    results = {}
+    for label, g in (("fp32", g32), ("bf16", g16)):
+        seen.clear()
+        answers, emb = g.generate(examples), g.embed(examples)
+        results[label] = (answers, emb, {dtype for _, dtype in seen}, {name for name, _ in seen})
+    (_, emb32, dtypes32, names32), (answers16, emb16, dtypes16, names16) = results["fp32"], results["bf16"]
+    assert names32 == names16 == {"grouped_mm", "flash_attn_varlen_func", "attention_decode"}
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
+    assert all(isinstance(a, str) for a in answers16)
+    assert emb16.dtype == torch.float32 and (emb16 * emb32).sum(-1).min() > 0.99  # unit vectors: cosine
+
+
+def test_inference_device_option(run, capsys):
+    import torch
+
+    out, _ = run
+    assert main(["predict", str(out), "--task", "echo", "--text", "red", "--device", "cpu", "--fp32"]) == 0
+    assert capsys.readouterr().out.strip() == Generalist.load(out).predict(task="echo", text="red")
+    assert main(["predict", str(out), "--task", "echo", "--text", "red", "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the error a CPU-only machine gives
+        assert main(["eval", str(out), "--device", "cuda"]) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err
