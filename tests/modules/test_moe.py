@@ -283,9 +283,10 @@ def test_compile_fullgraph_matches_eager(gen):
 
 def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_fp32(gen, monkeypatch):
     """Training on a GPU runs under bf16 autocast, which does not cast the custom grouped_mm op:
-    the layer casts the rows and weights itself (fp32 experts ran on fp32 kernels before). The
-    router keeps fp32, so the same tokens go to the same experts as without autocast; the result
-    is the fp32 one to bf16 accuracy, and the fp32 parameters get fp32 gradients."""
+    the layer casts the rows and weights itself (fp32 experts ran on fp32 kernels before), w1 and
+    w3 into one operand. The router keeps fp32, so the same tokens go to the same experts as
+    without autocast; the result is the fp32 one to bf16 accuracy, and the fp32 parameters get
+    fp32 gradients."""
     import generalist.modules.moe as moe_module
 
     moe = MoE(MoEConfig(d_model=32, d_ff=24, n_shared=1, n_routed=6, top_k=2, n_tasks=3))
@@ -297,7 +298,7 @@ def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_fp32(gen,
     seen = []
 
     def spy_mm(a, w, sizes, **kw):
-        seen.append((a.dtype, w.dtype))
+        seen.append((a.dtype, w.dtype, tuple(w.shape)))
         return grouped_mm(a, w, sizes, **kw)
 
     def spy_permute(x_TD, expert_idx_TK, *args, **kw):
@@ -318,7 +319,10 @@ def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_fp32(gen,
         (y.float().square().sum() + stats.aux_loss).backward()
         runs.append((y, stats, seen[0], seen[1:], xr.grad, {n: p.grad for n, p in moe.named_parameters()}))
     (y32, stats32, route32, mms32, dx32, grads32), (y16, stats16, route16, mms16, dx16, grads16) = runs
-    assert mms32 == [(torch.float32, torch.float32)] * 3 and mms16 == [(torch.bfloat16, torch.bfloat16)] * 3
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert mms32 == [(f32, f32, (6, 32, 24)), (f32, f32, (6, 32, 24)), (f32, f32, (6, 24, 32))]
+    # cast anyway, w1 and w3 become one (E, D, 2F) operand: one grouped matmul for both
+    assert mms16 == [(bf16, bf16, (6, 32, 48)), (bf16, bf16, (6, 24, 32))]
     assert torch.equal(route16, route32)  # same routing
     torch.testing.assert_close(stats16.aux_loss, stats32.aux_loss, rtol=0, atol=0)  # fp32 router losses
     assert stats16.aux_loss.dtype == torch.float32
