@@ -85,19 +85,22 @@ def _swiglu(x_TD: Tensor, w1_DH: Tensor, w3_DH: Tensor, w2_HD: Tensor) -> Tensor
     return (F.silu(x_TD @ w1_DH) * (x_TD @ w3_DH)) @ w2_HD
 
 
+def _autocast_on(x: Tensor) -> bool:
+    device = x.device.type  # (autocast knows no "meta" device, for one)
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _matmul_dtype(x: Tensor) -> torch.dtype:
     """The dtype x's matmuls run in: autocast's for x's device when it is on and x is a type it
     casts (fp32, fp16, bf16; not fp64), else x's own."""
-    device = x.device.type
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _autocast_on(x):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
 def _without_autocast(x: Tensor):
     """A context that turns autocast off on x's device if it is on (the router stays in fp32)."""
-    device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False) if _autocast_on(x) else contextlib.nullcontext()
 
 
 class MoE(nn.Module):
@@ -117,6 +120,7 @@ class MoE(nn.Module):
     def __init__(self, config: MoEConfig, *, init_scale: float = 1.0, backend: str = "auto"):
         super().__init__()
         self.config, self.backend = config, backend
+        self._kept_casts = None  # inference's cast expert weights (_cast_experts)
         c, d, f = config, config.d_model, config.d_ff
         self.shared_w1_DH = self.shared_w3_DH = self.shared_w2_HD = None
         if c.n_shared:
@@ -207,7 +211,9 @@ class MoE(nn.Module):
         # the rows are cast before they are permuted (half the bytes moved under bf16 autocast)
         x_SD, sort_idx_S, sizes_E = permute(x_TD.to(_matmul_dtype(x_TD)), expert_idx_TK, e, capacity,
                                             check_values=False)
-        y_TD = y_TD + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)  # summed in fp32
+        # unpermute sums each token's experts in fp32; under autocast its result (bf16) and the
+        # shared experts' are added in x's dtype
+        y_TD = y_TD.to(x_TD.dtype) + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)
         if not stats:
             return y_TD, None
 
@@ -231,19 +237,33 @@ class MoE(nn.Module):
         def mm(a: Tensor, w: Tensor) -> Tensor:
             return grouped_mm(a, w.to(dt), sizes_E, backend=self.backend, check_values=False)  # sizes from permute
 
-        w1, w3 = self.w1_EDF, self.w3_EDF
-        if w1.dtype == dt:
-            h1_SF, h3_SF = mm(x_SD, w1), mm(x_SD, w3)
-        else:
-            # The weights are cast anyway (fp32 parameters under bf16 autocast): cast them into one
-            # (E, D, 2F) operand, which costs the casts' own traffic, and make one grouped matmul of
-            # the two (one launch instead of two forward, two instead of four backward; N twice).
-            e, d, f = w1.shape
-            w13_ED2F = torch.empty((e, d, 2 * f), dtype=dt, device=w1.device)
-            w13_ED2F[..., :f].copy_(w1)
-            w13_ED2F[..., f:].copy_(w3)
-            h1_SF, h3_SF = mm(x_SD, w13_ED2F).split(f, dim=1)
-        return mm(F.silu(h1_SF) * h3_SF, self.w2_EFD)
+        if self.w1_EDF.dtype == dt:
+            h_SF = F.silu(mm(x_SD, self.w1_EDF)) * mm(x_SD, self.w3_EDF)
+            return mm(h_SF, self.w2_EFD)
+        # The weights are cast anyway (fp32 parameters under bf16 autocast): w1 and w3 go into one
+        # operand, and one grouped matmul does both (one launch instead of two forward, two instead
+        # of four backward; N twice as wide)
+        w13_ED2F, w2_EFD = self._cast_experts(dt)
+        h1_SF, h3_SF = mm(x_SD, w13_ED2F).split(self.w1_EDF.shape[2], dim=1)
+        return mm(F.silu(h1_SF) * h3_SF, w2_EFD)
+
+    def _cast_experts(self, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w1 and w3 cast into one (E, D, 2F) operand, w2 cast), in dt, for the price of the
+        casts alone. Without grad (inference) they are kept and reused until a weight changes
+        (its version counter or its storage), so decoding does not cast every expert again for
+        each token; with grad they are made anew and anything kept is dropped."""
+        w1, w3, w2 = self.w1_EDF, self.w3_EDF, self.w2_EFD
+        keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key = (dt, w1.device, *((w._version, w.data_ptr()) for w in (w1, w3, w2))) if keep else None
+        if keep and self._kept_casts is not None and self._kept_casts[0] == key:
+            return self._kept_casts[1]
+        e, d, f = w1.shape
+        w13_ED2F = torch.empty((e, d, 2 * f), dtype=dt, device=w1.device)
+        w13_ED2F[..., :f].copy_(w1)
+        w13_ED2F[..., f:].copy_(w3)
+        casts = (w13_ED2F, w2.to(dt))
+        self._kept_casts = (key, casts) if keep else None
+        return casts
 
     def router_losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor) -> tuple[Tensor, Tensor]:
         """(balance, z) from logits and probs (T, E) and int64 router choices per expert (E,)
