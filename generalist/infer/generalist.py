@@ -7,8 +7,9 @@
 Inputs may be arrays/tensors or file paths (PNG/JPEG images, WAV audio, .npy arrays). Requests
 of different tasks and modalities batch together: they are packed, never padded.
 
-`load` puts the model on the GPU when there is one. There it runs under bf16 autocast, as
-training does (`bf16=False` for fp32; `bf16=True` asks for it on a CPU too).
+`load` puts the model on the GPU when there is one (`device=` to choose; `embed` returns tensors
+on the model's device). There it runs under bf16 autocast, as training does (`bf16=False` for
+fp32; `bf16=True` asks for it on a CPU too).
 """
 
 from __future__ import annotations
@@ -114,9 +115,14 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda (cuda:N)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
     return resolved
 
 

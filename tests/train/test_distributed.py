@@ -147,10 +147,10 @@ def test_two_ranks_equal_one_process_and_save_a_one_process_checkpoint(reference
     from generalist.cli import main
     from generalist.infer.generalist import Generalist
 
-    g = Generalist.load(out)
+    g = Generalist.load(out, device="cpu")
     assert all(torch.equal(v, saved[k]) for k, v in g.model.state_dict().items())
     answer = subprocess.run([sys.executable, "-m", "generalist", "predict", str(out), "--task", "echo", "--text",
-                             "red blue"], env=ENV, capture_output=True, text=True, timeout=60)
+                             "red blue", "--device", "cpu"], env=ENV, capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == g.predict(task="echo", text="red blue")
     assert main(["predict", str(out), "--task", "bars", "--image", str(_bar_image(tmp_path))]) == 0

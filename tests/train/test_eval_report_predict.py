@@ -11,7 +11,7 @@ import toy_tasks  # noqa: E402
 
 from generalist.cli import main  # noqa: E402
 from generalist.data.packing import Example  # noqa: E402
-from generalist.infer.generalist import Generalist  # noqa: E402
+from generalist.infer.generalist import Generalist, resolve_device  # noqa: E402
 from generalist.train.data import build_data  # noqa: E402
 from generalist.train.evaluate import evaluate, format_table  # noqa: E402
 from generalist.train.report import write_report  # noqa: E402
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 
 def test_evaluate_and_report(run):
     out, data = run
-    results = evaluate(Generalist.load(out), data, progress=False)
+    results = evaluate(Generalist.load(out, device="cpu"), data, progress=False)
     assert set(results) == {"bars", "echo", "swatches"}
     assert all(0.0 <= v <= 1.0 for m in results.values() for v in m.values())
     assert "bars" in format_table(results)
@@ -40,17 +40,17 @@ def test_evaluate_and_report(run):
 
 def test_predict_from_python_and_cli(run, tmp_path, capsys):
     out, _ = run
-    g = Generalist.load(out)
+    g = Generalist.load(out, device="cpu")
     img = np.zeros((8, 8), dtype=np.uint8)
     img[:, 3] = 255
     answer = g.predict(task="bars", image=img)
     assert isinstance(answer, str)
     path = tmp_path / "bar.png"
     Image.fromarray(img).save(path)
-    assert main(["predict", str(out), "--task", "bars", "--image", str(path), "--json"]) == 0
+    assert main(["predict", str(out), "--task", "bars", "--image", str(path), "--json", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"task": "bars", "prediction": g.predict(task="bars", image=str(path))}
-    assert main(["predict", str(out), "--task", "echo", "--text", "red blue"]) == 0
+    assert main(["predict", str(out), "--task", "echo", "--text", "red blue", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == g.predict(task="echo", text="red blue")
 
 
@@ -81,7 +81,7 @@ def test_predict_accepts_every_modality_from_files_and_arrays(run, tmp_path):
     import wave
 
     out, _ = run
-    g = Generalist.load(out)
+    g = Generalist.load(out, device="cpu")
     t = np.arange(8000) / 16000
     pcm = (np.sin(2 * np.pi * 440 * t) * 20000).astype(np.int16)
     wav = tmp_path / "tone.wav"
@@ -122,8 +122,8 @@ def test_bf16_inference_runs_the_model_in_bf16_close_to_fp32(run, monkeypatch):
         monkeypatch.setattr(module, name, spy)
     examples = [Example([("image", np.eye(8, dtype=np.uint8) * 255)], "", "bars"),
                 Example([("text", "red blue")], "", "echo")]
-    g32, g16 = Generalist.load(out), Generalist.load(out, bf16=True)
-    assert g32.bf16 is None and g32.model.boundary.device.type == "cpu"  # no GPU here: CPU, fp32
+    g32, g16 = Generalist.load(out, device="cpu"), Generalist.load(out, device="cpu", bf16=True)
+    assert g32.bf16 is None  # the default: bf16 on a GPU only
     results = {}
     for label, g in (("fp32", g32), ("bf16", g16)):
         seen.clear()
@@ -141,9 +141,15 @@ def test_inference_device_option(run, capsys):
 
     out, _ = run
     assert main(["predict", str(out), "--task", "echo", "--text", "red", "--device", "cpu", "--fp32"]) == 0
-    assert capsys.readouterr().out.strip() == Generalist.load(out).predict(task="echo", text="red")
-    assert main(["predict", str(out), "--task", "echo", "--text", "red", "--device", "tpu"]) == 2
-    assert "unknown device 'tpu'" in capsys.readouterr().err
-    if not torch.cuda.is_available():  # the error a CPU-only machine gives
-        assert main(["eval", str(out), "--device", "cuda"]) == 2
-        assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == Generalist.load(out, device="cpu").predict(task="echo", text="red")
+    for device in ("tpu", "meta"):
+        assert main(["predict", str(out), "--task", "echo", "--text", "red", "--device", device]) == 2
+        assert f"unknown device '{device}'" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert resolve_device(None).type == "cuda"
+        bad, error = f"cuda:{torch.cuda.device_count()}", "CUDA GPUs"
+    else:  # the errors a machine without a GPU gives
+        assert resolve_device(None).type == "cpu"
+        bad, error = "cuda", "no CUDA GPU is available"
+    assert main(["eval", str(out), "--device", bad]) == 2
+    assert error in capsys.readouterr().err
