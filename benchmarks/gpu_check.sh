@@ -9,9 +9,9 @@
 # default 150 per benchmark), so that a slow step cannot eat the rest, cut to what is left of
 # T_TOTAL (default 470) from the start of the build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
-# it measured). BENCHES picks the benchmarks and their order (default "moe attention decode
-# host_overhead train_step": the MoE grid tunes fewer kernels than attention's, so it finishes
-# first; train_step times whole training steps of the demo model with --profile, GPU busy time);
+# it measured). BENCHES picks the benchmarks and their order (default "moe attention train_step
+# decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it finishes first;
+# train_step times whole training steps of the demo model with --profile, GPU busy time);
 # ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
 # "--shapes D128"). TEST_MARKS selects the op tests (default "gpu": those written for the GPU,
 # every kernel configuration against float64 among them; "gpu or not slow" also runs the
@@ -86,7 +86,7 @@ timeout -k 15 "$(limit 60)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tes
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in ${BENCHES:-moe attention decode host_overhead train_step}; do
+for bench in ${BENCHES:-moe attention train_step decode host_overhead}; do
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile"
   # shellcheck disable=SC2086  # extra holds several arguments
@@ -99,7 +99,7 @@ for bench in ${BENCHES:-moe attention decode host_overhead train_step}; do
   step "benchmark $bench: exit $code; $(grep -o 'finished after [0-9.]*' "$OUT/$bench.log" |
     awk '{n++; t += $3} END {printf "%d tunings, %.0f s", n, t}')"
 done
-for bench in ${BENCHES:-moe attention decode host_overhead train_step}; do
+for bench in ${BENCHES:-moe attention train_step decode host_overhead}; do
   for table in "$bench" "$bench-kernels"; do  # moe.py --quick writes moe-kernels.md too
     [ -f "$OUT/$table.md" ] && { echo; echo "## $table"; cat "$OUT/$table.md"; }
   done

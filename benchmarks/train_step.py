@@ -3,12 +3,14 @@ modalities and tasks: tokens per second, and how much of a step the GPU is busy.
 
     python benchmarks/train_step.py [--preset demo] [--batch 64] [--steps 10] [--quick] [--out results.md]
 
-Run as the trainer runs: on a GPU under bf16 autocast with fused AdamW, on a CPU in fp32. The
-batch is encoded once and packed as training packs it. Columns:
+Run as the trainer runs a step: bf16 autocast on a GPU (fp32 on a CPU), gradient clipping and
+AdamW (fused where the trainer fuses it, CPU included), the value checks on. The batch is
+encoded once and packed as training packs it. Columns:
   step ms     a step end to end (the GPU waited on), median of --steps;
   tokens/s    input plus target tokens of the batch over that;
-  issue ms    the time the step's Python takes to return when the GPU is not waited on: its
-              host time, unless the launch queue filled up and made it wait;
+  issue ms    the time the step's Python takes to return without a final synchronize: on a GPU
+              its host time plus the waits inside it (the value checks read each new batch
+              tensor back, a wait for the GPU to catch up, once per tensor in the forward);
   GPU busy    (GPU, --profile) the CUDA kernels' time per step over the step time: well under
               100% means the GPU waits on the host;
 and with --profile, the kernels that take most of a step. Benchmarks never assert.
@@ -29,6 +31,7 @@ from generalist.data.packing import Example, ExampleEncoder
 from generalist.modalities import TextTokenizer
 from generalist.models.config import preset
 from generalist.models.generalist import GeneralistModel
+from generalist.train.trainer import _fused_adamw_serves
 
 CORPUS = ["a photo of a small cat", "a sheep in a field", "the digit seven", "the digit three", "a spoken word",
           "a moving digit going left", "a table of measurements", "what is shown here", "how many digits are there",
@@ -97,7 +100,8 @@ def main():
     cfg = preset(name, vocab_size=tokenizer.vocab_size, n_tasks=len(TASKS), bos_id=tokenizer.token_id("<bos>"),
                  eos_id=tokenizer.token_id("<eos>"))
     model = GeneralistModel(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=_fused_adamw_serves(params) or None)
     encoder = ExampleEncoder(tokenizer, TASKS)
     examples = make_examples(b, gen)
     batch = [encoder.encode(e) for e in examples]
@@ -108,6 +112,7 @@ def main():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # (the trainer also reads the norm back, for its log)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens.append(out.n_input_tokens + out.labels.numel())
@@ -137,7 +142,7 @@ def main():
         print(f"{name} B{b}: {step_s * 1e3:.1f} ms/step, {n_tokens / step_s:,.0f} tokens/s, issue "
               f"{statistics.median(issue) * 1e3:.1f} ms, GPU busy {busy}", flush=True)
 
-    where = (f"{torch.cuda.get_device_name()}, bf16 autocast, fused AdamW" if cuda else "CPU, fp32")
+    where = f"{torch.cuda.get_device_name()}, bf16 autocast" if cuda else "CPU, fp32"
     lines = [f"training steps, {where}; torch {torch.__version__}; median of {steps} steps", "",
              "| model, batch | tokens | step ms | tokens/s | issue ms | GPU busy |", "|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2] * 1e3:.1f} | {r[3]:,.0f} | {r[4] * 1e3:.1f} | {r[5]} |" for r in rows]
