@@ -53,14 +53,16 @@ class StandIn:
 
 def _tuner(fn, blocks=(16, 32, 64), pre_hook=None):
     configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2, pre_hook=pre_hook) for b in blocks]
-    # do_bench: run the candidate once and call the larger block faster, so the choice is known
+    # do_bench: run the candidate once and call the larger block faster (the smaller one when
+    # n == 200), so the choice is known and differs between keys
+    timing = lambda: 1.0 / tuner._block if tuner._n != 200 else tuner._block
     tuner = triton.autotune(configs=configs, key=["n", "KEYED"],
                             prune_configs_by={"early_config_prune": parallel_compile(fn)},
-                            do_bench=lambda call, quantiles: (call(), [1.0 / tuner._block] * 3)[1])(fn)
+                            do_bench=lambda call, quantiles: (call(), [timing()] * 3)[1])(fn)
     original = tuner._bench
 
-    def bench(*args, config, **meta):  # remember which candidate do_bench is timing
-        tuner._block = config.kwargs["BLOCK"]
+    def bench(*args, config, **meta):  # remember which candidate do_bench is timing, and for which n
+        tuner._block, tuner._n = config.kwargs["BLOCK"], args[1]
         return original(*args, config=config, **meta)
 
     tuner._bench = bench
@@ -144,13 +146,17 @@ def test_launcher_asks_the_tuner_once_per_key_then_launches_its_choice():
     assert last["grid"] is grid and last["KEYED"] is True and last["num_warps"] == 4 and last["num_stages"] == 2
     assert fn.launched[-1][0] == (x16, 100)
     # a new key value, a new tensor dtype, a key argument passed by position: each asks the tuner
-    launch[grid](x16, 200, KEYED=True)
+    launch[grid](x16, 200, KEYED=True)  # (n == 200: the smallest block is the fastest)
     launch[grid](x32, 100, KEYED=True)
     launch[grid](x16, 100, False)
-    assert tuner.calls == 4
-    launch[grid](x32, 100, KEYED=True)
-    launch[grid](x16, 100, False)
-    assert tuner.calls == 4 and len(fn.launched) == 7 + 3 * 4 + 2
+    assert tuner.calls == 4 and [b for _, b in fn.launched][10] == 16
+    for _ in range(2):  # each key then launches its own choice
+        launch[grid](x16, 200, KEYED=True)
+        launch[grid](x32, 100, KEYED=True)
+        launch[grid](x16, 100, False)
+        launch[grid](x16, 100, KEYED=True)
+    assert tuner.calls == 4 and len(fn.launched) == 7 + 3 * 4 + 8
+    assert [b for _, b in fn.launched][-8:] == [16, 64, 64, 64] * 2
 
 
 def test_launcher_leaves_configs_with_a_pre_hook_to_the_tuner():

@@ -80,7 +80,8 @@ class TunedLauncher:
     """`launcher[grid](*args, **kwargs)` for a `triton.autotune`-wrapped kernel (`tuner`): the
     first call with a tuning key goes through the tuner (tuning it, or reading its cache), later
     calls with that key launch `tuner.fn` with the configuration it chose. The key is the tuner's:
-    the values of its key arguments and the dtypes of the tensor arguments."""
+    the values of its key arguments and the dtypes of the tensor arguments. Like the tuner, it
+    expects one thread to tune a key (two racing on a new key could store either's choice)."""
 
     def __init__(self, tuner):
         self.tuner = tuner
@@ -92,7 +93,7 @@ class TunedLauncher:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def _key(self, args: tuple, kwargs: dict) -> tuple:
-        values = tuple(args[i] if i < len(args) else kwargs[name] for i, name in self._key_args)
+        values = tuple(args[i] if i < len(args) else kwargs.get(name) for i, name in self._key_args)
         return values + tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
 
     def run(self, grid, args: tuple, kwargs: dict):
