@@ -1,6 +1,7 @@
 """Model invariants: packed equals per-example, KV-cached decoding equals recompute, checkpoint
 round trip is exact, presets instantiate, bad input is named, and a tiny model can overfit."""
 
+import json
 import math
 
 import pytest
@@ -237,3 +238,28 @@ def test_loads_a_checkpoint_with_the_older_scalar_logit_scale(tokenizer, tmp_pat
     save_file(weights, str(tmp_path / "ckpt" / "model.safetensors"))
     loaded = GeneralistModel.load(tmp_path / "ckpt")
     assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 1.5
+
+
+@pytest.mark.gpu
+def test_cuda_inference_loads_on_the_gpu_in_bf16(tokenizer, gen, tmp_path):
+    """Generalist.load puts a saved model on the GPU by default and runs it under bf16 autocast:
+    it generates with and without the KV cache, and its embeddings are the fp32 CPU model's to
+    bf16 accuracy."""
+    from generalist.data.packing import Example
+    from generalist.infer.generalist import Generalist
+
+    _model(tokenizer, seed=5).save(tmp_path, tokenizer)
+    (tmp_path / "meta.json").write_text(json.dumps({"tasks": TASKS}))
+    g = Generalist.load(tmp_path)
+    cpu = Generalist.load(tmp_path, device="cpu")
+    assert g.model.boundary.device.type == "cuda" and cpu.model.boundary.device.type == "cpu"
+    examples = [Example(ex.segments, "", ex.task) for ex in _examples(gen)]
+    encoded = [g.encoder.encode(e) for e in examples]
+    with torch.no_grad(), g._precision():
+        for use_cache in (True, False):  # (bf16 ties may pick other tokens: the lengths only)
+            ids = generate(g.model, encoded, max_new_tokens=8, use_cache=use_cache)
+            assert len(ids) == len(examples) and all(len(i) <= 8 for i in ids)
+    assert all(isinstance(a, str) for a in g.generate(examples))
+    emb, want = g.embed(examples), cpu.embed(examples)
+    assert emb.device.type == "cuda" and emb.dtype == torch.float32
+    assert (emb.cpu() * want).sum(-1).min() > 0.99  # unit vectors: cosine
