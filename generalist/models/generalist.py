@@ -28,6 +28,7 @@ from generalist.modalities import MODALITIES, TextTokenizer, build_embedders
 from generalist.models.config import GeneralistConfig
 from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo
 from generalist.modules.moe import MoEConfig, MoEStats
+from generalist.ops import _attention_checks as checks
 from generalist.ops import varlen_positions
 
 
@@ -84,6 +85,11 @@ class GeneralistModel(nn.Module):
 
     # ---- streams -------------------------------------------------------------------------
     def _stream(self, cu: Tensor, max_len: int, task_ids_T: Tensor, modality_ids_T: Tensor) -> StreamInfo:
+        # built here from values checked on the host (pack's offsets, task ids checked against
+        # n_tasks, modality ids from MODALITIES): the ops' value checks, a device sync each on a
+        # GPU, skip them
+        for t in (cu, task_ids_T, modality_ids_T):
+            checks.trust_values(t)
         _, pos = varlen_positions(cu, task_ids_T.shape[0])
         return StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
 
@@ -172,8 +178,9 @@ class GeneralistModel(nn.Module):
         labels = labels.to(logits_TV.device)
         # each example counts once, whatever its target's length: a caption's dozen tokens must
         # not outweigh a class name's two (the mean of per-example token means)
-        lens = torch.tensor([len(ex.target_ids) + 1 for ex in batch], dtype=torch.long, device=logits_TV.device)
-        weight_T = torch.repeat_interleave(1.0 / (lens * len(batch)), lens)
+        lens = [len(ex.target_ids) + 1 for ex in batch]
+        lens_B = torch.tensor(lens, dtype=torch.long, device=logits_TV.device)
+        weight_T = torch.repeat_interleave(1.0 / (lens_B * len(batch)), lens_B, output_size=sum(lens))  # (no sync)
         lm_loss = (F.cross_entropy(logits_TV.float(), labels, reduction="none") * weight_T).sum()
         stats = enc_stats + dec_stats
         aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits_TV.device))

@@ -263,3 +263,31 @@ def test_cuda_inference_loads_on_the_gpu_in_bf16(tokenizer, gen, tmp_path):
     emb, want = g.embed(examples), cpu.embed(examples)
     assert emb.device.type == "cuda" and emb.dtype == torch.float32
     assert (emb.cpu() * want).sum(-1).min() > 0.99  # unit vectors: cosine
+
+
+def test_a_training_step_reads_no_stream_tensor_back(tokenizer, gen):
+    """The stream tensors the model builds (cu_seqlens, task and modality ids) come from values it
+    checked on the host, so the ops' and layers' value checks, a device sync each on a GPU, do
+    not read them back: no tolist/item from generalist/ops or generalist/modules in a training
+    step with the checks on."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("tolist", "item"):
+                frames = [f.filename for f in traceback.extract_stack()[:-1]]
+                if any(("generalist/ops/" in f or "generalist/modules/" in f) for f in frames):
+                    self.seen.append(frames[-1])
+            return func(*args, **(kwargs or {}))
+
+    model = _model(tokenizer).train()
+    batch = _encode(tokenizer, _examples(gen))
+    with Reads() as reads:
+        model(batch).loss.backward()
+    assert reads.seen == []

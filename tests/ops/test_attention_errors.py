@@ -142,3 +142,21 @@ def test_value_checks_run_once_per_tensor_and_again_after_a_write(monkeypatch):
         flash_attn_varlen_func(q, q, q, cu2, cu2, 6, 6, backend="reference")
         flash_attn_varlen_func(q, q, q, cu2, cu2, 6, 6, backend="reference")
         assert len(reads) - before >= 2
+
+
+def test_trusted_tensors_skip_value_checks_until_written(monkeypatch):
+    """trust_values (for tensors library code built from host-checked values) skips every value
+    check without reading the tensor back; a write to it brings the checks back."""
+    from generalist.ops import _attention_checks as checks
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    cu = checks.trust_values(torch.tensor([0, 4, 10], dtype=torch.int32))
+    q = torch.randn(10, 2, 8)
+    flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="reference")
+    assert reads == []
+    cu[1] = 11
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="reference")
+    assert reads
