@@ -19,7 +19,6 @@ Benchmarks never assert.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -158,32 +157,10 @@ def record(rows, shape, largest, part, name, sec, fl):
     print(f"{shape:36s} {part:9s} {name:24s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
 
 
-@contextlib.contextmanager
-def single_expert_dw():
-    """The bf16 dw tuning table of this GPU without its multi-expert entries, inside the block
-    (True when that changed the table); the tuned launchers are rebuilt on the way in and out."""
-    from generalist.kernels.triton import moe as K
-
-    tables = K._CONFIGS_16BIT[90 if torch.cuda.get_device_capability()[0] >= 9 else 80]
-    saved = tables["dw"]
-    single = [c for c in saved if len(c) < 6 or c[5] == 1]
-    if len(single) == len(saved):
-        yield False
-        return
-    tables["dw"] = single
-    K._autotuned.cache_clear()
-    try:
-        yield True
-    finally:
-        tables["dw"] = saved
-        K._autotuned.cache_clear()
-
-
 def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
     group), next to the forward kernel, the three back to back, the same through grouped_mm and
-    autograd, and the dense matmul of each one's shape; and dw tuned over single-expert programs
-    only, as it was before a program could take several experts."""
+    autograd, and the dense matmul of each one's shape; the host time of the Triton paths."""
     import triton
     from generalist.kernels.triton import moe as K
 
@@ -219,11 +196,6 @@ def kernel_breakdown(args):
                 record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (1 if part in dense else 3))
                 if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
-            # dw as it was before programs could take several experts: the table's single-expert entries
-            with single_expert_dw() as changed:
-                if changed:
-                    sec = _bench_gpu(lambda: K._dw(x, dy, gs, e))
-                    record(rows, shape, max(sizes), "dw", "triton, 1 expert/program", sec, flops(t, d, f))
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
              "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
     out = args.out.replace(".md", "-kernels.md") if args.out else None

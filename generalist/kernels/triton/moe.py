@@ -13,10 +13,8 @@ Kernels:
                       tiles (an upper bound), needs no sync; the unused ones exit at once.
                       The forward is (x, w); dx is (dy, w^T) via strides.
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
-                      BLOCK_N tile of F, GROUPS_PER_PROGRAM experts), looping over the experts'
-                      rows (one flat loop when there are several, so that the pipeline spans
-                      short groups); an empty group writes zeros. Grid axis 1 steps over the
-                      experts GROUPS_PER_PROGRAM at a time, at most 65535 steps.
+                      BLOCK_N tile of F, expert), looping over the group's rows; an empty group
+                      writes zeros. E is grid axis 1, so at most 65535 experts.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
 products ("ieee"), not tf32, summed per BLOCK_K slice and then across slices (a sequential sum
 over a 1000-row group is several times less accurate than cuBLAS). No atomics: results are
@@ -112,81 +110,51 @@ def _grouped_dw_kernel(
     T, D, F, E, t_bucket,
     stride_xt, stride_xd, stride_yt, stride_yf, stride_we, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # program -> (D tile, F tile, GROUPS_PER_PROGRAM experts), the experts slowest so that
-    # neighbours share their rows in L2; BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over rows
+    # program -> (D tile, F tile, expert), the expert slowest so that neighbours share its rows in
+    # L2; BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over rows
     pid = tl.program_id(0)
-    first_g = tl.program_id(1) * GROUPS_PER_PROGRAM
+    g = tl.program_id(1)
     num_n = tl.cdiv(F, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
 
+    # the group's rows
     offs_e = tl.arange(0, BLOCK_E)
     sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
-    row_start = tl.sum(tl.where(offs_e < first_g, sizes, 0), 0)
-    row_end = row_start + tl.sum(tl.where(offs_e == first_g, sizes, 0), 0)
+    row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
+    row_end = row_start + tl.sum(tl.where(offs_e == g, sizes, 0), 0)
 
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_K)
+    offs_r = row_start + tl.arange(0, BLOCK_K)
     d_ok = offs_d < D
     f_ok = offs_f < F
-    x_cols = X + offs_d[:, None] * stride_xd
-    dy_cols = DY + offs_f[None, :] * stride_yf
-    dw_tile = offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
-    zero = tl.where(T < 0, 1.0, 0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_ptrs = X + offs_r.to(tl.int64)[None, :] * stride_xt + offs_d[:, None] * stride_xd
+    dy_ptrs = DY + offs_r.to(tl.int64)[:, None] * stride_yt + offs_f[None, :] * stride_yf
 
-    if GROUPS_PER_PROGRAM == 1:
-        # one expert: loop over its rows, acc += x_rows^T @ dy_rows (nothing for an empty group)
-        x_ptrs = x_cols + (row_start + offs_r).to(tl.int64)[None, :] * stride_xt
-        dy_ptrs = dy_cols + (row_start + offs_r).to(tl.int64)[:, None] * stride_yt
-        for r in range(row_start, row_end, BLOCK_K):
-            r_ok = offs_r < row_end - r
-            xt = tl.load(x_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            dy = tl.load(dy_ptrs, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-            acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
-            x_ptrs += BLOCK_K * stride_xt
-            dy_ptrs += BLOCK_K * stride_yt
-        dw_ptrs = DW + first_g.to(tl.int64) * stride_we + dw_tile
-        tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
-    else:
-        # Several experts, whose rows follow one another, in one flat loop of row steps: each
-        # expert takes max(1, cdiv(n, BLOCK_K)) steps (an empty one stores its zeros), and its
-        # tile is stored at its last step. The software pipeline then runs across the experts
-        # instead of filling and draining once per expert, which costs most when groups are short.
-        steps = tl.maximum((sizes + BLOCK_K - 1) // BLOCK_K, 1)
-        mine = (offs_e >= first_g) & (offs_e < first_g + GROUPS_PER_PROGRAM) & (offs_e < E)
-        g = first_g
-        r = row_start
-        for _ in range(0, tl.sum(tl.where(mine, steps, 0), 0)):
-            r_ok = offs_r < row_end - r
-            rows = (r + offs_r).to(tl.int64)
-            xt = tl.load(x_cols + rows[None, :] * stride_xt, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            dy = tl.load(dy_cols + rows[:, None] * stride_yt, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-            acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
-            # the next step's rows, by selects and a scalar load rather than inside the branch
-            # below: the loads a few steps ahead then need no result of this step's product
-            # (inside it, the pipeline lost a stage)
-            last = r + BLOCK_K >= row_end
-            g_here = g
-            g = tl.where(last, g + 1, g)
-            r = tl.where(last, row_end, r + BLOCK_K)
-            row_end += tl.load(SIZES + g, mask=last & (g < E), other=0).to(tl.int32)
-            if last:  # the expert's last step: store its tile
-                dw_ptrs = DW + g_here.to(tl.int64) * stride_we + dw_tile
-                tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # loop over the group's rows: acc += x_rows^T @ dy_rows (nothing for an empty group)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = tl.where(T < 0, 1.0, 0.0)
+    for r in range(row_start, row_end, BLOCK_K):
+        r_ok = offs_r < row_end - (r - row_start)
+        xt = tl.load(x_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+        x_ptrs += BLOCK_K * stride_xt
+        dy_ptrs += BLOCK_K * stride_yt
+
+    dw_ptrs = DW + g.to(tl.int64) * stride_we + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # Configurations: autotuned on a GPU, one small fixed one under the interpreter
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, GROUPS_PER_PROGRAM]). For "mm" BLOCK_M
-# counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F, BLOCK_K steps over
-# the group's rows, and a program covers GROUPS_PER_PROGRAM experts (1 when not given).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). For "mm" BLOCK_M counts rows of a group
+# and BLOCK_N output columns; for "dw" they tile D and F and BLOCK_K steps over the group's rows.
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -200,9 +168,9 @@ _CONFIGS_16BIT = {
                (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                # for many short groups (64 experts of 256 rows: four 64-row steps per tile), where
                # the pipeline's fill and the tile's store are not hidden: fewer, longer row steps,
-               # shorter ones in a deeper pipeline, or one pipeline over the tiles of 4 experts
-               (128, 128, 128, 8, 2), (128, 128, 32, 4, 4),
-               (128, 128, 64, 8, 3, 4), (128, 128, 64, 4, 4, 4), (128, 256, 64, 8, 3, 4)],
+               # or shorter ones in a deeper pipeline (programs covering 4 experts each, one
+               # pipeline over their row steps, were tried and never chosen on an H100)
+               (128, 128, 128, 8, 2), (128, 128, 32, 4, 4)],
     },
     80: {
         "mm": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
@@ -214,33 +182,21 @@ _CONFIGS_FP32 = {
     "dw": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
 }
 # Under the interpreter: small blocks (fast on a CPU, several tiles per test group), rectangular
-# so that a transposed index mix-up shows; dw's programs cover 2 experts (the flat loop), except
-# where a test picks otherwise.
-_INTERPRET_BLOCKS = {"mm": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32},
-                     "dw": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUPS_PER_PROGRAM": 2}}
+# so that a transposed index mix-up shows.
+_INTERPRET_BLOCKS = {"mm": (32, 64, 32), "dw": (32, 64, 32)}
 _TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
 def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None = None) -> list[tuple[int, ...]]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, GROUPS_PER_PROGRAM]) for one
-    kernel, operand width in bytes and architecture (90: Hopper and newer, 80: older), less those
-    needing more shared memory than `smem_limit` (but never none)."""
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one kernel, operand width
+    in bytes and architecture (90: Hopper and newer, 80: older), less those needing more shared
+    memory than `smem_limit` (but never none)."""
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
     if smem_limit is None:
         return list(table)
-    # a and b tiles, num_stages deep; with several experts per program the tile's store sits
-    # inside the loop and its staging buffer adds to that (measured on sm_90: up to one more tile)
-    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] if len(c) > 5 and c[5] > 1 else 0)) * elem
+    smem = lambda c: (c[0] + c[1]) * c[2] * c[4] * elem  # a and b tiles, num_stages deep
     return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
-
-
-def _meta(kernel: str, config: tuple[int, ...]) -> dict[str, int]:
-    """A table entry's block sizes as the kernel's constexpr arguments."""
-    meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
-    if kernel == "dw":
-        meta["GROUPS_PER_PROGRAM"] = config[5] if len(config) > 5 else 1
-    return meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,7 +210,8 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
     table = configs_for(kernel, elem, arch, props["max_shared_mem"])
     if not tune:
         table = table[:1]
-    configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4]) for c in table]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in table]
     # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
     # reuses the choice instead of timing every candidate again; the early_config_prune hook
     # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
@@ -276,7 +233,8 @@ def _use_interpreter_blocks() -> bool:
 def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **constexprs):
     """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU."""
     if _use_interpreter_blocks():
-        meta = dict(_INTERPRET_BLOCKS[kernel])
+        bm, bn, bk = _INTERPRET_BLOCKS[kernel]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
     tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
@@ -387,8 +345,7 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int) 
         return dw_EDF.zero_()
     with _on_device(x_TD):
         _launch(
-            "dw", lambda meta: (cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"]),
-                                cdiv(e, meta["GROUPS_PER_PROGRAM"])),
+            "dw", lambda meta: (cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"]), e),
             x_TD.device, x_TD.element_size(),
             x_TD, dy_TF, dw_EDF, sizes_E, t, d, f, e, _t_bucket(t),
             x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
