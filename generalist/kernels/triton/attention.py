@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import TunedLauncher, cdiv, dot_acc, next_power_of_2, parallel_compile
+from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, tuned_launcher
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -495,12 +495,7 @@ def _autotuned(kernel: str, elem: int, block_d: int, device: int, tune: bool):
     orders = [{"LONGEST_FIRST": o} for o in (_FWD_ORDERS if tune else _FWD_ORDERS[:1])] if kernel == "fwd" else [{}]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **order}, num_warps=w, num_stages=s)
                for bm, bn, w, s in table for order in orders]
-    # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
-    # reuses the choice instead of timing every candidate again; the early_config_prune hook
-    # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
-    prune = {"early_config_prune": parallel_compile(_KERNELS[kernel])}
-    return TunedLauncher(triton.autotune(configs=configs, key=_TUNE_KEY, cache_results=True,
-                                         prune_configs_by=prune)(_KERNELS[kernel]))
+    return tuned_launcher(_KERNELS[kernel], configs, _TUNE_KEY)
 
 
 def interpreting() -> bool:

@@ -105,3 +105,13 @@ class TunedLauncher:
                 self._chosen[key] = self.tuner.best_config
             return result
         return self.tuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+
+
+def tuned_launcher(fn, configs: list, key: list[str]) -> TunedLauncher:
+    """triton.autotune over the JITFunction `fn` with `configs` and tuning `key`, as the kernels
+    use it: the timings go to Triton's cache directory (cache_results), so a later process (a
+    resumed run) reuses a choice instead of timing every candidate again; every candidate is
+    compiled on a thread pool before a new key is timed (parallel_compile); and launches after a
+    key's first go straight to its choice (TunedLauncher)."""
+    prune = {"early_config_prune": parallel_compile(fn)}
+    return TunedLauncher(triton.autotune(configs=configs, key=key, cache_results=True, prune_configs_by=prune)(fn))

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from generalist.kernels.triton.common import TunedLauncher, cdiv, dot_acc, next_power_of_2, parallel_compile
+from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, tuned_launcher
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
@@ -212,12 +212,7 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
         table = table[:1]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in table]
-    # cache_results: the timings go to Triton's cache directory, so a later process (a resumed run)
-    # reuses the choice instead of timing every candidate again; the early_config_prune hook
-    # compiles every candidate on a thread pool before the first timing of a key (keeping them all)
-    prune = {"early_config_prune": parallel_compile(_KERNELS[kernel])}
-    return TunedLauncher(triton.autotune(configs=configs, key=_TUNE_KEYS[kernel], cache_results=True,
-                                         prune_configs_by=prune)(_KERNELS[kernel]))
+    return tuned_launcher(_KERNELS[kernel], configs, _TUNE_KEYS[kernel])
 
 
 def interpreting() -> bool:
