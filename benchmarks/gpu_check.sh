@@ -9,15 +9,17 @@
 # default 150 per benchmark), so that a slow step cannot eat the rest, cut to what is left of
 # T_TOTAL (default 470) from the start of the build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
-# it measured). BENCHES picks the benchmarks and their order (default "moe attention train_step
-# decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it finishes first;
-# train_step times whole training steps of the demo model with --profile, GPU busy time);
+# it measured). BENCHES picks the benchmarks and their order (default "moe ncu attention
+# train_step decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it
+# finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
+# model with --profile, GPU busy time);
 # ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
 # "--shapes D128"). TEST_MARKS selects the op tests (default "gpu": those written for the GPU,
 # every kernel configuration against float64 among them; "gpu or not slow" also runs the
 # device-independent op tests on CUDA, for about two minutes of the benchmarks' time). BUILD=0
 # uses the extension already built; DIAGNOSE=1 investigates a crash of the C++ error check (a
-# backtrace, a minimal extension).
+# backtrace, a minimal extension). The "benchmark" ncu (second by default, when ncu is installed)
+# reads the hardware counters of one launch of each MoE kernel at 64 experts (ncu-moe.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -86,7 +88,26 @@ timeout -k 15 "$(limit 60)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tes
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
-for bench in ${BENCHES:-moe attention train_step decode host_overhead}; do
+# Hardware counters of the MoE kernels at 64 experts (DRAM and SM throughput, occupancy, stall
+# reasons) next to the dense matmul's, one launch each: where a kernel's time goes.
+NCU_BIN=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+run_ncu() {
+  [ -n "$NCU_BIN" ] || { step "ncu: skipped (no ncu found)"; return; }
+  timeout -k 15 "$(limit "${T_NCU:-120}")" "$NCU_BIN" --profile-from-start off --clock-control none -f -o "$OUT/ncu-moe" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis $PY benchmarks/moe.py --ncu >"$OUT/ncu-moe.log" 2>&1
+  local code=$?
+  if [ -f "$OUT/ncu-moe.ncu-rep" ] && "$NCU_BIN" --import "$OUT/ncu-moe.ncu-rep" --csv --page raw >"$OUT/ncu-moe.csv" \
+       2>>"$OUT/ncu-moe.log" && $PY benchmarks/moe.py --ncu-summary "$OUT/ncu-moe.csv" --out "$OUT/ncu-moe.md" \
+       >>"$OUT/ncu-moe.log" 2>&1; then
+    step "ncu: exit $code; MoE kernels profiled (ncu-moe.md)"
+  else
+    step "ncu: exit $code; no summary (see ncu-moe.log)"; status=1; tail -n 5 "$OUT/ncu-moe.log"
+  fi
+}
+
+for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
+  [ "$bench" = ncu ] && { run_ncu; continue; }
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile"
   # shellcheck disable=SC2086  # extra holds several arguments
@@ -99,8 +120,8 @@ for bench in ${BENCHES:-moe attention train_step decode host_overhead}; do
   step "benchmark $bench: exit $code; $(grep -o 'finished after [0-9.]*' "$OUT/$bench.log" |
     awk '{n++; t += $3} END {printf "%d tunings, %.0f s", n, t}')"
 done
-for bench in ${BENCHES:-moe attention train_step decode host_overhead}; do
-  for table in "$bench" "$bench-kernels"; do  # moe.py --quick writes moe-kernels.md too
+for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
+  for table in "$bench" "$bench-kernels" "$bench-moe"; do  # moe.py --quick writes moe-kernels.md too; ncu-moe.md
     [ -f "$OUT/$table.md" ] && { echo; echo "## $table"; cat "$OUT/$table.md"; }
   done
 done

@@ -3,7 +3,9 @@ against one dense matmul of the same FLOPs, measured in one run.
 
     python benchmarks/moe.py [--quick] [--out results.md]
     python benchmarks/moe.py --kernels [--out results.md]   # only the forward, dx, dw kernels apart
-                                                            # (--quick runs both)
+                                                            # (--quick runs both), with their roofline
+    ncu --profile-from-start off -o moe python benchmarks/moe.py --ncu   # one launch of each kernel, profiled
+    ncu --import moe.ncu-rep --csv --page raw > moe.csv && python benchmarks/moe.py --ncu-summary moe.csv
 
 GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Providers:
   triton            generalist.ops.grouped_mm(backend="triton"), the grouped kernels;
@@ -13,7 +15,10 @@ GPU only (bf16): triton.testing.do_bench, median of CUDA-event timings. Provider
   dense             one torch.matmul (T, D) @ (D, F): the same FLOPs with no grouping, the ceiling.
 TFLOP/s = 2·T·D·F for the forward, 3× that for forward + backward (dx and dw). Group sizes are
 balanced (T/E each) or skewed (Zipf-like, 1/rank, shuffled). Without a GPU it says so and exits 0.
-Benchmarks never assert.
+The roofline of `--kernels`: each kernel's floor is the larger of its FLOPs at the dense matmul's
+rate for its shape and its bytes (each input read once, the output written once) at the copy
+bandwidth measured in the same run; at 64 experts of 256 rows the E·D·F weights (or their
+gradient) are as many bytes as the FLOPs can hide. Benchmarks never assert.
 """
 
 from __future__ import annotations
@@ -157,6 +162,48 @@ def record(rows, shape, largest, part, name, sec, fl):
     print(f"{shape:36s} {part:9s} {name:24s} {sec * 1e3:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (far past L2), counting bytes read and
+    written: the memory ceiling of the roofline, measured on the card at hand."""
+    src = torch.randint(-2**15, 2**15, (2**29,), dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    sec = _bench_gpu(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / sec
+
+
+def kernel_bytes(part: str, t: int, d: int, f: int, e: int, elem: int) -> int:
+    """Fewest bytes a kernel moves: each input read once, its output written once. The weights (or
+    their gradient) are E·D·F whatever the grouping; the dense matmul's are D·F."""
+    rows = (t * d + t * f) * elem  # x and y (fwd), dy and dx (dx), x and dy (dw)
+    return rows + e * d * f * elem
+
+
+def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]], bandwidth: float) -> list[str]:
+    """Markdown lines: each Triton kernel's time against its floor, the larger of its FLOPs at the
+    dense matmul's rate for the same shape (measured in this run) and its bytes at `bandwidth`."""
+    times = {(r[0], r[2], r[3]): r[4] for r in rows}
+    lines = ["", f"Roofline: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write, measured here); a kernel's "
+             "floor is the larger of its FLOPs at the dense matmul's rate and its bytes at that bandwidth.", "",
+             "| shape | kernel | MB moved | ms | FLOP floor ms | byte floor ms | floor / time |", "|---|---|---|---|---|---|---|"]
+    for shape, (t, d, f, e) in dims.items():
+        total = {"ms": 0.0, "flop": 0.0, "byte": 0.0, "floor": 0.0, "mb": 0.0}
+        for part in ("fwd", "dx", "dw"):
+            if (shape, part, "triton") not in times or (shape, part, "dense") not in times:
+                continue
+            sec, flop_floor = times[(shape, part, "triton")], times[(shape, part, "dense")]
+            nbytes = kernel_bytes(part, t, d, f, e, 2)
+            byte_floor = nbytes / bandwidth
+            floor = max(flop_floor, byte_floor)
+            for key, v in zip(total, (sec, flop_floor, byte_floor, floor, nbytes / 1e6)):
+                total[key] += v
+            lines.append(f"| {shape} | {part} | {nbytes / 1e6:.0f} | {sec * 1e3:.3f} | {flop_floor * 1e3:.3f} | "
+                         f"{byte_floor * 1e3:.3f} | {floor / sec:.0%} |")
+        if total["ms"]:
+            lines.append(f"| {shape} | the three | {total['mb']:.0f} | {total['ms'] * 1e3:.3f} | {total['flop'] * 1e3:.3f} | "
+                         f"{total['byte'] * 1e3:.3f} | {total['floor'] / total['ms']:.0%} |")
+    return lines
+
+
 def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
     group), next to the forward kernel, the three back to back, the same through grouped_mm and
@@ -169,7 +216,7 @@ def kernel_breakdown(args):
     x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
     w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
     dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
-    rows, notes = [], []
+    rows, notes, dims = [], [], {}
     host = ["", "Triton, GPU time (do_bench) against host time per call (the calls' Python and launches, "
             "timed without waiting for the GPU): where the host's is the larger, the GPU waits on it.", "",
             "| shape | kernels | GPU ms | host ms |", "|---|---|---|---|"]
@@ -179,6 +226,7 @@ def kernel_breakdown(args):
             gs = torch.tensor(sizes, dtype=torch.int32, device="cuda")
             w = torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5
             shape = f"T{t} D{d} F{f} E{e} {skew}"
+            dims[shape] = (t, d, f, e)
             providers = {("fwd", "triton"): lambda: K._mm(x, w, gs),
                          ("dx", "triton"): lambda: K._mm(dy, w.transpose(1, 2), gs),
                          ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
@@ -198,9 +246,104 @@ def kernel_breakdown(args):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
              "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
+    roofline = roofline_lines(rows, dims, copy_bandwidth()) if not notes else []
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + notes, out,
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
+
+
+# What `--ncu` launches inside the profiled range, in order (the report's rows come in this order)
+NCU_LAUNCHES = ("E64 fwd", "E64 dx", "E64 dw", "E8 dw", "dense fwd", "dense dw")
+# Columns of ncu's raw page shown by --ncu-summary (where present: names differ across ncu versions)
+NCU_METRICS = (
+    ("gpu__time_duration.sum", "duration"),
+    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "DRAM throughput %"),
+    ("dram__bytes_read.sum", "DRAM read"),
+    ("dram__bytes_write.sum", "DRAM write"),
+    ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM throughput %"),
+    ("sm__warps_active.avg.pct_of_peak_sustained_active", "achieved occupancy %"),
+    ("sm__maximum_warps_per_active_cycle_pct", "theoretical occupancy %"),
+    ("launch__registers_per_thread", "registers / thread"),
+    ("launch__shared_mem_per_block_dynamic", "dynamic smem / block"),
+    ("launch__occupancy_limit_registers", "blocks / SM (registers)"),
+    ("launch__occupancy_limit_shared_mem", "blocks / SM (smem)"),
+    ("launch__grid_size", "grid"),
+    ("lts__t_sector_hit_rate.pct", "L2 hit %"),
+    ("smsp__average_warp_latency_per_inst_issued.ratio", "warp cycles / issued instruction"),
+)
+
+
+def ncu_launches():
+    """One launch of each kernel of NCU_LAUNCHES between cudaProfilerStart and Stop, after each
+    has been tuned and warmed up outside that range: run under ncu --profile-from-start off."""
+    from generalist.kernels.triton import moe as K
+
+    dtype, t, d, f = torch.bfloat16, 16384, 2048, 1408
+    x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
+    w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
+    gen = torch.Generator().manual_seed(1)
+    launches = []
+    for e in (64, 8):
+        gs = torch.tensor(group_sizes(t, e, "balanced", gen), dtype=torch.int32, device="cuda")
+        w = torch.randn(e, d, f, dtype=dtype, device="cuda") * d ** -0.5
+        if e == 64:
+            launches += [lambda w=w, gs=gs: K._mm(x, w, gs), lambda w=w, gs=gs: K._mm(dy, w.transpose(1, 2), gs)]
+        launches.append(lambda gs=gs, e=e: K._dw(x, dy, gs, e))
+    launches += [lambda: x @ w_dense, lambda: x.T @ dy]
+    assert len(launches) == len(NCU_LAUNCHES)
+    for fn in launches:  # tune and warm up, unprofiled
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for fn in launches:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled, in order:", ", ".join(NCU_LAUNCHES))
+
+
+def ncu_summary(path: str, out: str | None) -> None:
+    """A markdown table (metrics x launches) from ncu's raw CSV page of an --ncu run, and the
+    three largest stall reasons per launch."""
+    import csv
+
+    with open(path, newline="") as fh:
+        table = [r for r in csv.reader(fh) if r]
+    if not table:
+        raise SystemExit(f"{path}: empty; did ncu profile anything?")
+    header = table[0]
+    has_units = len(table) > 1 and table[1][0] == ""  # a row of units under the names, ID column empty
+    units = table[1] if has_units else [""] * len(header)
+    data = [r for r in table[1 + has_units:] if len(r) == len(header)]
+    labels = list(NCU_LAUNCHES[:len(data)]) + [f"launch {i}" for i in range(len(NCU_LAUNCHES), len(data))]
+    col = {name: i for i, name in enumerate(header)}
+    # the tensor pipes' utilisation, whatever this ncu calls them
+    tensor = [(name, name.replace("sm__", "").replace(".avg.pct_of_peak_sustained_active", " %")) for name in header
+              if "pipe_tensor" in name and name.endswith(".avg.pct_of_peak_sustained_active")]
+    lines = ["ncu (--clock-control none), bf16, T16384 D2048 F1408, balanced groups; one launch each", "",
+             "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    if "Kernel Name" in col:
+        lines.append("| kernel | " + " | ".join(r[col["Kernel Name"]][:32] for r in data) + " |")
+    for name, label in list(NCU_METRICS) + tensor:
+        if name in col:
+            unit = units[col[name]]
+            lines.append(f"| {label}{f' ({unit})' if unit and unit != '%' else ''} | "
+                         + " | ".join(r[col[name]] for r in data) + " |")
+    stalls = [(name, i) for name, i in col.items()
+              if name.startswith("smsp__average_warps_issue_stalled_") and name.endswith("_per_issue_active.ratio")]
+    lines += ["", "Largest stall reasons (warps stalled per issued instruction):", ""]
+    for label, r in zip(labels, data):
+        def value(i):
+            try:
+                return float(r[i].replace(",", ""))
+            except ValueError:
+                return 0.0
+        top = sorted(stalls, key=lambda s: -value(s[1]))[:3]
+        reasons = ", ".join(f"{n[len('smsp__average_warps_issue_stalled_'):-len('_per_issue_active.ratio')]} "
+                            f"{value(i):.2f}" for n, i in top)
+        lines.append(f"- {label}: {reasons or 'not in this report'}")
+    emit(lines, out)
 
 
 def main():
@@ -209,11 +352,18 @@ def main():
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--kernels", action="store_true",
                         help="time the Triton forward, dx and dw kernels apart against dense matmuls (one shape)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="launch each kernel once inside a profiler range (run under ncu --profile-from-start off)")
+    parser.add_argument("--ncu-summary", metavar="CSV", help="summarise ncu's raw CSV page of an --ncu run")
     args = parser.parse_args()
+    if args.ncu_summary:
+        return ncu_summary(args.ncu_summary, args.out)
     torch.manual_seed(0)
     if not torch.cuda.is_available():
         print("benchmarks/moe.py measures GPU kernels and needs a CUDA device; nothing to do here.")
         return
+    if args.ncu:
+        return ncu_launches()
     finished = args.kernels or gpu_grid(args)
     if finished and (args.kernels or args.quick):
         kernel_breakdown(args)

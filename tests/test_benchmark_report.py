@@ -60,3 +60,57 @@ def test_train_step_benchmark_runs_on_cpu(tmp_path):
     assert int(tokens) > 5 and float(step_ms) > 0 and float(issue_ms) > 0
     per_s = float(per_s.replace(",", ""))
     assert abs(per_s - int(tokens) / float(step_ms) * 1e3) <= 0.01 * per_s
+
+
+def _moe_benchmark():
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module("moe")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_moe_roofline_floors_each_kernel_by_its_flops_or_its_bytes():
+    """A kernel's floor is the larger of the dense matmul's time for its shape and its bytes over
+    the bandwidth; the three together add their floors and times."""
+    moe = _moe_benchmark()
+    t, d, f, e = 1000, 64, 32, 8
+    assert moe.kernel_bytes("dw", t, d, f, e, 2) == 2 * (t * d + t * f + e * d * f)
+    shape = "s"
+    rows = [(shape, 200, "fwd", "triton", 4e-3, 0.0), (shape, 200, "fwd", "dense", 1e-3, 0.0),
+            (shape, 200, "dw", "triton", 2e-3, 0.0), (shape, 200, "dw", "dense", 1e-3, 0.0)]
+    nbytes = moe.kernel_bytes("fwd", t, d, f, e, 2)
+    bandwidth = nbytes / 2e-3  # fwd's bytes take 2 ms: its floor is the byte floor, 2 ms of 4
+    lines = moe.roofline_lines(rows, {shape: (t, d, f, e)}, bandwidth)
+    table = {tuple(c.strip() for c in line.strip("|").split("|"))[1]: line for line in lines if line.startswith("| s |")}
+    assert set(table) == {"fwd", "dw", "the three"}
+    assert table["fwd"].rstrip().endswith("| 4.000 | 1.000 | 2.000 | 50% |")
+    assert table["dw"].rstrip().endswith("| 2.000 | 1.000 | 2.000 | 100% |")  # same bytes as fwd here
+    assert table["the three"].rstrip().endswith("| 6.000 | 2.000 | 4.000 | 67% |")
+
+
+def test_moe_ncu_summary_reads_a_raw_report(tmp_path):
+    """--ncu-summary turns ncu's raw CSV page (names, units, one row per launch) into a table of
+    the chosen metrics per launch, in the order --ncu launched them, and the largest stalls."""
+    moe = _moe_benchmark()
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+              "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+              "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
+    units = ["", "", "usecond", "%", "%", "ratio", "ratio"]
+    data = [[str(i), f"kernel_{i}", f"{100 + i}", f"{50 + i}", f"{30 + i}", f"{i}", f"{5 - i}"] for i in range(3)]
+    csv = tmp_path / "raw.csv"
+    csv.write_text("\n".join(",".join(f'"{c}"' for c in row) for row in [header, units] + data) + "\n")
+    out = tmp_path / "ncu.md"
+    run = subprocess.run([sys.executable, "moe.py", "--ncu-summary", str(csv), "--out", str(out)],
+                         cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = out.read_text()
+    assert "| metric | " + " | ".join(moe.NCU_LAUNCHES[:3]) + " |" in text
+    assert "| duration (usecond) | 100 | 101 | 102 |" in text
+    assert "| DRAM throughput % | 50 | 51 | 52 |" in text
+    assert "| pipe_tensor_op_gmma_cycles_active % | 30 | 31 | 32 |" in text
+    assert f"- {moe.NCU_LAUNCHES[0]}: barrier 5.00, long_scoreboard 0.00" in text
+    assert f"- {moe.NCU_LAUNCHES[2]}: barrier 3.00, long_scoreboard 2.00" in text
