@@ -207,7 +207,9 @@ def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]]
 def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
     group), next to the forward kernel, the three back to back, the same through grouped_mm and
-    autograd, and the dense matmul of each one's shape; the host time of the Triton paths."""
+    autograd, and the dense matmul of each one's shape; each kernel again with its weights (or
+    gradient) aliased to one expert's block, held in L2; the host time of the Triton paths and
+    the kernels' roofline."""
     import triton
     from generalist.kernels.triton import moe as K
 
@@ -232,6 +234,14 @@ def kernel_breakdown(args):
                          ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
                          # the three kernels back to back, as the autograd path launches them
                          ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
+            # the same kernels (and tuned configurations) with the E·D·F operand's memory traffic
+            # taken away: every expert reads expert 0's weights, or writes its gradient over one
+            # (D, F) block, which L2 holds; the time they save is what those bytes cost
+            one_w = w[:1].expand(e, d, f)
+            one_dw = torch.empty(1, d, f, dtype=dtype, device="cuda").expand(e, d, f)
+            providers.update({("fwd, weights in L2", "triton"): lambda: K._mm(x, one_w, gs),
+                              ("dx, weights in L2", "triton"): lambda: K._mm(dy, one_w.transpose(1, 2), gs),
+                              ("dw, gradient in L2", "triton"): lambda: K._dw(x, dy, gs, e, out=one_dw)})
             providers.update({(part, "dense"): fn for part, fn in dense.items()})
             providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
             # the same three kernels through the public function and autograd, as training runs them
@@ -241,7 +251,7 @@ def kernel_breakdown(args):
             for (part, name), fn in providers.items():
                 grads = (xg, wg) if part.startswith("autograd") else ()
                 sec = _bench_gpu(fn, grads)
-                record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (1 if part in dense else 3))
+                record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (3 if "+" in part else 1))
                 if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "

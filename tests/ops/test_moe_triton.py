@@ -137,6 +137,21 @@ def test_strided_inputs(gen):
     torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dw_into_a_strided_out(gen):
+    """_dw writes into a given (E, D, F) view of any strides, exactly what it returns otherwise
+    (empty groups' zeros included), and names what is wrong with an out that does not fit."""
+    from generalist.kernels.triton import moe as K
+
+    sizes, d, f = [9, 0, 40], 24, 40
+    x, _, gs = _inputs(gen, sizes, d, f)
+    dy = torch.randn(sum(sizes), f, generator=gen).to(DEVICE)
+    out = torch.full((len(sizes), f, d), float("nan"), device=DEVICE).transpose(1, 2)
+    assert K._dw(x, dy, gs, len(sizes), out=out) is out
+    assert torch.equal(out, K._dw(x, dy, gs, len(sizes)))
+    with pytest.raises(ValueError, match=r"out is torch.float32 \(3, 40, 24\)"):
+        K._dw(x, dy, gs, len(sizes), out=torch.empty(len(sizes), f, d, device=DEVICE))
+
+
 def test_opcheck(gen):
     x, w, gs = _inputs(gen, [3, 0, 5, 1], 16, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.generalist.grouped_mm.default, (x, w, gs, "triton"))

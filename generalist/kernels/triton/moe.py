@@ -329,11 +329,17 @@ def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Te
     return _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E), _dw(x_TD, dy_TF, sizes_E, e)
 
 
-def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int) -> torch.Tensor:
-    """dw (E, D, F), contiguous: dw[g] = x[rows of g]^T @ dy[rows of g], zeros for an empty group."""
+def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """dw (E, D, F), contiguous: dw[g] = x[rows of g]^T @ dy[rows of g], zeros for an empty group.
+    `out`, an (E, D, F) view of any strides, receives it instead (the MoE benchmark passes one
+    whose experts all alias one block, to time the kernel without its gradient's memory traffic)."""
     t, d = x_TD.shape
     f = dy_TF.shape[1]
-    dw_EDF = torch.empty((e, d, f), dtype=x_TD.dtype, device=x_TD.device)
+    if out is not None and (out.shape != (e, d, f) or out.device != x_TD.device or out.dtype != x_TD.dtype):
+        raise ValueError(f"triton grouped_mm dw: out is {out.dtype} {tuple(out.shape)} on {out.device}, expected "
+                         f"{x_TD.dtype} {(e, d, f)} on {x_TD.device}")
+    dw_EDF = torch.empty((e, d, f), dtype=x_TD.dtype, device=x_TD.device) if out is None else out
     if e == 0 or d == 0 or f == 0:
         return dw_EDF
     if t == 0:
