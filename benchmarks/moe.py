@@ -204,6 +204,38 @@ def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]]
     return lines
 
 
+def dw_candidates(x, dy, gs, e: int, lines: list[str]) -> None:
+    """Appends markdown lines to `lines` (as they are measured): the dw kernel timed under each of
+    its tuning candidates alone, as the tuner saw them (its table for this card, less what does
+    not fit its shared memory)."""
+    from generalist.kernels.triton import moe as K
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+    smem = triton_props()["max_shared_mem"]
+    tables = K._CONFIGS_16BIT[90 if arch >= 90 else 80]
+    table = list(tables["dw"])
+    fl = flops(x.shape[0], x.shape[1], dy.shape[1])
+    lines += ["", f"dw under each tuning candidate alone, E{e} (config: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages"
+             "[, programs per SM, TMA store]):", "", "| config | ms | TFLOP/s |", "|---|---|---|"]
+    try:
+        for config in K.configs_for("dw", 2, arch, smem):
+            tables["dw"] = [config]
+            K._autotuned.cache_clear()
+            sec = _bench_gpu(lambda: K._dw(x, dy, gs, e))
+            lines.append(f"| {config} | {sec * 1e3:.3f} | {fl / sec / 1e12:.0f} |")
+            print(lines[-1], flush=True)
+    finally:
+        tables["dw"] = table
+        K._autotuned.cache_clear()
+
+
+def triton_props() -> dict:
+    import triton
+
+    return triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+
+
 def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
     group), next to the forward kernel, the three back to back, the same through grouped_mm and
@@ -218,7 +250,7 @@ def kernel_breakdown(args):
     x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
     w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
     dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
-    rows, notes, dims = [], [], {}
+    rows, notes, dims, candidates = [], [], {}, []
     host = ["", "Triton, GPU time (do_bench) against host time per call (the calls' Python and launches, "
             "timed without waiting for the GPU): where the host's is the larger, the GPU waits on it.", "",
             "| shape | kernels | GPU ms | host ms |", "|---|---|---|---|"]
@@ -254,11 +286,13 @@ def kernel_breakdown(args):
                 record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (3 if "+" in part else 1))
                 if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
+            if e == 64 and skew == "balanced":
+                dw_candidates(x, dy, gs, e, candidates)
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
              "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
     roofline = roofline_lines(rows, dims, copy_bandwidth()) if not notes else []
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + notes, out,
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + candidates + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
 
 

@@ -137,6 +137,25 @@ def test_strided_inputs(gen):
     torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocks,dtype", [((32, 64, 32, 1, True), torch.float32), ((32, 64, 32, 1, True), torch.float16),
+                                          ((32, 64, 32, 3, True), torch.float32), ((32, 64, 32, 2, False), torch.float32)])
+@pytest.mark.parametrize("d,f", [(64, 72), (40, 72), (40, 111)])
+def test_persistent_dw_matches_float64(gen, monkeypatch, blocks, dtype, d, f):
+    """dw's persistent programs (INTERPRET_SMS x programs per SM of them, each taking several
+    tiles) against float64: through TMA stores where dw allows them ((64, 72): F ragged against
+    BLOCK_N, which TMA clips), with plain stores where BLOCK_M does not divide D (40) or rows are
+    not 16-byte multiples (111 columns), and without TMA at all."""
+    from generalist.kernels.triton import moe as K
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
+    monkeypatch.setitem(K._INTERPRET_BLOCKS, "dw", blocks)
+    sizes = [0, 37, 2, 0, 70]
+    x, w, gs = _inputs(gen, sizes, d, f, dtype)
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
 def test_dw_into_a_strided_out(gen):
     """_dw writes into a given (E, D, F) view of any strides, exactly what it returns otherwise
     (empty groups' zeros included), and names what is wrong with an out that does not fit."""
@@ -234,7 +253,7 @@ for launch, (name, unit) in LAUNCHES.items():
     for config in K.configs_for(name, elem, arch, 232448 if arch >= 90 else 166912):
         warps, stages = config[3:5]
         cx = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCKED_SUM=dtype == "fp32", BLOCK_E=64,
-                  BLOCK_M=config[0], BLOCK_N=config[1], BLOCK_K=config[2], **({"GROUP_M": 8} if name == "mm" else {}),
+                  **K._meta(name, config), **({"GROUP_M": 8} if name == "mm" else {"TMA_OK": True}),
                   **{a: 1 for a in unit})
         sig = {a: "constexpr" if a in cx else "*i64" if a == "SIZES" else f"*{dtype}" if a in POINTERS else "i32"
                for a in fn.arg_names}
@@ -247,7 +266,9 @@ for launch, (name, unit) in LAUNCHES.items():
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         # buffers of the software pipeline: the shared-memory tiles' leading dimension
         depth = max((int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", kernel.asm["ttgir"])), default=1)
-        print(launch, dtype, config, *[w for w in usage.split() if w.startswith(("REG", "STACK"))], f"DEPTH:{depth}")
+        tma = "TMA:" + str(int("async_tma_copy_local_to_global" in kernel.asm["ttgir"]))
+        print(launch, dtype, config, *[w for w in usage.split() if w.startswith(("REG", "STACK"))], f"DEPTH:{depth}",
+              tma, f"SMEM:{kernel.metadata.shared}")
 """
 
 
@@ -270,11 +291,19 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
     expected = sum(len(K.configs_for(k, elem, arch, smem)) for k in ("mm", "mm", "dw"))  # fwd, dx, dw
     assert len(lines) == expected, run.stdout
     for line in lines:
-        assert "STACK:0" in line.split(), f"register spills: {line}"
+        words = line.split()
+        assert "STACK:0" in words, f"register spills: {line}"
+        config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
+        # dw's TMA store candidates store through TMA (dw contiguous, 16-byte rows), the others not
+        assert f"TMA:{int(config[6:7] == (True,))}" in words, line
         if arch >= 90 and dtype != "fp32":
             # Hopper's tensor-core loops keep num_stages tiles in flight
-            stages = ast.literal_eval(line[line.index("("):line.index(")") + 1])[4]
-            assert f"DEPTH:{stages}" in line.split(), f"not pipelined {stages} deep: {line}"
+            assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"
+        if len(config) > 5 and config[5] > 1:
+            # several persistent programs per SM fit its registers and shared memory side by side
+            regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
+            assert config[5] * config[3] * 32 * regs <= 65536, f"registers for {config[5]} programs: {line}"
+            assert config[5] * (smem + 1024) <= 233472, f"shared memory for {config[5]} programs: {line}"
 
 
 @pytest.mark.gpu

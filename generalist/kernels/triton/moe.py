@@ -14,7 +14,11 @@ Kernels:
                       The forward is (x, w); dx is (dy, w^T) via strides.
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
                       BLOCK_N tile of F, expert), looping over the group's rows; an empty group
-                      writes zeros. E is grid axis 1, so at most 65535 experts.
+                      writes zeros. E is grid axis 1, so at most 65535 experts. Or persistent
+                      (configs with programs per SM): a grid of a few programs per multiprocessor
+                      striding over the tiles, optionally storing each through TMA (async, from
+                      shared memory, while the next tile is computed) where dw is contiguous
+                      with 16-byte rows; the tuner picks either kind.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
 products ("ieee"), not tf32, summed per BLOCK_K slice and then across slices (a sequential sum
 over a 1000-row group is several times less accurate than cuBLAS). No atomics: results are
@@ -105,27 +109,14 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
-def _grouped_dw_kernel(
-    X, DY, DW, SIZES,
-    T, D, F, E, t_bucket,
-    stride_xt, stride_xd, stride_yt, stride_yf, stride_we, stride_wd, stride_wf,
-    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # program -> (D tile, F tile, expert), the expert slowest so that neighbours share its rows in
-    # L2; BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over rows
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    num_n = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-
-    # the group's rows
-    offs_e = tl.arange(0, BLOCK_E)
-    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+def _dw_tile(X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F,
+             stride_xt, stride_xd, stride_yt, stride_yf,
+             DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw[g]'s (pid_m, pid_n) tile in fp32, and its D and F offsets: x[rows of g]^T @ dy[rows of
+    g] over BLOCK_K-row steps (zeros for an empty group)."""
     row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
     row_end = row_start + tl.sum(tl.where(offs_e == g, sizes, 0), 0)
-
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = row_start + tl.arange(0, BLOCK_K)
@@ -133,8 +124,6 @@ def _grouped_dw_kernel(
     f_ok = offs_f < F
     x_ptrs = X + offs_r.to(tl.int64)[None, :] * stride_xt + offs_d[:, None] * stride_xd
     dy_ptrs = DY + offs_r.to(tl.int64)[:, None] * stride_yt + offs_f[None, :] * stride_yf
-
-    # loop over the group's rows: acc += x_rows^T @ dy_rows (nothing for an empty group)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     zero = tl.where(T < 0, 1.0, 0.0)
     for r in range(row_start, row_end, BLOCK_K):
@@ -144,17 +133,72 @@ def _grouped_dw_kernel(
         acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
         x_ptrs += BLOCK_K * stride_xt
         dy_ptrs += BLOCK_K * stride_yt
+    return acc, offs_d, offs_f, d_ok, f_ok
 
+
+@triton.jit
+def _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf):
     dw_ptrs = DW + g.to(tl.int64) * stride_we + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    X, DY, DW, SIZES,
+    T, D, F, E, t_bucket,
+    stride_xt, stride_xd, stride_yt, stride_yf, stride_we, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, TMA_STORE: tl.constexpr,
+):
+    # BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over a group's rows
+    offs_e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    num_n = tl.cdiv(F, BLOCK_N)
+    if PROGRAMS_PER_SM == 0:
+        # one program per (D tile, F tile, expert), the expert slowest so that neighbours share
+        # its rows in L2
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
+            X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
+            DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
+    else:
+        # persistent: a few programs per multiprocessor, each taking every num_programs-th tile
+        # in (expert, D tile, F tile) order. With TMA_STORE (where the host found dw laid out for
+        # it, TMA_OK) a tile goes out through the tensor memory accelerator from shared memory,
+        # asynchronously, while the program computes its next tile.
+        per_expert = tl.cdiv(D, BLOCK_M) * num_n
+        if TMA_STORE and TMA_OK:
+            # dw as one (E*D, F) matrix: a tile stays inside its expert when BLOCK_M divides D
+            dw_desc = tl.make_tensor_descriptor(DW, shape=[E * D, F], strides=[stride_wd, 1],
+                                                block_shape=[BLOCK_M, BLOCK_N])
+        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
+            g = tile // per_expert
+            pid = tile % per_expert
+            pid_m = pid // num_n
+            pid_n = pid % num_n
+            acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
+                X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
+                DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+            if TMA_STORE and TMA_OK:
+                if D % BLOCK_M == 0:
+                    dw_desc.store([g * D + pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(DW.dtype.element_ty))
+                else:
+                    _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
+            else:
+                _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
 
 
 # --------------------------------------------------------------------------------------------
 # Configurations: autotuned on a GPU, one small fixed one under the interpreter
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). For "mm" BLOCK_M counts rows of a group
-# and BLOCK_N output columns; for "dw" they tile D and F and BLOCK_K steps over the group's rows.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA store]). For "mm"
+# BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
+# BLOCK_K steps over the group's rows, and the two optional entries (default 0, False) make dw
+# persistent: that many programs per multiprocessor, storing their tiles through TMA or not.
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -169,8 +213,14 @@ _CONFIGS_16BIT = {
                # for many short groups (64 experts of 256 rows: four 64-row steps per tile), where
                # the pipeline's fill and the tile's store are not hidden: fewer, longer row steps,
                # or shorter ones in a deeper pipeline (programs covering 4 experts each, one
-               # pipeline over their row steps, were tried and never chosen on an H100)
-               (128, 128, 128, 8, 2), (128, 128, 32, 4, 4)],
+               # pipeline over their row steps, were tried and never chosen on an H100) ...
+               (128, 128, 128, 8, 2), (128, 128, 32, 4, 4),
+               # ... or persistent programs, whose tile stores (E·D·F gradients: 369 MB at 64
+               # experts of 2048 x 1408) leave through TMA while the next tile is computed: one
+               # program per SM (128 KB, 208 KB of shared memory), or two (96 KB and at most 128
+               # registers a thread each); and one storing as the others do, to compare
+               (128, 128, 64, 8, 3, 1, True), (128, 256, 64, 8, 3, 1, True), (128, 128, 64, 8, 2, 2, True),
+               (128, 128, 32, 8, 4, 2, True), (128, 128, 64, 8, 3, 1, False)],
     },
     80: {
         "mm": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
@@ -182,21 +232,32 @@ _CONFIGS_FP32 = {
     "dw": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
 }
 # Under the interpreter: small blocks (fast on a CPU, several tiles per test group), rectangular
-# so that a transposed index mix-up shows.
+# so that a transposed index mix-up shows; dw's persistent programs are tested by swapping in
+# (32, 64, 32, programs per SM, TMA store), with INTERPRET_SMS multiprocessors.
 _INTERPRET_BLOCKS = {"mm": (32, 64, 32), "dw": (32, 64, 32)}
+INTERPRET_SMS = 2
 _TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
 def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None = None) -> list[tuple[int, ...]]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one kernel, operand width
-    in bytes and architecture (90: Hopper and newer, 80: older), less those needing more shared
-    memory than `smem_limit` (but never none)."""
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA store])
+    for one kernel, operand width in bytes and architecture (90: Hopper and newer, 80: older),
+    less those needing more shared memory than `smem_limit` (but never none)."""
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
     if smem_limit is None:
         return list(table)
-    smem = lambda c: (c[0] + c[1]) * c[2] * c[4] * elem  # a and b tiles, num_stages deep
+    # a and b tiles, num_stages deep, and a TMA store's staging tile
+    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] if c[6:7] == (True,) else 0)) * elem
     return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
+
+
+def _meta(kernel: str, config: tuple) -> dict:
+    """A config tuple's constexprs (for dw, the persistent ones too: 0 and False when absent)."""
+    meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
+    if kernel == "dw":
+        meta.update(PROGRAMS_PER_SM=config[5] if len(config) > 5 else 0, TMA_STORE=bool(config[6:7] == (True,)))
+    return meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,8 +271,7 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
     table = configs_for(kernel, elem, arch, props["max_shared_mem"])
     if not tune:
         table = table[:1]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in table]
+    configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4]) for c in table]
     return tuned_launcher(_KERNELS[kernel], configs, _TUNE_KEYS[kernel])
 
 
@@ -228,12 +288,46 @@ def _use_interpreter_blocks() -> bool:
 def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **constexprs):
     """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU."""
     if _use_interpreter_blocks():
-        bm, bn, bk = _INTERPRET_BLOCKS[kernel]
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        blocks = _INTERPRET_BLOCKS[kernel]
+        meta = _meta(kernel, blocks[:3] + (0, 0) + blocks[3:])
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
     tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
-    _autotuned(kernel, elem, device.index, tune)[grid_of](*args, **constexprs)
+    with _scratch_allocator(kernel):
+        _autotuned(kernel, elem, device.index, tune)[grid_of](*args, **constexprs)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _scratch_allocator(kernel: str):
+    """dw's TMA stores build their descriptor in global memory, which Triton asks an allocator
+    for at launch: a torch one unless the caller has set an allocator of their own."""
+    from triton.runtime import _allocation
+
+    if kernel != "dw" or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: int) -> bool:
+    """Hopper and newer (the interpreter emulates TMA)."""
+    return _use_interpreter_blocks() or (torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: int) -> int:
+    if _use_interpreter_blocks():
+        return INTERPRET_SMS
+    return triton.runtime.driver.active.utils.get_device_properties(device)["multiprocessor_count"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,14 +438,25 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
         return dw_EDF
     if t == 0:
         return dw_EDF.zero_()
+    sms = _multiprocessors(x_TD.device.index if x_TD.is_cuda else -1)
+
+    def grid(meta):
+        tiles = cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"])
+        if meta["PROGRAMS_PER_SM"]:
+            return (min(tiles * e, sms * meta["PROGRAMS_PER_SM"]),)
+        return (tiles, e)
+
+    # a TMA store needs dw as one (E*D, F) matrix of unit column stride, 16-byte aligned rows
+    elem = dw_EDF.element_size()
+    tma_ok = (_has_tma(x_TD.device.index if x_TD.is_cuda else -1) and dw_EDF.stride(2) == 1 and dw_EDF.stride(0) == d * dw_EDF.stride(1)
+              and dw_EDF.stride(1) * elem % 16 == 0 and dw_EDF.data_ptr() % 16 == 0)
     with _on_device(x_TD):
         _launch(
-            "dw", lambda meta: (cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"]), e),
-            x_TD.device, x_TD.element_size(),
+            "dw", grid, x_TD.device, x_TD.element_size(),
             x_TD, dy_TF, dw_EDF, sizes_E, t, d, f, e, _t_bucket(t),
             x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
             dw_EDF.stride(0), dw_EDF.stride(1), dw_EDF.stride(2),
             DOT_PRECISION=_dot_precision(x_TD.dtype), BLOCKED_SUM=x_TD.dtype == torch.float32,
-            BLOCK_E=_block_e(e),
+            BLOCK_E=_block_e(e), TMA_OK=tma_ok,
         )
     return dw_EDF
