@@ -268,7 +268,8 @@ def kernel_breakdown(args):
                          ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
             # the same kernels (and tuned configurations) with the E·D·F operand's memory traffic
             # taken away: every expert reads expert 0's weights, or writes its gradient over one
-            # (D, F) block, which L2 holds; the time they save is what those bytes cost
+            # (D, F) block, which L2 holds; the time they save is what those bytes cost (a dw
+            # configuration with TMA stores stores plainly there: the aliased view is no matrix)
             one_w = w[:1].expand(e, d, f)
             one_dw = torch.empty(1, d, f, dtype=dtype, device="cuda").expand(e, d, f)
             providers.update({("fwd, weights in L2", "triton"): lambda: K._mm(x, one_w, gs),
