@@ -345,6 +345,35 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_persistent_dw_stores_through_tma(gen, monkeypatch):
+    """Where dw's TMA store runs (Hopper, bf16, BLOCK_M dividing D, 16-byte rows; F ragged
+    against BLOCK_N, which TMA clips), each persistent configuration gives the right gradient,
+    empty groups' zeros included; the poisoned output shows any tile it did not write."""
+    from generalist.kernels.triton import moe as K
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA stores need Hopper or newer")
+    table = list(K._CONFIGS_16BIT[90]["dw"])
+    persistent = [c for c in table if len(c) > 5]
+    assert any(c[6] for c in persistent)
+    sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
+    x, _, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    want = grouped_mm_bwd(dy.double(), x.double(), torch.zeros(len(sizes), d, f, dtype=torch.float64, device="cuda"),
+                          gs, "reference")[1]
+    for config in persistent:
+        monkeypatch.setitem(K._CONFIGS_16BIT[90], "dw", [config])
+        K._autotuned.cache_clear()
+        out = torch.full((len(sizes), d, f), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = K._dw(x, dy, gs, len(sizes), out=out).double()
+        assert torch.isfinite(got).all(), config
+        err = (got - want).abs().max().item()
+        assert err <= 2e-2 * want.abs().max().item(), (config, err)
+        assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[3], torch.zeros_like(got[3]))
+    K._autotuned.cache_clear()
+
+
+@pytest.mark.gpu
 def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
     """A first call with a new tuning key compiles every candidate (on a thread pool) before the
     tuner times them, and the tuned result is right."""
