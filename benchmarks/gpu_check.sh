@@ -95,9 +95,10 @@ run_ncu() {
   [ -n "$NCU_BIN" ] || { step "ncu: skipped (no ncu found)"; return; }
   timeout -k 15 "$(limit "${T_NCU:-120}")" "$NCU_BIN" --profile-from-start off --clock-control none -f -o "$OUT/ncu-moe" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis $PY benchmarks/moe.py --ncu >"$OUT/ncu-moe.log" 2>&1
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+    $PY benchmarks/moe.py --ncu >"$OUT/ncu-moe.log" 2>&1
   local code=$?
-  if [ -f "$OUT/ncu-moe.ncu-rep" ] && "$NCU_BIN" --import "$OUT/ncu-moe.ncu-rep" --csv --page raw >"$OUT/ncu-moe.csv" \
+  if [ -f "$OUT/ncu-moe.ncu-rep" ] && "$NCU_BIN" --import "$OUT/ncu-moe.ncu-rep" --csv --page raw --print-units base >"$OUT/ncu-moe.csv" \
        2>>"$OUT/ncu-moe.log" && $PY benchmarks/moe.py --ncu-summary "$OUT/ncu-moe.csv" --out "$OUT/ncu-moe.md" \
        >>"$OUT/ncu-moe.log" 2>&1; then
     step "ncu: exit $code; MoE kernels profiled (ncu-moe.md)"

@@ -355,9 +355,11 @@ def ncu_summary(path: str, out: str | None) -> None:
 
     with open(path, newline="") as fh:
         table = [r for r in csv.reader(fh) if r]
-    if not table:
-        raise SystemExit(f"{path}: empty; did ncu profile anything?")
-    header = table[0]
+    # the header is the row that starts with "ID" (ncu may print warnings before it)
+    first = next((i for i, r in enumerate(table) if r[0] == "ID"), None)
+    if first is None:
+        raise SystemExit(f"{path}: no ncu raw page in it (no row starting with \"ID\"); did ncu profile anything?")
+    header, table = table[first], table[first:]
     has_units = len(table) > 1 and table[1][0] == ""  # a row of units under the names, ID column empty
     units = table[1] if has_units else [""] * len(header)
     data = [r for r in table[1 + has_units:] if len(r) == len(header)]
@@ -370,6 +372,8 @@ def ncu_summary(path: str, out: str | None) -> None:
              "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     if "Kernel Name" in col:
         lines.append("| kernel | " + " | ".join(r[col["Kernel Name"]][:32] for r in data) + " |")
+    if not data or not any(name in col for name, _ in NCU_METRICS):
+        raise SystemExit(f"{path}: {len(data)} launches and none of the expected metrics in the header")
     for name, label in list(NCU_METRICS) + tensor:
         if name in col:
             unit = units[col[name]]

@@ -102,7 +102,8 @@ def test_moe_ncu_summary_reads_a_raw_report(tmp_path):
     units = ["", "", "usecond", "%", "%", "ratio", "ratio"]
     data = [[str(i), f"kernel_{i}", f"{100 + i}", f"{50 + i}", f"{30 + i}", f"{i}", f"{5 - i}"] for i in range(3)]
     csv = tmp_path / "raw.csv"
-    csv.write_text("\n".join(",".join(f'"{c}"' for c in row) for row in [header, units] + data) + "\n")
+    warning = "==WARNING== a line ncu may print before the table"
+    csv.write_text(warning + "\n" + "\n".join(",".join(f'"{c}"' for c in row) for row in [header, units] + data) + "\n")
     out = tmp_path / "ncu.md"
     run = subprocess.run([sys.executable, "moe.py", "--ncu-summary", str(csv), "--out", str(out)],
                          cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120)
@@ -114,3 +115,9 @@ def test_moe_ncu_summary_reads_a_raw_report(tmp_path):
     assert "| pipe_tensor_op_gmma_cycles_active % | 30 | 31 | 32 |" in text
     assert f"- {moe.NCU_LAUNCHES[0]}: barrier 5.00, long_scoreboard 0.00" in text
     assert f"- {moe.NCU_LAUNCHES[2]}: barrier 3.00, long_scoreboard 2.00" in text
+    # a file with no raw page, or none of the metrics, is an error (gpu_check then says so)
+    for bad in ("==PROF== nothing profiled\n", '"ID","Kernel Name"\n"","",\n"0","k"\n'):
+        csv.write_text(bad)
+        run = subprocess.run([sys.executable, "moe.py", "--ncu-summary", str(csv)],
+                             cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and str(csv) in run.stderr, run.stderr[-2000:]

@@ -150,10 +150,40 @@ def test_persistent_dw_matches_float64(gen, monkeypatch, blocks, dtype, d, f):
     if DEVICE == "cuda":
         pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
     monkeypatch.setitem(K._INTERPRET_BLOCKS, "dw", blocks)
-    sizes = [0, 37, 2, 0, 70]
+    sizes = [0, 37, 2, 5, 70]  # (a tile run over the end of its expert would show in the next one's rows)
     x, w, gs = _inputs(gen, sizes, d, f, dtype)
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
+def test_tma_storable_layouts():
+    """dw goes out through TMA only as one contiguous-rowed (E*D, F) matrix of 16-byte rows."""
+    from generalist.kernels.triton.moe import tma_storable
+
+    assert tma_storable(torch.empty(3, 40, 72))  # fp32: 288-byte rows
+    assert tma_storable(torch.empty(3, 40, 72, dtype=torch.float16))
+    assert tma_storable(torch.empty(3, 40, 80)[:, :, :72])  # padded rows: still one (E*D, F) matrix
+    assert not tma_storable(torch.empty(3, 40, 111))  # 444-byte rows
+    assert not tma_storable(torch.empty(3, 40, 76, dtype=torch.float16))  # 152-byte rows
+    assert not tma_storable(torch.empty(3, 72, 40).transpose(1, 2))  # column stride 72
+    assert not tma_storable(torch.empty(3, 48, 72)[:, :40])  # experts apart by more than D rows
+    assert not tma_storable(torch.empty(1, 40, 72).expand(3, 40, 72))  # experts aliased
+    assert not tma_storable(torch.empty(40, 1).expand(40, 72).unsqueeze(0).expand(3, 40, 72))
+    assert not tma_storable(torch.empty(3 * 40 * 72 + 1)[1:].view(3, 40, 72))  # 4-byte aligned base
+
+
+def test_dw_asks_for_tma_stores_where_dw_allows(gen, monkeypatch):
+    """_dw launches with TMA_OK where its output is TMA-storable (and the device has TMA)."""
+    from generalist.kernels.triton import moe as K
+
+    seen, launch = [], K._launch
+    monkeypatch.setattr(K, "_launch", lambda kernel, *a, **kw: (seen.append(kw.get("TMA_OK")), launch(kernel, *a, **kw)))
+    sizes = [3, 0, 9]
+    for f in (72, 111):
+        x, _, gs = _inputs(gen, sizes, 40, f)
+        K._dw(x, torch.randn(sum(sizes), f, generator=gen).to(DEVICE), gs, len(sizes))
+    has_tma = K._has_tma(torch.cuda.current_device() if DEVICE == "cuda" else -1)
+    assert seen == [has_tma, False]
 
 
 def test_dw_into_a_strided_out(gen):

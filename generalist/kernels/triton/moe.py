@@ -236,7 +236,7 @@ _CONFIGS_FP32 = {
 # (32, 64, 32, programs per SM, TMA store), with INTERPRET_SMS multiprocessors.
 _INTERPRET_BLOCKS = {"mm": (32, 64, 32), "dw": (32, 64, 32)}
 INTERPRET_SMS = 2
-_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket"]}
+_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket", "TMA_OK"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
@@ -315,6 +315,16 @@ def _scratch_allocator(kernel: str):
         yield
     finally:
         _allocation._allocator.reset(token)
+
+
+def tma_storable(dw_EDF: torch.Tensor) -> bool:
+    """Whether dw's TMA store can write this (E, D, F) tensor: one (E*D, F) matrix (experts one
+    after another, rows apart, unit column stride), 16-byte aligned with 16-byte rows, and
+    E*D within int32 (the descriptor's row count and coordinates)."""
+    e, d, f = dw_EDF.shape
+    s_e, s_d, s_f = dw_EDF.stride()
+    return (s_f == 1 and s_d >= f and s_e == d * s_d and s_d * dw_EDF.element_size() % 16 == 0
+            and dw_EDF.data_ptr() % 16 == 0 and e * d < 2**31)
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,10 +456,7 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
             return (min(tiles * e, sms * meta["PROGRAMS_PER_SM"]),)
         return (tiles, e)
 
-    # a TMA store needs dw as one (E*D, F) matrix of unit column stride, 16-byte aligned rows
-    elem = dw_EDF.element_size()
-    tma_ok = (_has_tma(x_TD.device.index if x_TD.is_cuda else -1) and dw_EDF.stride(2) == 1 and dw_EDF.stride(0) == d * dw_EDF.stride(1)
-              and dw_EDF.stride(1) * elem % 16 == 0 and dw_EDF.data_ptr() % 16 == 0)
+    tma_ok = _has_tma(x_TD.device.index if x_TD.is_cuda else -1) and tma_storable(dw_EDF)
     with _on_device(x_TD):
         _launch(
             "dw", grid, x_TD.device, x_TD.element_size(),
