@@ -186,6 +186,41 @@ def test_dw_asks_for_tma_stores_where_dw_allows(gen, monkeypatch):
     assert seen == [has_tma, False]
 
 
+def test_dw_launches_with_a_scratch_allocator_and_leaves_the_callers(monkeypatch):
+    """On a GPU, dw's launch (whose TMA stores want global scratch) runs with a torch allocator
+    set, then the previous one back; mm's launch leaves it alone; an allocator the caller set is
+    the one dw's launch uses. (The launch itself is a stand-in here.)"""
+    import triton
+    from triton.runtime import _allocation
+
+    from generalist.kernels.triton import moe as K
+
+    seen, before = [], _allocation._allocator.get()
+    if before is not _allocation._NULL_ALLOCATOR:
+        pytest.skip("an allocator is set in this process already")
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(_allocation._allocator.get())
+
+    monkeypatch.setattr(K, "_use_interpreter_blocks", lambda: False)
+    monkeypatch.setattr(K, "_autotuned", lambda *a: Launcher())
+    K._launch("dw", None, torch.device("cpu"), 2)
+    K._launch("mm", None, torch.device("cpu"), 2)
+    assert seen == [K._torch_scratch, _allocation._NULL_ALLOCATOR]
+    assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    triton.set_allocator(mine)
+    try:
+        K._launch("dw", None, torch.device("cpu"), 2)
+        assert seen[-1] is mine and _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.set(before)
+
+
 def test_dw_into_a_strided_out(gen):
     """_dw writes into a given (E, D, F) view of any strides, exactly what it returns otherwise
     (empty groups' zeros included), and names what is wrong with an out that does not fit."""

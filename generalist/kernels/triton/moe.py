@@ -39,6 +39,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from generalist.kernels.triton.common import cdiv, dot_acc, next_power_of_2, tuned_launcher
 
@@ -293,28 +294,20 @@ def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **cons
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
     tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
-    with _scratch_allocator(kernel):
-        _autotuned(kernel, elem, device.index, tune)[grid_of](*args, **constexprs)
+    launcher = _autotuned(kernel, elem, device.index, tune)
+    # dw's TMA stores build their descriptor in global memory, which Triton asks an allocator for
+    # at launch: a torch one for this launch, unless the caller has set an allocator of their own
+    token = (_allocation._allocator.set(_torch_scratch)
+             if kernel == "dw" and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR else None)
+    try:
+        launcher[grid_of](*args, **constexprs)
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
 
 
 def _torch_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-@contextlib.contextmanager
-def _scratch_allocator(kernel: str):
-    """dw's TMA stores build their descriptor in global memory, which Triton asks an allocator
-    for at launch: a torch one unless the caller has set an allocator of their own."""
-    from triton.runtime import _allocation
-
-    if kernel != "dw" or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
-        yield
-        return
-    token = _allocation._allocator.set(_torch_scratch)
-    try:
-        yield
-    finally:
-        _allocation._allocator.reset(token)
 
 
 def tma_storable(dw_EDF: torch.Tensor) -> bool:
