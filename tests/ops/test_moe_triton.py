@@ -137,14 +137,16 @@ def test_strided_inputs(gen):
     torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("blocks,dtype", [((32, 64, 32, 1, True), torch.float32), ((32, 64, 32, 1, True), torch.float16),
-                                          ((32, 64, 32, 3, True), torch.float32), ((32, 64, 32, 2, False), torch.float32)])
+@pytest.mark.parametrize("blocks,dtype", [((32, 64, 32, 1, 1), torch.float32), ((32, 64, 32, 1, 1), torch.float16),
+                                          ((32, 64, 32, 3, 1), torch.float32), ((32, 64, 32, 2, 2), torch.float32),
+                                          ((32, 64, 32, 2, 0), torch.float32)])
 @pytest.mark.parametrize("d,f", [(64, 72), (40, 72), (40, 111)])
 def test_persistent_dw_matches_float64(gen, monkeypatch, blocks, dtype, d, f):
     """dw's persistent programs (INTERPRET_SMS x programs per SM of them, each taking several
-    tiles) against float64: through TMA stores where dw allows them ((64, 72): F ragged against
-    BLOCK_N, which TMA clips), with plain stores where BLOCK_M does not divide D (40) or rows are
-    not 16-byte multiples (111 columns), and without TMA at all."""
+    tiles) against float64: through TMA stores, whole or in column halves, where dw allows them
+    ((64, 72): F ragged against BLOCK_N, which TMA clips; the right half of the last column tile
+    lies wholly past F), with plain stores where BLOCK_M does not divide D (40) or rows are not
+    16-byte multiples (111 columns), and without TMA at all."""
     from generalist.kernels.triton import moe as K
 
     if DEVICE == "cuda":
@@ -325,7 +327,8 @@ for launch, (name, unit) in LAUNCHES.items():
         aligned = POINTERS + ("SIZES", "K", "N", "D", "F") + tuple(a for a in fn.arg_names if a.startswith("stride"))
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned and a not in cx}
         kernel = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": warps, "num_stages": stages})
+                                options={"num_warps": warps, "num_stages": stages,
+                                         **({"maxnreg": K.maxnreg(config)} if K.maxnreg(config) else {})})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"]); f.flush()
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
@@ -360,7 +363,7 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
         assert "STACK:0" in words, f"register spills: {line}"
         config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
         # dw's TMA store candidates store through TMA (dw contiguous, 16-byte rows), the others not
-        assert f"TMA:{int(config[6:7] == (True,))}" in words, line
+        assert f"TMA:{int(config[6:7] > (0,))}" in words, line
         if arch >= 90 and dtype != "fp32":
             # Hopper's tensor-core loops keep num_stages tiles in flight
             assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"

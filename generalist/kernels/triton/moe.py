@@ -169,12 +169,13 @@ def _grouped_dw_kernel(
         # persistent: a few programs per multiprocessor, each taking every num_programs-th tile
         # in (expert, D tile, F tile) order. With TMA_STORE (where the host found dw laid out for
         # it, TMA_OK) a tile goes out through the tensor memory accelerator from shared memory,
-        # asynchronously, while the program computes its next tile.
+        # asynchronously, while the program computes its next tile: whole (1), or as two column
+        # halves (2), which halves the staging tile's shared memory.
         per_expert = tl.cdiv(D, BLOCK_M) * num_n
-        if TMA_STORE and TMA_OK:
+        if TMA_STORE > 0 and TMA_OK:
             # dw as one (E*D, F) matrix: a tile stays inside its expert when BLOCK_M divides D
             dw_desc = tl.make_tensor_descriptor(DW, shape=[E * D, F], strides=[stride_wd, 1],
-                                                block_shape=[BLOCK_M, BLOCK_N])
+                                                block_shape=[BLOCK_M, BLOCK_N // TMA_STORE])
         for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
             g = tile // per_expert
             pid = tile % per_expert
@@ -183,9 +184,15 @@ def _grouped_dw_kernel(
             acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
                 X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
                 DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-            if TMA_STORE and TMA_OK:
+            if TMA_STORE > 0 and TMA_OK:
                 if D % BLOCK_M == 0:
-                    dw_desc.store([g * D + pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(DW.dtype.element_ty))
+                    row = g * D + pid_m * BLOCK_M
+                    if TMA_STORE == 2:
+                        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                        dw_desc.store([row, pid_n * BLOCK_N], left.to(DW.dtype.element_ty))
+                        dw_desc.store([row, pid_n * BLOCK_N + BLOCK_N // 2], right.to(DW.dtype.element_ty))
+                    else:
+                        dw_desc.store([row, pid_n * BLOCK_N], acc.to(DW.dtype.element_ty))
                 else:
                     _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
             else:
@@ -198,8 +205,10 @@ def _grouped_dw_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA store]). For "mm"
 # BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
-# BLOCK_K steps over the group's rows, and the two optional entries (default 0, False) make dw
-# persistent: that many programs per multiprocessor, storing their tiles through TMA or not.
+# BLOCK_K steps over the group's rows, and the two optional entries (default 0, 0) make dw
+# persistent: that many programs per multiprocessor (their registers capped so that they fit
+# side by side, `maxnreg`), storing their tiles plainly (0) or through TMA, whole (1) or as two
+# column halves (2).
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -218,10 +227,11 @@ _CONFIGS_16BIT = {
                (128, 128, 128, 8, 2), (128, 128, 32, 4, 4),
                # ... or persistent programs, whose tile stores (E·D·F gradients: 369 MB at 64
                # experts of 2048 x 1408) leave through TMA while the next tile is computed: one
-               # program per SM (128 KB, 208 KB of shared memory), or two (96 KB and at most 128
-               # registers a thread each); and one storing as the others do, to compare
-               (128, 128, 64, 8, 3, 1, True), (128, 256, 64, 8, 3, 1, True), (128, 128, 64, 8, 2, 2, True),
-               (128, 128, 32, 8, 4, 2, True), (128, 128, 64, 8, 3, 1, False)],
+               # program per SM (128 KB, 208 KB of shared memory), or two (96 KB, or 112 KB with
+               # the store in halves, and at most 128 registers a thread each); and one storing as
+               # the others do, to compare
+               (128, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1), (128, 128, 64, 8, 2, 2, 1),
+               (128, 128, 32, 8, 4, 2, 1), (128, 128, 64, 8, 3, 2, 2), (128, 128, 64, 8, 3, 1, 0)],
     },
     80: {
         "mm": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
@@ -249,16 +259,25 @@ def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None =
     if smem_limit is None:
         return list(table)
     # a and b tiles, num_stages deep, and a TMA store's staging tile
-    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] if c[6:7] == (True,) else 0)) * elem
+    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] // c[6] if c[6:7] > (0,) else 0)) * elem
     return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
 
 
 def _meta(kernel: str, config: tuple) -> dict:
-    """A config tuple's constexprs (for dw, the persistent ones too: 0 and False when absent)."""
+    """A config tuple's constexprs (for dw, the persistent ones too: 0 when absent)."""
     meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
     if kernel == "dw":
-        meta.update(PROGRAMS_PER_SM=config[5] if len(config) > 5 else 0, TMA_STORE=bool(config[6:7] == (True,)))
+        meta.update(PROGRAMS_PER_SM=config[5] if len(config) > 5 else 0, TMA_STORE=config[6] if len(config) > 6 else 0)
     return meta
+
+
+def maxnreg(config: tuple) -> int | None:
+    """The register cap that lets a persistent config's programs per SM run side by side (the
+    65,536 registers of an SM shared among them), or None (the compiler's choice)."""
+    programs = config[5] if len(config) > 5 else 0
+    if programs < 2:
+        return None
+    return min(255, 65536 // (programs * config[3] * 32) // 8 * 8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,7 +291,7 @@ def _autotuned(kernel: str, elem: int, device: int, tune: bool):
     table = configs_for(kernel, elem, arch, props["max_shared_mem"])
     if not tune:
         table = table[:1]
-    configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4]) for c in table]
+    configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4], maxnreg=maxnreg(c)) for c in table]
     return tuned_launcher(_KERNELS[kernel], configs, _TUNE_KEYS[kernel])
 
 
