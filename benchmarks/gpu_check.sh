@@ -19,7 +19,8 @@
 # device-independent op tests on CUDA, for about two minutes of the benchmarks' time). BUILD=0
 # uses the extension already built; DIAGNOSE=1 investigates a crash of the C++ error check (a
 # backtrace, a minimal extension). The "benchmark" ncu (second by default, when ncu is installed)
-# reads the hardware counters of one launch of each MoE kernel at 64 experts (ncu-moe.md).
+# reads the hardware counters of one launch of each MoE kernel at 64 experts, dw also under its first
+# configuration (ncu-moe.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}

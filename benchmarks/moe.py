@@ -24,6 +24,7 @@ gradient) are as many bytes as the FLOPs can hide. Benchmarks never assert.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -298,7 +299,7 @@ def kernel_breakdown(args):
 
 
 # What `--ncu` launches inside the profiled range, in order (the report's rows come in this order)
-NCU_LAUNCHES = ("E64 fwd", "E64 dx", "E64 dw", "E8 dw", "dense fwd", "dense dw")
+NCU_LAUNCHES = ("E64 fwd", "E64 dx", "E64 dw", "E64 dw, first config", "E8 dw", "dense fwd", "dense dw")
 # Columns of ncu's raw page shown by --ncu-summary (where present: names differ across ncu versions)
 NCU_METRICS = (
     ("gpu__time_duration.sum", "duration"),
@@ -318,6 +319,19 @@ NCU_METRICS = (
 )
 
 
+def untuned(fn):
+    """fn() with the kernels' tuning off (each table's first configuration)."""
+    before = os.environ.get("GENERALIST_TRITON_AUTOTUNE")
+    os.environ["GENERALIST_TRITON_AUTOTUNE"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["GENERALIST_TRITON_AUTOTUNE"]
+        else:
+            os.environ["GENERALIST_TRITON_AUTOTUNE"] = before
+
+
 def ncu_launches():
     """One launch of each kernel of NCU_LAUNCHES between cudaProfilerStart and Stop, after each
     has been tuned and warmed up outside that range: run under ncu --profile-from-start off."""
@@ -334,6 +348,8 @@ def ncu_launches():
         if e == 64:
             launches += [lambda w=w, gs=gs: K._mm(x, w, gs), lambda w=w, gs=gs: K._mm(dy, w.transpose(1, 2), gs)]
         launches.append(lambda gs=gs, e=e: K._dw(x, dy, gs, e))
+        if e == 64:  # dw under its table's first entry (a program per tile), next to the tuner's choice
+            launches.append(lambda gs=gs: untuned(lambda: K._dw(x, dy, gs, 64)))
     launches += [lambda: x @ w_dense, lambda: x.T @ dy]
     assert len(launches) == len(NCU_LAUNCHES)
     for fn in launches:  # tune and warm up, unprofiled
