@@ -172,7 +172,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / sec
 
 
-def kernel_bytes(part: str, t: int, d: int, f: int, e: int, elem: int) -> int:
+def kernel_bytes(t: int, d: int, f: int, e: int, elem: int) -> int:
     """Fewest bytes a kernel moves: each input read once, its output written once. The weights (or
     their gradient) are E·D·F whatever the grouping; the dense matmul's are D·F."""
     rows = (t * d + t * f) * elem  # x and y (fwd), dy and dx (dx), x and dy (dw)
@@ -192,7 +192,7 @@ def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]]
             if (shape, part, "triton") not in times or (shape, part, "dense") not in times:
                 continue
             sec, flop_floor = times[(shape, part, "triton")], times[(shape, part, "dense")]
-            nbytes = kernel_bytes(part, t, d, f, e, 2)
+            nbytes = kernel_bytes(t, d, f, e, 2)
             byte_floor = nbytes / bandwidth
             floor = max(flop_floor, byte_floor)
             for key, v in zip(total, (sec, flop_floor, byte_floor, floor, nbytes / 1e6)):

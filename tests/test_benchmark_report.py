@@ -77,11 +77,11 @@ def test_moe_roofline_floors_each_kernel_by_its_flops_or_its_bytes():
     the bandwidth; the three together add their floors and times."""
     moe = _moe_benchmark()
     t, d, f, e = 1000, 64, 32, 8
-    assert moe.kernel_bytes("dw", t, d, f, e, 2) == 2 * (t * d + t * f + e * d * f)
+    assert moe.kernel_bytes(t, d, f, e, 2) == 2 * (t * d + t * f + e * d * f)
     shape = "s"
     rows = [(shape, 200, "fwd", "triton", 4e-3, 0.0), (shape, 200, "fwd", "dense", 1e-3, 0.0),
             (shape, 200, "dw", "triton", 2e-3, 0.0), (shape, 200, "dw", "dense", 1e-3, 0.0)]
-    nbytes = moe.kernel_bytes("fwd", t, d, f, e, 2)
+    nbytes = moe.kernel_bytes(t, d, f, e, 2)
     bandwidth = nbytes / 2e-3  # fwd's bytes take 2 ms: its floor is the byte floor, 2 ms of 4
     lines = moe.roofline_lines(rows, {shape: (t, d, f, e)}, bandwidth)
     table = {tuple(c.strip() for c in line.strip("|").split("|"))[1]: line for line in lines if line.startswith("| s |")}

@@ -234,8 +234,10 @@ def test_dw_into_a_strided_out(gen):
     out = torch.full((len(sizes), f, d), float("nan"), device=DEVICE).transpose(1, 2)
     assert K._dw(x, dy, gs, len(sizes), out=out) is out
     assert torch.equal(out, K._dw(x, dy, gs, len(sizes)))
-    with pytest.raises(ValueError, match=r"out is torch.float32 \(3, 40, 24\)"):
+    with pytest.raises(ValueError, match=r"out has shape \(3, 40, 24\), expected \(3, 24, 40\)"):
         K._dw(x, dy, gs, len(sizes), out=torch.empty(len(sizes), f, d, device=DEVICE))
+    with pytest.raises(ValueError, match="out has dtype torch.float16"):
+        K._dw(x, dy, gs, len(sizes), out=torch.empty(len(sizes), d, f, dtype=torch.float16, device=DEVICE))
 
 
 def test_opcheck(gen):
@@ -363,15 +365,16 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
         assert "STACK:0" in words, f"register spills: {line}"
         config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
         # dw's TMA store candidates store through TMA (dw contiguous, 16-byte rows), the others not
-        assert f"TMA:{int(config[6:7] > (0,))}" in words, line
+        programs, tma = K.persistence(config)
+        assert f"TMA:{int(tma > 0)}" in words, line
         if arch >= 90 and dtype != "fp32":
             # Hopper's tensor-core loops keep num_stages tiles in flight
             assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"
-        if len(config) > 5 and config[5] > 1:
+        if programs > 1:
             # several persistent programs per SM fit its registers and shared memory side by side
             regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
-            assert config[5] * config[3] * 32 * regs <= 65536, f"registers for {config[5]} programs: {line}"
-            assert config[5] * (smem + 1024) <= 233472, f"shared memory for {config[5]} programs: {line}"
+            assert programs * config[3] * 32 * regs <= 65536, f"registers for {programs} programs: {line}"
+            assert programs * (smem + 1024) <= 233472, f"shared memory for {programs} programs: {line}"
 
 
 @pytest.mark.gpu
@@ -422,8 +425,8 @@ def test_cuda_persistent_dw_stores_through_tma(gen, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA stores need Hopper or newer")
     table = list(K._CONFIGS_16BIT[90]["dw"])
-    persistent = [c for c in table if len(c) > 5]
-    assert any(c[6] for c in persistent)
+    persistent = [c for c in table if K.persistence(c)[0]]
+    assert any(K.persistence(c)[1] for c in persistent)
     sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
     x, _, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)

@@ -259,22 +259,30 @@ def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None =
     if smem_limit is None:
         return list(table)
     # a and b tiles, num_stages deep, and a TMA store's staging tile
-    smem = lambda c: ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] // c[6] if c[6:7] > (0,) else 0)) * elem
+    def smem(c):
+        tma = persistence(c)[1]
+        return ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] // tma if tma else 0)) * elem
+
     return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
+
+
+def persistence(config: tuple) -> tuple[int, int]:
+    """A config's (programs per SM, TMA store), (0, 0) when it has neither entry."""
+    return (tuple(config[5:7]) + (0, 0))[:2]
 
 
 def _meta(kernel: str, config: tuple) -> dict:
     """A config tuple's constexprs (for dw, the persistent ones too: 0 when absent)."""
     meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
     if kernel == "dw":
-        meta.update(PROGRAMS_PER_SM=config[5] if len(config) > 5 else 0, TMA_STORE=config[6] if len(config) > 6 else 0)
+        meta.update(zip(("PROGRAMS_PER_SM", "TMA_STORE"), persistence(config)))
     return meta
 
 
 def maxnreg(config: tuple) -> int | None:
     """The register cap that lets a persistent config's programs per SM run side by side (the
     65,536 registers of an SM shared among them), or None (the compiler's choice)."""
-    programs = config[5] if len(config) > 5 else 0
+    programs = persistence(config)[0]
     if programs < 2:
         return None
     return min(255, 65536 // (programs * config[3] * 32) // 8 * 8)
@@ -452,9 +460,10 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
     whose experts all alias one block, to time the kernel without its gradient's memory traffic)."""
     t, d = x_TD.shape
     f = dy_TF.shape[1]
-    if out is not None and (out.shape != (e, d, f) or out.device != x_TD.device or out.dtype != x_TD.dtype):
-        raise ValueError(f"triton grouped_mm dw: out is {out.dtype} {tuple(out.shape)} on {out.device}, expected "
-                         f"{x_TD.dtype} {(e, d, f)} on {x_TD.device}")
+    if out is not None:
+        _check("out", out, 3, x_TD.dtype, x_TD.device)
+        if out.shape != (e, d, f):
+            raise ValueError(f"triton grouped_mm dw: out has shape {tuple(out.shape)}, expected {(e, d, f)}")
     dw_EDF = torch.empty((e, d, f), dtype=x_TD.dtype, device=x_TD.device) if out is None else out
     if e == 0 or d == 0 or f == 0:
         return dw_EDF
