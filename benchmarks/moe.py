@@ -119,7 +119,8 @@ def tuned_configs() -> list[str]:
 
     return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
                          "t_bucket for dw):",
-                         ((k, K._autotuned(k, 2, torch.cuda.current_device(), True).tuner) for k in ("mm", "dw")))
+                         ((k, K._autotuned(k, 2, torch.cuda.current_device(), True).tuner) for k in ("mm", "dw"))
+                         ) + backward_plans_chosen()
 
 
 def gpu_grid(args):
@@ -155,6 +156,12 @@ def gpu_grid(args):
     emit(lines + pivot(rows, ("shape", "largest group", "pass")) + notes + tuned_configs(), args.out,
          "shape,largest_group,pass,provider,seconds,tflops", rows)
     return not notes  # False when cut short
+
+
+def kernels_in(part: str) -> int:
+    """How many matmuls of 2·T·D·F FLOPs a row of `--kernels` times: "fwd+dx+dw" 3, "dx+dw, ..." 2,
+    "autograd fwd+bwd" 3 (its forward and two backward kernels), one kernel 1."""
+    return 3 if part.startswith("autograd") else part.split(",")[0].count("+") + 1
 
 
 def record(rows, shape, largest, part, name, sec, fl):
@@ -202,39 +209,55 @@ def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]]
         if total["ms"]:
             lines.append(f"| {shape} | the three | {total['mb']:.0f} | {total['ms'] * 1e3:.3f} | {total['flop'] * 1e3:.3f} | "
                          f"{total['byte'] * 1e3:.3f} | {total['floor'] / total['ms']:.0%} |")
+        # dx and dw side by side share one floor: their FLOPs together, or their bytes together
+        both = [(shape, part, "dense") for part in ("dx", "dw")]
+        if (shape, "dx+dw, side by side", "triton") in times and all(k in times for k in both):
+            sec = times[(shape, "dx+dw, side by side", "triton")]
+            nbytes = 2 * kernel_bytes(t, d, f, e, 2)
+            flop_floor, byte_floor = sum(times[k] for k in both), nbytes / bandwidth
+            lines.append(f"| {shape} | dx+dw side by side | {nbytes / 1e6:.0f} | {sec * 1e3:.3f} | {flop_floor * 1e3:.3f} | "
+                         f"{byte_floor * 1e3:.3f} | {max(flop_floor, byte_floor) / sec:.0%} |")
     return lines
 
 
-def dw_candidates(x, dy, gs, e: int, lines: list[str]) -> None:
+def dw_candidates(x, dy, w, gs, e: int, lines: list[str]) -> None:
     """Appends markdown lines to `lines` (as they are measured): the dw kernel timed under each of
     its tuning candidates alone, as the tuner saw them (its table for this card, less what does
-    not fit its shared memory)."""
+    not fit its shared memory); then the backward (dx and dw) under each plan it is timed under at
+    a key's first call (one after the other, or side by side on two streams)."""
     from generalist.kernels.triton import moe as K
 
-    major, minor = torch.cuda.get_device_capability()
-    arch = 10 * major + minor
-    smem = triton_props()["max_shared_mem"]
-    tables = K._CONFIGS_16BIT[90 if arch >= 90 else 80]
-    table = list(tables["dw"])
+    arch, smem = K._arch_and_smem(torch.cuda.current_device())
     fl = flops(x.shape[0], x.shape[1], dy.shape[1])
     lines += ["", f"dw under each tuning candidate alone, E{e} (config: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages"
-             "[, programs per SM, TMA store]):", "", "| config | ms | TFLOP/s |", "|---|---|---|"]
-    try:
-        for config in K.configs_for("dw", 2, arch, smem):
-            tables["dw"] = [config]
-            K._autotuned.cache_clear()
-            sec = _bench_gpu(lambda: K._dw(x, dy, gs, e))
-            lines.append(f"| {config} | {sec * 1e3:.3f} | {fl / sec / 1e12:.0f} |")
-            print(lines[-1], flush=True)
-    finally:
-        tables["dw"] = table
-        K._autotuned.cache_clear()
+              "[, programs per SM, TMA store]):", "", "| config | ms | TFLOP/s |", "|---|---|---|"]
+    for config in K.configs_for("dw", 2, arch, smem):
+        sec = _bench_gpu(lambda: K._dw(x, dy, gs, e, config=config))
+        lines.append(f"| {config} | {sec * 1e3:.3f} | {fl / sec / 1e12:.0f} |")
+        print(lines[-1], flush=True)
+    dx_sec = _bench_gpu(lambda: K._mm(dy, w.transpose(1, 2), gs))
+    lines += ["", f"dx + dw under each backward plan, E{e} (a kernel without a configuration named runs its tuner's "
+              f"choice; dx alone: {dx_sec * 1e3:.3f} ms); TFLOP/s at 2·2·T·D·F:", "",
+              "| plan | dw config | dx config | ms | TFLOP/s |", "|---|---|---|---|---|"]
+    for plan in K.backward_plans(2, arch, smem):
+        sec = _bench_gpu(lambda: K.grouped_mm_backward(dy, x, w, gs, plan=plan))
+        lines.append(f"| {'side by side' if plan.side_by_side else 'one after the other'} | {plan.dw or 'tuned'} | "
+                     f"{plan.dx or 'tuned'} | {sec * 1e3:.3f} | {2 * fl / sec / 1e12:.0f} |")
+        print(lines[-1], flush=True)
 
 
-def triton_props() -> dict:
-    import triton
+def backward_plans_chosen() -> list[str]:
+    """Markdown lines: the backward plan timed fastest for each key met in this process."""
+    from generalist.kernels.triton import moe as K
 
-    return triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    if not K._PLANS:
+        return []
+    lines = ["", "Backward plans kept (dx and dw one after the other or side by side, each kernel under its tuned "
+             "configuration unless one is named):", "", "| device, dtype, rows bucket, D, F, E | plan |", "|---|---|"]
+    for key, plan in K._PLANS.items():
+        named = "".join(f", {kernel} {config}" for kernel, config in (("dw", plan.dw), ("dx", plan.dx)) if config)
+        lines.append(f"| {key} | {'side by side' if plan.side_by_side else 'one after the other'}{named} |")
+    return lines
 
 
 def kernel_breakdown(args):
@@ -265,6 +288,12 @@ def kernel_breakdown(args):
             providers = {("fwd", "triton"): lambda: K._mm(x, w, gs),
                          ("dx", "triton"): lambda: K._mm(dy, w.transpose(1, 2), gs),
                          ("dw", "triton"): lambda: K._dw(x, dy, gs, e),
+                         # the backward's two kernels, one after the other and side by side (dw on a
+                         # side stream), and as the plan timed fastest for this key runs them
+                         ("dx+dw, one after the other", "triton"):
+                             lambda: K.grouped_mm_backward(dy, x, w, gs, plan=K.SEQUENTIAL),
+                         ("dx+dw, side by side", "triton"): lambda: K.grouped_mm_backward(dy, x, w, gs, plan=K.Plan(True)),
+                         ("dx+dw, as planned", "triton"): lambda: K.grouped_mm_backward(dy, x, w, gs),
                          # the three kernels back to back, as the autograd path launches them
                          ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
             # the same kernels (and tuned configurations) with the E·D·F operand's memory traffic
@@ -277,6 +306,7 @@ def kernel_breakdown(args):
                               ("dx, weights in L2", "triton"): lambda: K._mm(dy, one_w.transpose(1, 2), gs),
                               ("dw, gradient in L2", "triton"): lambda: K._dw(x, dy, gs, e, out=one_dw)})
             providers.update({(part, "dense"): fn for part, fn in dense.items()})
+            providers[("dx+dw, one after the other", "dense")] = lambda: (dense["dx"](), dense["dw"]())
             providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
             # the same three kernels through the public function and autograd, as training runs them
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -285,16 +315,17 @@ def kernel_breakdown(args):
             for (part, name), fn in providers.items():
                 grads = (xg, wg) if part.startswith("autograd") else ()
                 sec = _bench_gpu(fn, grads)
-                record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * (3 if "+" in part else 1))
+                record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * kernels_in(part))
                 if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
             if e == 64 and skew == "balanced":
-                dw_candidates(x, dy, gs, e, candidates)
+                dw_candidates(x, dy, w, gs, e, candidates)
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "
-             "TFLOP/s = 2·T·D·F per kernel, 3× that for the three together and for autograd fwd+bwd", ""]
+             "TFLOP/s = 2·T·D·F per kernel, 2× that for dx+dw, 3× for the three together and for autograd fwd+bwd", ""]
     roofline = roofline_lines(rows, dims, copy_bandwidth()) if not notes else []
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + candidates + notes, out,
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + candidates
+         + backward_plans_chosen() + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
 
 

@@ -90,6 +90,21 @@ def test_moe_roofline_floors_each_kernel_by_its_flops_or_its_bytes():
     assert table["dw"].rstrip().endswith("| 2.000 | 1.000 | 2.000 | 100% |")  # same bytes as fwd here
     assert table["the three"].rstrip().endswith("| 6.000 | 2.000 | 4.000 | 67% |")
 
+    # dx and dw side by side: one floor for both, their FLOPs (1 + 1 ms dense) or their bytes (2 + 2 ms)
+    rows += [(shape, 200, "dx", "dense", 1e-3, 0.0), (shape, 200, "dx+dw, side by side", "triton", 5e-3, 0.0)]
+    lines = moe.roofline_lines(rows, {shape: (t, d, f, e)}, bandwidth)
+    both = [line for line in lines if line.startswith("| s | dx+dw side by side |")]
+    assert len(both) == 1 and both[0].rstrip().endswith("| 5.000 | 2.000 | 4.000 | 80% |")
+    bandwidth *= 4  # bytes in 1 ms: the FLOPs' 2 ms are the floor
+    both = [line for line in moe.roofline_lines(rows, {shape: (t, d, f, e)}, bandwidth) if "side by side" in line]
+    assert both[0].rstrip().endswith("| 5.000 | 2.000 | 1.000 | 40% |")
+
+
+def test_moe_kernels_counts_the_matmuls_a_row_times():
+    moe = _moe_benchmark()
+    assert [moe.kernels_in(p) for p in ("fwd", "dw, gradient in L2", "dx+dw, side by side", "dx+dw, one after the other",
+                                        "fwd+dx+dw", "autograd fwd+bwd")] == [1, 1, 2, 2, 3, 3]
+
 
 def test_moe_ncu_summary_reads_a_raw_report(tmp_path):
     """--ncu-summary turns ncu's raw CSV page (names, units, one row per launch) into a table of

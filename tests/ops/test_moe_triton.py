@@ -240,6 +240,93 @@ def test_dw_into_a_strided_out(gen):
         K._dw(x, dy, gs, len(sizes), out=torch.empty(len(sizes), d, f, dtype=torch.float16, device=DEVICE))
 
 
+def _backward_against_float64(dy, x, w, gs, dx, dw):
+    """dx and dw within twice the reference backend's error at their dtype, against float64."""
+    want = grouped_mm_bwd(dy.double(), x.double(), w.double(), gs, "reference")
+    same = grouped_mm_bwd(dy, x, w, gs, "reference")
+    for name, got, wt, s in zip(("dx", "dw"), (dx, dw), want, same):
+        assert got.dtype == x.dtype and got.shape == wt.shape and torch.isfinite(got).all(), name
+        err, baseline = _max_err(got, wt), _max_err(s, wt)
+        assert err <= 2 * baseline + ATOL[x.dtype], f"{name}: error {err} vs reference {baseline}"
+
+
+def test_backward_under_each_plan(gen):
+    """grouped_mm_backward under a given plan: each kernel under the tuner's choice or a given
+    configuration (dw's persistent ones with TMA stores here), the two one after the other or side
+    by side (which on CPU runs one after the other), each against float64; a kernel's result is the
+    same under every plan that gives it the same configuration, and the configuration given is the
+    one that ran (16-deep slices of an fp32 sum round differently from 32-deep ones)."""
+    from generalist.kernels.triton import moe as K
+    from generalist.kernels.triton.moe import Plan
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU, test_cuda_backward_plans_on_a_user_stream runs the GPU's plans")
+    sizes, d, f = [0, 37, 2, 5, 70], 64, 72
+    x, w, gs = _inputs(gen, sizes, d, f)
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, x.dtype)
+    persistent, shallow, shallow_dx = (32, 64, 32, 4, 2, 1, 1), (32, 32, 16, 4, 2, 2, 2), (32, 32, 16, 4, 2)
+    results = {}
+    for plan in (K.SEQUENTIAL, Plan(True), Plan(False, persistent), Plan(True, persistent),
+                 Plan(False, shallow, shallow_dx), Plan(True, shallow, shallow_dx)):
+        dx, dw = results[plan] = K.grouped_mm_backward(dy, x, w, gs, plan=plan)
+        _backward_against_float64(dy, x, w, gs, dx, dw)
+    for plan, (dx, dw) in results.items():
+        after = results[plan._replace(side_by_side=False)]
+        assert torch.equal(dx, after[0]) and torch.equal(dw, after[1]), plan
+        # the interpreter's own blocks are 32 x 64 x 32: only the 16-deep configurations change the bits
+        assert torch.equal(dw, results[K.SEQUENTIAL][1]) == (plan.dw != shallow), plan
+        assert torch.equal(dx, results[K.SEQUENTIAL][0]) == (plan.dx != shallow_dx), plan
+
+
+def test_backward_plans_offered():
+    """One after the other first, then side by side as tuned, and with dw under each persistent
+    configuration of one program per SM that fits the shared memory, with dx as tuned and under the
+    first dx configuration that fits beside it in an SM (Hopper: 228 KB an SM, 1 KB a program)."""
+    from generalist.kernels.triton import moe as K
+    from generalist.kernels.triton.moe import Plan
+
+    ones = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0] == 1]
+    tma, wide, plain = (128, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1), (128, 128, 64, 8, 3, 1, 0)
+    assert ones == [tma, wide, plain] and K.smem(tma, 2) == 128 * 1024 and K.smem(wide, 2) == 208 * 1024
+    dx = K._CONFIGS_16BIT[90]["mm"][0]
+    assert K.smem(dx, 2) == 96 * 1024
+    hopper = [K.SEQUENTIAL, Plan(True), Plan(True, tma), Plan(True, tma, dx), Plan(True, wide), Plan(True, plain),
+              Plan(True, plain, dx)]
+    assert K.backward_plans(2, 90) == K.backward_plans(2, 90, smem_limit=232448) == hopper
+    # less shared memory: the wide dw goes, and nothing of 96 KB fits beside 128 KB; a 48 KB dx beside 96 KB does
+    small = K.backward_plans(2, 90, smem_limit=160 * 1024)
+    assert small == [K.SEQUENTIAL, Plan(True), Plan(True, tma), Plan(True, plain), Plan(True, plain, (64, 64, 64, 4, 3))]
+    assert K.backward_plans(2, 80) == K.backward_plans(4, 90) == [K.SEQUENTIAL, Plan(True)]
+
+
+def test_a_plan_is_timed_once_per_key_and_never_in_capture(monkeypatch):
+    """_planned times each plan at a key's first call and keeps the fastest; later calls time
+    nothing; while a CUDA graph is captured an untimed key gets SEQUENTIAL, timed and kept by
+    nobody, and a timed key its plan. Without a GPU (or with tuning off) the plan is SEQUENTIAL."""
+    from generalist.kernels.triton import moe as K
+
+    monkeypatch.setattr(K, "_PLANS", {})
+    ran = []
+    times = {K.SEQUENTIAL: 3.0, (True, None): 2.0, (True, (1,)): 1.0, (True, (2,)): 1.5}  # stand-in plans
+    monkeypatch.setattr(K, "_seconds", lambda fn: (fn(), times[ran[-1]])[1])
+    plans = list(times)
+    assert K._planned("a", plans, ran.append, capturing=True) == K.SEQUENTIAL and ran == []
+    assert K._planned("a", plans, ran.append, capturing=False) == (True, (1,)) and ran == plans
+    assert K._planned("a", plans, ran.append, capturing=True) == (True, (1,)) and ran == plans
+    times[(True, (1,))] = 9.0
+    assert K._planned("a", plans, ran.append, capturing=False) == (True, (1,)) and ran == plans
+    assert K._planned("b", plans, ran.append, capturing=False) == (True, (2,)) and ran == plans * 2
+    assert K._PLANS == {"a": (True, (1,)), "b": (True, (2,))}
+
+    sizes, d, f = [3, 4], 8, 16
+    x, w = torch.zeros(sum(sizes), d), torch.zeros(len(sizes), d, f)
+    gs, dy = torch.tensor(sizes), torch.zeros(sum(sizes), f)
+    if DEVICE == "cuda":
+        monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")
+        x, w, gs, dy = (t.cuda() for t in (x, w, gs, dy))
+    assert K._plan(dy, x, w, gs) == K.SEQUENTIAL and len(K._PLANS) == 2
+
+
 def test_opcheck(gen):
     x, w, gs = _inputs(gen, [3, 0, 5, 1], 16, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.generalist.grouped_mm.default, (x, w, gs, "triton"))
@@ -462,3 +549,68 @@ def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
     torch.testing.assert_close(y.float(), grouped_mm(x.float(), w.float(), gs, backend="reference"),
                                atol=5e-2, rtol=5e-2)
     K._autotuned.cache_clear()
+
+
+@pytest.mark.gpu
+def test_cuda_backward_plans_on_a_user_stream(gen):
+    """Every plan this GPU offers, run on a stream of the caller's: dx and dw against float64, the
+    same bits as one after the other under the same dw configuration, and complete on the caller's
+    stream when the call returns (a copy queued there right after equals the final result)."""
+    from generalist.kernels.triton import moe as K
+
+    sizes, d, f = [0, 3000, 1, 0, 1280, 517, 640, 770] * 2, 512, 384
+    x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    plans = K.backward_plans(2, *K._arch_and_smem(torch.cuda.current_device()))
+    assert plans[0] == K.SEQUENTIAL and len(plans) >= 2
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    results = {}
+    for plan in plans:
+        with torch.cuda.stream(stream):
+            dx, dw = K.grouped_mm_backward(dy, x, w, gs, plan=plan)
+            snapshot = (dx.clone(), dw.clone())
+            after = plan._replace(side_by_side=False)
+            if after not in results:
+                results[after] = K.grouped_mm_backward(dy, x, w, gs, plan=after)
+        stream.synchronize()
+        results[plan] = (dx, dw)
+        assert torch.equal(snapshot[0], dx) and torch.equal(snapshot[1], dw), plan
+        _backward_against_float64(dy, x, w, gs, dx, dw)
+    for plan, (dx, dw) in results.items():
+        after = results[plan._replace(side_by_side=False)]
+        assert torch.equal(dx, after[0]) and torch.equal(dw, after[1]), plan
+
+
+@pytest.mark.gpu
+def test_cuda_backward_in_a_cuda_graph(gen, monkeypatch):
+    """A backward captured in a CUDA graph: with its key untimed it runs one after the other and
+    times nothing; with side by side kept for its key, the two streams are captured too, and a
+    replay on new inputs gives what an eager call does."""
+    from generalist.kernels.triton import moe as K
+
+    monkeypatch.setattr(K, "_PLANS", {})
+    sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
+    x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen).to("cuda", torch.bfloat16)
+    key = (torch.cuda.current_device(), torch.bfloat16, K._t_bucket(sum(sizes)), d, f, len(sizes))
+    plans = K.backward_plans(2, *K._arch_and_smem(torch.cuda.current_device()))
+    side_by_side = next((p for p in plans if p.dw and K.persistence(p.dw)[1]), plans[1])  # TMA where there is
+    for kept in (None, side_by_side):
+        if kept is not None:
+            K._PLANS[key] = kept
+        warm = torch.cuda.Stream()  # compile and tune outside the capture
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            K.grouped_mm_backward(dy, x, w, gs, plan=kept or K.SEQUENTIAL)
+        torch.cuda.current_stream().wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dx, dw = K.grouped_mm_backward(dy, x, w, gs)
+        assert K._PLANS == ({} if kept is None else {key: kept})
+        for t in (x, dy):
+            t.copy_(torch.randn(t.shape, generator=gen).to("cuda", torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = K.grouped_mm_backward(dy, x, w, gs, plan=kept or K.SEQUENTIAL)
+        assert torch.equal(dx, want[0]) and torch.equal(dw, want[1]), kept

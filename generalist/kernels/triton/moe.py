@@ -19,6 +19,8 @@ Kernels:
                       striding over the tiles, optionally storing each through TMA (async, from
                       shared memory, while the next tile is computed) where dw is contiguous
                       with 16-byte rows; the tuner picks either kind.
+The backward runs dx and dw one after the other, or side by side on two streams (dw first, on a
+side stream of higher priority), whichever was timed faster at the shape's first backward.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
 products ("ieee"), not tf32, summed per BLOCK_K slice and then across slices (a sequential sum
 over a 1000-row group is several times less accurate than cuBLAS). No atomics: results are
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -258,12 +261,14 @@ def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None =
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
     if smem_limit is None:
         return list(table)
-    # a and b tiles, num_stages deep, and a TMA store's staging tile
-    def smem(c):
-        tma = persistence(c)[1]
-        return ((c[0] + c[1]) * c[2] * c[4] + (c[0] * c[1] // tma if tma else 0)) * elem
+    return [c for c in table if smem(c, elem) <= smem_limit] or [min(table, key=lambda c: smem(c, elem))]
 
-    return [c for c in table if smem(c) <= smem_limit] or [min(table, key=smem)]
+
+def smem(config: tuple, elem: int) -> int:
+    """A config's shared memory in bytes: its a and b tiles, num_stages deep, and a TMA store's
+    staging tile (what the compiler allocates for these kernels on Hopper)."""
+    tma = persistence(config)[1]
+    return ((config[0] + config[1]) * config[2] * config[4] + (config[0] * config[1] // tma if tma else 0)) * elem
 
 
 def persistence(config: tuple) -> tuple[int, int]:
@@ -289,15 +294,23 @@ def maxnreg(config: tuple) -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel: str, elem: int, device: int, tune: bool):
-    """The autotuned launcher (a TunedLauncher; its `tuner` is Triton's autotuner) of one kernel
-    for one operand width on one device, built on first use (never at import). Tuning reruns the
-    kernel; it only writes its output, so that is safe."""
+def _arch_and_smem(device: int) -> tuple[int, int]:
+    """The table architecture (90, 80, ...) and the shared memory a program may have, of a GPU."""
     major, minor = torch.cuda.get_device_capability(device)
     arch = 80 if torch.version.hip is not None else 10 * major + minor
-    props = triton.runtime.driver.active.utils.get_device_properties(device)
-    table = configs_for(kernel, elem, arch, props["max_shared_mem"])
-    if not tune:
+    return arch, triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str, elem: int, device: int, tune: bool, config: tuple | None = None):
+    """The autotuned launcher (a TunedLauncher; its `tuner` is Triton's autotuner) of one kernel
+    for one operand width on one device, built on first use (never at import); with `config`, a
+    launcher of that configuration alone. Tuning reruns the kernel; it only writes its output, so
+    that is safe."""
+    table = configs_for(kernel, elem, *_arch_and_smem(device))
+    if config is not None:
+        table = [config]
+    elif not tune:
         table = table[:1]
     configs = [triton.Config(_meta(kernel, c), num_warps=c[3], num_stages=c[4], maxnreg=maxnreg(c)) for c in table]
     return tuned_launcher(_KERNELS[kernel], configs, _TUNE_KEYS[kernel])
@@ -313,15 +326,22 @@ def _use_interpreter_blocks() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or interpreting()
 
 
-def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, **constexprs):
-    """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU."""
+def _tuning() -> bool:
+    return os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, config: tuple | None = None,
+            **constexprs):
+    """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU; `config`
+    (a table entry) launches that configuration instead, on a GPU or in the interpreter."""
     if _use_interpreter_blocks():
-        blocks = _INTERPRET_BLOCKS[kernel]
-        meta = _meta(kernel, blocks[:3] + (0, 0) + blocks[3:])
+        if config is None:
+            blocks = _INTERPRET_BLOCKS[kernel]
+            config = blocks[:3] + (0, 0) + blocks[3:]
+        meta = _meta(kernel, config)
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
-    tune = os.environ.get("GENERALIST_TRITON_AUTOTUNE", "1") != "0"
-    launcher = _autotuned(kernel, elem, device.index, tune)
+    launcher = _autotuned(kernel, elem, device.index, _tuning(), config)
     # dw's TMA stores build their descriptor in global memory, which Triton asks an allocator for
     # at launch: a torch one for this launch, unless the caller has set an allocator of their own
     token = (_allocation._allocator.set(_torch_scratch)
@@ -401,8 +421,9 @@ def _check_sizes(group_sizes_E: torch.Tensor, e: int, device: torch.device) -> t
     return group_sizes_E.contiguous()
 
 
-def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor) -> torch.Tensor:
-    """c (T, N) = a[rows of e] @ b[e] per group; b may be any strided view."""
+def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+    """c (T, N) = a[rows of e] @ b[e] per group; b may be any strided view. `config`, an entry of
+    mm's table, runs that configuration instead of the tuner's choice."""
     t, k = a_TK.shape
     e, _, n = b_EKN.shape
     c_TN = torch.empty((t, n), dtype=a_TK.dtype, device=a_TK.device)
@@ -418,7 +439,7 @@ def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor) -> torch
             a_TK.stride(0), a_TK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
             c_TN.stride(0), c_TN.stride(1),
             DOT_PRECISION=_dot_precision(a_TK.dtype), BLOCKED_SUM=a_TK.dtype == torch.float32,
-            BLOCK_E=_block_e(e), GROUP_M=8,
+            BLOCK_E=_block_e(e), GROUP_M=8, config=config,
         )
     return c_TN
 
@@ -436,9 +457,10 @@ def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, group_sizes_E: torch.Ten
 
 
 def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Tensor,
-                        group_sizes_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        group_sizes_E: torch.Tensor, *, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (T, D), dw (E, D, F)): dx[rows of e] = dy[rows of e] @ w[e]^T, dw[e] = x[rows of e]^T @
-    dy[rows of e] (zeros for an empty group), in the inputs' dtype."""
+    dy[rows of e] (zeros for an empty group), in the inputs' dtype. `plan`, one of
+    `backward_plans`, runs the two kernels that way instead of the one timed fastest."""
     if x_TD.dtype not in DTYPES:
         raise ValueError(f"triton grouped_mm: dtype {x_TD.dtype} not supported; use one of {DTYPES}")
     _check("x_TD", x_TD, 2, x_TD.dtype, x_TD.device)
@@ -450,14 +472,17 @@ def grouped_mm_backward(dy_TF: torch.Tensor, x_TD: torch.Tensor, w_EDF: torch.Te
         raise ValueError(f"triton grouped_mm backward: x_TD {tuple(x_TD.shape)}, w_EDF {tuple(w_EDF.shape)} and "
                          f"dy_TF {tuple(dy_TF.shape)} do not fit")
     sizes_E = _check_sizes(group_sizes_E, e, x_TD.device)
-    return _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E), _dw(x_TD, dy_TF, sizes_E, e)
+    if plan is None:
+        plan = _plan(dy_TF, x_TD, w_EDF, sizes_E)
+    return _backward(dy_TF, x_TD, w_EDF, sizes_E, plan)
 
 
 def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
-        out: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """dw (E, D, F), contiguous: dw[g] = x[rows of g]^T @ dy[rows of g], zeros for an empty group.
     `out`, an (E, D, F) view of any strides, receives it instead (the MoE benchmark passes one
-    whose experts all alias one block, to time the kernel without its gradient's memory traffic)."""
+    whose experts all alias one block, to time the kernel without its gradient's memory traffic).
+    `config`, an entry of dw's table, runs that configuration instead of the tuner's choice."""
     t, d = x_TD.shape
     f = dy_TF.shape[1]
     if out is not None:
@@ -485,6 +510,110 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
             x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
             dw_EDF.stride(0), dw_EDF.stride(1), dw_EDF.stride(2),
             DOT_PRECISION=_dot_precision(x_TD.dtype), BLOCKED_SUM=x_TD.dtype == torch.float32,
-            BLOCK_E=_block_e(e), TMA_OK=tma_ok,
+            BLOCK_E=_block_e(e), TMA_OK=tma_ok, config=config,
         )
     return dw_EDF
+
+
+# --------------------------------------------------------------------------------------------
+# The backward: dx and dw one after the other, or side by side
+# --------------------------------------------------------------------------------------------
+# dx reads the E·D·F weights and dw writes as many bytes of gradient. At 64 experts of 256 rows
+# those bytes take about as long as the FLOPs, and apart neither kernel hides them (an H100 ran
+# dx at 63% and dw at 48% of the dense matmul at E64, D 2048, F 1408). Side by side, dw goes first
+# on a side stream of higher priority and dx right after on the caller's stream, so that an SM can
+# hold a program of each and compute one kernel's tile while the other's bytes move: a persistent
+# dw with one program per SM (128 KB of shared memory with its TMA staging tile, 126 registers)
+# leaves room for a 96 KB dx program beside it (102 registers, compiled for sm_90). Whether that
+# wins depends on the card and the shapes, so it is timed: the first backward of a key (device,
+# dtype, rows bucket, D, F, E) on a GPU times each of `backward_plans` and keeps the fastest.
+# While a CUDA graph is being captured nothing is timed: an untimed key runs one after the other
+# there. With tuning off (GENERALIST_TRITON_AUTOTUNE=0) every backward runs one after the other.
+
+
+class Plan(NamedTuple):
+    """How the backward runs its two kernels: side by side (on two streams) or one after the other,
+    and the configuration of each (None: its tuner's choice)."""
+
+    side_by_side: bool
+    dw: tuple | None = None
+    dx: tuple | None = None
+
+
+SEQUENTIAL = Plan(False)
+_PLANS: dict[tuple, Plan] = {}
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def backward_plans(elem: int, arch: int = 90, smem_limit: int | None = None) -> list[Plan]:
+    """The plans a backward is timed under, for an operand width, architecture and shared memory a
+    program may have (as configs_for): one after the other, and side by side with both kernels as
+    tuned, and with dw under each of its persistent configurations of one program per SM, both
+    with dx as tuned and under the first dx configuration whose shared memory fits beside it."""
+    plans = [SEQUENTIAL, Plan(True)]
+    limit = smem_limit if smem_limit is not None else 232448 if arch >= 90 else 166912
+    for c in configs_for("dw", elem, arch, smem_limit):
+        if persistence(c)[0] == 1:
+            plans.append(Plan(True, c))
+            # an SM's shared memory is a program's limit and 1 KB, less 1 KB for each program on it
+            beside = [m for m in configs_for("mm", elem, arch, smem_limit) if smem(c, elem) + smem(m, elem) + 1024 <= limit]
+            if beside:
+                plans.append(Plan(True, c, beside[0]))
+    return plans
+
+
+def _side_stream(device: int) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)  # the higher priority
+    return _SIDE_STREAMS[device]
+
+
+def _backward(dy_TF, x_TD, w_EDF, sizes_E, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) under `plan` (side by side only for CUDA tensors): the caller's stream, on return,
+    has waited for both kernels."""
+    e = w_EDF.shape[0]
+    if not (plan.side_by_side and x_TD.is_cuda):
+        return (_mm(dy_TF, w_EDF.transpose(1, 2), sizes_E, config=plan.dx),
+                _dw(x_TD, dy_TF, sizes_E, e, config=plan.dw))
+    # dw's memory is the caller stream's, which waits for the side stream before anything else,
+    # so neither it nor the inputs read there can be reused while dw runs
+    dw_EDF = torch.empty(w_EDF.shape, dtype=x_TD.dtype, device=x_TD.device)
+    caller = torch.cuda.current_stream(x_TD.device)
+    side = _side_stream(x_TD.device.index)
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):
+        _dw(x_TD, dy_TF, sizes_E, e, out=dw_EDF, config=plan.dw)
+    dx_TD = _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E, config=plan.dx)
+    caller.wait_stream(side)
+    return dx_TD, dw_EDF
+
+
+def _plan(dy_TF, x_TD, w_EDF, sizes_E) -> Plan:
+    """The plan for this backward: timed on a GPU at a key's first call (see above)."""
+    if not x_TD.is_cuda or _use_interpreter_blocks() or not _tuning():
+        return SEQUENTIAL
+    t, d = x_TD.shape
+    e, _, f = w_EDF.shape
+    device = x_TD.device.index
+    key = (device, x_TD.dtype, _t_bucket(t), d, f, e)
+    if key in _PLANS:
+        return _PLANS[key]
+    return _planned(key, backward_plans(x_TD.element_size(), *_arch_and_smem(device)),
+                    lambda plan: _backward(dy_TF, x_TD, w_EDF, sizes_E, plan),
+                    torch.cuda.is_current_stream_capturing())
+
+
+def _planned(key: tuple, plans: list[Plan], run, capturing: bool) -> Plan:
+    """The plan kept for `key`; at its first call (not `capturing`) each of `plans` is timed by
+    running `run(plan)` and the fastest kept. While capturing, an untimed key gets SEQUENTIAL."""
+    if key not in _PLANS:
+        if capturing:
+            return SEQUENTIAL
+        times = [_seconds(lambda plan=plan: run(plan)) for plan in plans]
+        _PLANS[key] = plans[times.index(min(times))]
+    return _PLANS[key]
+
+
+def _seconds(fn) -> float:
+    """fn's median time on the GPU, L2 flushed before each run (as the autotuner times)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e3
