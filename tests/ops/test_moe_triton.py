@@ -278,6 +278,56 @@ def test_backward_under_each_plan(gen):
         assert torch.equal(dx, results[K.SEQUENTIAL][0]) == (plan.dx != shallow_dx), plan
 
 
+def test_a_kept_plan_is_read_back_from_disk(monkeypatch, tmp_path):
+    """A plan timed at a key's first call is written to Triton's cache directory under its digest,
+    with every plan's time; a later process (its _PLANS empty) reads it back instead of timing,
+    even while capturing. A file that does not read, or names a plan not offered, is ignored."""
+    from generalist.kernels.triton import moe as K
+    from generalist.kernels.triton.moe import Plan, PlanFile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(K, "_PLANS", {})
+    plans = [K.SEQUENTIAL, Plan(True), Plan(True, (128, 128, 64, 8, 3, 1, 1), (128, 128, 64, 8, 3))]
+    times = dict(zip(plans, (3.0, 2.0, 1.0)))
+    ran = []
+    monkeypatch.setattr(K, "_seconds", lambda fn: (fn(), times[ran[-1]])[1])
+    disk = PlanFile("0" * 64)
+    assert disk.load(plans) is None
+    assert K._planned("k", plans, ran.append, capturing=False, disk=disk) == plans[2] and ran == plans
+    files = list(tmp_path.rglob(PlanFile.NAME))
+    assert len(files) == 1 and '"seconds"' in files[0].read_text()
+
+    monkeypatch.setattr(K, "_PLANS", {})  # a new process
+    assert K._planned("k", plans, ran.append, capturing=True, disk=PlanFile("0" * 64)) == plans[2] and ran == plans
+    assert K._PLANS == {"k": plans[2]}
+    assert PlanFile("1" * 64).load(plans) is None  # another digest: another file
+    assert PlanFile("0" * 64).load(plans[:2]) is None  # a plan no longer offered
+    files[0].write_text("{not json")
+    assert PlanFile("0" * 64).load(plans) is None
+
+
+def test_a_kept_plans_digest_names_what_it_depends_on(monkeypatch):
+    """The digest a plan is kept under changes with the key (less the device index, which is not
+    in it), the plans offered and the target architecture, and with nothing else."""
+    from types import SimpleNamespace
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from generalist.kernels.triton import moe as K
+
+    target = [GPUTarget("cuda", 90, 32)]
+    monkeypatch.setattr(driver, "_active", SimpleNamespace(get_current_target=lambda: target[0]))
+    key, plans = (torch.bfloat16, 16384, 2048, 1408, 64), K.backward_plans(2, 90, 232448)
+    digest = K._plan_digest(key, plans)
+    assert len(digest) == 64 and digest == K._plan_digest(key, list(plans))
+    assert digest != K._plan_digest((torch.float16,) + key[1:], plans)
+    assert digest != K._plan_digest(key[:-1] + (8,), plans)
+    assert digest != K._plan_digest(key, plans[:-1])
+    target[0] = GPUTarget("cuda", 100, 32)
+    assert digest != K._plan_digest(key, plans)
+
+
 def test_backward_plans_offered():
     """One after the other first, then side by side as tuned, and with dw under each persistent
     configuration of one program per SM that fits the shared memory, with dx as tuned and under the
@@ -317,6 +367,17 @@ def test_a_plan_is_timed_once_per_key_and_never_in_capture(monkeypatch):
     assert K._planned("a", plans, ran.append, capturing=False) == (True, (1,)) and ran == plans
     assert K._planned("b", plans, ran.append, capturing=False) == (True, (2,)) and ran == plans * 2
     assert K._PLANS == {"a": (True, (1,)), "b": (True, (2,))}
+
+    def fails(plan):
+        ran.append(plan)
+        if plan != K.SEQUENTIAL:
+            raise RuntimeError("out of resources")
+
+    assert K._planned("c", plans, fails, capturing=False) == K.SEQUENTIAL  # the plans that fail are passed over
+    with pytest.raises(RuntimeError, match="out of resources"):  # unless the first fails: the backward would too
+        K._planned("d", plans[1:], fails, capturing=False)
+    assert "d" not in K._PLANS
+    del K._PLANS["c"]
 
     sizes, d, f = [3, 4], 8, 16
     x, w = torch.zeros(sum(sizes), d), torch.zeros(len(sizes), d, f)
@@ -484,9 +545,12 @@ def test_cuda_against_float64(gen, monkeypatch, sizes, d, f, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_every_config(gen, monkeypatch, dtype):
-    """Each tuned configuration of each kernel gives the right answer (ragged D and F)."""
+    """Each tuned configuration of each kernel gives the right answer (ragged D and F). Tuning off:
+    each table of one entry runs it, and the backward runs one after the other (no timed plan
+    naming configurations of its own)."""
     from generalist.kernels.triton import moe as K
 
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "0")
     sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 200, 136  # 64 and 128: groups of whole row steps
     x, w, gs = _inputs(gen, sizes, d, f, dtype, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", dtype)
@@ -552,31 +616,47 @@ def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_backward_plans_on_a_user_stream(gen):
-    """Every plan this GPU offers, run on a stream of the caller's: dx and dw against float64, the
-    same bits as one after the other under the same dw configuration, and complete on the caller's
-    stream when the call returns (a copy queued there right after equals the final result)."""
+def test_cuda_backward_plans_on_a_user_stream(gen, monkeypatch):
+    """Every plan this GPU offers, run on a stream of the caller's: dx and dw against float64 and
+    the same bits as one after the other under the same configurations. Side by side waits for the
+    caller's stream before reading (dy is written there behind a sleep, over NaNs), and the caller's
+    stream waits for dw before going on (dw sleeps first, its output poisoned with NaNs, and a copy
+    queued on the caller's stream right after the call must equal the final result)."""
     from generalist.kernels.triton import moe as K
 
+    cycles = 20_000_000  # about 10 ms
+    dw_kernel = K._dw
+
+    def slow_dw(*args, out=None, **kwargs):
+        if out is not None:
+            out.fill_(float("nan"))
+        torch.cuda._sleep(cycles)
+        return dw_kernel(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(K, "_dw", slow_dw)
     sizes, d, f = [0, 3000, 1, 0, 1280, 517, 640, 770] * 2, 512, 384
     x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    dy_live = torch.empty_like(dy)
     plans = K.backward_plans(2, *K._arch_and_smem(torch.cuda.current_device()))
     assert plans[0] == K.SEQUENTIAL and len(plans) >= 2
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     results = {}
     for plan in plans:
+        dy_live.fill_(float("nan"))
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            dx, dw = K.grouped_mm_backward(dy, x, w, gs, plan=plan)
+            torch.cuda._sleep(cycles)
+            dy_live.copy_(dy)
+            dx, dw = K.grouped_mm_backward(dy_live, x, w, gs, plan=plan)
             snapshot = (dx.clone(), dw.clone())
             after = plan._replace(side_by_side=False)
             if after not in results:
-                results[after] = K.grouped_mm_backward(dy, x, w, gs, plan=after)
+                results[after] = K.grouped_mm_backward(dy_live, x, w, gs, plan=after)
         stream.synchronize()
         results[plan] = (dx, dw)
-        assert torch.equal(snapshot[0], dx) and torch.equal(snapshot[1], dw), plan
         _backward_against_float64(dy, x, w, gs, dx, dw)
+        assert torch.equal(snapshot[0], dx) and torch.equal(snapshot[1], dw), plan
     for plan, (dx, dw) in results.items():
         after = results[plan._replace(side_by_side=False)]
         assert torch.equal(dx, after[0]) and torch.equal(dw, after[1]), plan
@@ -584,17 +664,28 @@ def test_cuda_backward_plans_on_a_user_stream(gen):
 
 @pytest.mark.gpu
 def test_cuda_backward_in_a_cuda_graph(gen, monkeypatch):
-    """A backward captured in a CUDA graph: with its key untimed it runs one after the other and
-    times nothing; with side by side kept for its key, the two streams are captured too, and a
-    replay on new inputs gives what an eager call does."""
+    """A backward captured in a CUDA graph: with its key untimed (in this process and on disk) it
+    runs one after the other and times nothing; with side by side kept for its key, dw is captured
+    on the side stream under the kept configuration; a replay on new inputs (weights and group
+    sizes too) gives what an eager call does."""
     from generalist.kernels.triton import moe as K
 
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K.PlanFile, "load", lambda self, plans: None)
+    seen, dw_kernel = [], K._dw
+
+    def recorded_dw(*args, config=None, **kwargs):
+        seen.append((torch.cuda.current_stream(), config))
+        return dw_kernel(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(K, "_dw", recorded_dw)
     sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
     x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen).to("cuda", torch.bfloat16)
-    key = (torch.cuda.current_device(), torch.bfloat16, K._t_bucket(sum(sizes)), d, f, len(sizes))
-    plans = K.backward_plans(2, *K._arch_and_smem(torch.cuda.current_device()))
+    device = torch.cuda.current_device()
+    key = (device, torch.bfloat16, K._t_bucket(sum(sizes)), d, f, len(sizes))
+    plans = K.backward_plans(2, *K._arch_and_smem(device))
     side_by_side = next((p for p in plans if p.dw and K.persistence(p.dw)[1]), plans[1])  # TMA where there is
     for kept in (None, side_by_side):
         if kept is not None:
@@ -606,10 +697,17 @@ def test_cuda_backward_in_a_cuda_graph(gen, monkeypatch):
         torch.cuda.current_stream().wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            capturing = torch.cuda.current_stream()
             dx, dw = K.grouped_mm_backward(dy, x, w, gs)
         assert K._PLANS == ({} if kept is None else {key: kept})
-        for t in (x, dy):
+        stream, config = seen[-1]
+        if kept is None:
+            assert stream == capturing and config is None
+        else:
+            assert stream == K._side_stream(device) and stream != capturing and config == kept.dw
+        for t in (x, dy, w):
             t.copy_(torch.randn(t.shape, generator=gen).to("cuda", torch.bfloat16))
+        gs.copy_(gs.flip(0))
         graph.replay()
         torch.cuda.synchronize()
         want = K.grouped_mm_backward(dy, x, w, gs, plan=kept or K.SEQUENTIAL)

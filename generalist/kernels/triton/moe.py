@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
+import json
 import os
 from typing import NamedTuple
 
@@ -341,7 +344,8 @@ def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, config
         meta = _meta(kernel, config)
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
-    launcher = _autotuned(kernel, elem, device.index, _tuning(), config)
+    launcher = (_autotuned(kernel, elem, device.index, _tuning()) if config is None  # one cache entry a kernel
+                else _autotuned(kernel, elem, device.index, _tuning(), config))
     # dw's TMA stores build their descriptor in global memory, which Triton asks an allocator for
     # at launch: a torch one for this launch, unless the caller has set an allocator of their own
     token = (_allocation._allocator.set(_torch_scratch)
@@ -526,9 +530,12 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
 # dw with one program per SM (128 KB of shared memory with its TMA staging tile, 126 registers)
 # leaves room for a 96 KB dx program beside it (102 registers, compiled for sm_90). Whether that
 # wins depends on the card and the shapes, so it is timed: the first backward of a key (device,
-# dtype, rows bucket, D, F, E) on a GPU times each of `backward_plans` and keeps the fastest.
-# While a CUDA graph is being captured nothing is timed: an untimed key runs one after the other
-# there. With tuning off (GENERALIST_TRITON_AUTOTUNE=0) every backward runs one after the other.
+# dtype, rows bucket, D, F, E) on a GPU times each of `backward_plans` and keeps the fastest, in
+# the process and in Triton's cache directory next to the tuner's choices (so a resumed run, and
+# every run after, picks the same plan and computes the same bits). A plan that fails to run
+# (a configuration this card cannot compile) is passed over. While a CUDA graph is being captured
+# nothing is timed: an untimed key runs one after the other there. With tuning off
+# (GENERALIST_TRITON_AUTOTUNE=0) every backward runs one after the other.
 
 
 class Plan(NamedTuple):
@@ -598,20 +605,79 @@ def _plan(dy_TF, x_TD, w_EDF, sizes_E) -> Plan:
     key = (device, x_TD.dtype, _t_bucket(t), d, f, e)
     if key in _PLANS:
         return _PLANS[key]
-    return _planned(key, backward_plans(x_TD.element_size(), *_arch_and_smem(device)),
-                    lambda plan: _backward(dy_TF, x_TD, w_EDF, sizes_E, plan),
-                    torch.cuda.is_current_stream_capturing())
+    plans = backward_plans(x_TD.element_size(), *_arch_and_smem(device))
+    return _planned(key, plans, lambda plan: _backward(dy_TF, x_TD, w_EDF, sizes_E, plan),
+                    torch.cuda.is_current_stream_capturing(), PlanFile(_plan_digest(key[1:], plans)))
 
 
-def _planned(key: tuple, plans: list[Plan], run, capturing: bool) -> Plan:
-    """The plan kept for `key`; at its first call (not `capturing`) each of `plans` is timed by
-    running `run(plan)` and the fastest kept. While capturing, an untimed key gets SEQUENTIAL."""
+def _planned(key: tuple, plans: list[Plan], run, capturing: bool, disk: PlanFile | None = None) -> Plan:
+    """The plan kept for `key`: from this process, else from `disk`, else (not `capturing`) each
+    of `plans` timed by running `run(plan)` (one that raises is passed over, unless it is the
+    first) and the fastest kept, here and on `disk`. While capturing, an untimed key gets
+    SEQUENTIAL, kept by nobody."""
     if key not in _PLANS:
-        if capturing:
-            return SEQUENTIAL
-        times = [_seconds(lambda plan=plan: run(plan)) for plan in plans]
-        _PLANS[key] = plans[times.index(min(times))]
+        kept = disk.load(plans) if disk is not None else None
+        if kept is None:
+            if capturing:
+                return SEQUENTIAL
+            times = []
+            for i, plan in enumerate(plans):
+                try:
+                    times.append(_seconds(lambda plan=plan: run(plan)))
+                except Exception:
+                    if i == 0:
+                        raise
+                    times.append(float("inf"))
+            kept = plans[times.index(min(times))]
+            if disk is not None:
+                disk.save(kept, dict(zip(plans, times)))
+        _PLANS[key] = kept
     return _PLANS[key]
+
+
+def _plan_digest(key: tuple, plans: list[Plan]) -> str:
+    """What a kept plan depends on, hashed as Triton hashes a tuning: Triton and its target, both
+    kernels' sources, the key (less the device index) and the plans timed."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import triton_key
+
+    target = make_backend(triton.runtime.driver.active.get_current_target()).hash()
+    # a compiled kernel's cache_key hashes its source and the functions it calls; the interpreter's
+    # kernels have only their source
+    sources = [k.cache_key if isinstance(k, triton.runtime.JITFunction) else inspect.getsource(k.fn)
+               for k in (_grouped_mm_kernel, _grouped_dw_kernel)]
+    parts = [triton_key(), target, *sources, str(key)]
+    return hashlib.sha256("-".join(parts + [str(p) for p in plans]).encode()).hexdigest()
+
+
+class PlanFile:
+    """A kept backward plan in Triton's cache directory (TRITON_CACHE_DIR, else ~/.triton/cache),
+    under a digest of what it depends on, with the time of each plan. Delete it (or the cache) to
+    time again."""
+
+    NAME = "grouped_mm_backward.plan.json"
+
+    def __init__(self, digest: str):
+        from triton.runtime.cache import get_cache_manager
+
+        self.cache = get_cache_manager(digest)
+
+    def load(self, plans: list[Plan]) -> Plan | None:
+        """The kept plan if there is one, it reads, and it is one of `plans`; else None."""
+        path = self.cache.get_file(self.NAME)
+        if path is None:
+            return None
+        try:
+            with open(path) as f:
+                side_by_side, dw, dx = json.load(f)["plan"]
+            plan = Plan(bool(side_by_side), dw and tuple(dw), dx and tuple(dx))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return plan if plan in plans else None
+
+    def save(self, plan: Plan, seconds: dict[Plan, float]) -> None:
+        timed = [[list(p), s if s != float("inf") else None] for p, s in seconds.items()]
+        self.cache.put(json.dumps({"plan": list(plan), "seconds": timed}), self.NAME, binary=False)
 
 
 def _seconds(fn) -> float:
