@@ -505,13 +505,16 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
     lines = run.stdout.strip().splitlines()
     from generalist.kernels.triton import moe as K
 
-    elem, smem = (4 if dtype == "fp32" else 2), (232448 if arch >= 90 else 166912)
-    expected = sum(len(K.configs_for(k, elem, arch, smem)) for k in ("mm", "mm", "dw"))  # fwd, dx, dw
+    elem, limit = (4 if dtype == "fp32" else 2), (232448 if arch >= 90 else 166912)
+    expected = sum(len(K.configs_for(k, elem, arch, limit)) for k in ("mm", "mm", "dw"))  # fwd, dx, dw
     assert len(lines) == expected, run.stdout
+    used = {}  # (launch, config) -> registers and shared memory a program takes in an SM
     for line in lines:
         words = line.split()
         assert "STACK:0" in words, f"register spills: {line}"
         config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
+        regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
+        used[(words[0], config)] = (-(-regs // 8) * 8 * config[3] * 32, smem + 1024)  # a thread's rounded up to 8
         # dw's TMA store candidates store through TMA (dw contiguous, 16-byte rows), the others not
         programs, tma = K.persistence(config)
         assert f"TMA:{int(tma > 0)}" in words, line
@@ -520,9 +523,15 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
             assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"
         if programs > 1:
             # several persistent programs per SM fit its registers and shared memory side by side
-            regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
             assert programs * config[3] * 32 * regs <= 65536, f"registers for {programs} programs: {line}"
             assert programs * (smem + 1024) <= 233472, f"shared memory for {programs} programs: {line}"
+    # a backward plan naming a dx configuration to run beside a persistent dw program fits both in an SM
+    beside = [p for p in K.backward_plans(elem, arch, limit) if p.dw and p.dx]
+    assert bool(beside) == (arch >= 90 and dtype != "fp32")
+    for plan in beside:
+        (regs_dw, smem_dw), (regs_dx, smem_dx) = used[("dw", plan.dw)], used[("dx", plan.dx)]
+        assert regs_dw + regs_dx <= 65536 and smem_dw + smem_dx <= 233472, (plan, used[("dw", plan.dw)],
+                                                                            used[("dx", plan.dx)])
 
 
 @pytest.mark.gpu
