@@ -137,11 +137,10 @@ def test_strided_inputs(gen):
     torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("blocks,dtype", [((32, 64, 32, 1, 1), torch.float32), ((32, 64, 32, 1, 1), torch.float16),
-                                          ((32, 64, 32, 3, 1), torch.float32), ((32, 64, 32, 2, 2), torch.float32),
-                                          ((32, 64, 32, 2, 0), torch.float32)])
+@pytest.mark.parametrize("persistence,dtype", [((1, 1), torch.float32), ((1, 1), torch.float16), ((3, 1), torch.float32),
+                                               ((2, 2), torch.float32), ((2, 0), torch.float32)])
 @pytest.mark.parametrize("d,f", [(64, 72), (40, 72), (40, 111)])
-def test_persistent_dw_matches_float64(gen, monkeypatch, blocks, dtype, d, f):
+def test_persistent_dw_matches_float64(gen, monkeypatch, persistence, dtype, d, f):
     """dw's persistent programs (INTERPRET_SMS x programs per SM of them, each taking several
     tiles) against float64: through TMA stores, whole or in column halves, where dw allows them
     ((64, 72): F ragged against BLOCK_N, which TMA clips; the right half of the last column tile
@@ -151,7 +150,7 @@ def test_persistent_dw_matches_float64(gen, monkeypatch, blocks, dtype, d, f):
 
     if DEVICE == "cuda":
         pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
-    monkeypatch.setitem(K._INTERPRET_BLOCKS, "dw", blocks)
+    monkeypatch.setitem(K._INTERPRET_CONFIGS, "dw", K._INTERPRET_CONFIGS["dw"] + persistence)
     sizes = [0, 37, 2, 5, 70]  # (a tile run over the end of its expert would show in the next one's rows)
     x, w, gs = _inputs(gen, sizes, d, f, dtype)
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
@@ -576,7 +575,7 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_persistent_dw_stores_through_tma(gen, monkeypatch):
+def test_cuda_persistent_dw_stores_through_tma(gen):
     """Where dw's TMA store runs (Hopper, bf16, BLOCK_M dividing D, 16-byte rows; F ragged
     against BLOCK_N, which TMA clips), each persistent configuration gives the right gradient,
     empty groups' zeros included; the poisoned output shows any tile it did not write."""
@@ -584,8 +583,7 @@ def test_cuda_persistent_dw_stores_through_tma(gen, monkeypatch):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA stores need Hopper or newer")
-    table = list(K._CONFIGS_16BIT[90]["dw"])
-    persistent = [c for c in table if K.persistence(c)[0]]
+    persistent = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0]]
     assert any(K.persistence(c)[1] for c in persistent)
     sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
     x, _, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
@@ -593,15 +591,12 @@ def test_cuda_persistent_dw_stores_through_tma(gen, monkeypatch):
     want = grouped_mm_bwd(dy.double(), x.double(), torch.zeros(len(sizes), d, f, dtype=torch.float64, device="cuda"),
                           gs, "reference")[1]
     for config in persistent:
-        monkeypatch.setitem(K._CONFIGS_16BIT[90], "dw", [config])
-        K._autotuned.cache_clear()
         out = torch.full((len(sizes), d, f), float("nan"), dtype=torch.bfloat16, device="cuda")
-        got = K._dw(x, dy, gs, len(sizes), out=out).double()
+        got = K._dw(x, dy, gs, len(sizes), out=out, config=config).double()
         assert torch.isfinite(got).all(), config
         err = (got - want).abs().max().item()
         assert err <= 2e-2 * want.abs().max().item(), (config, err)
         assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[3], torch.zeros_like(got[3]))
-    K._autotuned.cache_clear()
 
 
 @pytest.mark.gpu

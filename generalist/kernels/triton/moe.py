@@ -248,10 +248,11 @@ _CONFIGS_FP32 = {
     "mm": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (128, 64, 16, 8, 2)],
     "dw": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
 }
-# Under the interpreter: small blocks (fast on a CPU, several tiles per test group), rectangular
-# so that a transposed index mix-up shows; dw's persistent programs are tested by swapping in
-# (32, 64, 32, programs per SM, TMA store), with INTERPRET_SMS multiprocessors.
-_INTERPRET_BLOCKS = {"mm": (32, 64, 32), "dw": (32, 64, 32)}
+# Under the interpreter: one small config (fast on a CPU, several tiles per test group; warps and
+# stages mean nothing there), rectangular so that a transposed index mix-up shows; dw's persistent
+# programs are tested by swapping in (32, 64, 32, 4, 2, programs per SM, TMA store), with
+# INTERPRET_SMS multiprocessors.
+_INTERPRET_CONFIGS = {"mm": (32, 64, 32, 4, 2), "dw": (32, 64, 32, 4, 2)}
 INTERPRET_SMS = 2
 _TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket", "TMA_OK"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
@@ -338,10 +339,7 @@ def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, config
     """Launch with the interpreter's fixed blocks, or through the autotuner on a GPU; `config`
     (a table entry) launches that configuration instead, on a GPU or in the interpreter."""
     if _use_interpreter_blocks():
-        if config is None:
-            blocks = _INTERPRET_BLOCKS[kernel]
-            config = blocks[:3] + (0, 0) + blocks[3:]
-        meta = _meta(kernel, config)
+        meta = _meta(kernel, config or _INTERPRET_CONFIGS[kernel])
         _KERNELS[kernel][grid_of(meta)](*args, **constexprs, **meta)
         return
     launcher = (_autotuned(kernel, elem, device.index, _tuning()) if config is None  # one cache entry a kernel
