@@ -575,17 +575,20 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_persistent_dw_stores_through_tma(gen):
+@pytest.mark.parametrize("f", [200, 208])
+def test_cuda_persistent_dw_stores_through_tma(gen, f):
     """Where dw's TMA store runs (Hopper, bf16, BLOCK_M dividing D, 16-byte rows; F ragged
     against BLOCK_N, which TMA clips), each persistent configuration gives the right gradient,
-    empty groups' zeros included; the poisoned output shows any tile it did not write."""
+    empty groups' zeros included; the poisoned output shows any tile it did not write. F = 208
+    makes every stride a multiple of 16, so the kernel is compiled as training launches it
+    (deeper pipelines, more shared memory) rather than as F = 200's."""
     from generalist.kernels.triton import moe as K
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA stores need Hopper or newer")
     persistent = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0]]
     assert any(K.persistence(c)[1] for c in persistent)
-    sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 200
+    sizes, d = [0, 300, 1, 0, 128, 517, 64, 77], 256
     x, _, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
     want = grouped_mm_bwd(dy.double(), x.double(), torch.zeros(len(sizes), d, f, dtype=torch.float64, device="cuda"),
@@ -623,9 +626,11 @@ def test_cuda_tuning_compiles_every_candidate_up_front(gen, monkeypatch):
 def test_cuda_backward_plans_on_a_user_stream(gen, monkeypatch):
     """Every plan this GPU offers, run on a stream of the caller's: dx and dw against float64 and
     the same bits as one after the other under the same configurations. Side by side waits for the
-    caller's stream before reading (dy is written there behind a sleep, over NaNs), and the caller's
-    stream waits for dw before going on (dw sleeps first, its output poisoned with NaNs, and a copy
-    queued on the caller's stream right after the call must equal the final result)."""
+    caller's stream before reading (dy is written there behind a sleep four times as long as dw's,
+    over NaNs), and the caller's stream waits for dw before going on (dw sleeps first, its output
+    poisoned with NaNs, and a copy queued on the caller's stream right after the call must equal
+    the final result). Every plan runs once before, so that no compile inside the timed part of
+    the loop stretches the host's queueing past the sleeps."""
     from generalist.kernels.triton import moe as K
 
     cycles = 20_000_000  # about 10 ms
@@ -644,13 +649,17 @@ def test_cuda_backward_plans_on_a_user_stream(gen, monkeypatch):
     dy_live = torch.empty_like(dy)
     plans = K.backward_plans(2, *K._arch_and_smem(torch.cuda.current_device()))
     assert plans[0] == K.SEQUENTIAL and len(plans) >= 2
+    for plan in plans:  # compile every configuration first
+        K.grouped_mm_backward(dy, x, w, gs, plan=plan)
+        K.grouped_mm_backward(dy, x, w, gs, plan=plan._replace(side_by_side=False))
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     results = {}
     for plan in plans:
         dy_live.fill_(float("nan"))
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            torch.cuda._sleep(cycles)
+            torch.cuda._sleep(4 * cycles)
             dy_live.copy_(dy)
             dx, dw = K.grouped_mm_backward(dy_live, x, w, gs, plan=plan)
             snapshot = (dx.clone(), dw.clone())
@@ -664,6 +673,49 @@ def test_cuda_backward_plans_on_a_user_stream(gen, monkeypatch):
     for plan, (dx, dw) in results.items():
         after = results[plan._replace(side_by_side=False)]
         assert torch.equal(dx, after[0]) and torch.equal(dw, after[1]), plan
+
+
+@pytest.mark.gpu
+def test_cuda_backward_times_its_plans_at_a_keys_first_call(gen, monkeypatch, tmp_path):
+    """With tuning on, a key's first backward times every plan this GPU offers (do_bench, side
+    streams and all), keeps the fastest and writes it, with each plan's time, to Triton's cache
+    directory; its result matches float64; the key's next backward times nothing and computes the
+    same bits; the file reads back as the kept plan."""
+    import json
+
+    from generalist.kernels.triton import moe as K
+
+    digests = []
+
+    class PlanFileHere(K.PlanFile):  # the plan's file under tmp_path, the kernels' cache left alone
+        def __init__(self, digest):
+            digests.append(digest)
+            with monkeypatch.context() as m:
+                m.setenv("TRITON_CACHE_DIR", str(tmp_path))
+                super().__init__(digest)
+
+    monkeypatch.setenv("GENERALIST_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K, "PlanFile", PlanFileHere)
+    timed, seconds = [], K._seconds
+    monkeypatch.setattr(K, "_seconds", lambda fn: timed.append(fn) or seconds(fn))
+    sizes, d, f = [0, 300, 1, 0, 128, 517, 64, 77], 256, 208
+    x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    dx, dw = K.grouped_mm_backward(dy, x, w, gs)
+    device = torch.cuda.current_device()
+    plans = K.backward_plans(2, *K._arch_and_smem(device))
+    kept = K._PLANS[(device, torch.bfloat16, K._t_bucket(sum(sizes)), d, f, len(sizes))]
+    assert len(timed) == len(plans) and kept in plans
+    _backward_against_float64(dy, x, w, gs, dx, dw)
+    files = list(tmp_path.rglob(K.PlanFile.NAME))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert len(saved["seconds"]) == len(plans) and 0 < saved["seconds"][0][1] < 1  # SEQUENTIAL's, in seconds
+    assert PlanFileHere(digests[0]).load(plans) == kept
+    again = K.grouped_mm_backward(dy, x, w, gs)
+    assert len(timed) == len(plans)
+    assert torch.equal(again[0], dx) and torch.equal(again[1], dw)
 
 
 @pytest.mark.gpu

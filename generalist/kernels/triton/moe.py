@@ -588,8 +588,10 @@ def _backward(dy_TF, x_TD, w_EDF, sizes_E, plan: Plan) -> tuple[torch.Tensor, to
     side.wait_stream(caller)
     with torch.cuda.stream(side):
         _dw(x_TD, dy_TF, sizes_E, e, out=dw_EDF, config=plan.dw)
-    dx_TD = _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E, config=plan.dx)
-    caller.wait_stream(side)
+    try:
+        dx_TD = _mm(dy_TF, w_EDF.transpose(1, 2), sizes_E, config=plan.dx)
+    finally:  # should dx fail to launch, dw's memory is still not freed under it
+        caller.wait_stream(side)
     return dx_TD, dw_EDF
 
 
@@ -604,8 +606,12 @@ def _plan(dy_TF, x_TD, w_EDF, sizes_E) -> Plan:
     if key in _PLANS:
         return _PLANS[key]
     plans = backward_plans(x_TD.element_size(), *_arch_and_smem(device))
-    return _planned(key, plans, lambda plan: _backward(dy_TF, x_TD, w_EDF, sizes_E, plan),
-                    torch.cuda.is_current_stream_capturing(), PlanFile(_plan_digest(key[1:], plans)))
+    # on disk, the card's name and multiprocessor count stand for the device index (two cards of
+    # one name can differ in SMs and clocks: an H100 PCIe and SXM)
+    card = (torch.cuda.get_device_name(device), _multiprocessors(device))
+    with torch.cuda.device(device):  # the timing's events and L2 flush are the current device's
+        return _planned(key, plans, lambda plan: _backward(dy_TF, x_TD, w_EDF, sizes_E, plan),
+                        torch.cuda.is_current_stream_capturing(), PlanFile(_plan_digest(key[1:] + card, plans)))
 
 
 def _planned(key: tuple, plans: list[Plan], run, capturing: bool, disk: PlanFile | None = None) -> Plan:
@@ -635,7 +641,8 @@ def _planned(key: tuple, plans: list[Plan], run, capturing: bool, disk: PlanFile
 
 def _plan_digest(key: tuple, plans: list[Plan]) -> str:
     """What a kept plan depends on, hashed as Triton hashes a tuning: Triton and its target, both
-    kernels' sources, the key (less the device index) and the plans timed."""
+    kernels' sources, the key (less the device index, with the card's name and multiprocessor
+    count) and the plans timed."""
     from triton.compiler.compiler import make_backend
     from triton.runtime.cache import triton_key
 
