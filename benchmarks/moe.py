@@ -219,6 +219,22 @@ def roofline_lines(rows: list[tuple], dims: dict[str, tuple[int, int, int, int]]
     return lines
 
 
+def mm_candidates(x, dy, w, gs, e: int, lines: list[str]) -> None:
+    """Appends markdown lines to `lines` (as they are measured): the forward and dx timed under
+    each of mm's tuning candidates alone (its table for this card, less what does not fit)."""
+    from generalist.kernels.triton import moe as K
+
+    arch, smem = K._arch_and_smem(torch.cuda.current_device())
+    fl = flops(x.shape[0], x.shape[1], dy.shape[1])
+    lines += ["", f"The forward and dx under each tuning candidate alone, E{e} (config: BLOCK_M, BLOCK_N, BLOCK_K, "
+              "warps, stages[, programs per SM]), TFLOP/s:", "", "| config | fwd | dx |", "|---|---|---|"]
+    for config in K.configs_for("mm", 2, arch, smem):
+        fwd = _bench_gpu(lambda: K._mm(x, w, gs, config=config))
+        dx = _bench_gpu(lambda: K._mm(dy, w.transpose(1, 2), gs, config=config))
+        lines.append(f"| {config} | {fl / fwd / 1e12:.0f} | {fl / dx / 1e12:.0f} |")
+        print(lines[-1], flush=True)
+
+
 def dw_candidates(x, dy, w, gs, e: int, lines: list[str]) -> None:
     """Appends markdown lines to `lines` (as they are measured): the dw kernel timed under each of
     its tuning candidates alone, as the tuner saw them (its table for this card, less what does
@@ -262,8 +278,9 @@ def kernel_breakdown(args):
     """The Triton backward's two kernels timed apart (dx = dy @ w^T per group, dw = x^T @ dy per
     group), next to the forward kernel, the three back to back, the same through grouped_mm and
     autograd, and the dense matmul of each one's shape; each kernel again with its weights (or
-    gradient) aliased to one expert's block, held in L2; the host time of the Triton paths and
-    the kernels' roofline."""
+    gradient) aliased to one expert's block, held in L2; the host time of the Triton paths; the
+    kernels' roofline; and each kernel under each of its tuning candidates (mm's at E8 and E64,
+    dw's at E64)."""
     import triton
     from generalist.kernels.triton import moe as K
 
@@ -316,6 +333,8 @@ def kernel_breakdown(args):
                 record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * kernels_in(part))
                 if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
+            if skew == "balanced":
+                mm_candidates(x, dy, w, gs, e, candidates)
             if e == 64 and skew == "balanced":
                 dw_candidates(x, dy, w, gs, e, candidates)
     lines = [f"kernels apart, device: {torch.cuda.get_device_name()}, bf16, triton {triton.__version__}; "

@@ -157,6 +157,23 @@ def test_persistent_dw_matches_float64(gen, monkeypatch, persistence, dtype, d, 
     _check_against_float64(x, w, gs, dy, gen.initial_seed())
 
 
+@pytest.mark.parametrize("programs,dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16)])
+@pytest.mark.parametrize("sizes", [[0, 37, 2, 5, 70, 0, 130], [0, 0, 3]])
+def test_persistent_mm_matches_float64(gen, monkeypatch, programs, dtype, sizes):
+    """The forward and dx under persistent programs (INTERPRET_SMS x programs per SM of them,
+    each striding over the row tiles that hold rows, GROUP_M of them at a time, a partial last
+    group of row tiles included) against float64: a tile given to the wrong expert or rows, or
+    one left out, shows."""
+    from generalist.kernels.triton import moe as K
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
+    monkeypatch.setitem(K._INTERPRET_CONFIGS, "mm", K._INTERPRET_CONFIGS["mm"] + (programs,))
+    x, w, gs = _inputs(gen, sizes, 40, 72, dtype)
+    dy = torch.randn(sum(sizes), 72, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
 def test_tma_storable_layouts():
     """dw goes out through TMA only as one contiguous-rowed (E*D, F) matrix of 16-byte rows."""
     from generalist.kernels.triton.moe import tma_storable
@@ -336,9 +353,9 @@ def test_backward_plans_offered():
 
     ones = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0] == 1]
     tma, wide, plain = (128, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1), (128, 128, 64, 8, 3, 1, 0)
-    assert ones == [tma, wide, plain] and K.smem(tma, 2) == 128 * 1024 and K.smem(wide, 2) == 208 * 1024
+    assert ones == [tma, wide, plain] and K.smem("dw", tma, 2) == 128 * 1024 and K.smem("dw", wide, 2) == 208 * 1024
     dx = K._CONFIGS_16BIT[90]["mm"][0]
-    assert K.smem(dx, 2) == 96 * 1024
+    assert K.smem("mm", dx, 2) == 96 * 1024
     hopper = [K.SEQUENTIAL, Plan(True), Plan(True, tma), Plan(True, tma, dx), Plan(True, wide), Plan(True, plain),
               Plan(True, plain, dx)]
     assert K.backward_plans(2, 90) == K.backward_plans(2, 90, smem_limit=232448) == hopper

@@ -10,7 +10,10 @@ Kernels:
                       never straddle two groups. The tile -> (group, first row) schedule is
                       worked out inside each program from group_sizes (a cumsum over E lanes),
                       so the host never reads group_sizes and the grid, cdiv(T, BLOCK_M) + E row
-                      tiles (an upper bound), needs no sync; the unused ones exit at once.
+                      tiles (an upper bound), needs no sync; the unused ones exit at once. Or
+                      persistent (configs with programs per SM): a few programs per multiprocessor
+                      striding over the tiles that hold rows, the tile loop and the K loop
+                      flattened into one software pipeline; the tuner picks either kind.
                       The forward is (x, w); dx is (dy, w^T) via strides.
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
                       BLOCK_N tile of F, expert), looping over the group's rows; an empty group
@@ -54,13 +57,10 @@ GROUP_SIZE_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _tile_schedule(SIZES, E, tile, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Row tile `tile` -> (group, its first row, the group's end row); group >= E when `tile`
-    lies past the last tile. Group e owns tiles [end_{e-1}, end_e), end = cumsum(cdiv(n, BLOCK_M))."""
-    offs_e = tl.arange(0, BLOCK_E)
-    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
-    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, 0)
+def _row_tile(sizes, tiles, tile_end, offs_e, tile, BLOCK_M: tl.constexpr):
+    """Row tile `tile` -> (group, its first row, the group's end row), from the groups' sizes, row
+    tiles and their cumsum tile_end (over E lanes); group >= E when `tile` lies past the last
+    tile. Group e owns tiles [tile_end_{e-1}, tile_end_e)."""
     g = tl.sum((tile_end <= tile).to(tl.int32), 0)
     before = offs_e < g
     row_start = tl.sum(tl.where(before, sizes, 0), 0) + (tile - tl.sum(tl.where(before, tiles, 0), 0)) * BLOCK_M
@@ -69,29 +69,11 @@ def _tile_schedule(SIZES, E, tile, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _grouped_mm_kernel(
-    A, B, C, SIZES,
-    T, K, N, E, t_bucket,
-    stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
-    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # program -> (row tile, column tile), GROUP_M row tiles at a time so that neighbours share
-    # both a's rows and b's columns in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(T, BLOCK_M) + E
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
-
-    # row tile -> expert and rows; tiles past the last group have nothing to do
-    g, row_start, row_end = _tile_schedule(SIZES, E, pid_m, BLOCK_E, BLOCK_M)
-    if g >= E:
-        return
-
+def _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
+             stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+             DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c[rows row_start .. row_end of group g, column tile pid_n] = a[those rows] @ b[g]."""
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -113,6 +95,81 @@ def _grouped_mm_kernel(
 
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
+                  stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+                  DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_mm_tile for a loop the compiler flattens into the persistent tile loop: the K loop
+    carries only its step, and builds each step's pointers from the tile's row and column offsets
+    (carrying pointer tiles across the flattened loop, as _mm_tile does across its own, takes
+    registers for two tiles' pointers at once)."""
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < row_end
+    n_ok = offs_n < N
+    a_rows = A + offs_m.to(tl.int64)[:, None] * stride_at
+    b_cols = B + g.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = tl.where(K < 0, 1.0, 0.0)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    A, B, C, SIZES,
+    T, K, N, E, t_bucket,
+    stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+    DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    # row tile -> expert and rows, from the group sizes read here (the host never reads them)
+    offs_e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if PROGRAMS_PER_SM == 0:
+        # a program per (row tile, column tile) of the upper bound cdiv(T, BLOCK_M) + E row tiles,
+        # GROUP_M row tiles at a time so that neighbours share both a's rows and b's columns in
+        # L2; tiles past the last group have nothing to do
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(T, BLOCK_M) + E
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows_here = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows_here
+        pid_n = (pid % per_group) // rows_here
+        g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
+        if g < E:
+            _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
+                     stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+                     DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        # persistent: a few programs per multiprocessor, each taking every num_programs-th of the
+        # tiles that hold rows (counted here), in the same GROUP_M order. The K loop's bounds are
+        # the same for every tile, so the compiler flattens the two loops into one pipeline: the
+        # next tile's first loads are in flight while this tile's result is stored.
+        num_m = tl.sum(tiles, 0)
+        per_group = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
+            first_m = (tile // per_group) * GROUP_M
+            rows_here = tl.minimum(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % per_group) % rows_here
+            pid_n = (tile % per_group) // rows_here
+            g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
+            _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
+                          stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+                          DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -209,12 +266,12 @@ def _grouped_dw_kernel(
 # Configurations: autotuned on a GPU, one small fixed one under the interpreter
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA store]). For "mm"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM[, TMA store]]). For "mm"
 # BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
-# BLOCK_K steps over the group's rows, and the two optional entries (default 0, 0) make dw
+# BLOCK_K steps over the group's rows. The optional entries (default 0) make a kernel
 # persistent: that many programs per multiprocessor (their registers capped so that they fit
-# side by side, `maxnreg`), storing their tiles plainly (0) or through TMA, whole (1) or as two
-# column halves (2).
+# side by side, `maxnreg`), and for dw, storing their tiles plainly (0) or through TMA, whole (1)
+# or as two column halves (2).
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -223,7 +280,14 @@ def _grouped_dw_kernel(
 _CONFIGS_16BIT = {
     90: {
         "mm": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
-               (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
+               (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+               # persistent programs, one per SM, whose tile loop and K loop the compiler flattens
+               # into one pipeline, so that a tile's first loads are in flight while the one before
+               # it is stored (dx at 8 experts ran at 75% of the dense dx on an H100: each program
+               # one 22-step K loop of 128 x 128, filled and drained, and a 32 KB store after it).
+               # Flattened, a program holds two tiles' state: 128 x 128 takes ~190 registers a
+               # thread (two programs capped at 128 spill)
+               (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)],
         "dw": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
                (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                # for many short groups (64 experts of 256 rows: four 64-row steps per tile), where
@@ -265,14 +329,18 @@ def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None =
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
     if smem_limit is None:
         return list(table)
-    return [c for c in table if smem(c, elem) <= smem_limit] or [min(table, key=lambda c: smem(c, elem))]
+    return ([c for c in table if smem(kernel, c, elem) <= smem_limit]
+            or [min(table, key=lambda c: smem(kernel, c, elem))])
 
 
-def smem(config: tuple, elem: int) -> int:
-    """A config's shared memory in bytes: its a and b tiles, num_stages deep, and a TMA store's
-    staging tile (what the compiler allocates for these kernels on Hopper)."""
-    tma = persistence(config)[1]
-    return ((config[0] + config[1]) * config[2] * config[4] + (config[0] * config[1] // tma if tma else 0)) * elem
+def smem(kernel: str, config: tuple, elem: int) -> int:
+    """A config's shared memory in bytes: its a and b tiles, num_stages deep, and the tile its
+    result is staged in before it is stored: dw's TMA store's (whole or half), and a persistent
+    mm's (whose flattened loop keeps the pipeline's buffers busy while a tile is stored). That
+    is what the compiler allocates for these kernels on Hopper (see the compile test)."""
+    programs, tma = persistence(config)
+    staged = config[0] * config[1] // tma if tma else config[0] * config[1] if kernel == "mm" and programs else 0
+    return ((config[0] + config[1]) * config[2] * config[4] + staged) * elem
 
 
 def persistence(config: tuple) -> tuple[int, int]:
@@ -281,10 +349,12 @@ def persistence(config: tuple) -> tuple[int, int]:
 
 
 def _meta(kernel: str, config: tuple) -> dict:
-    """A config tuple's constexprs (for dw, the persistent ones too: 0 when absent)."""
+    """A config tuple's constexprs, the persistent ones too (0 when absent)."""
     meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
+    programs, tma = persistence(config)
+    meta["PROGRAMS_PER_SM"] = programs
     if kernel == "dw":
-        meta.update(zip(("PROGRAMS_PER_SM", "TMA_STORE"), persistence(config)))
+        meta["TMA_STORE"] = tma
     return meta
 
 
@@ -433,9 +503,15 @@ def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor, config: 
         return c_TN
     if k == 0 or e == 0:
         return c_TN.zero_()
+    sms = _multiprocessors(a_TK.device.index if a_TK.is_cuda else -1)
+
+    def grid(meta):
+        tiles = (cdiv(t, meta["BLOCK_M"]) + e) * cdiv(n, meta["BLOCK_N"])  # an upper bound
+        return (min(tiles, sms * meta["PROGRAMS_PER_SM"]) if meta["PROGRAMS_PER_SM"] else tiles,)
+
     with _on_device(a_TK):
         _launch(
-            "mm", lambda meta: ((cdiv(t, meta["BLOCK_M"]) + e) * cdiv(n, meta["BLOCK_N"]),),
+            "mm", grid,
             a_TK.device, a_TK.element_size(),
             a_TK, b_EKN, c_TN, sizes_E, t, k, n, e, _t_bucket(t),
             a_TK.stride(0), a_TK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
@@ -554,14 +630,16 @@ def backward_plans(elem: int, arch: int = 90, smem_limit: int | None = None) -> 
     """The plans a backward is timed under, for an operand width, architecture and shared memory a
     program may have (as configs_for): one after the other, and side by side with both kernels as
     tuned, and with dw under each of its persistent configurations of one program per SM, both
-    with dx as tuned and under the first dx configuration whose shared memory fits beside it."""
+    with dx as tuned and under the first dx configuration of a program per tile whose shared memory
+    fits beside it."""
     plans = [SEQUENTIAL, Plan(True)]
     limit = smem_limit if smem_limit is not None else 232448 if arch >= 90 else 166912
     for c in configs_for("dw", elem, arch, smem_limit):
         if persistence(c)[0] == 1:
             plans.append(Plan(True, c))
             # an SM's shared memory is a program's limit and 1 KB, less 1 KB for each program on it
-            beside = [m for m in configs_for("mm", elem, arch, smem_limit) if smem(c, elem) + smem(m, elem) + 1024 <= limit]
+            beside = [m for m in configs_for("mm", elem, arch, smem_limit)
+                      if not persistence(m)[0] and smem("dw", c, elem) + smem("mm", m, elem) + 1024 <= limit]
             if beside:
                 plans.append(Plan(True, c, beside[0]))
     return plans
