@@ -55,10 +55,11 @@ def until_stopped(notes: list[str]):
 
 def tuner_choices(header: str, tuners) -> list[str]:
     """Lines for a report (also printed): the configuration each Triton autotuner of `tuners`
-    ((label, tuner) pairs) chose per tuning key it met this run, the key's first four values."""
+    ((label, tuner) pairs) chose per tuning key it met this run: the values of the tuner's key
+    arguments (the key's dtypes left out)."""
     lines = ["", header, ""]
     for label, tuner in tuners:
         for key, config in sorted(getattr(tuner, "cache", {}).items(), key=str):
-            lines.append(f"- {label} {tuple(key)[:4]}: {config}")
+            lines.append(f"- {label} {tuple(key)[:len(tuner.keys)]}: {config}")
     print("\n".join(lines))
     return lines

@@ -40,7 +40,7 @@ if not ON_GPU:
 
 from _report import emit, until_stopped  # noqa: E402
 
-from generalist.ops import attention_decode, flash_attn_func, flash_attn_varlen_func, grouped_mm  # noqa: E402
+from generalist.ops import attention_decode, flash_attn_varlen_func, grouped_mm  # noqa: E402
 from generalist.ops import set_value_checks  # noqa: E402
 
 attention_module, decode_module, moe_module = (importlib.import_module(f"generalist.ops.{name}")

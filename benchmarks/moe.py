@@ -116,8 +116,8 @@ def tuned_configs() -> list[str]:
         return []
     from generalist.kernels.triton import moe as K
 
-    return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket for mm; D, F, E, "
-                         "t_bucket for dw):",
+    return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket, TMA_OK, "
+                         "B_TRANSPOSED for mm; D, F, E, t_bucket, TMA_OK for dw):",
                          ((k, K._autotuned(k, 2, torch.cuda.current_device(), True).tuner) for k in ("mm", "dw"))
                          ) + backward_plans_chosen()
 
@@ -313,8 +313,11 @@ def kernel_breakdown(args):
                          ("fwd+dx+dw", "triton"): lambda: (K._mm(x, w, gs), K.grouped_mm_backward(dy, x, w, gs))}
             # the same kernels (and tuned configurations) with the E·D·F operand's memory traffic
             # taken away: every expert reads expert 0's weights, or writes its gradient over one
-            # (D, F) block, which L2 holds; the time they save is what those bytes cost (a dw
-            # configuration with TMA stores stores plainly there: the aliased view is no matrix)
+            # (D, F) block, which L2 holds; the time they save is what those bytes cost. The
+            # aliased views are no TMA tensors: a dw configuration with TMA stores stores plainly
+            # there, and mm is tuned for them apart (TMA_OK is in its key), so where the real
+            # call's choice loads through TMA the two differ in that too (the tuner's choices,
+            # listed at the end, show both)
             one_w = w[:1].expand(e, d, f)
             one_dw = torch.empty(1, d, f, dtype=dtype, device="cuda").expand(e, d, f)
             providers.update({("fwd, weights in L2", "triton"): lambda: K._mm(x, one_w, gs),

@@ -157,21 +157,42 @@ def test_persistent_dw_matches_float64(gen, monkeypatch, persistence, dtype, d, 
     _check_against_float64(x, w, gs, dy, gen.initial_seed())
 
 
-@pytest.mark.parametrize("programs,dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16)])
-@pytest.mark.parametrize("sizes", [[0, 37, 2, 5, 70, 0, 130], [0, 0, 3]])
-def test_persistent_mm_matches_float64(gen, monkeypatch, programs, dtype, sizes):
+@pytest.mark.parametrize("persistence,dtype", [((1, 0), torch.float32), ((3, 0), torch.float32), ((2, 0), torch.float16),
+                                               ((1, 1), torch.float32), ((3, 1), torch.float16)])
+@pytest.mark.parametrize("sizes,d,f", [([0, 37, 2, 5, 70, 0, 130], 40, 72), ([0, 0, 3], 40, 72), ([5, 70, 0, 33], 72, 40)])
+def test_persistent_mm_matches_float64(gen, monkeypatch, persistence, dtype, sizes, d, f):
     """The forward and dx under persistent programs (INTERPRET_SMS x programs per SM of them,
     each striding over the row tiles that hold rows, GROUP_M of them at a time, a partial last
-    group of row tiles included) against float64: a tile given to the wrong expert or rows, or
-    one left out, shows."""
+    group of row tiles included), loading through pointers or TMA, against float64: a tile given
+    to the wrong expert or rows, or one left out, shows. Then again with every operand a view
+    into a buffer that holds NaNs past its K (D = 40 and F = 40 are ragged against BLOCK_K = 32):
+    a load that reads past K, as a TMA load over a 2-D view of w would read the next expert's
+    rows, brings them in. TMA loads run here: every operand is laid out for them."""
     from generalist.kernels.triton import moe as K
 
     if DEVICE == "cuda":
         pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
-    monkeypatch.setitem(K._INTERPRET_CONFIGS, "mm", K._INTERPRET_CONFIGS["mm"] + (programs,))
-    x, w, gs = _inputs(gen, sizes, 40, 72, dtype)
-    dy = torch.randn(sum(sizes), 72, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    monkeypatch.setitem(K._INTERPRET_CONFIGS, "mm", K._INTERPRET_CONFIGS["mm"] + persistence)
+    x, w, gs = _inputs(gen, sizes, d, f, dtype)
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    assert K.tma_loadable(x, w) and K.tma_loadable(dy, w.transpose(1, 2)) and K._b_transposed(w.transpose(1, 2))
     _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+    def past_k_nan(t, dim):  # t as a view into a copy 8 longer along dim, NaN there
+        shape = list(t.shape)
+        shape[dim] += 8
+        buffer = torch.full(shape, float("nan"), dtype=t.dtype, device=t.device)
+        view = buffer.narrow(dim, 0, t.shape[dim])
+        return view.copy_(t)
+
+    want_y = grouped_mm(x.double(), w.double(), gs, backend="reference")
+    want_dx = grouped_mm_bwd(dy.double(), x.double(), w.double(), gs, "reference")[0]
+    x_p, w_fwd = past_k_nan(x, 1), past_k_nan(w, 1)  # forward: K is D
+    dy_p, w_dx = past_k_nan(dy, 1), past_k_nan(w, 2)  # dx: K is F
+    assert K.tma_loadable(x_p, w_fwd) and K.tma_loadable(dy_p, w_dx.transpose(1, 2))
+    for got, want in ((K._mm(x_p, w_fwd, gs), want_y), (K._mm(dy_p, w_dx.transpose(1, 2), gs), want_dx)):
+        assert torch.isfinite(got).all()
+        assert _max_err(got, want) <= 2e-3 * max(want.abs().max().item(), 1.0)
 
 
 def test_tma_storable_layouts():
@@ -204,10 +225,10 @@ def test_dw_asks_for_tma_stores_where_dw_allows(gen, monkeypatch):
     assert seen == [has_tma, False]
 
 
-def test_dw_launches_with_a_scratch_allocator_and_leaves_the_callers(monkeypatch):
-    """On a GPU, dw's launch (whose TMA stores want global scratch) runs with a torch allocator
-    set, then the previous one back; mm's launch leaves it alone; an allocator the caller set is
-    the one dw's launch uses. (The launch itself is a stand-in here.)"""
+def test_launches_with_a_scratch_allocator_and_leave_the_callers(monkeypatch):
+    """On a GPU, each launch (whose TMA loads or stores want global scratch) runs with a torch
+    allocator set, then the previous one back; an allocator the caller set is the one a launch
+    uses. (The launch itself is a stand-in here.)"""
     import triton
     from triton.runtime import _allocation
 
@@ -225,7 +246,7 @@ def test_dw_launches_with_a_scratch_allocator_and_leaves_the_callers(monkeypatch
     monkeypatch.setattr(K, "_autotuned", lambda *a: Launcher())
     K._launch("dw", None, torch.device("cpu"), 2)
     K._launch("mm", None, torch.device("cpu"), 2)
-    assert seen == [K._torch_scratch, _allocation._NULL_ALLOCATOR]
+    assert seen == [K._torch_scratch, K._torch_scratch]
     assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
 
     def mine(size, alignment, stream):
@@ -234,7 +255,8 @@ def test_dw_launches_with_a_scratch_allocator_and_leaves_the_callers(monkeypatch
     triton.set_allocator(mine)
     try:
         K._launch("dw", None, torch.device("cpu"), 2)
-        assert seen[-1] is mine and _allocation._allocator.get() is mine
+        K._launch("mm", None, torch.device("cpu"), 2)
+        assert seen[-2:] == [mine, mine] and _allocation._allocator.get() is mine
     finally:
         _allocation._allocator.set(before)
 
@@ -486,7 +508,8 @@ for launch, (name, unit) in LAUNCHES.items():
     for config in K.configs_for(name, elem, arch, 232448 if arch >= 90 else 166912):
         warps, stages = config[3:5]
         cx = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCKED_SUM=dtype == "fp32", BLOCK_E=64,
-                  **K._meta(name, config), **({"GROUP_M": 8} if name == "mm" else {"TMA_OK": True}),
+                  **K._meta(name, config), TMA_OK=True,
+                  **({"GROUP_M": 8, "B_TRANSPOSED": launch == "dx"} if name == "mm" else {}),
                   **{a: 1 for a in unit})
         sig = {a: "constexpr" if a in cx else "*i64" if a == "SIZES" else f"*{dtype}" if a in POINTERS else "i32"
                for a in fn.arg_names}
@@ -500,7 +523,7 @@ for launch, (name, unit) in LAUNCHES.items():
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         # buffers of the software pipeline: the shared-memory tiles' leading dimension
         depth = max((int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", kernel.asm["ttgir"])), default=1)
-        tma = "TMA:" + str(int("async_tma_copy_local_to_global" in kernel.asm["ttgir"]))
+        tma = "TMA:" + str(int("async_tma_copy" in kernel.asm["ttgir"]))  # dw's stores, mm's loads
         print(launch, dtype, config, *[w for w in usage.split() if w.startswith(("REG", "STACK"))], f"DEPTH:{depth}",
               tma, f"SMEM:{kernel.metadata.shared}")
 """
@@ -531,7 +554,7 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
         config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
         regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
         used[(words[0], config)] = (-(-regs // 8) * 8 * config[3] * 32, smem + 1024)  # a thread's rounded up to 8
-        # dw's TMA store candidates store through TMA (dw contiguous, 16-byte rows), the others not
+        # TMA candidates store (dw) or load (mm) through TMA (contiguous, 16-byte rows), the others not
         programs, tma = K.persistence(config)
         assert f"TMA:{int(tma > 0)}" in words, line
         if arch >= 90 and dtype != "fp32":
@@ -617,6 +640,38 @@ def test_cuda_persistent_dw_stores_through_tma(gen, f):
         err = (got - want).abs().max().item()
         assert err <= 2e-2 * want.abs().max().item(), (config, err)
         assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[3], torch.zeros_like(got[3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,f", [(256, 208), (64, 40)])
+def test_cuda_persistent_mm_loads_through_tma(gen, d, f):
+    """Each persistent configuration of the forward and dx gives the right result where it loads
+    through TMA (Hopper, 16-byte rows; dx's w^T as a transposed descriptor; F ragged against
+    BLOCK_K and BLOCK_N, which TMA fills with zeros); D = 256, F = 208 compiles it as training
+    launches it (strides multiples of 16; test_cuda_every_config runs F = 136 and D = 200);
+    D = 64 and F = 40 make K loops of one step, so that the flattened pipeline's loads run
+    several tiles ahead.
+    The memory the output is allocated from was NaNs just before, so a tile left unwritten shows
+    (the caching allocator hands the freed block back for an allocation of its size)."""
+    from generalist.kernels.triton import moe as K
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    persistent = [c for c in K._CONFIGS_16BIT[90]["mm"] if K.persistence(c)[0]]
+    assert any(K.persistence(c)[1] for c in persistent)
+    sizes = [0, 300, 1, 0, 128, 517, 64, 77]
+    x, w, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    assert K.tma_loadable(x, w) and K.tma_loadable(dy, w.transpose(1, 2))
+    want_y = grouped_mm(x.double(), w.double(), gs, backend="reference")
+    want_dx = grouped_mm_bwd(dy.double(), x.double(), w.double(), gs, "reference")[0]
+    for config in persistent:
+        for a, b, want in ((x, w, want_y), (dy, w.transpose(1, 2), want_dx)):
+            torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device="cuda")  # freed at once
+            got = K._mm(a, b, gs, config=config).double()
+            assert torch.isfinite(got).all(), config
+            err = (got - want).abs().max().item()
+            assert err <= 2e-2 * want.abs().max().item(), (config, err)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,8 @@ Kernels:
                       tiles (an upper bound), needs no sync; the unused ones exit at once. Or
                       persistent (configs with programs per SM): a few programs per multiprocessor
                       striding over the tiles that hold rows, the tile loop and the K loop
-                      flattened into one software pipeline; the tuner picks either kind.
+                      flattened into one software pipeline, loading through pointers or (where
+                      the operands allow, Hopper) TMA; the tuner picks either kind.
                       The forward is (x, w); dx is (dy, w^T) via strides.
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
                       BLOCK_N tile of F, expert), looping over the group's rows; an empty group
@@ -98,6 +99,21 @@ def _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
 
 
 @triton.jit
+def _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e, GROUP_M: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """A persistent program's tile `tile` (of num_m row tiles holding rows x the column tiles,
+    GROUP_M row tiles at a time) -> (group, its first row, the group's end row, column tile)."""
+    first_m = (tile // per_group) * GROUP_M
+    # at least 1: the flattened loop decodes the tile after a program's last too (its loads are
+    # predicated off), which can lie past the last group of row tiles
+    rows_here = tl.maximum(tl.minimum(num_m - first_m, GROUP_M), 1)
+    pid_m = first_m + (tile % per_group) % rows_here
+    pid_n = (tile % per_group) // rows_here
+    g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
+    return g, row_start, row_end, pid_n
+
+
+@triton.jit
 def _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
                   stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
                   DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
@@ -130,7 +146,9 @@ def _grouped_mm_kernel(
     T, K, N, E, t_bucket,
     stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
     DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    TMA_OK: tl.constexpr, B_TRANSPOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, TMA_LOAD: tl.constexpr,
 ):
     # row tile -> expert and rows, from the group sizes read here (the host never reads them)
     offs_e = tl.arange(0, BLOCK_E)
@@ -161,15 +179,42 @@ def _grouped_mm_kernel(
         # next tile's first loads are in flight while this tile's result is stored.
         num_m = tl.sum(tiles, 0)
         per_group = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
-            first_m = (tile // per_group) * GROUP_M
-            rows_here = tl.minimum(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % per_group) % rows_here
-            pid_n = (tile % per_group) // rows_here
-            g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
-            _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
-                          stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
-                          DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+        if TMA_LOAD > 0 and TMA_OK:
+            # tiles of a and b[g] come in through the tensor memory accelerator (no address
+            # registers): a as one (T, K) matrix, whose rows past a group's end belong to the next
+            # group (loaded, never stored) or lie past T (zeros); b as (E, K, N), or (E, N, K)
+            # where b[g] is a transposed view (dx's w^T), so that K past its end reads zeros
+            # inside each expert
+            a_desc = tl.make_tensor_descriptor(A, shape=[T, K], strides=[stride_at, 1], block_shape=[BLOCK_M, BLOCK_K])
+            if B_TRANSPOSED:
+                b_desc = tl.make_tensor_descriptor(B, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
+                                                   block_shape=[1, BLOCK_N, BLOCK_K])
+            else:
+                b_desc = tl.make_tensor_descriptor(B, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
+                                                   block_shape=[1, BLOCK_K, BLOCK_N])
+            zero = tl.where(K < 0, 1.0, 0.0)
+            for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
+                g, row_start, row_end, pid_n = _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e,
+                                                                GROUP_M, BLOCK_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k in range(0, K, BLOCK_K):
+                    a = a_desc.load([row_start, k])
+                    if B_TRANSPOSED:
+                        b = tl.trans(tl.reshape(b_desc.load([g, pid_n * BLOCK_N, k]), (BLOCK_N, BLOCK_K)))
+                    else:
+                        b = tl.reshape(b_desc.load([g, k, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+                    acc = dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+                offs_m = row_start + tl.arange(0, BLOCK_M)
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
+                tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m < row_end)[:, None] & (offs_n < N)[None, :])
+        else:
+            for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
+                g, row_start, row_end, pid_n = _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e,
+                                                                GROUP_M, BLOCK_M)
+                _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
+                              stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+                              DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -266,12 +311,12 @@ def _grouped_dw_kernel(
 # Configurations: autotuned on a GPU, one small fixed one under the interpreter
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM[, TMA store]]). For "mm"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM[, TMA]]). For "mm"
 # BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
 # BLOCK_K steps over the group's rows. The optional entries (default 0) make a kernel
 # persistent: that many programs per multiprocessor (their registers capped so that they fit
-# side by side, `maxnreg`), and for dw, storing their tiles plainly (0) or through TMA, whole (1)
-# or as two column halves (2).
+# side by side, `maxnreg`); mm's then load their tiles through pointers (0) or TMA (1), dw's
+# store theirs plainly (0) or through TMA, whole (1) or as two column halves (2).
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -281,13 +326,16 @@ _CONFIGS_16BIT = {
     90: {
         "mm": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
                (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
-               # persistent programs, one per SM, whose tile loop and K loop the compiler flattens
-               # into one pipeline, so that a tile's first loads are in flight while the one before
-               # it is stored (dx at 8 experts ran at 75% of the dense dx on an H100: each program
-               # one 22-step K loop of 128 x 128, filled and drained, and a 32 KB store after it).
-               # Flattened, a program holds two tiles' state: 128 x 128 takes ~190 registers a
-               # thread (two programs capped at 128 spill)
-               (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)],
+               # persistent programs, whose tile loop and K loop the compiler flattens into one
+               # pipeline, so that a tile's first loads are in flight while the one before it is
+               # stored (dx at 8 experts ran at 75% of the dense dx on an H100: each program one
+               # 22-step K loop of 128 x 128, filled and drained, and a 32 KB store after it).
+               # Loading through pointers, a flattened 128 x 128 program takes ~190 registers a
+               # thread (two tiles' addresses), so one per SM; through TMA ~120, and with a
+               # two-stage pipeline two fit an SM
+               (128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1),
+               (128, 128, 64, 8, 3, 1, 1), (128, 128, 64, 8, 4, 1, 1), (128, 256, 64, 8, 3, 1, 1),
+               (128, 128, 64, 8, 2, 2, 1)],
         "dw": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
                (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                # for many short groups (64 experts of 256 rows: four 64-row steps per tile), where
@@ -318,7 +366,7 @@ _CONFIGS_FP32 = {
 # INTERPRET_SMS multiprocessors.
 _INTERPRET_CONFIGS = {"mm": (32, 64, 32, 4, 2), "dw": (32, 64, 32, 4, 2)}
 INTERPRET_SMS = 2
-_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket"], "dw": ["D", "F", "E", "t_bucket", "TMA_OK"]}
+_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket", "TMA_OK", "B_TRANSPOSED"], "dw": ["D", "F", "E", "t_bucket", "TMA_OK"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
@@ -339,7 +387,10 @@ def smem(kernel: str, config: tuple, elem: int) -> int:
     mm's (whose flattened loop keeps the pipeline's buffers busy while a tile is stored). That
     is what the compiler allocates for these kernels on Hopper (see the compile test)."""
     programs, tma = persistence(config)
-    staged = config[0] * config[1] // tma if tma else config[0] * config[1] if kernel == "mm" and programs else 0
+    if kernel == "dw":
+        staged = config[0] * config[1] // tma if tma else 0
+    else:
+        staged = config[0] * config[1] if programs else 0
     return ((config[0] + config[1]) * config[2] * config[4] + staged) * elem
 
 
@@ -353,8 +404,7 @@ def _meta(kernel: str, config: tuple) -> dict:
     meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
     programs, tma = persistence(config)
     meta["PROGRAMS_PER_SM"] = programs
-    if kernel == "dw":
-        meta["TMA_STORE"] = tma
+    meta["TMA_STORE" if kernel == "dw" else "TMA_LOAD"] = tma
     return meta
 
 
@@ -414,10 +464,10 @@ def _launch(kernel: str, grid_of, device: torch.device, elem: int, *args, config
         return
     launcher = (_autotuned(kernel, elem, device.index, _tuning()) if config is None  # one cache entry a kernel
                 else _autotuned(kernel, elem, device.index, _tuning(), config))
-    # dw's TMA stores build their descriptor in global memory, which Triton asks an allocator for
-    # at launch: a torch one for this launch, unless the caller has set an allocator of their own
+    # TMA loads and stores build their descriptors in global memory, which Triton asks an allocator
+    # for at launch: a torch one for this launch, unless the caller has set an allocator of their own
     token = (_allocation._allocator.set(_torch_scratch)
-             if kernel == "dw" and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR else None)
+             if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR else None)
     try:
         launcher[grid_of](*args, **constexprs)
     finally:
@@ -437,6 +487,23 @@ def tma_storable(dw_EDF: torch.Tensor) -> bool:
     s_e, s_d, s_f = dw_EDF.stride()
     return (s_f == 1 and s_d >= f and s_e == d * s_d and s_d * dw_EDF.element_size() % 16 == 0
             and dw_EDF.data_ptr() % 16 == 0 and e * d < 2**31)
+
+
+def _b_transposed(b_EKN: torch.Tensor) -> bool:
+    """Whether b[g] is a transposed view, unit stride along K (dx's w^T), rather than along N."""
+    return b_EKN.stride(1) == 1 and b_EKN.stride(2) != 1
+
+
+def tma_loadable(a_TK: torch.Tensor, b_EKN: torch.Tensor) -> bool:
+    """Whether the persistent mm's TMA loads can read a (T, K) and b (E, K, N): a with unit column
+    stride; b[g] with unit stride along N, or along K where it is a transposed view; every other
+    stride a positive multiple of 16 bytes (an expanded, stride-0 b is not), and both 16-byte
+    aligned."""
+    elem = a_TK.element_size()
+    s_e, s_k, s_n = b_EKN.stride()
+    unit, rows = (s_k, s_n) if _b_transposed(b_EKN) else (s_n, s_k)
+    return (a_TK.stride(1) == 1 and unit == 1 and all(s > 0 and s * elem % 16 == 0 for s in (a_TK.stride(0), s_e, rows))
+            and a_TK.data_ptr() % 16 == 0 and b_EKN.data_ptr() % 16 == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -509,6 +576,7 @@ def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor, config: 
         tiles = (cdiv(t, meta["BLOCK_M"]) + e) * cdiv(n, meta["BLOCK_N"])  # an upper bound
         return (min(tiles, sms * meta["PROGRAMS_PER_SM"]) if meta["PROGRAMS_PER_SM"] else tiles,)
 
+    tma_ok = _has_tma(a_TK.device.index if a_TK.is_cuda else -1) and tma_loadable(a_TK, b_EKN)
     with _on_device(a_TK):
         _launch(
             "mm", grid,
@@ -517,7 +585,7 @@ def _mm(a_TK: torch.Tensor, b_EKN: torch.Tensor, sizes_E: torch.Tensor, config: 
             a_TK.stride(0), a_TK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
             c_TN.stride(0), c_TN.stride(1),
             DOT_PRECISION=_dot_precision(a_TK.dtype), BLOCKED_SUM=a_TK.dtype == torch.float32,
-            BLOCK_E=_block_e(e), GROUP_M=8, config=config,
+            BLOCK_E=_block_e(e), GROUP_M=8, TMA_OK=tma_ok, B_TRANSPOSED=_b_transposed(b_EKN), config=config,
         )
     return c_TN
 
