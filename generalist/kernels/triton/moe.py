@@ -70,6 +70,13 @@ def _row_tile(sizes, tiles, tile_end, offs_e, tile, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(C, acc, offs_m, offs_n, m_ok, n_ok, stride_ct, stride_cn):
+    """c[offs_m, offs_n] = acc in c's dtype, where m_ok and n_ok."""
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
              stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
              DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
@@ -94,8 +101,7 @@ def _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_rows(C, acc, offs_m, offs_n, m_ok, n_ok, stride_ct, stride_cn)
 
 
 @triton.jit
@@ -136,8 +142,7 @@ def _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
-    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_rows(C, acc, offs_m, offs_n, m_ok, n_ok, stride_ct, stride_cn)
 
 
 @triton.jit
@@ -168,10 +173,11 @@ def _grouped_mm_kernel(
         pid_m = first_m + (pid % per_group) % rows_here
         pid_n = (pid % per_group) // rows_here
         g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
-        if g < E:
-            _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
-                     stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
-                     DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+        if g >= E:
+            return
+        _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
+                 stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
+                 DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         # persistent: a few programs per multiprocessor, each taking every num_programs-th of the
         # tiles that hold rows (counted here), in the same GROUP_M order. The K loop's bounds are
@@ -206,8 +212,7 @@ def _grouped_mm_kernel(
                     acc = dot_acc(a, b, acc, zero, DOT_PRECISION, BLOCKED_SUM)
                 offs_m = row_start + tl.arange(0, BLOCK_M)
                 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_ct + offs_n[None, :] * stride_cn
-                tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m < row_end)[:, None] & (offs_n < N)[None, :])
+                _store_rows(C, acc, offs_m, offs_n, offs_m < row_end, offs_n < N, stride_ct, stride_cn)
         else:
             for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
                 g, row_start, row_end, pid_n = _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e,
