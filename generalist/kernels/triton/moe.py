@@ -105,18 +105,15 @@ def _mm_tile(A, B, C, g, row_start, row_end, pid_n, K, N,
 
 
 @triton.jit
-def _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e, GROUP_M: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
-    """A persistent program's tile `tile` (of num_m row tiles holding rows x the column tiles,
-    GROUP_M row tiles at a time) -> (group, its first row, the group's end row, column tile)."""
+def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile `tile` of num_m row tiles x num_n column tiles -> (row tile, column tile), GROUP_M row
+    tiles at a time, so that neighbouring tiles share both a's rows and b's columns in L2."""
+    per_group = GROUP_M * num_n
     first_m = (tile // per_group) * GROUP_M
-    # at least 1: the flattened loop decodes the tile after a program's last too (its loads are
-    # predicated off), which can lie past the last group of row tiles
+    # at least 1: a persistent program's flattened loop decodes the tile after its last too (its
+    # loads are predicated off), which can lie past the last group of row tiles
     rows_here = tl.maximum(tl.minimum(num_m - first_m, GROUP_M), 1)
-    pid_m = first_m + (tile % per_group) % rows_here
-    pid_n = (tile % per_group) // rows_here
-    g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
-    return g, row_start, row_end, pid_n
+    return first_m + (tile % per_group) % rows_here, (tile % per_group) // rows_here
 
 
 @triton.jit
@@ -162,16 +159,9 @@ def _grouped_mm_kernel(
     tile_end = tl.cumsum(tiles, 0)
     num_n = tl.cdiv(N, BLOCK_N)
     if PROGRAMS_PER_SM == 0:
-        # a program per (row tile, column tile) of the upper bound cdiv(T, BLOCK_M) + E row tiles,
-        # GROUP_M row tiles at a time so that neighbours share both a's rows and b's columns in
-        # L2; tiles past the last group have nothing to do
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(T, BLOCK_M) + E
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        rows_here = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows_here
-        pid_n = (pid % per_group) // rows_here
+        # a program per (row tile, column tile) of the upper bound cdiv(T, BLOCK_M) + E row tiles;
+        # tiles past the last group have nothing to do
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BLOCK_M) + E, num_n, GROUP_M)
         g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
         if g >= E:
             return
@@ -184,7 +174,6 @@ def _grouped_mm_kernel(
         # the same for every tile, so the compiler flattens the two loops into one pipeline: the
         # next tile's first loads are in flight while this tile's result is stored.
         num_m = tl.sum(tiles, 0)
-        per_group = GROUP_M * num_n
         if TMA_LOAD > 0 and TMA_OK:
             # tiles of a and b[g] come in through the tensor memory accelerator (no address
             # registers): a as one (T, K) matrix, whose rows past a group's end belong to the next
@@ -200,8 +189,8 @@ def _grouped_mm_kernel(
                                                    block_shape=[1, BLOCK_K, BLOCK_N])
             zero = tl.where(K < 0, 1.0, 0.0)
             for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
-                g, row_start, row_end, pid_n = _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e,
-                                                                GROUP_M, BLOCK_M)
+                pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+                g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k in range(0, K, BLOCK_K):
                     a = a_desc.load([row_start, k])
@@ -215,8 +204,8 @@ def _grouped_mm_kernel(
                 _store_rows(C, acc, offs_m, offs_n, offs_m < row_end, offs_n < N, stride_ct, stride_cn)
         else:
             for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
-                g, row_start, row_end, pid_n = _persistent_tile(tile, num_m, per_group, sizes, tiles, tile_end, offs_e,
-                                                                GROUP_M, BLOCK_M)
+                pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+                g, row_start, row_end = _row_tile(sizes, tiles, tile_end, offs_e, pid_m, BLOCK_M)
                 _mm_tile_flat(A, B, C, g, row_start, row_end, pid_n, K, N,
                               stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_ct, stride_cn,
                               DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -400,7 +389,8 @@ def smem(kernel: str, config: tuple, elem: int) -> int:
 
 
 def persistence(config: tuple) -> tuple[int, int]:
-    """A config's (programs per SM, TMA store), (0, 0) when it has neither entry."""
+    """A config's (programs per SM, TMA: loads for mm, the store for dw), (0, 0) when it has
+    neither entry."""
     return (tuple(config[5:7]) + (0, 0))[:2]
 
 
