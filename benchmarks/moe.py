@@ -245,7 +245,7 @@ def dw_candidates(x, dy, w, gs, e: int, lines: list[str]) -> None:
     arch, smem = K._arch_and_smem(torch.cuda.current_device())
     fl = flops(x.shape[0], x.shape[1], dy.shape[1])
     lines += ["", f"dw under each tuning candidate alone, E{e} (config: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages"
-              "[, programs per SM, TMA store]):", "", "| config | ms | TFLOP/s |", "|---|---|---|"]
+              "[, programs per SM, TMA store[, tiles a chunk]]):", "", "| config | ms | TFLOP/s |", "|---|---|---|"]
     for config in K.configs_for("dw", 2, arch, smem):
         sec = _bench_gpu(lambda: K._dw(x, dy, gs, e, config=config))
         lines.append(f"| {config} | {sec * 1e3:.3f} | {fl / sec / 1e12:.0f} |")

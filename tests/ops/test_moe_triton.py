@@ -138,14 +138,21 @@ def test_strided_inputs(gen):
 
 
 @pytest.mark.parametrize("persistence,dtype", [((1, 1), torch.float32), ((1, 1), torch.float16), ((3, 1), torch.float32),
-                                               ((2, 2), torch.float32), ((2, 0), torch.float32)])
+                                               ((2, 2), torch.float32), ((2, 0), torch.float32),
+                                               ((0, 1, 3), torch.float32), ((0, 2, 2), torch.float16),
+                                               ((0, 0, 4), torch.float32)])
 @pytest.mark.parametrize("d,f", [(64, 72), (40, 72), (40, 111)])
-def test_persistent_dw_matches_float64(gen, monkeypatch, persistence, dtype, d, f):
+def test_dw_program_kinds_match_float64(gen, monkeypatch, persistence, dtype, d, f):
     """dw's persistent programs (INTERPRET_SMS x programs per SM of them, each taking several
-    tiles) against float64: through TMA stores, whole or in column halves, where dw allows them
+    tiles), and its programs of a chunk of tiles each, against float64: through TMA stores, whole or in column halves, where dw allows them
     ((64, 72): F ragged against BLOCK_N, which TMA clips; the right half of the last column tile
-    lies wholly past F), with plain stores where BLOCK_M does not divide D (40) or rows are not
-    16-byte multiples (111 columns), and without TMA at all."""
+    lies wholly past F; (40, 72): BLOCK_M does not divide D, so an expert's last D tile is
+    clipped at D, not written into the next expert), with plain stores where rows are not 16-byte
+    multiples (111 columns), and without TMA stores at all. With a chunk (third entry, no
+    programs per SM), a program takes that many tiles of one expert in one pipeline, x and dy
+    coming in through TMA from descriptors of that expert's rows (a step past its last row reads
+    zeros, not the next expert's; an empty group stores zeros); (40, 111) falls back to pointer
+    loads (dy's 444-byte rows)."""
     from generalist.kernels.triton import moe as K
 
     if DEVICE == "cuda":
@@ -155,6 +162,40 @@ def test_persistent_dw_matches_float64(gen, monkeypatch, persistence, dtype, d, 
     x, w, gs = _inputs(gen, sizes, d, f, dtype)
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     _check_against_float64(x, w, gs, dy, gen.initial_seed())
+
+
+def _dw_keeps_non_finite_rows_to_their_group(gen, dtype, device, config=None):
+    """With inf in one group's x rows and NaN in the next group's dy rows, every other group's dw
+    is exact: dw[g] reads only group g's rows (a row step running past a group's end must read
+    zeros in both operands: 0 * inf is NaN)."""
+    from generalist.kernels.triton import moe as K
+
+    sizes, d, f = [0, 37, 2, 5, 70, 300], 256, 208
+    x, _, gs = _inputs(gen, sizes, d, f, dtype, device=device)
+    dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(device, dtype)
+    x[37:39, 5] = float("inf")  # group 2
+    dy[39:44, 7] = float("nan")  # group 3
+    got = K._dw(x, dy, gs, len(sizes), config=config).double()
+    starts = [0, 0, 37, 39, 44, 114]
+    for e in (0, 1, 4, 5):
+        rows = slice(starts[e], starts[e] + sizes[e])
+        want = x[rows].double().T @ dy[rows].double()
+        assert torch.isfinite(got[e]).all(), (config, e)
+        assert _max_err(got[e], want) <= (1e-3 if dtype == torch.float32 else 2e-2 * want.abs().max().item()), (config, e)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN group's own dw
+@pytest.mark.parametrize("persistence", [(), (1, 1), (2, 0), (0, 1, 3), (0, 0, 2)])
+def test_dw_keeps_a_groups_non_finite_rows_to_itself(gen, monkeypatch, persistence):
+    """dw[g] reads only the rows of group g, under each kind of program: one per tile, persistent
+    with TMA stores or plain ones, and one per chunk of tiles loading through TMA (whose
+    descriptors end at the group's last row)."""
+    from generalist.kernels.triton import moe as K
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU, test_cuda_dw_keeps_a_groups_non_finite_rows_to_itself runs every configuration")
+    monkeypatch.setitem(K._INTERPRET_CONFIGS, "dw", K._INTERPRET_CONFIGS["dw"] + persistence)
+    _dw_keeps_non_finite_rows_to_their_group(gen, torch.float32, DEVICE)
 
 
 @pytest.mark.parametrize("persistence,dtype", [((1, 0), torch.float32), ((3, 0), torch.float32), ((2, 0), torch.float16),
@@ -196,33 +237,52 @@ def test_persistent_mm_matches_float64(gen, monkeypatch, persistence, dtype, siz
 
 
 def test_tma_storable_layouts():
-    """dw goes out through TMA only as one contiguous-rowed (E*D, F) matrix of 16-byte rows."""
+    """dw goes out through TMA as an (E, D, F) tensor of unit column stride whose other strides
+    are positive multiples of 16 bytes, from a 16-byte aligned base."""
     from generalist.kernels.triton.moe import tma_storable
 
     assert tma_storable(torch.empty(3, 40, 72))  # fp32: 288-byte rows
     assert tma_storable(torch.empty(3, 40, 72, dtype=torch.float16))
-    assert tma_storable(torch.empty(3, 40, 80)[:, :, :72])  # padded rows: still one (E*D, F) matrix
+    assert tma_storable(torch.empty(3, 40, 80)[:, :, :72])  # padded rows
+    assert tma_storable(torch.empty(3, 48, 72)[:, :40])  # experts apart by more than D rows
     assert not tma_storable(torch.empty(3, 40, 111))  # 444-byte rows
     assert not tma_storable(torch.empty(3, 40, 76, dtype=torch.float16))  # 152-byte rows
+    assert not tma_storable(torch.empty(3 * 2881).as_strided((3, 40, 72), (2881, 72, 1)))  # experts 11524 bytes apart
     assert not tma_storable(torch.empty(3, 72, 40).transpose(1, 2))  # column stride 72
-    assert not tma_storable(torch.empty(3, 48, 72)[:, :40])  # experts apart by more than D rows
     assert not tma_storable(torch.empty(1, 40, 72).expand(3, 40, 72))  # experts aliased
     assert not tma_storable(torch.empty(40, 1).expand(40, 72).unsqueeze(0).expand(3, 40, 72))
     assert not tma_storable(torch.empty(3 * 40 * 72 + 1)[1:].view(3, 40, 72))  # 4-byte aligned base
 
 
+def test_tma_rows_loadable_layouts():
+    """dw loads x and dy through TMA where both have unit column strides and row strides of
+    16-byte multiples (every group's first row aligned), from 16-byte aligned bases."""
+    from generalist.kernels.triton.moe import tma_rows_loadable
+
+    x, dy = torch.empty(10, 40), torch.empty(10, 72)
+    assert tma_rows_loadable(x, dy)
+    assert tma_rows_loadable(torch.empty(10, 48)[:, :40], dy.half()[:, :64])  # padded rows
+    assert not tma_rows_loadable(x, torch.empty(10, 111))  # 444-byte rows
+    assert not tma_rows_loadable(torch.empty(10, 44, dtype=torch.float16), dy)  # 88-byte rows
+    assert not tma_rows_loadable(torch.empty(40, 10).t(), dy)  # column stride 10
+    assert not tma_rows_loadable(x, torch.empty(1, 72).expand(10, 72))  # one row for all
+    assert not tma_rows_loadable(torch.empty(401)[1:].view(10, 40), dy)  # 4-byte aligned base
+
+
 def test_dw_asks_for_tma_stores_where_dw_allows(gen, monkeypatch):
-    """_dw launches with TMA_OK where its output is TMA-storable (and the device has TMA)."""
+    """_dw launches with TMA_OK where its output is TMA-storable, and TMA_LOAD_OK where x and dy
+    are TMA-loadable (and the device has TMA)."""
     from generalist.kernels.triton import moe as K
 
     seen, launch = [], K._launch
-    monkeypatch.setattr(K, "_launch", lambda kernel, *a, **kw: (seen.append(kw.get("TMA_OK")), launch(kernel, *a, **kw)))
+    monkeypatch.setattr(K, "_launch", lambda kernel, *a, **kw: (seen.append((kw.get("TMA_OK"), kw.get("TMA_LOAD_OK"))),
+                                                                 launch(kernel, *a, **kw)))
     sizes = [3, 0, 9]
     for f in (72, 111):
         x, _, gs = _inputs(gen, sizes, 40, f)
         K._dw(x, torch.randn(sum(sizes), f, generator=gen).to(DEVICE), gs, len(sizes))
     has_tma = K._has_tma(torch.cuda.current_device() if DEVICE == "cuda" else -1)
-    assert seen == [has_tma, False]
+    assert seen == [(has_tma, has_tma), (False, False)]
 
 
 def test_launches_with_a_scratch_allocator_and_leave_the_callers(monkeypatch):
@@ -509,7 +569,7 @@ for launch, (name, unit) in LAUNCHES.items():
         warps, stages = config[3:5]
         cx = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCKED_SUM=dtype == "fp32", BLOCK_E=64,
                   **K._meta(name, config), TMA_OK=True,
-                  **({"GROUP_M": 8, "B_TRANSPOSED": launch == "dx"} if name == "mm" else {}),
+                  **({"GROUP_M": 8, "B_TRANSPOSED": launch == "dx"} if name == "mm" else {"TMA_LOAD_OK": True}),
                   **{a: 1 for a in unit})
         sig = {a: "constexpr" if a in cx else "*i64" if a == "SIZES" else f"*{dtype}" if a in POINTERS else "i32"
                for a in fn.arg_names}
@@ -615,31 +675,42 @@ def test_cuda_every_config(gen, monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("f", [200, 208])
-def test_cuda_persistent_dw_stores_through_tma(gen, f):
-    """Where dw's TMA store runs (Hopper, bf16, BLOCK_M dividing D, 16-byte rows; F ragged
-    against BLOCK_N, which TMA clips), each persistent configuration gives the right gradient,
-    empty groups' zeros included; the poisoned output shows any tile it did not write. F = 208
-    makes every stride a multiple of 16, so the kernel is compiled as training launches it
-    (deeper pipelines, more shared memory) rather than as F = 200's."""
+@pytest.mark.parametrize("d,f", [(256, 200), (256, 208), (200, 208)])
+def test_cuda_dw_through_tma(gen, d, f):
+    """Where dw's TMA stores and loads run (Hopper, bf16, 16-byte rows; F ragged against BLOCK_N
+    and D = 200 against BLOCK_M, which TMA clips at each expert's end), each persistent and
+    chunked configuration gives the right gradient, empty groups' zeros included; the poisoned
+    output shows any tile it did not write. F = 208 makes every stride a multiple of 16, so the
+    kernel is compiled as training launches it (deeper pipelines, more shared memory) rather
+    than as F = 200's."""
     from generalist.kernels.triton import moe as K
 
     if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA stores need Hopper or newer")
-    persistent = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0]]
-    assert any(K.persistence(c)[1] for c in persistent)
-    sizes, d = [0, 300, 1, 0, 128, 517, 64, 77], 256
+        pytest.skip("TMA needs Hopper or newer")
+    configs = [c for c in K._CONFIGS_16BIT[90]["dw"] if K.persistence(c)[0] or K.chunk(c)]
+    assert any(K.persistence(c)[1] for c in configs) and any(K.chunk(c) for c in configs)
+    sizes = [0, 300, 1, 0, 128, 517, 64, 77]
     x, _, gs = _inputs(gen, sizes, d, f, torch.bfloat16, device="cuda")
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to("cuda", torch.bfloat16)
+    assert K.tma_storable(torch.empty(len(sizes), d, f, dtype=torch.bfloat16)) and K.tma_rows_loadable(x, dy)
     want = grouped_mm_bwd(dy.double(), x.double(), torch.zeros(len(sizes), d, f, dtype=torch.float64, device="cuda"),
                           gs, "reference")[1]
-    for config in persistent:
+    for config in configs:
         out = torch.full((len(sizes), d, f), float("nan"), dtype=torch.bfloat16, device="cuda")
         got = K._dw(x, dy, gs, len(sizes), out=out, config=config).double()
         assert torch.isfinite(got).all(), config
         err = (got - want).abs().max().item()
         assert err <= 2e-2 * want.abs().max().item(), (config, err)
         assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[3], torch.zeros_like(got[3]))
+
+
+@pytest.mark.gpu
+def test_cuda_dw_keeps_a_groups_non_finite_rows_to_itself(gen):
+    """dw[g] reads only group g's rows under every dw configuration of this GPU (bf16)."""
+    from generalist.kernels.triton import moe as K
+
+    for config in K.configs_for("dw", 2, *K._arch_and_smem(torch.cuda.current_device())):
+        _dw_keeps_non_finite_rows_to_their_group(gen, torch.bfloat16, "cuda", config)
 
 
 @pytest.mark.gpu

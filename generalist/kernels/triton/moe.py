@@ -18,11 +18,14 @@ Kernels:
                       The forward is (x, w); dx is (dy, w^T) via strides.
   _grouped_dw_kernel  dw[g] = x[rows of g]^T @ dy[rows of g]: one program per (BLOCK_M tile of D,
                       BLOCK_N tile of F, expert), looping over the group's rows; an empty group
-                      writes zeros. E is grid axis 1, so at most 65535 experts. Or persistent
-                      (configs with programs per SM): a grid of a few programs per multiprocessor
-                      striding over the tiles, optionally storing each through TMA (async, from
-                      shared memory, while the next tile is computed) where dw is contiguous
-                      with 16-byte rows; the tuner picks either kind.
+                      writes zeros. E is grid axis 1, so at most 65535 experts. Or one program
+                      per chunk of an expert's tiles (configs with a chunk), which loads x's and
+                      dy's rows through TMA where they allow (16-byte rows) from descriptors of
+                      the expert's rows alone, its tiles and row steps one software pipeline.
+                      Or persistent (configs with programs per SM): a grid of a few programs per
+                      multiprocessor striding over the tiles. Any kind may store its tiles
+                      through TMA (async, from shared memory, while the program goes on) where
+                      dw has 16-byte rows; the tuner picks the kind.
 The backward runs dx and dw one after the other, or side by side on two streams (dw first, on a
 side stream of higher priority), whichever was timed faster at the shape's first backward.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
@@ -246,19 +249,49 @@ def _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, st
 
 
 @triton.jit
+def _store_dw_tile(DW, dw_desc, acc, g, pid_m, pid_n, D, F, stride_we, stride_wd, stride_wf,
+                   TMA: tl.constexpr, TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dw[g]'s (pid_m, pid_n) tile = acc: through TMA (dw_desc, (E, D, F)), whole or in two column
+    halves (TMA_STORE 1, 2), or plainly."""
+    if TMA:
+        out = tl.reshape(acc.to(DW.dtype.element_ty), (1, BLOCK_M, BLOCK_N))
+        if TMA_STORE == 2:
+            left, right = tl.split(tl.permute(tl.reshape(out, (1, BLOCK_M, 2, BLOCK_N // 2)), (0, 1, 3, 2)))
+            dw_desc.store([g, pid_m * BLOCK_M, pid_n * BLOCK_N], left)
+            dw_desc.store([g, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], right)
+        else:
+            dw_desc.store([g, pid_m * BLOCK_M, pid_n * BLOCK_N], out)
+    else:
+        offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_tile(DW, acc, g, offs_d, offs_f, offs_d < D, offs_f < F, stride_we, stride_wd, stride_wf)
+
+
+@triton.jit
 def _grouped_dw_kernel(
     X, DY, DW, SIZES,
     T, D, F, E, t_bucket,
     stride_xt, stride_xd, stride_yt, stride_yf, stride_we, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr, BLOCK_E: tl.constexpr, TMA_OK: tl.constexpr,
+    TMA_LOAD_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr, TMA_STORE: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, TMA_STORE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # BLOCK_M tiles D, BLOCK_N tiles F, BLOCK_K steps over a group's rows
     offs_e = tl.arange(0, BLOCK_E)
     sizes = tl.load(SIZES + offs_e, mask=offs_e < E, other=0).to(tl.int32)
     num_n = tl.cdiv(F, BLOCK_N)
-    if PROGRAMS_PER_SM == 0:
+    per_expert = tl.cdiv(D, BLOCK_M) * num_n
+    # With TMA_STORE (where the host found dw laid out for it, TMA_OK) a tile goes out through the
+    # tensor memory accelerator from shared memory, asynchronously, while the program goes on:
+    # whole (1), or as two column halves (2), which halves the staging tile's shared memory. dw is
+    # an (E, D, F) descriptor, so an expert's last D tile is clipped at D, not written into the next
+    if TMA_STORE > 0 and TMA_OK:
+        dw_desc = tl.make_tensor_descriptor(DW, shape=[E, D, F], strides=[stride_we, stride_wd, 1],
+                                            block_shape=[1, BLOCK_M, BLOCK_N // TMA_STORE])
+    else:
+        dw_desc = DW  # not read
+    if PROGRAMS_PER_SM == 0 and CHUNK == 0:
         # one program per (D tile, F tile, expert), the expert slowest so that neighbours share
         # its rows in L2
         pid = tl.program_id(0)
@@ -267,50 +300,71 @@ def _grouped_dw_kernel(
             X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
             DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
         _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
+    elif PROGRAMS_PER_SM == 0:
+        # one program per (chunk of CHUNK consecutive tiles, expert). Where x and dy allow
+        # (TMA_LOAD_OK), their rows come in through TMA from descriptors of the expert's rows
+        # alone, so a row step past the group's end reads zeros: no masks, no address registers.
+        # Every tile of the chunk takes the same row steps, so the compiler flattens the tile and
+        # row loops into one software pipeline: a tile's first rows load while the one before it
+        # finishes and is stored, and a pipeline fills once a chunk rather than once a tile (at 64
+        # experts of 256 rows, a tile is only four 64-row steps)
+        g = tl.program_id(1)
+        first = tl.program_id(0) * CHUNK
+        last = tl.minimum(first + CHUNK, per_expert)
+        row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
+        rows = tl.sum(tl.where(offs_e == g, sizes, 0), 0)
+        if TMA_LOAD_OK:
+            if rows > 0:  # (the flattened loop runs each tile's row loop at least once)
+                x_desc = tl.make_tensor_descriptor(X + row_start.to(tl.int64) * stride_xt, shape=[rows, D],
+                                                   strides=[stride_xt, 1], block_shape=[BLOCK_K, BLOCK_M])
+                dy_desc = tl.make_tensor_descriptor(DY + row_start.to(tl.int64) * stride_yt, shape=[rows, F],
+                                                    strides=[stride_yt, 1], block_shape=[BLOCK_K, BLOCK_N])
+                zero = tl.where(T < 0, 1.0, 0.0)
+                for tile in tl.range(first, last, flatten=True):
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for r in range(0, rows, BLOCK_K):
+                        xt = tl.trans(x_desc.load([r, tile // num_n * BLOCK_M]))
+                        dy = dy_desc.load([r, tile % num_n * BLOCK_N])
+                        acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
+                    _store_dw_tile(DW, dw_desc, acc, g, tile // num_n, tile % num_n, D, F, stride_we, stride_wd,
+                                   stride_wf, TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
+            else:
+                for tile in range(first, last):
+                    _store_dw_tile(DW, dw_desc, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), g, tile // num_n,
+                                   tile % num_n, D, F, stride_we, stride_wd, stride_wf, TMA_STORE > 0 and TMA_OK,
+                                   TMA_STORE, BLOCK_M, BLOCK_N)
+        else:
+            for tile in range(first, last):
+                acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
+                    X, DY, sizes, offs_e, g, tile // num_n, tile % num_n, T, D, F, stride_xt, stride_xd, stride_yt,
+                    stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+                _store_dw_tile(DW, dw_desc, acc, g, tile // num_n, tile % num_n, D, F, stride_we, stride_wd,
+                               stride_wf, TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
     else:
-        # persistent: a few programs per multiprocessor, each taking every num_programs-th tile
-        # in (expert, D tile, F tile) order. With TMA_STORE (where the host found dw laid out for
-        # it, TMA_OK) a tile goes out through the tensor memory accelerator from shared memory,
-        # asynchronously, while the program computes its next tile: whole (1), or as two column
-        # halves (2), which halves the staging tile's shared memory.
-        per_expert = tl.cdiv(D, BLOCK_M) * num_n
-        if TMA_STORE > 0 and TMA_OK:
-            # dw as one (E*D, F) matrix: a tile stays inside its expert when BLOCK_M divides D
-            dw_desc = tl.make_tensor_descriptor(DW, shape=[E * D, F], strides=[stride_wd, 1],
-                                                block_shape=[BLOCK_M, BLOCK_N // TMA_STORE])
+        # persistent: a few programs per multiprocessor, each taking every num_programs-th tile in
+        # (expert, D tile, F tile) order
         for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
             g = tile // per_expert
             pid = tile % per_expert
-            pid_m = pid // num_n
-            pid_n = pid % num_n
             acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
-                X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
-                DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-            if TMA_STORE > 0 and TMA_OK:
-                if D % BLOCK_M == 0:
-                    row = g * D + pid_m * BLOCK_M
-                    if TMA_STORE == 2:
-                        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-                        dw_desc.store([row, pid_n * BLOCK_N], left.to(DW.dtype.element_ty))
-                        dw_desc.store([row, pid_n * BLOCK_N + BLOCK_N // 2], right.to(DW.dtype.element_ty))
-                    else:
-                        dw_desc.store([row, pid_n * BLOCK_N], acc.to(DW.dtype.element_ty))
-                else:
-                    _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
-            else:
-                _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
+                X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt,
+                stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store_dw_tile(DW, dw_desc, acc, g, pid // num_n, pid % num_n, D, F, stride_we, stride_wd, stride_wf,
+                           TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
 # Configurations: autotuned on a GPU, one small fixed one under the interpreter
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM[, TMA]]). For "mm"
-# BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
-# BLOCK_K steps over the group's rows. The optional entries (default 0) make a kernel
-# persistent: that many programs per multiprocessor (their registers capped so that they fit
-# side by side, `maxnreg`); mm's then load their tiles through pointers (0) or TMA (1), dw's
-# store theirs plainly (0) or through TMA, whole (1) or as two column halves (2).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM[, TMA[, chunk]]]). For
+# "mm" BLOCK_M counts rows of a group and BLOCK_N output columns; for "dw" they tile D and F and
+# BLOCK_K steps over the group's rows. The optional entries default to 0. Programs per SM make
+# a kernel persistent: that many programs per multiprocessor (their registers capped so that
+# they fit side by side, `maxnreg`). TMA: mm's load their tiles through pointers (0) or TMA (1);
+# dw's store theirs plainly (0) or through TMA, whole (1) or as two column halves (2), in any
+# kind of program. A chunk (dw, with no programs per SM) makes a program per that many tiles of
+# an expert, loading through TMA.
 # 16-bit tables differ between Hopper (wgmma, accumulators spread over a warpgroup) and Ampere
 # (mma.sync, which spills with 128x128 tiles on 4 warps); fp32 runs exact fp32 products on the
 # CUDA cores, which want small tiles. Every entry compiles without register spills with Triton
@@ -345,7 +399,12 @@ _CONFIGS_16BIT = {
                # the compiler pipelines across tiles, written out by hand since the steps a tile
                # takes vary, was 1.5-2x slower on an H100 at 64 experts.)
                (128, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1), (128, 128, 64, 8, 2, 2, 1),
-               (128, 128, 32, 8, 4, 2, 1), (128, 128, 64, 8, 3, 2, 2), (128, 128, 64, 8, 3, 1, 0)],
+               (128, 128, 32, 8, 4, 2, 1), (128, 128, 64, 8, 3, 2, 2), (128, 128, 64, 8, 3, 1, 0),
+               # ... or a program per chunk of 4 or 8 tiles of an expert, loading through TMA (no
+               # address registers: ~90 a thread) in one pipeline over the chunk's tiles, so that
+               # the pipeline fills once a chunk; two fit an SM where shared memory allows
+               (128, 128, 64, 8, 2, 0, 1, 4), (128, 128, 32, 8, 4, 0, 1, 4), (128, 128, 64, 8, 3, 0, 2, 4),
+               (128, 128, 32, 8, 4, 0, 1, 8), (128, 256, 64, 8, 3, 0, 1, 4)],
     },
     80: {
         "mm": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
@@ -362,7 +421,8 @@ _CONFIGS_FP32 = {
 # INTERPRET_SMS multiprocessors.
 _INTERPRET_CONFIGS = {"mm": (32, 64, 32, 4, 2), "dw": (32, 64, 32, 4, 2)}
 INTERPRET_SMS = 2
-_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket", "TMA_OK", "B_TRANSPOSED"], "dw": ["D", "F", "E", "t_bucket", "TMA_OK"]}
+_TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket", "TMA_OK", "B_TRANSPOSED"],
+              "dw": ["D", "F", "E", "t_bucket", "TMA_OK", "TMA_LOAD_OK"]}
 _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
@@ -396,12 +456,20 @@ def persistence(config: tuple) -> tuple[int, int]:
     return (tuple(config[5:7]) + (0, 0))[:2]
 
 
+def chunk(config: tuple) -> int:
+    """A dw config's tiles a chunk (its eighth entry; 0 when absent): a program per chunk of that
+    many of an expert's tiles, loading through TMA where x and dy allow, in one pipeline."""
+    return config[7] if len(config) > 7 else 0
+
+
 def _meta(kernel: str, config: tuple) -> dict:
     """A config tuple's constexprs, the persistent ones too (0 when absent)."""
     meta = {"BLOCK_M": config[0], "BLOCK_N": config[1], "BLOCK_K": config[2]}
     programs, tma = persistence(config)
     meta["PROGRAMS_PER_SM"] = programs
     meta["TMA_STORE" if kernel == "dw" else "TMA_LOAD"] = tma
+    if kernel == "dw":
+        meta["CHUNK"] = chunk(config)
     return meta
 
 
@@ -477,13 +545,20 @@ def _torch_scratch(size: int, alignment: int, stream):
 
 
 def tma_storable(dw_EDF: torch.Tensor) -> bool:
-    """Whether dw's TMA store can write this (E, D, F) tensor: one (E*D, F) matrix (experts one
-    after another, rows apart, unit column stride), 16-byte aligned with 16-byte rows, and
-    E*D within int32 (the descriptor's row count and coordinates)."""
-    e, d, f = dw_EDF.shape
+    """Whether dw's TMA store can write this (E, D, F) tensor: unit column stride, the other two
+    positive multiples of 16 bytes (expanded, stride-0 experts or rows are not), 16-byte aligned."""
+    elem = dw_EDF.element_size()
     s_e, s_d, s_f = dw_EDF.stride()
-    return (s_f == 1 and s_d >= f and s_e == d * s_d and s_d * dw_EDF.element_size() % 16 == 0
-            and dw_EDF.data_ptr() % 16 == 0 and e * d < 2**31)
+    return s_f == 1 and all(s > 0 and s * elem % 16 == 0 for s in (s_e, s_d)) and dw_EDF.data_ptr() % 16 == 0
+
+
+def tma_rows_loadable(x_TD: torch.Tensor, dy_TF: torch.Tensor) -> bool:
+    """Whether dw's TMA loads can read x (T, D) and dy (T, F) a group of rows at a time: unit
+    column strides, row strides positive multiples of 16 bytes (so that every group's first row
+    is 16-byte aligned too), 16-byte aligned."""
+    elem = x_TD.element_size()
+    return all(a.stride(1) == 1 and a.stride(0) > 0 and a.stride(0) * elem % 16 == 0 and a.data_ptr() % 16 == 0
+               for a in (x_TD, dy_TF))
 
 
 def _b_transposed(b_EKN: torch.Tensor) -> bool:
@@ -643,9 +718,9 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
         tiles = cdiv(d, meta["BLOCK_M"]) * cdiv(f, meta["BLOCK_N"])
         if meta["PROGRAMS_PER_SM"]:
             return (min(tiles * e, sms * meta["PROGRAMS_PER_SM"]),)
-        return (tiles, e)
+        return (cdiv(tiles, meta["CHUNK"]) if meta["CHUNK"] else tiles, e)
 
-    tma_ok = _has_tma(x_TD.device.index if x_TD.is_cuda else -1) and tma_storable(dw_EDF)
+    has_tma = _has_tma(x_TD.device.index if x_TD.is_cuda else -1)
     with _on_device(x_TD):
         _launch(
             "dw", grid, x_TD.device, x_TD.element_size(),
@@ -653,7 +728,8 @@ def _dw(x_TD: torch.Tensor, dy_TF: torch.Tensor, sizes_E: torch.Tensor, e: int,
             x_TD.stride(0), x_TD.stride(1), dy_TF.stride(0), dy_TF.stride(1),
             dw_EDF.stride(0), dw_EDF.stride(1), dw_EDF.stride(2),
             DOT_PRECISION=_dot_precision(x_TD.dtype), BLOCKED_SUM=x_TD.dtype == torch.float32,
-            BLOCK_E=_block_e(e), TMA_OK=tma_ok, config=config,
+            BLOCK_E=_block_e(e), TMA_OK=has_tma and tma_storable(dw_EDF),
+            TMA_LOAD_OK=has_tma and tma_rows_loadable(x_TD, dy_TF), config=config,
         )
     return dw_EDF
 
