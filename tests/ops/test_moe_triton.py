@@ -144,7 +144,8 @@ def test_strided_inputs(gen):
 @pytest.mark.parametrize("d,f", [(64, 72), (40, 72), (40, 111)])
 def test_dw_program_kinds_match_float64(gen, monkeypatch, persistence, dtype, d, f):
     """dw's persistent programs (INTERPRET_SMS x programs per SM of them, each taking several
-    tiles), and its programs of a chunk of tiles each, against float64: through TMA stores, whole or in column halves, where dw allows them
+    tiles), and its programs of a chunk of tiles each, against float64: through TMA stores,
+    whole or in column halves, where dw allows them
     ((64, 72): F ragged against BLOCK_N, which TMA clips; the right half of the last column tile
     lies wholly past F; (40, 72): BLOCK_M does not divide D, so an expert's last D tile is
     clipped at D, not written into the next expert), with plain stores where rows are not 16-byte
@@ -156,7 +157,7 @@ def test_dw_program_kinds_match_float64(gen, monkeypatch, persistence, dtype, d,
     from generalist.kernels.triton import moe as K
 
     if DEVICE == "cuda":
-        pytest.skip("on a GPU, test_cuda_every_config runs every persistent configuration")
+        pytest.skip("on a GPU, test_cuda_every_config and test_cuda_dw_through_tma run every configuration")
     monkeypatch.setitem(K._INTERPRET_CONFIGS, "dw", K._INTERPRET_CONFIGS["dw"] + persistence)
     sizes = [0, 37, 2, 5, 70]  # (a tile run over the end of its expert would show in the next one's rows)
     x, w, gs = _inputs(gen, sizes, d, f, dtype)
@@ -175,13 +176,15 @@ def _dw_keeps_non_finite_rows_to_their_group(gen, dtype, device, config=None):
     dy = torch.randn(sum(sizes), f, generator=gen, dtype=torch.float64).to(device, dtype)
     x[37:39, 5] = float("inf")  # group 2
     dy[39:44, 7] = float("nan")  # group 3
-    got = K._dw(x, dy, gs, len(sizes), config=config).double()
+    out = torch.full((len(sizes), d, f), float("nan"), dtype=dtype, device=device)  # shows a tile not written
+    got = K._dw(x, dy, gs, len(sizes), out=out, config=config).double()
     starts = [0, 0, 37, 39, 44, 114]
     for e in (0, 1, 4, 5):
         rows = slice(starts[e], starts[e] + sizes[e])
         want = x[rows].double().T @ dy[rows].double()
         assert torch.isfinite(got[e]).all(), (config, e)
-        assert _max_err(got[e], want) <= (1e-3 if dtype == torch.float32 else 2e-2 * want.abs().max().item()), (config, e)
+        tolerance = 1e-3 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+        assert _max_err(got[e], want) <= tolerance, (config, e)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN group's own dw
@@ -261,7 +264,8 @@ def test_tma_rows_loadable_layouts():
 
     x, dy = torch.empty(10, 40), torch.empty(10, 72)
     assert tma_rows_loadable(x, dy)
-    assert tma_rows_loadable(torch.empty(10, 48)[:, :40], dy.half()[:, :64])  # padded rows
+    assert tma_rows_loadable(torch.empty(10, 48)[:, :40], dy[:, :64])  # padded rows
+    assert tma_rows_loadable(torch.empty(10, 40, dtype=torch.float16), torch.empty(10, 72, dtype=torch.float16))
     assert not tma_rows_loadable(x, torch.empty(10, 111))  # 444-byte rows
     assert not tma_rows_loadable(torch.empty(10, 44, dtype=torch.float16), dy)  # 88-byte rows
     assert not tma_rows_loadable(torch.empty(40, 10).t(), dy)  # column stride 10
@@ -583,7 +587,9 @@ for launch, (name, unit) in LAUNCHES.items():
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         # buffers of the software pipeline: the shared-memory tiles' leading dimension
         depth = max((int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x", kernel.asm["ttgir"])), default=1)
-        tma = "TMA:" + str(int("async_tma_copy" in kernel.asm["ttgir"]))  # dw's stores, mm's loads
+        ttgir = kernel.asm["ttgir"]
+        tma = (f"TMA_LOADS:{int('async_tma_copy_global_to_local' in ttgir)} "
+               f"TMA_STORES:{int('async_tma_copy_local_to_global' in ttgir)}")
         print(launch, dtype, config, *[w for w in usage.split() if w.startswith(("REG", "STACK"))], f"DEPTH:{depth}",
               tma, f"SMEM:{kernel.metadata.shared}")
 """
@@ -614,9 +620,11 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
         config = ast.literal_eval(line[line.index("("):line.index(")") + 1])
         regs, smem = int(line.split("REG:")[1].split()[0]), int(line.split("SMEM:")[1].split()[0])
         used[(words[0], config)] = (-(-regs // 8) * 8 * config[3] * 32, smem + 1024)  # a thread's rounded up to 8
-        # TMA candidates store (dw) or load (mm) through TMA (contiguous, 16-byte rows), the others not
+        # TMA candidates store (dw) or load (mm) through TMA (contiguous, 16-byte rows), the others
+        # not; dw's chunked ones load through TMA too
         programs, tma = K.persistence(config)
-        assert f"TMA:{int(tma > 0)}" in words, line
+        loads, stores = (tma > 0, False) if words[0] != "dw" else (K.chunk(config) > 0, tma > 0)
+        assert f"TMA_LOADS:{int(loads)}" in words and f"TMA_STORES:{int(stores)}" in words, line
         if arch >= 90 and dtype != "fp32":
             # Hopper's tensor-core loops keep num_stages tiles in flight
             assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"

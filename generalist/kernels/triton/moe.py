@@ -23,9 +23,9 @@ Kernels:
                       dy's rows through TMA where they allow (16-byte rows) from descriptors of
                       the expert's rows alone, its tiles and row steps one software pipeline.
                       Or persistent (configs with programs per SM): a grid of a few programs per
-                      multiprocessor striding over the tiles. Any kind may store its tiles
-                      through TMA (async, from shared memory, while the program goes on) where
-                      dw has 16-byte rows; the tuner picks the kind.
+                      multiprocessor striding over the tiles. Chunked and persistent programs
+                      may store their tiles through TMA (async, from shared memory, while the
+                      program goes on) where dw has 16-byte rows; the tuner picks the kind.
 The backward runs dx and dw one after the other, or side by side on two streams (dw first, on a
 side stream of higher priority), whichever was timed faster at the shape's first backward.
 Products accumulate in fp32 and are stored in the inputs' dtype; fp32 inputs use exact fp32
@@ -314,7 +314,7 @@ def _grouped_dw_kernel(
         row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
         rows = tl.sum(tl.where(offs_e == g, sizes, 0), 0)
         if TMA_LOAD_OK:
-            if rows > 0:  # (the flattened loop runs each tile's row loop at least once)
+            if rows > 0:  # (a descriptor needs at least one row)
                 x_desc = tl.make_tensor_descriptor(X + row_start.to(tl.int64) * stride_xt, shape=[rows, D],
                                                    strides=[stride_xt, 1], block_shape=[BLOCK_K, BLOCK_M])
                 dy_desc = tl.make_tensor_descriptor(DY + row_start.to(tl.int64) * stride_yt, shape=[rows, F],
@@ -416,9 +416,9 @@ _CONFIGS_FP32 = {
     "dw": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
 }
 # Under the interpreter: one small config (fast on a CPU, several tiles per test group; warps and
-# stages mean nothing there), rectangular so that a transposed index mix-up shows; dw's persistent
-# programs are tested by swapping in (32, 64, 32, 4, 2, programs per SM, TMA store), with
-# INTERPRET_SMS multiprocessors.
+# stages mean nothing there), rectangular so that a transposed index mix-up shows; the other
+# kinds of program are tested by swapping in (32, 64, 32, 4, 2, programs per SM, TMA[, chunk]),
+# persistent ones with INTERPRET_SMS multiprocessors.
 _INTERPRET_CONFIGS = {"mm": (32, 64, 32, 4, 2), "dw": (32, 64, 32, 4, 2)}
 INTERPRET_SMS = 2
 _TUNE_KEYS = {"mm": ["K", "N", "E", "t_bucket", "TMA_OK", "B_TRANSPOSED"],
@@ -427,7 +427,7 @@ _KERNELS = {"mm": _grouped_mm_kernel, "dw": _grouped_dw_kernel}
 
 
 def configs_for(kernel: str, elem: int, arch: int = 90, smem_limit: int | None = None) -> list[tuple[int, ...]]:
-    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA store])
+    """Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM, TMA[, chunk]])
     for one kernel, operand width in bytes and architecture (90: Hopper and newer, 80: older),
     less those needing more shared memory than `smem_limit` (but never none)."""
     table = _CONFIGS_FP32[kernel] if elem == 4 else _CONFIGS_16BIT[90 if arch >= 90 else 80][kernel]
@@ -556,9 +556,8 @@ def tma_rows_loadable(x_TD: torch.Tensor, dy_TF: torch.Tensor) -> bool:
     """Whether dw's TMA loads can read x (T, D) and dy (T, F) a group of rows at a time: unit
     column strides, row strides positive multiples of 16 bytes (so that every group's first row
     is 16-byte aligned too), 16-byte aligned."""
-    elem = x_TD.element_size()
-    return all(a.stride(1) == 1 and a.stride(0) > 0 and a.stride(0) * elem % 16 == 0 and a.data_ptr() % 16 == 0
-               for a in (x_TD, dy_TF))
+    return all(a.stride(1) == 1 and a.stride(0) > 0 and a.stride(0) * a.element_size() % 16 == 0
+               and a.data_ptr() % 16 == 0 for a in (x_TD, dy_TF))
 
 
 def _b_transposed(b_EKN: torch.Tensor) -> bool:
