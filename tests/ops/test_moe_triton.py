@@ -567,6 +567,25 @@ POINTERS = ("A", "B", "C", "X", "DY", "DW")
 LAUNCHES = {"fwd": ("mm", ("stride_ak", "stride_bn", "stride_cn")),  # (kernel, strides that are 1)
             "dx": ("mm", ("stride_ak", "stride_bk", "stride_cn")),
             "dw": ("dw", ("stride_xd", "stride_yf", "stride_wf"))}
+
+
+def flattened(ttgir):
+    # whether the loop around the (first) dot also stores a result: the tile and K loops fused
+    # into one, as Triton's loop flattening makes them
+    lines = ttgir.splitlines()
+    indent = lambda line: len(line) - len(line.lstrip())
+    for i, line in enumerate(lines):
+        if "warp_group_dot " in line or "tt.dot " in line:
+            j = i - 1
+            while j >= 0 and not ("scf.for" in lines[j] and indent(lines[j]) < indent(line)):
+                j -= 1
+            k = j + 1
+            while k < len(lines) and not (lines[k].lstrip().startswith("}") and indent(lines[k]) == indent(lines[j])):
+                k += 1
+            return any("async_tma_copy_local_to_global" in b or "tt.store" in b for b in lines[j:k])
+    return False
+
+
 for launch, (name, unit) in LAUNCHES.items():
     fn = K._KERNELS[name]
     for config in K.configs_for(name, elem, arch, 232448 if arch >= 90 else 166912):
@@ -591,7 +610,7 @@ for launch, (name, unit) in LAUNCHES.items():
         tma = (f"TMA_LOADS:{int('async_tma_copy_global_to_local' in ttgir)} "
                f"TMA_STORES:{int('async_tma_copy_local_to_global' in ttgir)}")
         print(launch, dtype, config, *[w for w in usage.split() if w.startswith(("REG", "STACK"))], f"DEPTH:{depth}",
-              tma, f"SMEM:{kernel.metadata.shared}")
+              tma, f"FLAT:{int(flattened(ttgir))}", f"SMEM:{kernel.metadata.shared}")
 """
 
 
@@ -625,6 +644,10 @@ def test_kernels_compile_for_gpu_without_spills(arch, dtype):
         programs, tma = K.persistence(config)
         loads, stores = (tma > 0, False) if words[0] != "dw" else (K.chunk(config) > 0, tma > 0)
         assert f"TMA_LOADS:{int(loads)}" in words and f"TMA_STORES:{int(stores)}" in words, line
+        # persistent mm and chunked dw programs run their tiles' K (row) steps as one pipeline: the
+        # loop around the dot stores results too
+        flat = programs > 0 if words[0] != "dw" else K.chunk(config) > 0
+        assert f"FLAT:{int(flat)}" in words, f"loops {'not ' if flat else ''}flattened: {line}"
         if arch >= 90 and dtype != "fp32":
             # Hopper's tensor-core loops keep num_stages tiles in flight
             assert f"DEPTH:{config[4]}" in words, f"not pipelined {config[4]} deep: {line}"
