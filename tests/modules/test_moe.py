@@ -193,6 +193,23 @@ def test_task_and_modality_condition_the_router(gen, condition_router):
         assert torch.equal(logits[2], base[2]) != condition_router, ids_changed
 
 
+def test_router_conditioning_tables_get_the_summed_gradient(gen):
+    """The task and modality tables add their rows to the router's input, and their gradient is
+    each row's sum over the tokens that used it (thousands of tokens share a handful of rows)."""
+    moe = _moe(gen, n_routed=4, n_tasks=3, condition_router=True)
+    x = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    tasks = torch.randint(0, 3, (40,), generator=gen)
+    mods = torch.randint(0, moe.modality_emb.num_embeddings, (40,), generator=gen)
+    g = torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    (moe.router_logits(x, tasks, mods) * g).sum().backward()
+    h = x + moe.task_emb.weight.detach().double()[tasks] + moe.modality_emb.weight.detach().double()[mods]
+    assert torch.allclose(moe.router_logits(x, tasks, mods), F.linear(h, moe.router.weight.double()))
+    dh = g @ moe.router.weight.detach().double()  # d(loss)/d(router input), (T, D)
+    for table, ids in ((moe.task_emb, tasks), (moe.modality_emb, mods)):
+        want = torch.zeros_like(table.weight, dtype=torch.float64).index_add_(0, ids, dh)
+        assert torch.allclose(table.weight.grad.double(), want), table
+
+
 def test_init_scales(gen):
     torch.manual_seed(gen.initial_seed())
     moe = MoE(MoEConfig(d_model=64, d_ff=256, n_shared=1, n_routed=8), init_scale=0.25)
