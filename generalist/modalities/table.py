@@ -99,9 +99,12 @@ class TableEmbed(nn.Module):
         if bool((counts > 1).any()):
             raise ValueError(f"column id {int(uniq[counts > 1][0])} appears more than once in the row")
         weight = self.column.weight
-        values_F = values_F.to(device=weight.device, dtype=weight.dtype)
+        # checked where the row is (on the host, for rows from the data pipeline: no device sync),
+        # in the model's dtype, into which a large float64 may overflow
+        values_F = values_F.to(dtype=weight.dtype)
         if bool(torch.isinf(values_F).any()):
             raise ValueError("values contain inf (use NaN for a missing value)")
+        values_F = values_F.to(device=weight.device)
         missing_F = torch.isnan(values_F)
         # Zero the NaNs before the MLP: NaN * 0 in its backward would poison the weight grads.
         feats_F2 = value_features(torch.where(missing_F, 0.0, values_F))

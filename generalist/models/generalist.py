@@ -104,13 +104,23 @@ class GeneralistModel(nn.Module):
             # on every rank alike
             return (self.task_emb.weight[:0],
                     self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none))
-        pieces, mods, tasks = [], [], []
+        # The learned rows (each example's task row, each segment's opening and closing boundary
+        # rows) are looked up all at once, and the stream is put together by one gather: a row of
+        # a parameter taken per use would cost, in the backward, a zero-filled copy of the whole
+        # parameter and an add per use (thousands of small kernels a training step on a GPU).
+        # order[s] is the row of [every segment's tokens; the learned rows] that stream row s
+        # takes: a token's, or -k for the k-th learned row (fixed up once the tokens are counted)
+        n_tasks = self.cfg.n_tasks
+        toks, learned, order, mods, tasks, cu = [], [], [], [], [], [0]
+        n_tok = 0
         for b, ex in enumerate(batch):
             if not ex.segments:
                 raise ValueError(f"example {b} has no input segments")
-            if not 0 <= ex.task_id < self.cfg.n_tasks:
-                raise ValueError(f"example {b} has task id {ex.task_id}; this model has {self.cfg.n_tasks} tasks")
-            p, m = [self.task_emb.weight[ex.task_id][None]], [torch.zeros(1, dtype=torch.long)]
+            if not 0 <= ex.task_id < n_tasks:
+                raise ValueError(f"example {b} has task id {ex.task_id}; this model has {n_tasks} tasks")
+            learned.append(ex.task_id)
+            order.append(-len(learned))
+            mods.append(0)
             for modality, data in ex.segments:
                 if modality not in self.embedders:
                     raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
@@ -118,14 +128,22 @@ class GeneralistModel(nn.Module):
                 tok_LM, pos_L3 = self.embedders[modality](data)
                 if modality != "text":
                     tok_LM = tok_LM + self.axial[modality](pos_L3.to(device))
-                p += [self.boundary[mid, 0][None], tok_LM, self.boundary[mid, 1][None]]
-                m.append(torch.full((tok_LM.shape[0] + 2,), mid, dtype=torch.long))
-            pieces.append(p)
-            m_L = torch.cat(m)
-            mods.append(m_L)
-            tasks.append(torch.full_like(m_L, ex.task_id))
-        x_SM, cu, max_len = pack(pieces)
-        return x_SM, self._stream(cu, max_len, torch.cat(tasks).to(device), torch.cat(mods).to(device))
+                n = tok_LM.shape[0]
+                toks.append(tok_LM)
+                learned += [n_tasks + 2 * mid, n_tasks + 2 * mid + 1]  # rows of `table` below
+                order += [1 - len(learned), *range(n_tok, n_tok + n), -len(learned)]
+                n_tok += n
+                mods += [mid] * (n + 2)
+            tasks += [ex.task_id] * (len(order) - cu[-1])
+            cu.append(len(order))
+        order_S = torch.tensor(order)
+        order_S = torch.where(order_S < 0, n_tok - 1 - order_S, order_S)  # -k: row n_tok + k - 1
+        table = torch.cat([self.task_emb.weight, self.boundary.flatten(0, 1)])
+        rows = torch.cat([*toks, F.embedding(torch.tensor(learned, device=device), table)])
+        x_SM = rows.index_select(0, order_S.to(device))
+        max_len = max(end - start for start, end in zip(cu, cu[1:]))
+        ids = torch.tensor([tasks, mods], device=device)
+        return x_SM, self._stream(torch.tensor(cu, dtype=torch.int32, device=device), max_len, ids[0], ids[1])
 
     def encode(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo, list[MoEStats]]:
         x_SM, enc = self.embed_inputs(batch)

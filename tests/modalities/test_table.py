@@ -69,6 +69,7 @@ def test_gradients_are_finite_with_missing_values(gen):
     (([-1], [1.0]), r"got min -1, max -1"),
     (([0, 1], [1.0, float("inf")]), "values contain inf"),
     (([0], [float("-inf")]), "values contain inf"),
+    (([0], torch.tensor([1e300], dtype=torch.float64)), "values contain inf"),  # inf in the model's dtype
     (([], []), "table row is empty"),
     (([0.0, 1.0], [1.0, 2.0]), "column_ids must have an integer dtype; got torch.float32"),
     (([2, 5, 2], [1.0, 2.0, 3.0]), "column id 2 appears more than once"),

@@ -62,6 +62,40 @@ def test_packed_equals_per_example(tokenizer, gen):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(batch)))
 
 
+def test_the_encoder_stream_layout_and_its_learned_rows_gradients(tokenizer, gen):
+    """Each example's stretch of the encoder stream: its task's row, then per segment the
+    modality's opening boundary row, the segment's tokens (plus axial positions, text aside) and
+    the closing boundary row; task and modality ids per row, cu_seqlens per example. The task
+    and boundary rows' gradients are the sums over their uses."""
+    from generalist.modalities import MODALITIES
+
+    model = _model(tokenizer)  # eval: no dropout, so two embeddings of a batch agree
+    batch = _encode(tokenizer, _examples(gen) * 2)
+    x, enc = model.embed_inputs(batch)
+    rows, mods, tasks, lens = [], [], [], []
+    for ex in batch:
+        n = len(rows)
+        rows.append(model.task_emb.weight[ex.task_id][None])
+        mods.append(0)
+        for modality, data in ex.segments:
+            tok, pos = model.embedders[modality](data)
+            if modality != "text":
+                tok = tok + model.axial[modality](pos)
+            mid = MODALITIES[modality]
+            rows += [model.boundary[mid, 0][None], tok, model.boundary[mid, 1][None]]
+            mods += [mid] * (tok.shape[0] + 2)
+        lens.append(sum(r.shape[0] for r in rows[n:]))
+        tasks += [ex.task_id] * lens[-1]
+    want = torch.cat(rows)
+    assert torch.equal(x, want)
+    assert enc.modality_ids.tolist() == mods and enc.task_ids.tolist() == tasks
+    assert enc.cu_seqlens.tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)] and enc.max_seqlen == max(lens)
+    g = torch.randn(x.shape, generator=gen)
+    learned = [model.task_emb.weight, model.boundary]
+    for got, expected in zip(torch.autograd.grad((x * g).sum(), learned), torch.autograd.grad((want * g).sum(), learned)):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
     model = _model(tokenizer, seed=1)
