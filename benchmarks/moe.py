@@ -117,7 +117,7 @@ def tuned_configs() -> list[str]:
     from generalist.kernels.triton import moe as K
 
     return tuner_choices("Triton configurations chosen by the autotuner (key: K, N, E, t_bucket, TMA_OK, "
-                         "B_TRANSPOSED for mm; D, F, E, t_bucket, TMA_OK for dw):",
+                         "B_TRANSPOSED for mm; D, F, E, t_bucket, TMA_OK, TMA_LOAD_OK for dw):",
                          ((k, K._autotuned(k, 2, torch.cuda.current_device(), True).tuner) for k in ("mm", "dw"))
                          ) + backward_plans_chosen()
 
@@ -227,7 +227,7 @@ def mm_candidates(x, dy, w, gs, e: int, lines: list[str]) -> None:
     arch, smem = K._arch_and_smem(torch.cuda.current_device())
     fl = flops(x.shape[0], x.shape[1], dy.shape[1])
     lines += ["", f"The forward and dx under each tuning candidate alone, E{e} (config: BLOCK_M, BLOCK_N, BLOCK_K, "
-              "warps, stages[, programs per SM]), TFLOP/s:", "", "| config | fwd | dx |", "|---|---|---|"]
+              "warps, stages[, programs per SM, TMA loads]), TFLOP/s:", "", "| config | fwd | dx |", "|---|---|---|"]
     for config in K.configs_for("mm", 2, arch, smem):
         fwd = _bench_gpu(lambda: K._mm(x, w, gs, config=config))
         dx = _bench_gpu(lambda: K._mm(dy, w.transpose(1, 2), gs, config=config))

@@ -219,8 +219,8 @@ def _dw_tile(X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F,
              stride_xt, stride_xd, stride_yt, stride_yf,
              DOT_PRECISION: tl.constexpr, BLOCKED_SUM: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dw[g]'s (pid_m, pid_n) tile in fp32, and its D and F offsets: x[rows of g]^T @ dy[rows of
-    g] over BLOCK_K-row steps (zeros for an empty group)."""
+    """dw[g]'s (pid_m, pid_n) tile in fp32: x[rows of g]^T @ dy[rows of g] over BLOCK_K-row steps
+    (zeros for an empty group)."""
     row_start = tl.sum(tl.where(offs_e < g, sizes, 0), 0)
     row_end = row_start + tl.sum(tl.where(offs_e == g, sizes, 0), 0)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -239,13 +239,7 @@ def _dw_tile(X, DY, sizes, offs_e, g, pid_m, pid_n, T, D, F,
         acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
         x_ptrs += BLOCK_K * stride_xt
         dy_ptrs += BLOCK_K * stride_yt
-    return acc, offs_d, offs_f, d_ok, f_ok
-
-
-@triton.jit
-def _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf):
-    dw_ptrs = DW + g.to(tl.int64) * stride_we + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
-    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
+    return acc
 
 
 @triton.jit
@@ -264,7 +258,8 @@ def _store_dw_tile(DW, dw_desc, acc, g, pid_m, pid_n, D, F, stride_we, stride_wd
     else:
         offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _store_tile(DW, acc, g, offs_d, offs_f, offs_d < D, offs_f < F, stride_we, stride_wd, stride_wf)
+        dw_ptrs = DW + g.to(tl.int64) * stride_we + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf
+        tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=(offs_d < D)[:, None] & (offs_f < F)[None, :])
 
 
 @triton.jit
@@ -286,7 +281,8 @@ def _grouped_dw_kernel(
     # tensor memory accelerator from shared memory, asynchronously, while the program goes on:
     # whole (1), or as two column halves (2), which halves the staging tile's shared memory. dw is
     # an (E, D, F) descriptor, so an expert's last D tile is clipped at D, not written into the next
-    if TMA_STORE > 0 and TMA_OK:
+    TMA_STORES: tl.constexpr = TMA_STORE > 0 and TMA_OK
+    if TMA_STORES:
         dw_desc = tl.make_tensor_descriptor(DW, shape=[E, D, F], strides=[stride_we, stride_wd, 1],
                                             block_shape=[1, BLOCK_M, BLOCK_N // TMA_STORE])
     else:
@@ -296,10 +292,10 @@ def _grouped_dw_kernel(
         # its rows in L2
         pid = tl.program_id(0)
         g = tl.program_id(1)
-        acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
-            X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt, stride_yf,
-            DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store_tile(DW, acc, g, offs_d, offs_f, d_ok, f_ok, stride_we, stride_wd, stride_wf)
+        acc = _dw_tile(X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt,
+                       stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_dw_tile(DW, dw_desc, acc, g, pid // num_n, pid % num_n, D, F, stride_we, stride_wd, stride_wf,
+                       TMA_STORES, TMA_STORE, BLOCK_M, BLOCK_N)
     elif PROGRAMS_PER_SM == 0:
         # one program per (chunk of CHUNK consecutive tiles, expert). Where x and dy allow
         # (TMA_LOAD_OK), their rows come in through TMA from descriptors of the expert's rows
@@ -327,30 +323,28 @@ def _grouped_dw_kernel(
                         dy = dy_desc.load([r, tile % num_n * BLOCK_N])
                         acc = dot_acc(xt, dy, acc, zero, DOT_PRECISION, BLOCKED_SUM)
                     _store_dw_tile(DW, dw_desc, acc, g, tile // num_n, tile % num_n, D, F, stride_we, stride_wd,
-                                   stride_wf, TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
+                                   stride_wf, TMA_STORES, TMA_STORE, BLOCK_M, BLOCK_N)
             else:
                 for tile in range(first, last):
                     _store_dw_tile(DW, dw_desc, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), g, tile // num_n,
-                                   tile % num_n, D, F, stride_we, stride_wd, stride_wf, TMA_STORE > 0 and TMA_OK,
-                                   TMA_STORE, BLOCK_M, BLOCK_N)
+                                   tile % num_n, D, F, stride_we, stride_wd, stride_wf, TMA_STORES, TMA_STORE,
+                                   BLOCK_M, BLOCK_N)
         else:
             for tile in range(first, last):
-                acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
-                    X, DY, sizes, offs_e, g, tile // num_n, tile % num_n, T, D, F, stride_xt, stride_xd, stride_yt,
-                    stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+                acc = _dw_tile(X, DY, sizes, offs_e, g, tile // num_n, tile % num_n, T, D, F, stride_xt, stride_xd,
+                               stride_yt, stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
                 _store_dw_tile(DW, dw_desc, acc, g, tile // num_n, tile % num_n, D, F, stride_we, stride_wd,
-                               stride_wf, TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
+                               stride_wf, TMA_STORES, TMA_STORE, BLOCK_M, BLOCK_N)
     else:
         # persistent: a few programs per multiprocessor, each taking every num_programs-th tile in
         # (expert, D tile, F tile) order
         for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
             g = tile // per_expert
             pid = tile % per_expert
-            acc, offs_d, offs_f, d_ok, f_ok = _dw_tile(
-                X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd, stride_yt,
-                stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _dw_tile(X, DY, sizes, offs_e, g, pid // num_n, pid % num_n, T, D, F, stride_xt, stride_xd,
+                           stride_yt, stride_yf, DOT_PRECISION, BLOCKED_SUM, BLOCK_M, BLOCK_N, BLOCK_K)
             _store_dw_tile(DW, dw_desc, acc, g, pid // num_n, pid % num_n, D, F, stride_we, stride_wd, stride_wf,
-                           TMA_STORE > 0 and TMA_OK, TMA_STORE, BLOCK_M, BLOCK_N)
+                           TMA_STORES, TMA_STORE, BLOCK_M, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
