@@ -14,6 +14,17 @@ so the model can size per-axis position tables. Raw data per modality:
     video  (T, H, W, C) or (T, H, W), float in [0, 1] or uint8      positions (time, row, col)
     table  (column_ids (F,) int, values (F,) float, NaN = missing)  positions (i, 0, 0)
 
+Every embedder is also split in two, so that a batch's segments of one modality are embedded
+together (one projection for all the batch's images, not one each):
+    `prepare(data) -> (features, positions_L3)`   the checks and the parameter-free work (patch
+                                                   cutting, the log-mel spectrogram), done where
+                                                   the data is: on the host for batches from
+                                                   the data pipeline;
+    `project(features_N) -> tokens_ND`             the learned part, on the weights' device, for
+                                                   the features of one segment or of many
+                                                   concatenated by `cat_features`.
+`forward(data)` is `project(prepare(data)[0])` with the positions moved to the weights' device.
+
 `build_embedders` returns them as an nn.ModuleDict keyed by modality name; `MODALITIES` maps
 each name to its modality id.
 """
@@ -22,7 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .audio import AudioConfig, AudioEmbed, log_mel, resample
 from .image import ImageConfig, ImageEmbed
@@ -40,6 +52,18 @@ EMBEDDERS: dict[str, tuple[type, type[nn.Module]]] = {
     "video": (VideoConfig, VideoEmbed),
     "table": (TableConfig, TableEmbed),
 }
+
+
+def cat_features(parts: list, device: torch.device) -> Tensor | tuple[Tensor, ...]:
+    """The features of many segments of one modality (`prepare`'s first outputs, each a tensor
+    or a tuple of tensors) concatenated along their first axis, field by field. Parts on
+    different devices all move to `device` first; otherwise they are joined where they are (one
+    copy to the weights' device then follows in `project`)."""
+    if isinstance(parts[0], tuple):
+        return tuple(cat_features(list(field), device) for field in zip(*parts))
+    if len({p.device for p in parts}) > 1:
+        parts = [p.to(device) for p in parts]
+    return torch.cat(parts)
 
 
 def build_embedders(d_model: int, text_vocab_size: int,
@@ -80,7 +104,7 @@ def build_embedders(d_model: int, text_vocab_size: int,
 
 
 __all__ = [
-    "MODALITIES", "EMBEDDERS", "build_embedders", "SPECIAL_TOKENS",
+    "MODALITIES", "EMBEDDERS", "build_embedders", "cat_features", "SPECIAL_TOKENS",
     "TextTokenizer", "TextConfig", "TextEmbed", "ImageConfig", "ImageEmbed",
     "AudioConfig", "AudioEmbed", "log_mel", "resample", "VideoConfig", "VideoEmbed",
     "TableConfig", "TableEmbed",

@@ -204,18 +204,28 @@ class AudioEmbed(nn.Module):
         c = self.cfg
         return (math.ceil(c.max_frames / c.patch_time), c.n_mels // c.patch_freq, 1)
 
-    def forward(self, data: Any) -> tuple[Tensor, Tensor]:
-        """data: (waveform (N,) float tensor/array, sample_rate) -> tokens (L, D), positions (L, 3)."""
+    def prepare(self, data: Any) -> tuple[Tensor, Tensor]:
+        """data: (waveform (N,) float tensor/array, sample_rate) -> patches (L, Q) float,
+        positions (L, 3) int64, both where the waveform is (the spectrogram is computed there):
+        the checks and the features, no parameters."""
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError("audio input must be a pair (waveform, sample_rate)")
         c = self.cfg
-        weight = self.proj.weight
-        wave_N = to_tensor(data[0], "waveform").to(weight.device)  # the STFT runs where the weights are
-        spec_TM = log_mel(wave_N, data[1], c).to(dtype=weight.dtype)
+        spec_TM = log_mel(data[0], data[1], c)
         T = spec_TM.shape[0]
         A, B = math.ceil(T / c.patch_time), c.n_mels // c.patch_freq
         assert A <= self.max_positions[0]
         spec_TM = F.pad(spec_TM, (0, 0, 0, A * c.patch_time - T), value=math.log(LOG_EPS))
         patches_LQ = (spec_TM.reshape(A, c.patch_time, B, c.patch_freq).permute(0, 2, 1, 3)
                       .reshape(A * B, c.patch_time * c.patch_freq))
-        return self.proj(patches_LQ), grid_positions(A, B, 1, device=weight.device)
+        return patches_LQ, grid_positions(A, B, 1, device=spec_TM.device)
+
+    def project(self, patches_NQ: Tensor) -> Tensor:
+        """The patches of one clip or of many, concatenated (N, Q) -> tokens (N, D)."""
+        weight = self.proj.weight
+        return self.proj(patches_NQ.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, data: Any) -> tuple[Tensor, Tensor]:
+        """data: (waveform (N,) float tensor/array, sample_rate) -> tokens (L, D), positions (L, 3)."""
+        patches_LQ, positions_L3 = self.prepare(data)
+        return self.project(patches_LQ), positions_L3.to(self.proj.weight.device)

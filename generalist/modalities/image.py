@@ -120,8 +120,9 @@ class ImageEmbed(nn.Module):
         side = -(-self.cfg.max_size // self.cfg.patch)
         return (1, side, side)
 
-    def forward(self, image: Any) -> tuple[Tensor, Tensor]:
-        """image: an accepted layout -> tokens (L, D) float, positions (L, 3) int64 (0, r, q)."""
+    def prepare(self, image: Any) -> tuple[Tensor, Tensor]:
+        """image: an accepted layout -> patches (L, K) float, positions (L, 3) int64 (0, r, q),
+        both where the image is: the checks and the cutting, no parameters."""
         p = self.cfg.patch
         x_CHW = image_to_chw(image, self.cfg.channels)
         C, H, W = x_CHW.shape
@@ -130,12 +131,18 @@ class ImageEmbed(nn.Module):
                 raise ValueError(f"image {axis} 0 is empty")
             if n > self.cfg.max_size:
                 raise ValueError(f"image {axis} {n} exceeds max_size {self.cfg.max_size}")
-        weight = self.proj.weight
-        x_CHW = x_CHW.to(device=weight.device, dtype=weight.dtype)
         R, Q = -(-H // p), -(-W // p)
         if (R * p, Q * p) != (H, W):  # zero-pad the bottom and right edges to whole patches
             x_CHW = nn.functional.pad(x_CHW, (0, Q * p - W, 0, R * p - H))
         patches_LK = (x_CHW.reshape(C, R, p, Q, p).permute(1, 3, 0, 2, 4).reshape(R * Q, C * p * p))
-        tokens_LD = self.proj(patches_LK)
-        positions_L3 = grid_positions(1, R, Q, device=weight.device)
-        return tokens_LD, positions_L3
+        return patches_LK, grid_positions(1, R, Q, device=x_CHW.device)
+
+    def project(self, patches_NK: Tensor) -> Tensor:
+        """The patches of one image or of many, concatenated (N, K) -> tokens (N, D)."""
+        weight = self.proj.weight
+        return self.proj(patches_NK.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, image: Any) -> tuple[Tensor, Tensor]:
+        """image: an accepted layout -> tokens (L, D) float, positions (L, 3) int64 (0, r, q)."""
+        patches_LK, positions_L3 = self.prepare(image)
+        return self.project(patches_LK), positions_L3.to(self.proj.weight.device)

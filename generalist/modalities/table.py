@@ -76,9 +76,10 @@ class TableEmbed(nn.Module):
         """Exclusive bounds of (feature index, -, -); a row holds each column at most once."""
         return (self.cfg.n_columns, 1, 1)
 
-    def forward(self, row: Any) -> tuple[Tensor, Tensor]:
-        """row: (column_ids (F,) int, values (F,) real, NaN = missing) -> tokens (F, D),
-        positions (F, 3) int64 (i, 0, 0)."""
+    def prepare(self, row: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """row: (column_ids (F,) int, values (F,) real, NaN = missing) -> ((column ids (F,)
+        int64, values (F,) in the weights' dtype), positions (F, 3) int64 (i, 0, 0)), all where
+        the row is: the checks, no parameters."""
         if not isinstance(row, (tuple, list)) or len(row) != 2:
             raise ValueError("table input must be a pair (column_ids, values)")
         ids_F = _as_1d(row[0], "column_ids")
@@ -98,19 +99,27 @@ class TableEmbed(nn.Module):
         uniq, counts = torch.unique(ids_F, return_counts=True)
         if bool((counts > 1).any()):
             raise ValueError(f"column id {int(uniq[counts > 1][0])} appears more than once in the row")
-        weight = self.column.weight
-        # checked where the row is (on the host, for rows from the data pipeline: no device sync),
-        # in the model's dtype, into which a large float64 may overflow
-        values_F = values_F.to(dtype=weight.dtype)
+        # checked in the model's dtype, into which a large float64 may overflow
+        values_F = values_F.to(dtype=self.column.weight.dtype)
         if bool(torch.isinf(values_F).any()):
             raise ValueError("values contain inf (use NaN for a missing value)")
-        values_F = values_F.to(device=weight.device)
-        missing_F = torch.isnan(values_F)
+        positions_F3 = torch.zeros(n, 3, dtype=torch.int64, device=ids_F.device)
+        positions_F3[:, 0] = torch.arange(n, device=ids_F.device)
+        return (ids_F.to(torch.int64), values_F), positions_F3
+
+    def project(self, features: tuple[Tensor, Tensor]) -> Tensor:
+        """(column ids (N,), values (N,)) of one row or of many, concatenated -> tokens (N, D)."""
+        weight = self.column.weight
+        ids_N, values_N = (t.to(device=weight.device) for t in features)
+        missing_N = torch.isnan(values_N)
         # Zero the NaNs before the MLP: NaN * 0 in its backward would poison the weight grads.
-        feats_F2 = value_features(torch.where(missing_F, 0.0, values_F))
-        value_FD = self.value_out(F.gelu(self.value_in(feats_F2)))
-        value_FD = torch.where(missing_F[:, None], self.missing, value_FD)
-        tokens_FD = self.column(ids_F.to(device=weight.device, dtype=torch.int64)) + value_FD
-        positions_F3 = torch.zeros(n, 3, dtype=torch.int64, device=weight.device)
-        positions_F3[:, 0] = torch.arange(n, device=weight.device)
-        return tokens_FD, positions_F3
+        feats_N2 = value_features(torch.where(missing_N, 0.0, values_N.to(weight.dtype)))
+        value_ND = self.value_out(F.gelu(self.value_in(feats_N2)))
+        value_ND = torch.where(missing_N[:, None], self.missing, value_ND)
+        return self.column(ids_N) + value_ND
+
+    def forward(self, row: Any) -> tuple[Tensor, Tensor]:
+        """row: (column_ids (F,) int, values (F,) real, NaN = missing) -> tokens (F, D),
+        positions (F, 3) int64 (i, 0, 0)."""
+        features, positions_F3 = self.prepare(row)
+        return self.project(features), positions_F3.to(self.column.weight.device)

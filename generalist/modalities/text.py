@@ -179,8 +179,9 @@ class TextEmbed(nn.Module):
         """Exclusive bounds of (sequence index, -, -)."""
         return (self.cfg.max_len, 1, 1)
 
-    def forward(self, ids: Any) -> tuple[Tensor, Tensor]:
-        """ids: 1-D int tensor/array or list of ints (L,) -> tokens (L, D), positions (L, 3)."""
+    def prepare(self, ids: Any) -> tuple[Tensor, Tensor]:
+        """ids: 1-D int tensor/array or list of ints (L,) -> ids (L,) int64, positions (L, 3)
+        int64 (i, 0, 0), both where the ids are: the checks, no parameters."""
         if isinstance(ids, (list, tuple)):
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise ValueError("text ids given as a list must hold only ints")
@@ -199,8 +200,15 @@ class TextEmbed(nn.Module):
         lo, hi = int(ids_L.min()), int(ids_L.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"text ids must be in [0, {self.cfg.vocab_size}); got min {lo}, max {hi}")
-        device = self.embed.weight.device
-        tokens_LD = self.embed(ids_L.to(device=device, dtype=torch.int64))
-        positions_L3 = torch.zeros(L, 3, dtype=torch.int64, device=device)
-        positions_L3[:, 0] = torch.arange(L, device=device)
-        return tokens_LD, positions_L3
+        positions_L3 = torch.zeros(L, 3, dtype=torch.int64, device=ids_L.device)
+        positions_L3[:, 0] = torch.arange(L, device=ids_L.device)
+        return ids_L.to(torch.int64), positions_L3
+
+    def project(self, ids_N: Tensor) -> Tensor:
+        """The ids of one text or of many, concatenated (N,) -> tokens (N, D)."""
+        return self.embed(ids_N.to(device=self.embed.weight.device))
+
+    def forward(self, ids: Any) -> tuple[Tensor, Tensor]:
+        """ids: 1-D int tensor/array or list of ints (L,) -> tokens (L, D), positions (L, 3)."""
+        ids_L, positions_L3 = self.prepare(ids)
+        return self.project(ids_L), positions_L3.to(self.embed.weight.device)

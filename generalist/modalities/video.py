@@ -90,8 +90,9 @@ class VideoEmbed(nn.Module):
         c = self.cfg
         return (c.max_frames // c.tubelet_time, c.max_size // c.patch, c.max_size // c.patch)
 
-    def forward(self, clip: Any) -> tuple[Tensor, Tensor]:
-        """clip: (T, H, W, C) or (T, H, W) -> tokens (L, D) float, positions (L, 3) int64."""
+    def prepare(self, clip: Any) -> tuple[Tensor, Tensor]:
+        """clip: (T, H, W, C) or (T, H, W) -> tubelets (L, K) float, positions (L, 3) int64, both
+        where the clip is: the checks and the cutting, no parameters."""
         c = self.cfg
         x_CTHW = video_to_cthw(clip, c.channels)
         C, T, H, W = x_CTHW.shape
@@ -103,10 +104,18 @@ class VideoEmbed(nn.Module):
                 raise ValueError(f"video {axis} {n} is not a positive multiple of {unit_name} {unit}")
             if n > limit:
                 raise ValueError(f"video {axis} {n} exceeds {limit_name} {limit}")
-        weight = self.proj.weight
-        x_CTHW = x_CTHW.to(device=weight.device, dtype=weight.dtype)
         t, p = c.tubelet_time, c.patch
         A, R, Q = T // t, H // p, W // p
         tubelets_LK = (x_CTHW.reshape(C, A, t, R, p, Q, p).permute(1, 3, 5, 0, 2, 4, 6)
                        .reshape(A * R * Q, C * t * p * p))
-        return self.proj(tubelets_LK), grid_positions(A, R, Q, device=weight.device)
+        return tubelets_LK, grid_positions(A, R, Q, device=x_CTHW.device)
+
+    def project(self, tubelets_NK: Tensor) -> Tensor:
+        """The tubelets of one clip or of many, concatenated (N, K) -> tokens (N, D)."""
+        weight = self.proj.weight
+        return self.proj(tubelets_NK.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, clip: Any) -> tuple[Tensor, Tensor]:
+        """clip: (T, H, W, C) or (T, H, W) -> tokens (L, D) float, positions (L, 3) int64."""
+        tubelets_LK, positions_L3 = self.prepare(clip)
+        return self.project(tubelets_LK), positions_L3.to(self.proj.weight.device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generalist.data.packing import EncodedExample, pack
-from generalist.modalities import MODALITIES, TextTokenizer, build_embedders
+from generalist.modalities import MODALITIES, TextTokenizer, build_embedders, cat_features
 from generalist.models.config import GeneralistConfig
 from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo
 from generalist.modules.moe import MoEConfig, MoEStats
@@ -104,35 +104,57 @@ class GeneralistModel(nn.Module):
             # on every rank alike
             return (self.task_emb.weight[:0],
                     self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none))
-        # The learned rows (each example's task row, each segment's opening and closing boundary
-        # rows) are looked up all at once, and the stream is put together by one gather: a row of
-        # a parameter taken per use would cost, in the backward, a zero-filled copy of the whole
-        # parameter and an add per use (thousands of small kernels a training step on a GPU).
-        # order[s] is the row of [every segment's tokens; the learned rows] that stream row s
-        # takes: a token's, or -k for the k-th learned row (fixed up once the tokens are counted)
+        # First every segment is checked and prepared where its data is (the parameter-free
+        # part: patches, spectrograms), then each modality's segments are embedded together: one
+        # projection and one axial lookup per modality, not one per segment (a training step on a
+        # GPU is otherwise thousands of small kernels, and its host the bottleneck).
         n_tasks = self.cfg.n_tasks
-        toks, learned, order, mods, tasks, cu = [], [], [], [], [], [0]
-        n_tok = 0
+        prepared = {name: [] for name in self.embedders}  # modality -> [(features, positions_L3)]
         for b, ex in enumerate(batch):
             if not ex.segments:
                 raise ValueError(f"example {b} has no input segments")
             if not 0 <= ex.task_id < n_tasks:
                 raise ValueError(f"example {b} has task id {ex.task_id}; this model has {n_tasks} tasks")
+            for j, (modality, data) in enumerate(ex.segments):
+                if modality not in self.embedders:
+                    raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
+                try:
+                    prepared[modality].append(self.embedders[modality].prepare(data))
+                except ValueError as error:
+                    raise ValueError(f"example {b}, segment {j} ({modality}): {error}") from None
+        toks, first = [], {}  # first[modality]: each of its segments' first row in cat(toks)
+        n_tok = 0
+        for modality, segs in prepared.items():
+            if not segs:
+                continue
+            embedder = self.embedders[modality]
+            tok_NM = embedder.project(cat_features([f for f, _ in segs], device))
+            if modality != "text":
+                tok_NM = tok_NM + self.axial[modality](cat_features([p for _, p in segs], device).to(device))
+            toks.append(tok_NM)
+            first[modality] = []
+            for _, p in segs:
+                first[modality].append(n_tok)
+                n_tok += p.shape[0]
+        # The learned rows (each example's task row, each segment's opening and closing boundary
+        # rows) are looked up all at once, and the stream is put together by one gather: a row of
+        # a parameter taken per use would cost, in the backward, a zero-filled copy of the whole
+        # parameter and an add per use.
+        # order[s] is the row of [every segment's tokens; the learned rows] that stream row s
+        # takes: a token's, or -k for the k-th learned row (fixed up once the tokens are counted)
+        learned, order, mods, tasks, cu = [], [], [], [], [0]
+        seen = dict.fromkeys(prepared, 0)  # segments of each modality placed so far
+        for ex in batch:
             learned.append(ex.task_id)
             order.append(-len(learned))
             mods.append(0)
-            for modality, data in ex.segments:
-                if modality not in self.embedders:
-                    raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
+            for modality, _ in ex.segments:
                 mid = MODALITIES[modality]
-                tok_LM, pos_L3 = self.embedders[modality](data)
-                if modality != "text":
-                    tok_LM = tok_LM + self.axial[modality](pos_L3.to(device))
-                n = tok_LM.shape[0]
-                toks.append(tok_LM)
+                start = first[modality][seen[modality]]
+                n = prepared[modality][seen[modality]][1].shape[0]
+                seen[modality] += 1
                 learned += [n_tasks + 2 * mid, n_tasks + 2 * mid + 1]  # rows of `table` below
-                order += [1 - len(learned), *range(n_tok, n_tok + n), -len(learned)]
-                n_tok += n
+                order += [1 - len(learned), *range(start, start + n), -len(learned)]
                 mods += [mid] * (n + 2)
             tasks += [ex.task_id] * (len(order) - cu[-1])
             cu.append(len(order))

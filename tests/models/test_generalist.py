@@ -62,15 +62,27 @@ def test_packed_equals_per_example(tokenizer, gen):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(batch)))
 
 
-def test_the_encoder_stream_layout_and_its_learned_rows_gradients(tokenizer, gen):
+def test_the_encoder_stream_layout_and_its_gradients(tokenizer, gen):
     """Each example's stretch of the encoder stream: its task's row, then per segment the
     modality's opening boundary row, the segment's tokens (plus axial positions, text aside) and
-    the closing boundary row; task and modality ids per row, cu_seqlens per example. The task
-    and boundary rows' gradients are the sums over their uses."""
+    the closing boundary row; task and modality ids per row, cu_seqlens per example. The stream
+    embeds each modality's segments together (one projection for all of them); values and every
+    parameter's gradient (embedders, axial tables, task and boundary rows) equal those of each
+    segment embedded on its own, with segments of one modality in several sizes."""
     from generalist.modalities import MODALITIES
 
-    model = _model(tokenizer)  # eval: no dropout, so two embeddings of a batch agree
-    batch = _encode(tokenizer, _examples(gen) * 2)
+    # float64, where summing a gradient's rows in another order changes nothing visible; eval: no
+    # dropout, so two embeddings of a batch agree
+    model = _model(tokenizer).double()
+    t = torch.linspace(0, 0.4, 6400)
+    more = [
+        Example([("table", (torch.tensor([7, 1]), torch.tensor([0.25, 3.0]))),
+                 ("image", torch.rand(5, 9, generator=gen)), ("audio", (torch.cos(2 * math.pi * 300 * t), 16000))],
+                "a table of measurements", "classify"),
+        Example([("video", torch.rand(2, 4, 12, generator=gen)), ("text", "a sheep"),
+                 ("image", (torch.rand(6, 6, 3, generator=gen) * 255).to(torch.uint8))], "a sheep in a field", "vqa"),
+    ]
+    batch = _encode(tokenizer, _examples(gen) + more + _examples(gen)[:2])
     x, enc = model.embed_inputs(batch)
     rows, mods, tasks, lens = [], [], [], []
     for ex in batch:
@@ -87,13 +99,21 @@ def test_the_encoder_stream_layout_and_its_learned_rows_gradients(tokenizer, gen
         lens.append(sum(r.shape[0] for r in rows[n:]))
         tasks += [ex.task_id] * lens[-1]
     want = torch.cat(rows)
-    assert torch.equal(x, want)
+    torch.testing.assert_close(x, want)
     assert enc.modality_ids.tolist() == mods and enc.task_ids.tolist() == tasks
     assert enc.cu_seqlens.tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)] and enc.max_seqlen == max(lens)
-    g = torch.randn(x.shape, generator=gen)
-    learned = [model.task_emb.weight, model.boundary]
-    for got, expected in zip(torch.autograd.grad((x * g).sum(), learned), torch.autograd.grad((want * g).sum(), learned)):
+    g = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    params = [model.task_emb.weight, model.boundary, *model.embedders.parameters(), *model.axial.parameters()]
+    for got, expected in zip(torch.autograd.grad((x * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
         torch.testing.assert_close(got, expected)
+
+
+def test_a_bad_segment_is_named_by_example_and_position(tokenizer, gen):
+    model = _model(tokenizer)
+    batch = _encode(tokenizer, _examples(gen))
+    batch[3].segments[0] = ("image", torch.rand(3, 0, 4))
+    with pytest.raises(ValueError, match=r"example 3, segment 0 \(image\): image height 0 is empty"):
+        model.embed_inputs(batch)
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
