@@ -5,7 +5,9 @@ modalities and tasks: tokens per second, and how much of a step the GPU is busy.
 
 Run as the trainer runs a step: bf16 autocast on a GPU (fp32 on a CPU), gradient clipping and
 AdamW (fused where the trainer fuses it, CPU included), the value checks on. The batch is
-encoded once and packed as training packs it. Columns:
+encoded once and packed as training packs it, in two rows: "prepared", its segments through
+their embedders' `prepare` once, as the trainer keeps its training examples (`prepare_example`),
+and "raw", embedded from raw data every step, as at an example's first use. Columns:
   step ms     a step end to end (the GPU waited on), median of --steps;
   tokens/s    input plus target tokens of the batch over that;
   issue ms    the time the step's Python takes to return without a final synchronize: on a GPU
@@ -31,7 +33,7 @@ from generalist.data.packing import Example, ExampleEncoder
 from generalist.modalities import TextTokenizer
 from generalist.models.config import preset
 from generalist.models.generalist import GeneralistModel
-from generalist.train.trainer import _fused_adamw_serves
+from generalist.train.trainer import _fused_adamw_serves, prepare_example
 
 CORPUS = ["a photo of a small cat", "a sheep in a field", "the digit seven", "the digit three", "a spoken word",
           "a moving digit going left", "a table of measurements", "what is shown here", "how many digits are there",
@@ -104,11 +106,12 @@ def main():
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=_fused_adamw_serves(params) or None)
     encoder = ExampleEncoder(tokenizer, TASKS)
     examples = make_examples(b, gen)
-    batch = [encoder.encode(e) for e in examples]
+    raw = [encoder.encode(e) for e in examples]
+    batches = {"prepared": [prepare_example(model, ex)[0] for ex in raw], "raw": raw}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokens = []
 
-    def step():
+    def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch)
         out.loss.backward()
@@ -119,28 +122,30 @@ def main():
 
     rows, notes, extra = [], [], []
     with until_stopped(notes):
-        for _ in range(2):  # warm-up: kernel compiles and tuning, allocator
-            step()
-        sync()
-        times, issue = [], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            issue.append(time.perf_counter() - start)
+        for kind, batch in batches.items():
+            for _ in range(2):  # warm-up: kernel compiles and tuning, allocator
+                step(batch)
             sync()
-            times.append(time.perf_counter() - start)
-        step_s = statistics.median(times)
-        busy = "-"
-        if args.profile and cuda:
-            try:
-                fraction, extra = gpu_busy_fraction(step, min(steps, 3), step_s)
-                busy = f"{100 * fraction:.0f}%"
-            except Exception as error:  # the profiler's API moves between torch versions: report, go on
-                notes.append(f"\n--profile failed: {type(error).__name__}: {error}")
-        n_tokens = tokens[-1]
-        rows.append((f"{name} B{b}", n_tokens, step_s, n_tokens / step_s, statistics.median(issue), busy))
-        print(f"{name} B{b}: {step_s * 1e3:.1f} ms/step, {n_tokens / step_s:,.0f} tokens/s, issue "
-              f"{statistics.median(issue) * 1e3:.1f} ms, GPU busy {busy}", flush=True)
+            times, issue = [], []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step(batch)
+                issue.append(time.perf_counter() - start)
+                sync()
+                times.append(time.perf_counter() - start)
+            step_s = statistics.median(times)
+            busy = "-"
+            if args.profile and cuda:
+                try:
+                    fraction, top = gpu_busy_fraction(lambda: step(batch), min(steps, 3), step_s)
+                    extra = extra or top  # the kernels of the first row's step
+                    busy = f"{100 * fraction:.0f}%"
+                except Exception as error:  # the profiler's API moves between torch versions: report, go on
+                    notes.append(f"\n--profile failed: {type(error).__name__}: {error}")
+            n_tokens = tokens[-1]
+            rows.append((f"{name} B{b} {kind}", n_tokens, step_s, n_tokens / step_s, statistics.median(issue), busy))
+            print(f"{name} B{b} {kind}: {step_s * 1e3:.1f} ms/step, {n_tokens / step_s:,.0f} tokens/s, issue "
+                  f"{statistics.median(issue) * 1e3:.1f} ms, GPU busy {busy}", flush=True)
 
     where = f"{torch.cuda.get_device_name()}, bf16 autocast" if cuda else "CPU, fp32"
     lines = [f"training steps, {where}; torch {torch.__version__}; median of {steps} steps", "",

@@ -24,6 +24,8 @@ together (one projection for all the batch's images, not one each):
                                                    the features of one segment or of many
                                                    concatenated by `cat_features`.
 `forward(data)` is `project(prepare(data)[0])` with the positions moved to the weights' device.
+A segment may also come already prepared, as a `Prepared`: the model then skips `prepare` (the
+trainer keeps its examples so, and an example seen again costs no checks and no spectrogram).
 
 `build_embedders` returns them as an nn.ModuleDict keyed by modality name; `MODALITIES` maps
 each name to its modality id.
@@ -31,6 +33,7 @@ each name to its modality id.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +55,16 @@ EMBEDDERS: dict[str, tuple[type, type[nn.Module]]] = {
     "video": (VideoConfig, VideoEmbed),
     "table": (TableConfig, TableEmbed),
 }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A segment's `prepare` output, (features, positions_L3), taken by the model in place of the
+    segment's raw data. It belongs to embedders of the config that made it (patch sizes, mel
+    bins, the weights' dtype for tables): `prepare` of the model that will read it."""
+
+    features: Tensor | tuple[Tensor, ...]
+    positions: Tensor
 
 
 def cat_features(parts: list, device: torch.device) -> Tensor | tuple[Tensor, ...]:
@@ -104,7 +117,7 @@ def build_embedders(d_model: int, text_vocab_size: int,
 
 
 __all__ = [
-    "MODALITIES", "EMBEDDERS", "build_embedders", "cat_features", "SPECIAL_TOKENS",
+    "MODALITIES", "EMBEDDERS", "build_embedders", "cat_features", "Prepared", "SPECIAL_TOKENS",
     "TextTokenizer", "TextConfig", "TextEmbed", "ImageConfig", "ImageEmbed",
     "AudioConfig", "AudioEmbed", "log_mel", "resample", "VideoConfig", "VideoEmbed",
     "TableConfig", "TableEmbed",

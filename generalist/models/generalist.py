@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generalist.data.packing import EncodedExample, pack
-from generalist.modalities import MODALITIES, TextTokenizer, build_embedders, cat_features
+from generalist.modalities import MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features
 from generalist.models.config import GeneralistConfig
 from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo
 from generalist.modules.moe import MoEConfig, MoEStats
@@ -94,8 +94,8 @@ class GeneralistModel(nn.Module):
         return StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
 
     def embed_inputs(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo]:
-        """Embeds every segment and packs all examples into one encoder stream (S, M). An empty
-        batch gives an empty stream (S = 0)."""
+        """Embeds every segment and packs all examples into one encoder stream (S, M). A segment's
+        data is raw data or a `Prepared`. An empty batch gives an empty stream (S = 0)."""
         device = self.boundary.device
         if not batch:
             none = torch.zeros(0, dtype=torch.long, device=device)
@@ -119,7 +119,8 @@ class GeneralistModel(nn.Module):
                 if modality not in self.embedders:
                     raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
                 try:
-                    prepared[modality].append(self.embedders[modality].prepare(data))
+                    prepared[modality].append((data.features, data.positions) if isinstance(data, Prepared)
+                                              else self.embedders[modality].prepare(data))
                 except ValueError as error:
                     raise ValueError(f"example {b}, segment {j} ({modality}): {error}") from None
         toks, first = [], {}  # first[modality]: each of its segments' first row in cat(toks)

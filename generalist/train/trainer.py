@@ -23,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generalist.data.packing import Example, ExampleEncoder
-from generalist.modalities import MODALITIES, TextTokenizer
+from generalist.data.packing import EncodedExample, Example, ExampleEncoder
+from generalist.modalities import MODALITIES, Prepared, TextTokenizer
 from generalist.models.config import preset
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
@@ -79,6 +79,25 @@ class TrainConfig:
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
+
+PREPARED_CACHE_BYTES = 2 << 30  # the most host memory the trainer keeps prepared training segments in
+
+
+def prepare_example(model: GeneralistModel, ex: EncodedExample, name: str = "example") -> tuple[EncodedExample, int]:
+    """`ex` with every segment through `model`'s embedder `prepare` (a `Prepared`), and the bytes
+    its features and positions hold. A bad segment's ValueError is named by `name`, segment and
+    modality; a modality the model lacks is left as it is (the model's own check names it)."""
+    segments, nbytes = [], 0
+    for j, (modality, data) in enumerate(ex.segments):
+        if modality in model.embedders:
+            try:
+                data = Prepared(*model.embedders[modality].prepare(data))
+            except ValueError as error:
+                raise ValueError(f"{name}, segment {j} ({modality}): {error}") from None
+            features = data.features if isinstance(data.features, tuple) else (data.features,)
+            nbytes += sum(t.nbytes for t in (*features, data.positions))
+        segments.append((modality, data))
+    return replace(ex, segments=segments), nbytes
 
 
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
@@ -190,6 +209,7 @@ class Trainer:
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
+        self._prepared_bytes = 0  # held by the prepared segments in self._encoded
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
             for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
@@ -207,9 +227,17 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
+        """A training example tokenized and its segments prepared (`Prepared`), once: an example
+        seen again costs no checks, no patch cutting and no spectrogram. Past PREPARED_CACHE_BYTES
+        of prepared features, examples are kept tokenized only (the model prepares them)."""
         key = (task, i)
         if key not in self._encoded:
-            self._encoded[key] = self.encoder.encode(self.data[task].train[i])
+            ex = self.encoder.encode(self.data[task].train[i])
+            kept, nbytes = prepare_example(self.model, ex, f"task {task!r}, training example {i}")
+            if self._prepared_bytes + nbytes <= PREPARED_CACHE_BYTES:
+                self._prepared_bytes += nbytes
+                ex = kept
+            self._encoded[key] = ex
         return self._encoded[key]
 
     def _contrastive_pairs(self, con: list[tuple[str, int]]) -> tuple[list, list]:

@@ -164,3 +164,30 @@ def test_time_budget_stops_the_run_and_survives_resume(tmp_path, monkeypatch):
     assert lrs[-1] == pytest.approx(lr_at(3, trainer.cfg, time_fraction=1.0))  # 60 s spent before step 4
     resumed = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), resume=True, progress=False)
     assert resumed.elapsed == pytest.approx(80.0) and resumed.step == 4
+
+
+def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, monkeypatch):
+    """The trainer keeps its training examples with every segment already through its embedder's
+    `prepare` (a `Prepared`), which the model takes in place of raw data with the same result;
+    past PREPARED_CACHE_BYTES it keeps them tokenized only; a bad segment is named."""
+    from generalist.modalities import Prepared
+    from generalist.train import trainer as trainer_module
+
+    trainer = Trainer(_cfg(tmp_path), _data(), progress=False)
+    picks = [("bars", 0), ("bars", 1), ("echo", 0)]
+    kept = [trainer._encode(t, i) for t, i in picks]
+    raw = [trainer.encoder.encode(trainer.data[t].train[i]) for t, i in picks]
+    assert all(isinstance(data, Prepared) for ex in kept for _, data in ex.segments)
+    assert trainer._prepared_bytes > 0
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trainer.model(kept).logits, trainer.model(raw).logits)
+    assert trainer._encode("bars", 0) is kept[0]  # prepared once
+
+    monkeypatch.setattr(trainer_module, "PREPARED_CACHE_BYTES", trainer._prepared_bytes)
+    ex = trainer._encode("bars", 2)
+    assert not any(isinstance(data, Prepared) for _, data in ex.segments)
+
+    trainer.data["bars"].train[3].segments[0] = ("image", torch.rand(3, 0, 4))
+    with pytest.raises(ValueError, match=r"task 'bars', training example 3, segment 0 \(image\): image height 0"):
+        trainer._encode("bars", 3)
