@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generalist.data.packing import EncodedExample, Example, ExampleEncoder
+from generalist.data.packing import EncodedExample, ExampleEncoder
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer
 from generalist.models.config import preset
 from generalist.models.generalist import GeneralistModel
@@ -241,11 +241,17 @@ class Trainer:
         return self._encoded[key]
 
     def _contrastive_pairs(self, con: list[tuple[str, int]]) -> tuple[list, list]:
-        """Encoded (non-text inputs, target text) pairs of contrastive examples."""
-        inputs = [Example([s for s in self.data[t].train[i].segments if s[0] != "text"] or
-                          self.data[t].train[i].segments, "", t) for t, i in con]
-        texts = [Example([("text", self.data[t].train[i].target_text)], "", t) for t, i in con]
-        return [self.encoder.encode(e) for e in inputs], [self.encoder.encode(e) for e in texts]
+        """Encoded (non-text inputs, target text) pairs of contrastive examples, from the kept
+        (prepared) training examples."""
+        inputs, texts = [], []
+        for t, i in con:
+            ex = self._encode(t, i)
+            if not len(ex.target_ids):
+                raise ValueError(f"task {t!r}, training example {i}: a contrastive example needs a target text")
+            segments = [s for s in ex.segments if s[0] != "text"] or ex.segments
+            inputs.append(EncodedExample(segments, ex.task_id))
+            texts.append(EncodedExample([("text", ex.target_ids)], ex.task_id))
+        return inputs, texts
 
     def _micro_batch_loss(self, picks: list[tuple[str, int]]):
         """(loss, pending, tokens). `pending` holds the per-example losses and the routing counts

@@ -168,8 +168,9 @@ def test_time_budget_stops_the_run_and_survives_resume(tmp_path, monkeypatch):
 
 def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, monkeypatch):
     """The trainer keeps its training examples with every segment already through its embedder's
-    `prepare` (a `Prepared`), which the model takes in place of raw data with the same result;
-    past PREPARED_CACHE_BYTES it keeps them tokenized only; a bad segment is named."""
+    `prepare` (a `Prepared`), which the model takes in place of raw data with the same result,
+    contrastive pairs included; past PREPARED_CACHE_BYTES it keeps them tokenized only; a bad
+    segment is named."""
     from generalist.modalities import Prepared
     from generalist.train import trainer as trainer_module
 
@@ -183,6 +184,19 @@ def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, m
     with torch.no_grad():
         assert torch.equal(trainer.model(kept).logits, trainer.model(raw).logits)
     assert trainer._encode("bars", 0) is kept[0]  # prepared once
+
+    # contrastive pairs come from the kept examples: the same embeddings as from the raw ones
+    from generalist.data.packing import Example
+
+    con = [("swatches", 0), ("swatches", 3)]
+    inputs, texts = trainer._contrastive_pairs(con)
+    assert all(isinstance(data, Prepared) for ex in inputs for _, data in ex.segments)
+    raw_inputs = [trainer.encoder.encode(Example(trainer.data[t].train[i].segments, "", t)) for t, i in con]
+    raw_texts = [trainer.encoder.encode(Example([("text", trainer.data[t].train[i].target_text)], "", t))
+                 for t, i in con]
+    with torch.no_grad():
+        assert torch.equal(trainer.model.embed(inputs), trainer.model.embed(raw_inputs))
+        assert torch.equal(trainer.model.embed(texts), trainer.model.embed(raw_texts))
 
     monkeypatch.setattr(trainer_module, "PREPARED_CACHE_BYTES", trainer._prepared_bytes)
     ex = trainer._encode("bars", 2)
