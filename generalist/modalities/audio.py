@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .image import check_finite, grid_positions, to_tensor
+from .image import PatchEmbed, check_finite, grid_positions, to_tensor
 
 LOG_EPS = 1e-6
 
@@ -186,17 +186,14 @@ def log_mel(waveform_N: Any, sample_rate: float, cfg: AudioConfig | None = None)
     return torch.log(mel_TM + LOG_EPS)
 
 
-class AudioEmbed(nn.Module):
+class AudioEmbed(PatchEmbed):
     """(waveform, sample_rate) -> (tokens_LD, positions_L3); see the module docstring."""
 
     modality = "audio"
 
     def __init__(self, cfg: AudioConfig, d_model: int):
-        super().__init__()
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        super().__init__(cfg.patch_time * cfg.patch_freq, d_model)
         self.cfg = cfg
-        self.proj = nn.Linear(cfg.patch_time * cfg.patch_freq, d_model)
 
     @property
     def max_positions(self) -> tuple[int, int, int]:
@@ -219,13 +216,3 @@ class AudioEmbed(nn.Module):
         patches_LQ = (spec_TM.reshape(A, c.patch_time, B, c.patch_freq).permute(0, 2, 1, 3)
                       .reshape(A * B, c.patch_time * c.patch_freq))
         return patches_LQ, grid_positions(A, B, 1, device=spec_TM.device)
-
-    def project(self, patches_NQ: Tensor) -> Tensor:
-        """The patches of one clip or of many, concatenated (N, Q) -> tokens (N, D)."""
-        weight = self.proj.weight
-        return self.proj(patches_NQ.to(device=weight.device, dtype=weight.dtype))
-
-    def forward(self, data: Any) -> tuple[Tensor, Tensor]:
-        """data: (waveform (N,) float tensor/array, sample_rate) -> tokens (L, D), positions (L, 3)."""
-        patches_LQ, positions_L3 = self.prepare(data)
-        return self.project(patches_LQ), positions_L3.to(self.proj.weight.device)

@@ -17,7 +17,8 @@ of patches half padding). Token order is row-major over the patch grid; token k 
 [r*P, (r+1)*P) and columns [q*P, (q+1)*P) with r, q = divmod(k, Q), and its position is (0, r, q). The patch is flattened
 in (C, P, P) order, the layout of a Conv2d weight, before the projection.
 
-This module also holds `to_tensor` and `grid_positions`, shared by the other modalities.
+This module also holds `to_tensor`, `grid_positions` and `PatchEmbed` (the learned projection of
+image, audio and video patches), shared by the other modalities.
 """
 
 from __future__ import annotations
@@ -102,17 +103,39 @@ def image_to_chw(image: Any, channels: int, name: str = "image") -> Tensor:
     return x
 
 
-class ImageEmbed(nn.Module):
+class PatchEmbed(nn.Module):
+    """The learned part shared by image, audio and video: one Linear(K, D) per patch. A subclass
+    sets `cfg` and writes `prepare(data) -> (patches (L, K) float, positions (L, 3) int64)`."""
+
+    def __init__(self, patch_values: int, d_model: int):
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        self.proj = nn.Linear(patch_values, d_model)
+
+    def prepare(self, data: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def project(self, patches_NK: Tensor) -> Tensor:
+        """The patches of one segment or of many, concatenated (N, K) -> tokens (N, D)."""
+        weight = self.proj.weight
+        return self.proj(patches_NK.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, data: Any) -> tuple[Tensor, Tensor]:
+        """One segment's raw data (see `prepare`) -> tokens (L, D) float, positions (L, 3) int64,
+        both on the weights' device."""
+        patches_LK, positions_L3 = self.prepare(data)
+        return self.project(patches_LK), positions_L3.to(self.proj.weight.device)
+
+
+class ImageEmbed(PatchEmbed):
     """One image -> (tokens_LD, positions_L3); see the module docstring for layouts and order."""
 
     modality = "image"
 
     def __init__(self, cfg: ImageConfig, d_model: int):
-        super().__init__()
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        super().__init__(cfg.channels * cfg.patch * cfg.patch, d_model)
         self.cfg = cfg
-        self.proj = nn.Linear(cfg.channels * cfg.patch * cfg.patch, d_model)
 
     @property
     def max_positions(self) -> tuple[int, int, int]:
@@ -136,13 +159,3 @@ class ImageEmbed(nn.Module):
             x_CHW = nn.functional.pad(x_CHW, (0, Q * p - W, 0, R * p - H))
         patches_LK = (x_CHW.reshape(C, R, p, Q, p).permute(1, 3, 0, 2, 4).reshape(R * Q, C * p * p))
         return patches_LK, grid_positions(1, R, Q, device=x_CHW.device)
-
-    def project(self, patches_NK: Tensor) -> Tensor:
-        """The patches of one image or of many, concatenated (N, K) -> tokens (N, D)."""
-        weight = self.proj.weight
-        return self.proj(patches_NK.to(device=weight.device, dtype=weight.dtype))
-
-    def forward(self, image: Any) -> tuple[Tensor, Tensor]:
-        """image: an accepted layout -> tokens (L, D) float, positions (L, 3) int64 (0, r, q)."""
-        patches_LK, positions_L3 = self.prepare(image)
-        return self.project(patches_LK), positions_L3.to(self.proj.weight.device)

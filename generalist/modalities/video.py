@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .image import check_finite, grid_positions, to_tensor
+from .image import PatchEmbed, check_finite, grid_positions, to_tensor
 
 
 @dataclass
@@ -72,17 +72,14 @@ def video_to_cthw(clip: Any, channels: int) -> Tensor:
     return x.permute(3, 0, 1, 2)
 
 
-class VideoEmbed(nn.Module):
+class VideoEmbed(PatchEmbed):
     """One clip -> (tokens_LD, positions_L3); see the module docstring for layouts and order."""
 
     modality = "video"
 
     def __init__(self, cfg: VideoConfig, d_model: int):
-        super().__init__()
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1; got {d_model}")
+        super().__init__(cfg.channels * cfg.tubelet_time * cfg.patch * cfg.patch, d_model)
         self.cfg = cfg
-        self.proj = nn.Linear(cfg.channels * cfg.tubelet_time * cfg.patch * cfg.patch, d_model)
 
     @property
     def max_positions(self) -> tuple[int, int, int]:
@@ -109,13 +106,3 @@ class VideoEmbed(nn.Module):
         tubelets_LK = (x_CTHW.reshape(C, A, t, R, p, Q, p).permute(1, 3, 5, 0, 2, 4, 6)
                        .reshape(A * R * Q, C * t * p * p))
         return tubelets_LK, grid_positions(A, R, Q, device=x_CTHW.device)
-
-    def project(self, tubelets_NK: Tensor) -> Tensor:
-        """The tubelets of one clip or of many, concatenated (N, K) -> tokens (N, D)."""
-        weight = self.proj.weight
-        return self.proj(tubelets_NK.to(device=weight.device, dtype=weight.dtype))
-
-    def forward(self, clip: Any) -> tuple[Tensor, Tensor]:
-        """clip: (T, H, W, C) or (T, H, W) -> tokens (L, D) float, positions (L, 3) int64."""
-        tubelets_LK, positions_L3 = self.prepare(clip)
-        return self.project(tubelets_LK), positions_L3.to(self.proj.weight.device)
