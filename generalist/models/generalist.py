@@ -200,7 +200,7 @@ class GeneralistModel(nn.Module):
             lo, hi = torch.stack(torch.aminmax(ids_T)).tolist()  # on the host for batches from the data path
             if lo < 0 or hi >= text.vocab_size:
                 raise ValueError(f"target token ids must be in [0, {text.vocab_size}); got min {lo}, max {hi}")
-        tasks = torch.cat([torch.full((len(s),), t, dtype=torch.long) for s, t in zip(seqs, task_ids)])
+        tasks = torch.repeat_interleave(torch.tensor(task_ids, dtype=torch.long), torch.tensor([len(s) for s in seqs]))
         return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
                                               torch.zeros_like(tasks).to(device))
 
@@ -211,9 +211,13 @@ class GeneralistModel(nn.Module):
         the exchanges of expert parallelism, forward and backward, like the others)."""
         h_SM, enc, enc_stats = self.encode(batch)
         bos, eos = self.cfg.bos_id, self.cfg.eos_id
-        ins = [torch.cat([torch.tensor([bos]), ex.target_ids.long()]) for ex in batch]
-        labels = torch.cat([torch.cat([ex.target_ids.long(), torch.tensor([eos])]) for ex in batch]
-                           or [torch.zeros(0, dtype=torch.long)])
+        # every example's decoder input (bos, target) and labels (target, eos), each built by one
+        # concatenation on the host (not two small tensors and a concatenation per example)
+        bos_1, eos_1 = torch.tensor([bos]), torch.tensor([eos])
+        targets = [ex.target_ids.long() for ex in batch]
+        ins = list(torch.cat([t for tgt in targets for t in (bos_1, tgt)] or [bos_1[:0]])
+                   .split([len(tgt) + 1 for tgt in targets]))
+        labels = torch.cat([t for tgt in targets for t in (tgt, eos_1)] or [eos_1[:0]])
         ids_T, dec = self._decoder_stream(ins, [ex.task_id for ex in batch])
         logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
         labels = labels.to(logits_TV.device)
