@@ -47,14 +47,18 @@ class SelfAttention(nn.Module):
         self.wkv = nn.Linear(d_model, 2 * n_kv_heads * self.d, bias=False)
         self.wo = nn.Linear(n_heads * self.d, d_model, bias=False)
 
-    def project(self, x_TM: Tensor, pos_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        angles = rotary_angles(pos_T, self.d)  # shared by q and k
+    def project(self, x_TM: Tensor, pos_T: Tensor, angles: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (rotated) and v of the tokens; `angles`: rotary_angles(pos_T, D), if already made."""
+        if angles is None:
+            angles = rotary_angles(pos_T, self.d)  # shared by q and k
         q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T, angles=angles)
         k_TKD, v_TKD = self.wkv(x_TM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
         return q_THD, rotary(k_TKD, pos_T, angles=angles), v_TKD
 
-    def forward(self, x_TM: Tensor, pos_T: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        q, k, v = self.project(x_TM, pos_T)
+    def forward(self, x_TM: Tensor, pos_T: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        q, k, v = self.project(x_TM, pos_T, angles)
         out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                      causal=self.causal, backend=self.backend)
         return self.wo(out.flatten(1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from generalist.modules.attention import CrossAttention, SelfAttention
+from generalist.modules.attention import CrossAttention, SelfAttention, rotary_angles
 from generalist.modules.moe import MoE, MoEConfig
 
 
@@ -21,7 +21,7 @@ class EncoderBlock(nn.Module):
         self.moe = MoE(moe)
 
     def forward(self, x_TM: Tensor, s: "StreamInfo"):
-        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen)
+        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen, s.rotary(self.attn.d))
         y_TM, stats = self.moe(self.norm2(x_TM), s.task_ids, s.modality_ids)
         return x_TM + y_TM, stats
 
@@ -38,7 +38,7 @@ class DecoderBlock(nn.Module):
         """h_SM: the encoder's output; its keys/values are projected here, inside the block's own
         forward (where FSDP has the block's weights gathered)."""
         memory = self.cross.memory(h_SM)
-        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen)
+        x_TM = x_TM + self.attn(self.norm1(x_TM), s.pos, s.cu_seqlens, s.max_seqlen, s.rotary(self.attn.d))
         x_TM = x_TM + self.cross(self.norm2(x_TM), memory, s.cu_seqlens, enc.cu_seqlens, s.max_seqlen, enc.max_seqlen)
         y_TM, stats = self.moe(self.norm3(x_TM), s.task_ids, s.modality_ids)
         return x_TM + y_TM, stats
@@ -63,3 +63,11 @@ class StreamInfo:
     def __init__(self, cu_seqlens: Tensor, max_seqlen: int, pos: Tensor, task_ids: Tensor, modality_ids: Tensor):
         self.cu_seqlens, self.max_seqlen, self.pos = cu_seqlens, max_seqlen, pos
         self.task_ids, self.modality_ids = task_ids, modality_ids
+        self._angles: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def rotary(self, head_dim: int) -> tuple[Tensor, Tensor]:
+        """`rotary_angles` of the stream's positions for `head_dim`: computed by the first layer
+        that asks, then shared by every other one."""
+        if head_dim not in self._angles:
+            self._angles[head_dim] = rotary_angles(self.pos, head_dim)
+        return self._angles[head_dim]

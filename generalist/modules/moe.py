@@ -223,11 +223,16 @@ class MoE(nn.Module):
 
         # Statistics and losses; f counts the router's choices before any drop.
         with torch.no_grad():
-            tokens_S, experts_S = sort_idx_S // k, expert_idx_TK.reshape(-1)[sort_idx_S]
-            counts_by_task = _count(task_ids_T.long()[tokens_S] * e + experts_S, c.n_tasks, e)
-            counts_by_modality = _count(modality_ids_T.long()[tokens_S] * e + experts_S, c.n_modalities, e)
+            # one histogram of (task, expert), then (modality, expert) keys of the rows kept, then
+            # every choice's expert: (n_tasks + n_modalities + 1, E)
+            tokens_S, experts_S = sort_idx_S // k, expert_idx_TK.reshape(-1)[sort_idx_S].long()
+            nt, nm = c.n_tasks, c.n_modalities
+            keys = torch.cat([task_ids_T.long()[tokens_S] * e + experts_S,
+                              (modality_ids_T.long()[tokens_S] + nt) * e + experts_S,
+                              expert_idx_TK.reshape(-1).long() + (nt + nm) * e])
+            counts = _count(keys, nt + nm + 1, e)
+            counts_by_task, counts_by_modality, routed_E = counts[:nt], counts[nt:nt + nm], counts[nt + nm]
             dropped = torch.full((), t * k - sort_idx_S.shape[0], dtype=torch.int64, device=x_TD.device)
-            routed_E = _count(expert_idx_TK.reshape(-1).long(), 1, e)[0]
         balance, z = self.router_losses(logits_TE, probs_TE, routed_E)
         aux = c.aux_loss_weight * balance + c.z_loss_weight * z
         return y_TD, MoEStats(aux, balance.detach(), z.detach(), counts_by_task, counts_by_modality, dropped)

@@ -64,3 +64,21 @@ def test_reorder_cache_copies_rows_over_the_filled_part(gen):
         reorder_cache(cache, torch.tensor([2, 2, 0]))
     assert torch.equal(cache["k"][:, :3], before[0][[2, 2, 0]])
     assert torch.equal(cache["v"][:, :3], before[1][[2, 2, 0]])
+
+
+def test_a_streams_rotary_angles_are_made_once_and_match_each_layers_own(gen):
+    """Blocks take the rotary angles from their StreamInfo, made by the first layer that asks and
+    shared by the rest: a layer given them computes what it computes making its own."""
+    from generalist.modules.attention import rotary_angles
+    from generalist.modules.blocks import StreamInfo
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])
+    s = StreamInfo(cu, 7, pos, torch.zeros(12, dtype=torch.long), torch.zeros(12, dtype=torch.long))
+    angles = s.rotary(8)
+    assert s.rotary(8) is angles
+    assert all(torch.equal(a, b) for a, b in zip(angles, rotary_angles(pos, 8)))
+    assert s.rotary(6)[0].shape == (12, 1, 3)
+    layer = SelfAttention(32, 4, 2, causal=True, backend="reference")
+    x = torch.randn(12, 32, generator=gen)
+    assert torch.equal(layer(x, pos, cu, 7, s.rotary(layer.d)), layer(x, pos, cu, 7))
