@@ -61,7 +61,7 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
                 x_NM = blk.step(x_NM, pos_N, task_N, text_N, cache, enc)
             logits_NV = model.dec_norm(x_NM) @ model.embedders["text"].weight.t()
         else:
-            ids_T, dec = model._decoder_stream(list(tokens_Ns), task_N.tolist())
+            ids_T, dec = model._decoder_stream([[s] for s in tokens_Ns], task_N.tolist())
             logits_TV, _ = model.decode(ids_T, dec, h_SM, enc)
             logits_NV = logits_TV[dec.cu_seqlens[1:].long() - 1]
         # finished rows may only add eos, at no cost (torch.where: a boolean index would sync on a GPU)

@@ -187,12 +187,13 @@ class GeneralistModel(nn.Module):
             stats.append(st)
         return self.dec_norm(x_TM) @ self.embedders["text"].weight.t(), stats
 
-    def _decoder_stream(self, seqs: list[Tensor], task_ids: list[int]) -> tuple[Tensor, StreamInfo]:
+    def _decoder_stream(self, pieces: list[list[Tensor]], task_ids: list[int]) -> tuple[Tensor, StreamInfo]:
+        """pieces[b]: the token id tensors that make sequence b, in order (as `pack` takes them)."""
         device = self.boundary.device
-        if not seqs:
+        if not pieces:
             none = torch.zeros(0, dtype=torch.long, device=device)
             return none, self._stream(torch.zeros(1, dtype=torch.int32, device=device), 0, none, none)
-        ids_T, cu, max_len = pack([[s] for s in seqs])
+        ids_T, cu, max_len = pack(pieces)
         text = self.embedders["text"].cfg
         if max_len > text.max_len:
             raise ValueError(f"a decoder sequence has {max_len} tokens; the text embedder's max_len is {text.max_len}")
@@ -200,7 +201,8 @@ class GeneralistModel(nn.Module):
             lo, hi = torch.stack(torch.aminmax(ids_T)).tolist()  # on the host for batches from the data path
             if lo < 0 or hi >= text.vocab_size:
                 raise ValueError(f"target token ids must be in [0, {text.vocab_size}); got min {lo}, max {hi}")
-        tasks = torch.repeat_interleave(torch.tensor(task_ids, dtype=torch.long), torch.tensor([len(s) for s in seqs]))
+        lens = torch.tensor([sum(p.shape[0] for p in seq) for seq in pieces])
+        tasks = torch.repeat_interleave(torch.tensor(task_ids, dtype=torch.long), lens)
         return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
                                               torch.zeros_like(tasks).to(device))
 
@@ -211,14 +213,12 @@ class GeneralistModel(nn.Module):
         the exchanges of expert parallelism, forward and backward, like the others)."""
         h_SM, enc, enc_stats = self.encode(batch)
         bos, eos = self.cfg.bos_id, self.cfg.eos_id
-        # every example's decoder input (bos, target) and labels (target, eos), each built by one
+        # every example's decoder input (bos, target) and labels (target, eos), each packed by one
         # concatenation on the host (not two small tensors and a concatenation per example)
         bos_1, eos_1 = torch.tensor([bos]), torch.tensor([eos])
         targets = [ex.target_ids.long() for ex in batch]
-        ins = list(torch.cat([t for tgt in targets for t in (bos_1, tgt)] or [bos_1[:0]])
-                   .split([len(tgt) + 1 for tgt in targets]))
         labels = torch.cat([t for tgt in targets for t in (tgt, eos_1)] or [eos_1[:0]])
-        ids_T, dec = self._decoder_stream(ins, [ex.task_id for ex in batch])
+        ids_T, dec = self._decoder_stream([[bos_1, tgt] for tgt in targets], [ex.task_id for ex in batch])
         logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
         labels = labels.to(logits_TV.device)
         # each example counts once, whatever its target's length: a caption's dozen tokens must
