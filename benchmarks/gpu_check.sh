@@ -12,7 +12,7 @@
 # it measured). BENCHES picks the benchmarks and their order (default "moe ncu attention
 # train_step decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it
 # finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
-# model with --profile, GPU busy time);
+# model with --profile, GPU busy time, eager and with its blocks compiled);
 # ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
 # "--shapes D128"). TEST_MARKS selects the op tests (default "gpu": those written for the GPU,
 # every kernel configuration against float64 among them; "gpu or not slow" also runs the
@@ -111,7 +111,7 @@ run_ncu() {
 for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
   [ "$bench" = ncu ] && { run_ncu; continue; }
   [ -f benchmarks/$bench.py ] || continue
-  extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile"
+  extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile --compile"
   # shellcheck disable=SC2086  # extra holds several arguments
   # TRITON_PRINT_AUTOTUNING: each tuning (compiling and timing every candidate for one key) logs
   # its duration: on a fresh machine, about the wait of a first training step (less what the test

@@ -1,13 +1,16 @@
 """Whole training steps of the generalist (forward, backward, AdamW) on a fixed batch of mixed
 modalities and tasks: tokens per second, and how much of a step the GPU is busy.
 
-    python benchmarks/train_step.py [--preset demo] [--batch 64] [--steps 10] [--quick] [--out results.md]
+    python benchmarks/train_step.py [--preset demo] [--batch 64] [--steps 10] [--quick] [--compile]
+                                    [--profile] [--out results.md]
 
 Run as the trainer runs a step: bf16 autocast on a GPU (fp32 on a CPU), gradient clipping and
 AdamW (fused where the trainer fuses it, CPU included), the value checks on. The batch is
 encoded once and packed as training packs it, in two rows: "prepared", its segments through
 their embedders' `prepare` once, as the trainer keeps its training examples (`prepare_example`),
-and "raw", embedded from raw data every step, as at an example's first use. Columns:
+and "raw", embedded from raw data every step, as at an example's first use; with --compile a
+third row, "compiled", the prepared batch through blocks compiled by `compile_blocks` (the wait
+for the compiles, the first step, in a note below the table). Columns:
   step ms     a step end to end (the GPU waited on), median of --steps;
   tokens/s    input plus target tokens of the batch over that;
   issue ms    the time the step's Python takes to return without a final synchronize: on a GPU
@@ -88,6 +91,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--profile", action="store_true", help="(GPU) GPU busy time and the top kernels")
+    parser.add_argument("--compile", action="store_true", help="also time the blocks compiled (compile_blocks)")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -108,6 +112,8 @@ def main():
     examples = make_examples(b, gen)
     raw = [encoder.encode(e) for e in examples]
     batches = {"prepared": [prepare_example(model, ex)[0] for ex in raw], "raw": raw}
+    if args.compile:
+        batches["compiled"] = batches["prepared"]  # (the model's blocks are compiled before this row)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokens = []
 
@@ -123,6 +129,12 @@ def main():
     rows, notes, extra = [], [], []
     with until_stopped(notes):
         for kind, batch in batches.items():
+            if kind == "compiled":
+                model.compile_blocks()
+                start = time.perf_counter()
+                step(batch)
+                sync()
+                notes.append(f"\nThe compiled row's first step, which compiles: {time.perf_counter() - start:.1f} s.")
             for _ in range(2):  # warm-up: kernel compiles and tuning, allocator
                 step(batch)
             sync()

@@ -49,13 +49,16 @@ def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
 
 def test_train_step_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/train_step.py builds a model and a mixed batch itself: on a CPU it must time
-    real steps of the tiny preset and fill its two rows (it asserts nothing about times)."""
+    real steps of the tiny preset and fill its three rows (it asserts nothing about times)."""
     out = tmp_path / "train.md"
     run = subprocess.run([sys.executable, "train_step.py", "--quick", "--preset", "tiny", "--batch", "5",
-                          "--out", str(out)], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
+                          "--compile", "--out", str(out)], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                         timeout=400)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = out.read_text().splitlines()
-    for kind in ("prepared", "raw"):  # segments prepared once, as the trainer keeps them; from raw data
+    # segments prepared once, as the trainer keeps them; from raw data; prepared, the blocks compiled
+    assert any(line.startswith("The compiled row's first step, which compiles: ") for line in lines)
+    for kind in ("prepared", "raw", "compiled"):
         rows = [line for line in lines if line.startswith(f"| tiny B5 {kind} |")]
         assert len(rows) == 1, kind
         tokens, step_ms, per_s, issue_ms = rows[0].strip("| ").split(" | ")[1:5]

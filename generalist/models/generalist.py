@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from generalist.data.packing import EncodedExample, pack
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features
 from generalist.models.config import GeneralistConfig
-from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo
+from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo, compile_block
 from generalist.modules.moe import MoEConfig, MoEStats
 from generalist.ops import _attention_checks as checks
 from generalist.ops import varlen_positions
@@ -83,6 +83,16 @@ class GeneralistModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP shards no scalar
         self._register_load_state_dict_pre_hook(_scalar_logit_scale)  # checkpoints saved when it was ()
 
+    def compile_blocks(self, **options) -> "GeneralistModel":
+        """Compiles every encoder and decoder block's forward with torch.compile, in place
+        (`compile_block`: dynamic shapes, so a new stream length or batch size does not compile
+        again; the parameter names, so checkpoints, stay as they are). The embedders, the losses
+        and the decoding steps stay eager. `options` override BLOCK_COMPILE's arguments. Returns
+        the model."""
+        for block in (*self.encoder, *self.decoder):
+            compile_block(block, **options)
+        return self
+
     # ---- streams -------------------------------------------------------------------------
     def _stream(self, cu: Tensor, max_len: int, task_ids_T: Tensor, modality_ids_T: Tensor) -> StreamInfo:
         # built here from values checked on the host (pack's offsets, task ids checked against
@@ -91,7 +101,9 @@ class GeneralistModel(nn.Module):
         for t in (cu, task_ids_T, modality_ids_T):
             checks.trust_values(t)
         _, pos = varlen_positions(cu, task_ids_T.shape[0])
-        return StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
+        s = StreamInfo(cu, max_len, pos.long(), task_ids_T, modality_ids_T)
+        s.rotary(self.cfg.d_model // self.cfg.n_heads)  # made here, so compiled blocks find them made
+        return s
 
     def embed_inputs(self, batch: list[EncodedExample]) -> tuple[Tensor, StreamInfo]:
         """Embeds every segment and packs all examples into one encoder stream (S, M). A segment's

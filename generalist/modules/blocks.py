@@ -7,10 +7,35 @@ Shapes: T tokens of the stream, S encoder tokens, B sequences, M model dim.
 from __future__ import annotations
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
 from generalist.modules.attention import CrossAttention, SelfAttention, rotary_angles
 from generalist.modules.moe import MoE, MoEConfig
+
+
+# torch.compile's arguments for a block (compile_block). Dynamic shapes: a packed stream's length
+# changes every batch. Inductor's reordering for peak memory is off: with it (torch 2.13, CPU) the
+# MoE layer's input gradient came out wrong, the zeroed buffer that the gather's backward adds the
+# routed experts' gradients into was read before they were added.
+BLOCK_COMPILE = dict(dynamic=True, options={"reorder_for_peak_memory": False})
+
+
+def compile_block(block: nn.Module, **overrides) -> None:
+    """Makes `block`'s forward a torch.compile of itself (BLOCK_COMPILE's arguments, `overrides`
+    on top), kept as `block.compiled_forward`; its parameters and state dict stay as they are.
+
+    Traced without duck shapes: with them, sizes that happen to be equal in the first batch (a
+    stream of d_model tokens, say) share one symbol, d_model's constant, and the graph holds for
+    that length only, so the next batch compiles again."""
+    compiled = torch.compile(block.forward, **{**BLOCK_COMPILE, **overrides})
+
+    def forward(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    block.compiled_forward = compiled
+    block.forward = forward
 
 
 class EncoderBlock(nn.Module):

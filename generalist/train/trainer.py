@@ -65,6 +65,8 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5
     bf16: bool = True  # autocast on CUDA only
+    compile: bool = False  # torch.compile every transformer block (GeneralistModel.compile_blocks): the
+    # first steps wait for the compiles (under a minute a graph on a CPU), later ones launch fused kernels
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
     fsdp: bool = False  # torchrun only: FSDP2 (fully_shard) instead of DDP: each rank holds 1 / N of the weights,
@@ -76,6 +78,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
@@ -190,6 +194,11 @@ class Trainer:
                           bos_id=self.tokenizer.token_id("<bos>"), eos_id=self.tokenizer.token_id("<eos>"), **cfg.model)
             self.model = GeneralistModel(mcfg).to(self.device)
         self.encoder = ExampleEncoder(self.tokenizer, self.tasks)
+        if cfg.compile:
+            if self.group is not None and (cfg.fsdp or cfg.expert_parallel):
+                raise ValueError("compile=true works in one process or with DDP; not with fsdp or expert_parallel, "
+                                 "which rewrite the blocks it would compile")
+            self.model.compile_blocks()
         # before the optimizer: expert parallelism and FSDP replace parameters
         self.dp = DataParallel(self, self.group) if self.group is not None else None
         if self.group is None and (cfg.expert_parallel or cfg.fsdp):

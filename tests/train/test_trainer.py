@@ -143,6 +143,30 @@ def test_lr_schedule_and_options(tmp_path):
         set_option(cfg, "bach_size=4")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         set_option(cfg, "batch_size=0")
+    cfg = _cfg(tmp_path)
+    set_option(cfg, "compile=true")
+    assert cfg.compile is True
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        set_option(cfg, "compile=yes")
+
+
+def test_compile_option_trains_the_compiled_blocks_like_eager(tmp_path):
+    """compile=true: the trainer's blocks are compiled, and its first steps' losses are the eager
+    run's (to float rounding: fused kernels add in another order), with one graph compiled for
+    the encoder blocks and one for the decoder blocks over batches of different lengths."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compile in (False, True):
+        trainer = Trainer(_cfg(tmp_path / str(compile), steps=3, compile=compile), _data(), progress=False)
+        blocks = [*trainer.model.encoder, *trainer.model.decoder]
+        assert all(hasattr(b, "compiled_forward") == compile for b in blocks)
+        trainer.fit()
+        runs[compile] = _losses(tmp_path / str(compile) / "run")
+    assert len(runs[True]) == 3 and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4)
 
 
 def test_time_budget_stops_the_run_and_survives_resume(tmp_path, monkeypatch):
