@@ -66,7 +66,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False  # torch.compile every transformer block (GeneralistModel.compile_blocks): the
-    # first steps wait for the compiles (under a minute a graph on a CPU), later ones launch fused kernels
+    # first step waits for the compiles (about a minute on 2 CPU cores), later ones launch fused kernels
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
     fsdp: bool = False  # torchrun only: FSDP2 (fully_shard) instead of DDP: each rank holds 1 / N of the weights,
