@@ -6,6 +6,8 @@ Shapes: T tokens of the stream, S encoder tokens, B sequences, M model dim.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
@@ -22,20 +24,22 @@ BLOCK_COMPILE = dict(dynamic=True, options={"reorder_for_peak_memory": False})
 
 
 def compile_block(block: nn.Module, **overrides) -> None:
-    """Makes `block`'s forward a torch.compile of itself (BLOCK_COMPILE's arguments, `overrides`
-    on top), kept as `block.compiled_forward`; its parameters and state dict stay as they are.
+    """Makes `block`'s forward a torch.compile of its class's forward (BLOCK_COMPILE's arguments,
+    `overrides` on top), kept as `block.compiled_forward`; its parameters and state dict stay as
+    they are. The compiled function takes the block as an argument, so a deep copy of the block
+    runs its own weights through it, and compiling a block again starts from the class's forward.
 
     Traced without duck shapes: with them, sizes that happen to be equal in the first batch (a
     stream of d_model tokens, say) share one symbol, d_model's constant, and the graph holds for
     that length only, so the next batch compiles again."""
-    compiled = torch.compile(block.forward, **{**BLOCK_COMPILE, **overrides})
+    compiled = torch.compile(type(block).forward, **{**BLOCK_COMPILE, **overrides})
 
-    def forward(*args, **kwargs):
+    def forward(self, *args, **kwargs):
         with fx_config.patch(use_duck_shape=False):
-            return compiled(*args, **kwargs)
+            return compiled(self, *args, **kwargs)
 
     block.compiled_forward = compiled
-    block.forward = forward
+    block.forward = types.MethodType(forward, block)
 
 
 class EncoderBlock(nn.Module):

@@ -381,6 +381,17 @@ def test_compiled_blocks_train_like_eager_and_compile_once_per_stream(tokenizer,
         for name in want:
             scale = want[name].abs().max().item()
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * max(scale, 1e-3), msg=name)
+    # a deep copy of the compiled model runs its own weights through the same graphs
+    import copy
+
+    copies = copy.deepcopy(compiled), copy.deepcopy(eager)
+    w = torch.randn(copies[0].encoder[0].attn.wo.weight.shape, generator=gen)
+    with torch.no_grad():
+        for m in copies:
+            m.encoder[0].attn.wo.weight.copy_(w)
+    (copy_loss, _), (copy_eager_loss, _) = (_loss_and_grads(m, batch) for m in copies)
+    torch.testing.assert_close(copy_loss, copy_eager_loss, rtol=1e-5, atol=1e-6)
+    assert abs(copy_loss.item() - got_loss.item()) > 1e-3  # (the copy changed: loss near log V at init)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
