@@ -51,10 +51,13 @@ class SelfAttention(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """q, k (rotated) and v of the tokens; `angles`: rotary_angles(pos_T, D), if already made."""
         if angles is None:
-            angles = rotary_angles(pos_T, self.d)  # shared by q and k
-        q_THD = rotary(self.wq(x_TM).unflatten(-1, (self.h, self.d)), pos_T, angles=angles)
+            angles = rotary_angles(pos_T, self.d)
+        q_THD = self.wq(x_TM).unflatten(-1, (self.h, self.d))
         k_TKD, v_TKD = self.wkv(x_TM).unflatten(-1, (2, self.hkv, self.d)).unbind(1)
-        return q_THD, rotary(k_TKD, pos_T, angles=angles), v_TKD
+        # q's and k's heads rotated in one pass (half the small kernels of one pass each); q and k
+        # are views of the result, which the attention ops take as they are (unit stride inside a head)
+        q_THD, k_TKD = rotary(torch.cat([q_THD, k_TKD], dim=1), pos_T, angles=angles).split([self.h, self.hkv], 1)
+        return q_THD, k_TKD, v_TKD
 
     def forward(self, x_TM: Tensor, pos_T: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
