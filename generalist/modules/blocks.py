@@ -95,8 +95,9 @@ class StreamInfo:
         self._angles: dict[int, tuple[Tensor, Tensor]] = {}
 
     def rotary(self, head_dim: int) -> tuple[Tensor, Tensor]:
-        """`rotary_angles` of the stream's positions for `head_dim`: computed by the first layer
-        that asks, then shared by every other one."""
+        """`rotary_angles` of the stream's positions for `head_dim`: made once, then shared by
+        every attention layer (the model makes them as it builds a stream, so that compiled
+        blocks only read them)."""
         if head_dim not in self._angles:
             self._angles[head_dim] = rotary_angles(self.pos, head_dim)
         return self._angles[head_dim]
