@@ -35,7 +35,9 @@ parallelism: every expert stays on every rank and only the router losses become 
 Contract: every rank calls every converted layer the same number of times (an empty local batch
 is fine) and backpropagates through the same graph; otherwise the collectives hang. Give the
 layers a process group of their own when a data-parallel wrapper (DDP) reduces gradients on
-another during backward. Eager mode only (the split sizes come to the host). Convert before
+another during backward. The collectives run eagerly: under torch.compile (`compile_block`) the
+graph breaks at `routed_experts` and `router_stats`, and what lies around them is compiled
+(the split sizes come to the host). Convert before
 building the optimizer: the expert parameters are replaced. Checkpoints go through
 `gather_expert_state` (full single-device state dict on one rank) and `scatter_expert_state`
 (full state dict from one rank into the shards); optimizer state through
@@ -101,6 +103,7 @@ class GlobalRouterLossMoE(MoE):
 
     stats_group: dist.ProcessGroup
 
+    @torch.compiler.disable  # collectives run eagerly: a compiled block (compile_block) breaks its graph here
     def router_stats(self, routed_E: Tensor, sums: Tensor, t: int) -> tuple[Tensor, Tensor, int]:
         # One all-reduce of [router choices per expert, tokens, probability sums, sum of lse^2] in
         # float64 (counts stay exact); the gradient flows back through the sums only.
@@ -128,6 +131,7 @@ class ExpertParallelMoE(GlobalRouterLossMoE):
         return (f"routed experts [{lo}, {lo + self.n_local}) of {self.config.n_routed} "
                 f"on rank {self.ep_rank} of {self.ep_size}")
 
+    @torch.compiler.disable  # the exchange's split sizes come to the host: runs eagerly, between graphs
     def routed_experts(self, x_SD: Tensor, sizes_E: Tensor) -> Tensor:
         w, l = self.ep_size, self.n_local
         send_WL = sizes_E.to(torch.int64).reshape(w, l)  # rows for rank j's experts, per expert

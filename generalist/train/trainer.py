@@ -66,7 +66,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False  # torch.compile every transformer block (GeneralistModel.compile_blocks): the
-    # first step waits for the compiles (about a minute on 2 CPU cores), later ones launch fused kernels
+    # first step waits for the compiles (about a minute on 2 CPU cores), later ones launch fused kernels;
+    # composes with DDP, fsdp and expert_parallel (whose collectives run eagerly between the graphs)
     model: dict = field(default_factory=dict)  # GeneralistConfig overrides, e.g. {"d_model": 96}
     dist_timeout_s: float = DEFAULT_TIMEOUT_S  # torchrun only: a collective waiting longer fails the run
     fsdp: bool = False  # torchrun only: FSDP2 (fully_shard) instead of DDP: each rank holds 1 / N of the weights,
@@ -195,9 +196,6 @@ class Trainer:
             self.model = GeneralistModel(mcfg).to(self.device)
         self.encoder = ExampleEncoder(self.tokenizer, self.tasks)
         if cfg.compile:
-            if self.group is not None and (cfg.fsdp or cfg.expert_parallel):
-                raise ValueError("compile=true works in one process or with DDP; not with fsdp or expert_parallel, "
-                                 "which rewrite the blocks it would compile")
             self.model.compile_blocks()
         # before the optimizer: expert parallelism and FSDP replace parameters
         self.dp = DataParallel(self, self.group) if self.group is not None else None

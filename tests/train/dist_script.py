@@ -6,7 +6,8 @@ Run it plainly for one process, under torchrun, or with torchrun's environment s
 calls the real command line (generalist.cli.main) with the mixture and tasks swapped for the toy
 ones; --dump writes each rank's final weights to DIR/rank<R>.safetensors; --die-at / --hang-at
 make rank R SIGKILL itself / stop answering after its step K. Dumped FSDP weights are gathered
-in full (expert-parallel ones are each rank's own shard).
+in full (expert-parallel ones are each rank's own shard), with rank<R>.json: how many blocks there are,
+how many are compiled, and how many graphs dynamo compiled.
 """
 
 import argparse
@@ -59,6 +60,13 @@ if args.dump:
                  for k, v in self.model.state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()},
                   str(Path(args.dump) / f"rank{rank}.safetensors"))
+        import json
+
+        from torch._dynamo.utils import counters
+        blocks = [*self.model.encoder, *self.model.decoder]
+        (Path(args.dump) / f"rank{rank}.json").write_text(json.dumps(
+            {"blocks": len(blocks), "compiled_blocks": sum(hasattr(b, "compiled_forward") for b in blocks),
+             "graphs": counters["stats"]["unique_graphs"]}))
     Trainer.fit = dumping_fit
 
 cli = args.cli[1:] if args.cli[:1] == ["--"] else args.cli

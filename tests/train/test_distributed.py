@@ -52,12 +52,12 @@ MODES = {"ddp": [], "expert_parallel": ["expert_parallel=true"], "fsdp": ["fsdp=
          "fsdp+expert_parallel": ["fsdp=true", "expert_parallel=true"]}
 
 
-def _torchrun(out, steps, resume=False, dump=None, mode="ddp"):
+def _torchrun(out, steps, resume=False, dump=None, mode="ddp", extra=(), timeout=120):
     """2 ranks under the real launcher."""
     dump_args = ["--dump", str(dump)] if dump else []
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(SCRIPT), *dump_args, "--", *_train_args(out, steps, resume, MODES[mode])], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                           str(SCRIPT), *dump_args, "--", *_train_args(out, steps, resume, [*MODES[mode], *extra])],
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -209,6 +209,30 @@ def test_ranks_with_an_empty_slice_still_match_one_process(tmp_path, mode):
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_training(one, two, steps)
+
+
+@pytest.mark.parametrize("mode", ["fsdp+expert_parallel", *[pytest.param(m, marks=pytest.mark.slow)
+                                                           for m in ("ddp", "fsdp", "expert_parallel")]])
+def test_compiled_blocks_on_two_ranks_train_like_one_eager_process(reference, tmp_path, mode):
+    """compile=true under torchrun: every rank compiles its blocks after DDP, FSDP2 or expert
+    parallelism has converted them (the MoE collectives run eagerly between the graphs), and the
+    run logs the losses and saves the weights of one eager process, to float rounding (fused
+    kernels add in another order); dynamo warns of nothing (no unplanned graph break, no
+    recompile limit reached)."""
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    done = _torchrun(out, 6, dump=dump, mode=mode, extra=["compile=true"], timeout=400)
+    ra, rb = _records(reference), _records(out)
+    assert [r["step"] for r in rb] == list(range(1, 7)) and [r["tokens"] for r in rb] == [r["tokens"] for r in ra]
+    np.testing.assert_allclose([r["loss"] for r in rb], [r["loss"] for r in ra], rtol=1e-4)
+    saved, ref_weights = (load_file(str(run / "checkpoint" / "model.safetensors")) for run in (out, reference))
+    assert saved.keys() == ref_weights.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], ref_weights[k], rtol=1e-3, atol=1e-5, msg=k)
+    for r in range(2):
+        info = json.loads((dump / f"rank{r}.json").read_text())
+        assert info["blocks"] == info["compiled_blocks"] > 0 and info["graphs"] >= 2, info
+    assert "torch/_dynamo" not in done.stderr and "torch._dynamo" not in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("failure,timeout", [("die", 30), ("hang", 4)])
