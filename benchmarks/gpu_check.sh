@@ -11,9 +11,10 @@
 # build: the script ends within about 8 minutes,
 # dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
 # it measured). BENCHES picks the benchmarks and their order (default "moe ncu attention
-# train_step decode host_overhead": the MoE grid tunes fewer kernels than attention's, so it
+# train_step decode host_overhead bench": the MoE grid tunes fewer kernels than attention's, so it
 # finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
-# model with --profile, GPU busy time, eager and with its blocks compiled);
+# model with --profile, GPU busy time, eager and with its blocks compiled; bench runs
+# `generalist bench`, the users' command, to bench.md and bench.json);
 # ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
 # "--shapes D128"). TEST_MARKS selects the op tests (default "gpu": those written for the GPU,
 # every kernel configuration against float64 among them; "gpu or not slow" also runs the
@@ -109,8 +110,19 @@ run_ncu() {
   fi
 }
 
-for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
+# `generalist bench`, the command users run: every backend against PyTorch's own on this GPU, each
+# checked against the reference before it is timed (exit 1 if one disagrees)
+run_bench() {
+  timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY -m generalist bench ${QUICK:+--quick} --json "$OUT/bench.json" \
+    >"$OUT/bench.log" 2>&1
+  local code=$?; [ $code = 0 ] || status=1
+  { echo '```'; cat "$OUT/bench.log"; echo '```'; } >"$OUT/bench.md"
+  step "generalist bench: exit $code; $(grep -c ' ok$' "$OUT/bench.log") rows of ours timed, $(grep -c 'wrong:' "$OUT/bench.log") wrong"
+}
+
+for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead bench}; do
   [ "$bench" = ncu ] && { run_ncu; continue; }
+  [ "$bench" = bench ] && { run_bench; continue; }
   [ -f benchmarks/$bench.py ] || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile --compile"
   # shellcheck disable=SC2086  # extra holds several arguments
@@ -123,7 +135,7 @@ for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
   step "benchmark $bench: exit $code; $(grep -o 'finished after [0-9.]*' "$OUT/$bench.log" |
     awk '{n++; t += $3} END {printf "%d tunings, %.0f s", n, t}')"
 done
-for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead}; do
+for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead bench}; do
   for table in "$bench" "$bench-kernels" "$bench-moe"; do  # moe.py --quick writes moe-kernels.md too; ncu-moe.md
     [ -f "$OUT/$table.md" ] && { echo; echo "## $table"; cat "$OUT/$table.md"; }
   done

@@ -1,4 +1,4 @@
-"""The `generalist` command line: train, eval, predict, data, info, check.
+"""The `generalist` command line: train, eval, predict, data, info, check, bench.
 
 User errors (bad arguments, unreadable files, unknown tasks) print one line and exit with 2;
 tracebacks are for bugs.
@@ -82,6 +82,17 @@ def _check(args) -> int:
                 print(f"{backend:<10} {name:<24} {str(dtype)[6:]:<9} {err:>10.2e} {base:>10.2e}  {'ok' if ok else 'FAIL'}")
     print(f"\n{'all backends match the float64 semantics' if not failures else f'{failures} check(s) FAILED'}")
     return 1 if failures else 0
+
+
+def _bench(args) -> int:
+    from generalist.bench import run
+
+    rows = run(tuple(op.strip() for op in args.ops.split(",") if op.strip()), args.device, args.dtype, args.quick,
+               args.json)
+    wrong = [r for r in rows if r.status.startswith("wrong")]
+    if wrong:
+        print(f"\n{len(wrong)} row(s) of a backend whose output disagrees with the reference: not timed", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 def _train(args) -> int:
@@ -200,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_check)
+    bench = sub.add_parser("bench", help="time every kernel backend of the model's ops against PyTorch's own, here")
+    bench.add_argument("--ops", default="attention,moe,decode", help="comma-separated: attention, moe, decode")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on a GPU, fp32 on a CPU)")
+    bench.add_argument("--quick", action="store_true", help="fewer and smaller cases, fewer repetitions")
+    bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE as JSON")
+    bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="train one generalist on a task mixture, then evaluate it and write a report")
     train.add_argument("--preset", default="demo", help="model preset: tiny, demo or base")
