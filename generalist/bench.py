@@ -443,6 +443,8 @@ def run(ops: tuple[str, ...] = OPS, device: str | None = None, dtype: str | None
         json_path: str | None = None, print_fn: Callable[[str], None] = print) -> list[Row]:
     """Benchmarks `ops` on `device` (default: cuda when there is one), prints a row as each is
     measured, writes them to `json_path` when given; returns the rows."""
+    if not ops:
+        raise ValueError(f"no op to benchmark; choose from {', '.join(OPS)}")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
@@ -456,6 +458,9 @@ def run(ops: tuple[str, ...] = OPS, device: str | None = None, dtype: str | None
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if json_path and (os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(os.path.abspath(json_path)))):
+        raise ValueError(f"--json {json_path}: " + ("is a directory" if os.path.isdir(json_path)
+                                                     else "its directory does not exist"))
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     reps = 3 if quick else 10
     passes = ("fwd", "fwd+bwd")

@@ -45,7 +45,11 @@ def _check(args) -> int:
     from generalist.ops import ATTENTION_BACKENDS, flash_attn_varlen_func
     from generalist.testing import naive_attention, random_varlen
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from generalist.infer.generalist import resolve_device
+
+    device = resolve_device(args.device)
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     gen = torch.Generator().manual_seed(args.seed)
     # (name, lens_q, lens_k, H, Hkv, D, causal, prefix)
     cases = [
@@ -104,17 +108,20 @@ def _train(args) -> int:
 
     cfg = TrainConfig(preset=args.preset, mixture=args.mixture, out=args.out, max_minutes=args.max_minutes)
     if args.resume:
-        import json
         from pathlib import Path
 
-        from generalist.train.checkpoint import find_checkpoint
+        from generalist.train.checkpoint import find_checkpoint, read_json
 
-        saved = json.loads((find_checkpoint(Path(args.out)) / "meta.json").read_text())["train"]
+        saved = read_json(find_checkpoint(Path(args.out)) / "meta.json")["train"]
         cfg = TrainConfig(**{**saved, "out": args.out, "max_minutes": args.max_minutes})
     if args.steps is not None:
         cfg.steps = args.steps
     for assignment in args.set or []:
         set_option(cfg, assignment)
+    cfg.check()  # --steps and --max-minutes too
+    from generalist.models.config import preset
+
+    preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
     from pathlib import Path
 
     group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
@@ -145,17 +152,16 @@ def _train(args) -> int:
 
 
 def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int:
-    import json
     from pathlib import Path
 
     from generalist.infer.generalist import Generalist
-    from generalist.train.checkpoint import find_checkpoint
+    from generalist.train.checkpoint import find_checkpoint, read_json
     from generalist.train.data import build_data, get_mixture
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
 
     ckpt = find_checkpoint(Path(run_dir))
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_json(ckpt / "meta.json")
     if data is None:
         mixture = get_mixture(meta["train"]["mixture"])
         if limit is not None:
@@ -169,6 +175,8 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int
 
 
 def _eval(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     return _evaluate_run(args.run_dir, limit=args.limit, device=args.device, bf16=False if args.fp32 else None)
 
 
@@ -177,21 +185,40 @@ def _predict(args) -> int:
 
     from generalist.infer.generalist import Generalist
 
+    if args.beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {args.beam}")
+    table = None if args.table is None else _parse_table(args.table)
     g = Generalist.load(args.run_dir, device=args.device, bf16=False if args.fp32 else None)
-    table = None
-    if args.table is not None:
-        import numpy as np
-
-        try:
-            values = [float(v) if v.strip().lower() not in ("", "nan", "?") else float("nan") for v in args.table.split(",")]
-        except ValueError:
-            raise ValueError(f"--table must be comma-separated numbers (empty or ? for missing), got {args.table!r}") from None
-        table = (np.arange(len(values)), np.array(values, dtype=np.float32))
     audio = args.audio
     answer = g.predict(task=args.task, image=args.image, audio=audio, video=args.video, table=table, text=args.text,
                        beam_size=args.beam)
     print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
     return 0
+
+
+def _parse_table(text: str):
+    """--table: "v0,v1,..." (columns 0, 1, ...) or "c=v,c=v,..." (column ids as the task numbers
+    them); an empty value, ? or nan is missing. -> (column ids, float32 values)."""
+    import numpy as np
+
+    usage = "comma-separated numbers, or COLUMN=VALUE pairs (empty or ? for a missing value)"
+    items = text.split(",")
+    pairs = [item.split("=", 1) if "=" in item else (None, item) for item in items]
+    if len({c is None for c, _ in pairs}) > 1:
+        raise ValueError(f"--table mixes plain values and COLUMN=VALUE pairs: {text!r}")
+    try:
+        columns = [i if c is None else int(c) for i, (c, _) in enumerate(pairs)]
+        values = [float("nan") if v.strip().lower() in ("", "nan", "?") else float(v) for _, v in pairs]
+    except ValueError:
+        raise ValueError(f"--table must be {usage}, got {text!r}") from None
+    if len(set(columns)) < len(columns):
+        raise ValueError(f"--table names a column twice: {text!r}")
+    big = [v for v in values if abs(v) > float(np.finfo(np.float32).max)]
+    if big:
+        raise ValueError(f"--table value {big[0]!r} is beyond float32's range")
+    if all(v != v for v in values):
+        raise ValueError(f"--table has no value, only missing ones: {text!r}")
+    return np.array(columns), np.array(values, dtype=np.float32)
 
 
 def _add_inference_options(parser) -> None:
@@ -245,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--audio", help="WAV (16-bit PCM)")
     pr.add_argument("--video", help=".npy clip (frames x H x W [x C]), animated .gif, or .mp4/.mov/.avi/.mkv/.webm "
                                     "(needs ffmpeg)")
-    pr.add_argument("--table", help="comma-separated feature values in column order (empty or ? for missing)")
+    pr.add_argument("--table", help="comma-separated feature values in column order, or COLUMN=VALUE pairs "
+                                    "(empty or ? for missing)")
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
     pr.add_argument("--json", action="store_true", help="machine-readable output")

@@ -335,6 +335,9 @@ def recall_at_k(
         raise ValueError(f"recall_at_k: query dim {dim} != gallery dim {gallery_emb.shape[1]}")
     if num_q == 0 or num_g == 0:
         raise ValueError(f"recall_at_k: need queries and a gallery, got Q={num_q}, G={num_g}")
+    for name, emb in (("query", query_emb), ("gallery", gallery_emb)):
+        if not bool(torch.isfinite(emb).all()):  # NaN similarities would rank as hits
+            raise ValueError(f"recall_at_k: the {name} embeddings contain NaN or inf")
     if len(ks) == 0 or any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"recall_at_k: ks must be a non-empty list of positive ints, got {ks}")
     if len(positives) != num_q:

@@ -365,6 +365,13 @@ def test_recall_at_k_single_positive():
     assert out == {"R@1": 0.25, "R@2": 0.5, "R@3": 1.0, "R@4": 1.0, "R@10": 1.0}
 
 
+def test_recall_at_k_refuses_non_finite_embeddings():
+    # NaN similarities once ranked every positive first: a diverged model scored R@1 = 1
+    for queries, gallery, which in [(QUERIES * float("nan"), GALLERY, "query"), (QUERIES, GALLERY / 0.0, "gallery")]:
+        with pytest.raises(ValueError, match=f"the {which} embeddings contain NaN or inf"):
+            recall_at_k(queries, gallery, torch.tensor([1, 0, 2, 0]), ks=(1,))
+
+
 def test_recall_at_k_positive_sets():
     # Best-ranked positive counts: q0 {2, 1} -> rank 1 (g1); q1 {3} -> rank 3;
     # q2 {0, 1} -> rank 1 (g0 wins the tie); q3 {3, 1} -> rank 1 (g1 wins the tie with g3).

@@ -14,7 +14,10 @@ import sys
 
 def _use_cache(args) -> None:
     if getattr(args, "cache", None):
-        os.environ["GENERALIST_CACHE"] = os.path.abspath(os.path.expanduser(args.cache))
+        path = os.path.abspath(os.path.expanduser(args.cache))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--cache {args.cache}: is a file, not a directory")
+        os.environ["GENERALIST_CACHE"] = path
 
 
 def _human(n: int) -> str:
@@ -52,11 +55,12 @@ def _prepare(args) -> int:
     from generalist.data.sources import SOURCES, SourceMissing, prepare
 
     _use_cache(args)
-    names = list(SOURCES) if not args.sources else [n.strip() for n in args.sources.split(",") if n.strip()]
+    names = list(SOURCES) if args.sources is None else [n.strip() for n in args.sources.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--sources names no source; known: {', '.join(SOURCES)}")
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
-        print(f"unknown data source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown data source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
     print(f"building the cache in {cache_dir()}")
     missing = []
     bar = tqdm(names, unit="source", file=sys.stderr)

@@ -14,7 +14,6 @@ fp32; `bf16=True` asks for it on a CPU too).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,34 +21,47 @@ import numpy as np
 import torch
 
 from generalist.data.packing import Example, ExampleEncoder
-from generalist.models.decoding import generate
+from generalist.models.decoding import check_finite_stream, generate
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import find_checkpoint
+from generalist.train.checkpoint import find_checkpoint, read_json
 
 MODALITY_ARGS = ("image", "audio", "video", "table", "text")
 
 
 def read_input(modality: str, value: Any):
-    """A path or an in-memory value -> what that modality's embedder accepts."""
+    """A path or an in-memory value -> what that modality's embedder accepts. A text that names
+    no file is the text itself, unless it ends in .txt or is a Path."""
+    if isinstance(value, str) and modality == "text":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--text: not valid UTF-8 text") from None
     if not isinstance(value, (str, Path)):
         return value
     path = Path(value)
-    if modality == "text" and not path.suffix:
+    looks_like_file = isinstance(value, Path) or path.suffix.lower() == ".txt"
+    if modality == "text" and not path.suffix and not isinstance(value, Path) and not (
+            "/" in str(value) and path.is_dir()):
         return str(value)
+    if path.is_dir():
+        raise ValueError(f"--{modality}: {path} is a directory, not a file")
     if not path.is_file():
-        if modality == "text":
+        if modality == "text" and not looks_like_file:
             return str(value)
         raise ValueError(f"--{modality}: no such file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        if modality == "audio":
+            raise ValueError(f"--audio: {path}: a .npy file holds no sample rate; give a WAV file (or, in "
+                             "Python, audio=(waveform, sample_rate))")
+        return _read_npy(path, modality)
     if modality == "image" and suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
         from PIL import Image
 
         try:
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(f"--image: cannot read {path}: {error}") from None
     if modality == "audio" and suffix == ".wav":
         import wave
@@ -58,17 +70,37 @@ def read_input(modality: str, value: Any):
             with wave.open(str(path)) as w:
                 if w.getsampwidth() != 2:
                     raise ValueError(f"--audio: {path} must be 16-bit PCM")
-                data = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+                raw = w.readframes(w.getnframes())
+                if len(raw) % (2 * w.getnchannels()):
+                    raise ValueError(f"--audio: {path} is truncated: its samples end in the middle of a frame")
+                data = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768
                 return data.reshape(-1, w.getnchannels()).mean(axis=1), w.getframerate()
         except (wave.Error, EOFError) as error:
-            raise ValueError(f"--audio: cannot read {path}: {error}") from None
+            raise ValueError(f"--audio: cannot read {path}: {str(error) or 'the file ends early'}") from None
     if modality == "video" and suffix == ".gif":
         return _read_gif(path)
     if modality == "video" and suffix in FFMPEG_VIDEO:
         return _read_with_ffmpeg(path)
     if modality == "text" and suffix == ".txt":
-        return path.read_text()
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--text: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
+
+
+def _read_npy(path: Path, modality: str) -> np.ndarray:
+    """A .npy array; never unpickles (a file of Python objects is refused, not loaded)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "pickle" in str(error).lower():
+            raise ValueError(f"--{modality}: {path} is not a .npy array of numbers (it holds pickled Python "
+                             "objects, which are never loaded)") from None
+        raise ValueError(f"--{modality}: cannot read {path} as a .npy array: {error}") from None
+    except (OSError, EOFError) as error:
+        raise ValueError(f"--{modality}: cannot read {path} as a .npy array: {str(error) or 'the file ends early'}") \
+            from None
 
 
 FFMPEG_VIDEO = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -116,7 +148,7 @@ def resolve_device(device: str | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
+    if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
         raise ValueError(f"unknown device {device!r}; use cpu or cuda (cuda:N)")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
@@ -142,9 +174,12 @@ class Generalist:
         """From a run directory or a checkpoint directory; never executes code from it. `device`
         defaults to the GPU when there is one."""
         ckpt = find_checkpoint(Path(path))
-        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+        meta = read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else {}
         model = GeneralistModel.load(ckpt, device=resolve_device(device))
         tasks = meta.get("tasks") or [f"task{i}" for i in range(model.cfg.n_tasks)]
+        if len(tasks) != model.cfg.n_tasks or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"{ckpt / 'meta.json'} lists {len(tasks)} tasks but the model in {ckpt} was built for "
+                             f"{model.cfg.n_tasks}")
         return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16)
 
     def _precision(self):
@@ -169,11 +204,17 @@ class Generalist:
         for i in range(0, len(examples), batch_size):
             with self._precision():
                 parts.append(self.model.embed([self.encoder.encode(e) for e in examples[i:i + batch_size]]).float())
+            try:
+                check_finite_stream(parts[-1], None)
+            except ValueError as error:
+                raise ValueError(f"embed, batch from example {i}: {error}") from None
         return torch.cat(parts)
 
     def predict(self, task: str, beam_size: int = 1, **inputs) -> str:
         """One request: `task` plus any of image=, audio=, video=, table=, text= (values or paths).
         Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
+        if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
+            raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
         unknown = sorted(set(inputs) - set(MODALITY_ARGS))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; use any of {MODALITY_ARGS}")

@@ -34,6 +34,10 @@ from torch import Tensor, nn
 def to_tensor(x: Any, name: str) -> Tensor:
     """A torch.Tensor (as is) or numpy array (copied); anything else is a ValueError."""
     if isinstance(x, Tensor):
+        if x.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor; got layout {x.layout}")
+        if x.is_meta:
+            raise ValueError(f"{name} is on the meta device: it holds no values")
         return x
     if isinstance(x, np.ndarray):
         try:

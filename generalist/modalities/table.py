@@ -48,7 +48,13 @@ def value_features(values_F: Tensor) -> Tensor:
 
 
 def _as_1d(x: Any, name: str) -> Tensor:
-    t = torch.tensor(x) if isinstance(x, (list, tuple)) else to_tensor(x, name)
+    if isinstance(x, (list, tuple)):
+        try:
+            t = torch.tensor(x)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a list of numbers; got {str(x)[:80]}") from None
+    else:
+        t = to_tensor(x, name)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D (F,); got shape {tuple(t.shape)}")
     return t

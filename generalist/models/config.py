@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from generalist._fields import check_keys, check_types
+
 
 @dataclass
 class GeneralistConfig:
@@ -29,6 +31,12 @@ class GeneralistConfig:
     modalities: dict = field(default_factory=dict)  # per-modality config overrides, e.g. {"image": {"patch": 4}}
 
     def __post_init__(self):
+        check_types(self, "model config: ")
+        for name in ("n_tasks", "d_model", "n_heads", "n_kv_heads", "dec_layers", "d_ff", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.enc_layers < 0:
+            raise ValueError(f"model config: enc_layers must be >= 0, got {self.enc_layers}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.d_model % self.n_heads:
@@ -41,6 +49,20 @@ class GeneralistConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "") -> "GeneralistConfig":
+        """From `to_dict`'s output (a checkpoint's config.json); a ValueError names `where` and
+        the first field that is unknown, missing or of the wrong type."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}expected a JSON object of model fields, got {type(values).__name__}")
+        check_keys(cls, values, where)
+        if "vocab_size" not in values:
+            raise ValueError(f"{where}vocab_size is missing")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{where}{error}") from None
 
 
 # name -> fields; vocab_size and n_tasks come from the tokenizer and the task mixture.
@@ -58,4 +80,5 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, vocab_size: int, n_tasks: int = 1, **overrides) -> GeneralistConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    check_keys(GeneralistConfig, overrides, "model: ")
     return replace(GeneralistConfig(vocab_size=vocab_size, n_tasks=n_tasks, **PRESETS[name]), **overrides)

@@ -26,6 +26,23 @@ def _repeat_stream(model, h_SM: Tensor, enc: StreamInfo, w: int) -> tuple[Tensor
     return h_SM[idx], model._stream(cu.to(h_SM.device), enc.max_seqlen, enc.task_ids[idx], enc.modality_ids[idx])
 
 
+def check_finite_stream(x_SM, cu_seqlens) -> None:
+    """A ValueError naming the examples of a packed stream (or of rows, cu_seqlens None) whose
+    values are not finite: inputs too large for the model overflow it, and a prediction made from
+    NaN would look like an empty answer. One device sync."""
+    bad_S = ~torch.isfinite(x_SM).all(dim=-1)
+    if not bool(bad_S.any()):
+        return
+    if cu_seqlens is None:
+        examples = bad_S.nonzero().flatten().tolist()
+    else:
+        starts = cu_seqlens[:-1].long()
+        examples = sorted(set((torch.searchsorted(starts, bad_S.nonzero().flatten(), right=True) - 1).tolist()))
+    raise ValueError(f"the model's activations are not finite for example(s) {examples[:5]}"
+                     f"{' ...' if len(examples) > 5 else ''}: input values too large for it (or outside the range "
+                     "it was trained on)")
+
+
 @torch.no_grad()
 def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_size: int = 1,
              use_cache: bool = True) -> list[list[int]]:
@@ -38,6 +55,7 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     b, w, v = len(batch), beam_size, cfg.vocab_size
     device = model.boundary.device
     h_SM, enc, _ = model.encode(batch)
+    check_finite_stream(h_SM, enc.cu_seqlens)
     h_SM, enc = _repeat_stream(model, h_SM, enc, w)
     task_N = torch.tensor([ex.task_id for ex in batch for _ in range(w)], device=device)
     text_N = torch.zeros_like(task_N)  # modality id of the decoded tokens (text), made once: see cu_N

@@ -269,6 +269,11 @@ class GeneralistModel(nn.Module):
         from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
+        weights = self.state_dict() if state_dict is None else state_dict
+        bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a checkpoint that cannot predict anything must not replace one that can
+            raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''})")
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         if state_dict is None:
@@ -299,6 +304,22 @@ class GeneralistModel(nn.Module):
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a generalist checkpoint: {name} is missing")
-        model = cls(GeneralistConfig(**json.loads((directory / "config.json").read_text())))
-        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        config = directory / "config.json"
+        try:
+            values = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config} is not valid JSON: {error}") from None
+        model = cls(GeneralistConfig.from_dict(values, f"{config}: "))
+        weights = directory / "model.safetensors"
+        try:
+            load_model(model, str(weights), device=str(device))
+        except Exception as error:  # safetensors' own errors (a damaged file) and a shape mismatch (RuntimeError)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            reason = next((line for line in lines if "mismatch" in line or line.startswith(("Missing", "Unexpected"))),
+                          lines[0])
+            raise ValueError(f"cannot load {weights}: it is damaged or does not match {config.name} ({reason})") from None
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"{weights} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                             "the run that saved it diverged")
         return model.to(device)

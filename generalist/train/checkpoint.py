@@ -82,9 +82,17 @@ def find_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
 
 
+def read_json(path: Path):
+    """A checkpoint's JSON file; a damaged one is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
     expert-parallel rank keeps its slice) and returns state.json."""
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(shard(saved) if shard is not None else saved)
-    return json.loads((ckpt / "state.json").read_text())
+    return read_json(ckpt / "state.json")

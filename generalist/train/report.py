@@ -72,12 +72,13 @@ def routing_figure(counts_LGE: np.ndarray, groups: list[str], title: str):
 def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
+    from generalist.train.checkpoint import read_json
+
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
     ckpt = run_dir / "checkpoint"
-    meta = json.loads((ckpt / "meta.json").read_text())
-    state = json.loads((ckpt / "state.json").read_text())
+    meta, state = read_json(ckpt / "meta.json"), read_json(ckpt / "state.json")
     parts = [f"<h1>generalist run: {html.escape(run_dir.name)}</h1>",
              f"<p>{state['step']} steps, {state.get('skipped', 0)} skipped (non-finite); "
              f"tasks: {', '.join(map(html.escape, meta['tasks']))}</p>"]

@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 from generalist.data.packing import EncodedExample, ExampleEncoder
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer
-from generalist.models.config import preset
+from generalist._fields import check_keys, check_types
+from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, save_checkpoint,
-                                         set_rng_state)
+from generalist.train.checkpoint import (find_checkpoint, load_training_state, read_json, rng_state,
+                                         save_checkpoint, set_rng_state)
 from generalist.train.data import TaskData
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
@@ -76,13 +77,25 @@ class TrainConfig:
     # routed experts and tokens travel to them (n_routed must be a multiple of the number of processes)
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Every option's type and range (run again after options are changed in place)."""
+        check_types(self, "")
         for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
-        if not self.dist_timeout_s > 0:
-            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        for name in ("lr", "grad_clip", "temperature", "dist_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup", "seed", "weight_decay", "contrastive_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        check_keys(GeneralistConfig, self.model, "model: ")
 
 
 PREPARED_CACHE_BYTES = 2 << 30  # the most host memory the trainer keeps prepared training segments in
@@ -116,13 +129,14 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     except json.JSONDecodeError:
         value = raw
     if key.startswith("model."):
+        check_keys(GeneralistConfig, {key[6:]: value}, "model: ")
         cfg.model[key[6:]] = value
         return cfg
     names = {f.name for f in fields(TrainConfig)}
     if key not in names:
         raise ValueError(f"unknown training option {key!r}; options: {sorted(names)}")
     setattr(cfg, key, value)
-    cfg.__post_init__()
+    cfg.check()
     return cfg
 
 
@@ -179,7 +193,7 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = find_checkpoint(self.run_dir)
-            meta = json.loads((ckpt / "meta.json").read_text())
+            meta = read_json(ckpt / "meta.json")
             if meta["tasks"] != self.tasks:
                 raise ValueError(f"{ckpt} was trained on tasks {meta['tasks']}, this run has {self.tasks}")
             self.model = GeneralistModel.load(ckpt, device=self.device)

@@ -60,16 +60,134 @@ def test_predict_from_python_and_cli(run, tmp_path, capsys):
     (["--task", "bars"], "needs at least one input"),
     (["--task", "bars", "--image", "CORRUPT"], "cannot read"),
     (["--task", "bars", "--table", "1,x"], "--table must be comma-separated numbers"),
+    (["--task", "bars", "--table", ""], "--table has no value, only missing ones"),
+    (["--task", "bars", "--table", "?,?"], "--table has no value, only missing ones"),
+    (["--task", "bars", "--table", "1,1e39"], "--table value 1e+39 is beyond float32's range"),
+    (["--task", "bars", "--table", "3=1,2"], "--table mixes plain values and COLUMN=VALUE pairs"),
+    (["--task", "bars", "--table", "3=1,3=2"], "--table names a column twice"),
+    (["--task", "bars", "--image", "EMPTY.npy"], "cannot read EMPTY.npy as a .npy array"),
+    (["--task", "bars", "--image", "PICKLED.npy"], "holds pickled Python objects, which are never loaded"),
+    (["--task", "bars", "--image", "DIR"], "is a directory, not a file"),
+    (["--task", "bars", "--image", "HUGE.npy"], "the model's activations are not finite for example(s) [0]"),
+    (["--task", "echo", "--text", "missing.txt"], "--text: no such file: missing.txt"),
+    (["--task", "echo", "--text", "LATIN1.txt"], "is not UTF-8 text"),
+    (["--task", "bars", "--audio", "WAVE.npy"], "a .npy file holds no sample rate"),
+    (["--task", "bars", "--audio", "EMPTY.wav"], "cannot read EMPTY.wav: the file ends early"),
+    (["--task", "bars", "--text", "x", "--beam", "0"], "--beam must be >= 1, got 0"),
+    (["--task", "bars", "--text", "x", "--device", "cpu:3"], "unknown device 'cpu:3'"),
 ])
 def test_predict_user_errors_are_one_line(run, tmp_path, capsys, args, match):
     out, _ = run
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG not really")
-    args = [str(corrupt) if a == "CORRUPT" else a for a in args]
+    files = {"EMPTY.npy": b"", "PICKLED.npy": b"\x80\x04K\x01.", "LATIN1.txt": "caf\xe9".encode("latin-1"),
+             "EMPTY.wav": b""}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    np.save(tmp_path / "HUGE.npy", np.full((8, 8), 3e38, dtype=np.float32))
+    np.save(tmp_path / "WAVE.npy", np.zeros(1600, dtype=np.float32))
+    names = {"CORRUPT": str(corrupt), "DIR": str(tmp_path), **{n: str(tmp_path / n) for n in [*files, "HUGE.npy",
+                                                                                            "WAVE.npy"]}}
+    args = [names.get(a, a) for a in args]
+    match = next((match.replace(n, v) for n, v in names.items() if n in match), match)
     assert main(["predict", str(out), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("generalist predict: error:")
     assert match in err
+
+
+def _broken_copy(run_dir, tmp_path, name: str) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / name
+    shutil.copytree(run_dir, copy)
+    ckpt = copy / "checkpoint"
+    weights, config, meta = ckpt / "model.safetensors", ckpt / "config.json", ckpt / "meta.json"
+    if name == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif name == "garbage":
+        weights.write_bytes(b"\x00" * 20)
+    elif name == "nan":
+        state = load_file(str(weights))
+        next(iter(state.values()))[0] = float("nan")
+        save_file(state, str(weights))
+    elif name == "bad-json":
+        config.write_text("{'d_model': 32")
+    elif name == "unknown-key":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "bogus": 1}))
+    elif name == "wrong-type":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": "32"}))
+    elif name == "wrong-shape":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": 64}))
+    elif name == "meta-tasks":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": ["bars"]}))
+    elif name == "meta-json":
+        meta.write_text("{")
+    return copy
+
+
+@pytest.mark.parametrize("name,match", [
+    ("truncated", "model.safetensors: it is damaged or does not match config.json"),
+    ("garbage", "model.safetensors: it is damaged or does not match config.json"),
+    ("nan", "model.safetensors holds non-finite weights"),
+    ("bad-json", "config.json is not valid JSON"),
+    ("unknown-key", "config.json: unknown field 'bogus'"),
+    ("wrong-type", "config.json: model config: d_model must be an integer, got '32'"),
+    ("wrong-shape", "(size mismatch for"),
+    ("meta-tasks", "meta.json lists 1 tasks but the model"),
+    ("meta-json", "meta.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line(run, tmp_path, capsys, name, match):
+    copy = _broken_copy(run[0], tmp_path, name)
+    assert main(["predict", str(copy), "--task", "echo", "--text", "red", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_non_finite_weights_are_never_saved(run, tmp_path):
+    import torch
+
+    g = Generalist.load(run[0], device="cpu")
+    with torch.no_grad():
+        g.model.boundary.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="refusing to save non-finite weights .*boundary"):
+        g.model.save(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_python_inputs_that_hold_no_numbers_are_named(run):
+    import torch
+
+    g = Generalist.load(run[0], device="cpu")
+    for kwargs, match in [
+        (dict(image=torch.zeros(8, 8, device="meta")), "image is on the meta device"),
+        (dict(image=torch.zeros(8, 8).to_sparse()), "image must be a dense tensor"),
+        (dict(table=([0, 1], [None, 2.0])), "values must be a list of numbers"),
+        (dict(text="caf\ud800"), "not valid UTF-8 text"),
+        (dict(text="x", beam_size=2.5), "beam_size must be a positive integer, got 2.5"),
+        (dict(text="x", beam_size=True), "beam_size must be a positive integer, got True"),
+    ]:
+        with pytest.raises(ValueError, match=match.replace("(", "\\(")):
+            g.predict(task="bars", **kwargs)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "RUN", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["check", "--device", "tpu"], "unknown device 'tpu'"),
+    (["check", "--device", "meta"], "unknown device 'meta'"),
+    (["bench", "--ops", ","], "no op to benchmark"),
+    (["bench", "--json", "TMP"], "is a directory"),
+    (["data", "prepare", "--sources", ","], "--sources names no source"),
+    (["data", "prepare", "--cache", "FILE", "--sources", "mnist5k"], "is a file, not a directory"),
+])
+def test_other_commands_name_a_bad_argument(run, tmp_path, capsys, argv, match):
+    (tmp_path / "file").write_text("x")
+    names = {"RUN": str(run[0]), "TMP": str(tmp_path), "FILE": str(tmp_path / "file")}
+    assert main([names.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
 
 
 def test_load_rejects_a_directory_without_checkpoint(tmp_path, capsys):

@@ -150,6 +150,48 @@ def test_lr_schedule_and_options(tmp_path):
         set_option(cfg, "compile=yes")
 
 
+@pytest.mark.parametrize("assignment,message", [
+    ("grad_clip=NaN", "grad_clip must be a finite number, got nan"),  # JSON's NaN and Infinity parse as floats
+    ("lr=Infinity", "lr must be a finite number, got inf"),
+    ("lr=abc", "lr must be a finite number, got 'abc'"),
+    ("lr=0", "lr must be > 0, got 0"),
+    ("steps=true", "steps must be an integer, got True"),
+    ("batch_size=2.5", "batch_size must be an integer, got 2.5"),
+    ("batch_size=null", "batch_size must be an integer, got None"),
+    ("warmup=-5", "warmup must be >= 0, got -5"),
+    ("min_lr_ratio=abc", "min_lr_ratio must be a finite number, got 'abc'"),
+    ("min_lr_ratio=2", "min_lr_ratio must be in [0, 1], got 2"),
+    ("seed=-1", "seed must be >= 0, got -1"),
+    ("max_minutes=0", "max_minutes must be > 0, got 0"),
+    ("model=3", "model must be a mapping, got 3"),
+    ("model.bogus=1", "model: unknown field 'bogus'"),
+])
+def test_every_option_is_checked_when_it_is_set(tmp_path, assignment, message):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ValueError) as error:
+        set_option(cfg, assignment)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--max-minutes", "-1"], "max_minutes must be > 0, got -1.0"),
+    (["--max-minutes", "nan"], "max_minutes must be a finite number or null, got nan"),
+    (["--set", "model.d_model=abc"], "model config: d_model must be an integer, got 'abc'"),
+    (["--set", "model.n_heads=0"], "model config: n_heads must be >= 1, got 0"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_train_refuses_bad_options_before_building_any_data(tmp_path, monkeypatch, capsys, args, message):
+    from generalist.cli import main
+    import generalist.train.data as train_data
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was built before the options were checked")
+    monkeypatch.setattr(train_data, "build_data", no_data)
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-eval", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compile_option_trains_the_compiled_blocks_like_eager(tmp_path):
     """compile=true: the trainer's blocks are compiled, and its first steps' losses are the eager
     run's (to float rounding: fused kernels add in another order), with one graph compiled for

@@ -1,0 +1,45 @@
+"""Checks of a config dataclass's fields against their annotations, so that a value from a JSON
+file or a `--set key=value` fails at once with its name, not deep inside training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+
+def check_types(obj, where: str) -> None:
+    """Every field of dataclass `obj` holds a value of its annotated type (int, float, bool, str,
+    dict, optionally `| None`): a bool is not an int, an int is a float, floats are finite. A
+    ValueError names `where`, the field and the value."""
+    for f in fields(obj):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        value = getattr(obj, f.name)
+        optional = kind.endswith("| None")
+        kind = kind.removesuffix("| None").strip()
+        if value is None and optional:
+            continue
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "dict":
+            ok = isinstance(value, dict)
+        else:
+            continue
+        if not ok:
+            want = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+                    "dict": "a mapping"}[kind]
+            raise ValueError(f"{where}{f.name} must be {want}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_keys(cls, values: dict, where: str) -> None:
+    """`values` names only fields of dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
