@@ -143,6 +143,10 @@ def _train(args) -> int:
         data = build_data(get_mixture(cfg.mixture), seed=cfg.seed, progress=main_rank)
         trainer = Trainer(cfg, data, resume=args.resume, progress=main_rank)
         trainer.fit()
+        if group is not None:
+            # every rank done with its collectives before any tears the groups down: a rank that
+            # destroyed them while its peer's last exchange was in flight once aborted at exit
+            group.barrier()
     finally:
         if group is not None:
             group.close()
