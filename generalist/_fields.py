@@ -1,10 +1,21 @@
-"""Checks of a config dataclass's fields against their annotations, so that a value from a JSON
-file or a `--set key=value` fails at once with its name, not deep inside training."""
+"""Checks of values read from files and the command line: a config dataclass's fields against
+their annotations (a value from a JSON file or a `--set key=value` fails at once with its name,
+not deep inside training), and JSON files that name themselves when damaged."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import fields
+from pathlib import Path
+
+
+def read_json(path: Path):
+    """A JSON file's value; a damaged file is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def check_types(obj, where: str) -> None:

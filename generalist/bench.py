@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from generalist.ops import (ATTENTION_BACKENDS, DECODE_BACKENDS, MOE_BACKENDS, BackendError, attention_decode,
                             flash_attn_func, flash_attn_varlen_func, grouped_mm)
+from generalist.infer.generalist import resolve_device
 from generalist.testing import random_varlen, visible_keys
 
 OPS = ("attention", "moe", "decode")
@@ -201,7 +202,7 @@ def _measure(op: str, case: str, providers: list[Provider], work: float, unit: s
             else:
                 want = [out]
         except torch.OutOfMemoryError:
-            want = dout = out = None
+            want = dout = None
             torch.cuda.empty_cache()
     alive = []
     for p in providers:
@@ -448,14 +449,7 @@ def run(ops: tuple[str, ...] = OPS, device: str | None = None, dtype: str | None
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    dev = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if json_path and (os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(os.path.abspath(json_path)))):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generalist._fields import read_json
 from generalist.data.packing import EncodedExample, pack
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features
 from generalist.models.config import GeneralistConfig
@@ -269,11 +270,9 @@ class GeneralistModel(nn.Module):
         from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
-        weights = self.state_dict() if state_dict is None else state_dict
-        bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = _non_finite(self.state_dict() if state_dict is None else state_dict)
         if bad:  # a checkpoint that cannot predict anything must not replace one that can
-            raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}"
-                                     f"{', ...' if len(bad) > 3 else ''})")
+            raise FloatingPointError(f"refusing to save non-finite weights ({bad})")
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         if state_dict is None:
@@ -305,11 +304,7 @@ class GeneralistModel(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a generalist checkpoint: {name} is missing")
         config = directory / "config.json"
-        try:
-            values = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{config} is not valid JSON: {error}") from None
-        model = cls(GeneralistConfig.from_dict(values, f"{config}: "))
+        model = cls(GeneralistConfig.from_dict(read_json(config), f"{config}: "))
         weights = directory / "model.safetensors"
         try:
             load_model(model, str(weights), device=str(device))
@@ -318,8 +313,14 @@ class GeneralistModel(nn.Module):
             reason = next((line for line in lines if "mismatch" in line or line.startswith(("Missing", "Unexpected"))),
                           lines[0])
             raise ValueError(f"cannot load {weights}: it is damaged or does not match {config.name} ({reason})") from None
-        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = _non_finite(model.state_dict())
         if bad:
-            raise ValueError(f"{weights} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
-                             "the run that saved it diverged")
+            raise ValueError(f"{weights} holds non-finite weights ({bad}): the run that saved it diverged")
         return model.to(device)
+
+
+def _non_finite(state: dict[str, Tensor]) -> str:
+    """The names of the floating-point tensors of `state` that hold NaN or inf (the first three),
+    or "" when there are none."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generalist._fields import read_json
+
 CHECKPOINT = "checkpoint"
 
 
@@ -80,14 +82,6 @@ def find_checkpoint(path: Path) -> Path:
         if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
             return candidate
     raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
-
-
-def read_json(path: Path):
-    """A checkpoint's JSON file; a damaged one is a ValueError naming it."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
