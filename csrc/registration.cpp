@@ -21,6 +21,12 @@ TORCH_LIBRARY(generalist, m) {
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
         "bool causal, Tensor? prefix_lens) -> (Tensor, Tensor, Tensor)");
 
+  // Decoding against a KV cache on CPU, with the forward kernel above: q (B, Lq, H, D), k_cache/v_cache
+  // (B, S, Hkv, D), cache_lens int32 (B,) -> (out (B, Lq, H, D), lse (B, H, Lq) fp32). Semantics as in
+  // generalist/ops/attention_decode.py.
+  m.def("_attention_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float softmax_scale) "
+        "-> (Tensor, Tensor)");
+
   // The same two ops on CUDA (csrc/cuda/attention*): fp16/bf16, head dims 64 and 128, sm_80+.
   // Declared in every build (like the CPU ones); implemented only when CUDA is compiled in.
   m.def("_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "

@@ -198,11 +198,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// Decoding against a KV cache: q (B, Lq, H, D), k_cache/v_cache (B, S, Hkv, D), cache_lens int32 (B,)
+// -> (out (B, Lq, H, D), lse (B, H, Lq) fp32). The forward kernel serves it as it is: sequence b's
+// Lq queries are rows [b * Lq, (b + 1) * Lq) of q, its keys the first cache_lens[b] rows of its
+// cache, which start at row b * S of the (B * S, Hkv, D) view (no copy, positions past
+// cache_lens[b] never read), and the causal mask's bottom-right alignment is the decoding mask.
+std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, const at::Tensor& cache_lens,
+                                                        double softmax_scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "attention_decode (cpu): q must be (B, Lq, H, D) and k_cache, v_cache (B, S, Hkv, D), got q ",
+              q_in.sizes(), ", k_cache ", k_in.sizes(), ", v_cache ", v_in.sizes());
+  const int64_t batch = q_in.size(0), q_len = q_in.size(1), capacity = k_in.size(1);
+  TORCH_CHECK(k_in.size(0) == batch, "attention_decode (cpu): k_cache holds ", k_in.size(0), " sequences but q has ",
+              batch);
+  TORCH_CHECK(cache_lens.dim() == 1 && cache_lens.numel() == batch && cache_lens.scalar_type() == at::kInt &&
+                  cache_lens.device().is_cpu(),
+              "attention_decode (cpu): cache_lens must be a 1-D int32 CPU tensor with one entry per sequence (", batch,
+              "), got ", cache_lens.sizes(), " ", cache_lens.scalar_type());
+  TORCH_CHECK(std::isfinite(softmax_scale), "attention_decode (cpu): softmax_scale must be finite, got ",
+              softmax_scale);
+  const at::Tensor q = q_in.contiguous().flatten(0, 1), k = k_in.contiguous().flatten(0, 1),
+                   v = v_in.contiguous().flatten(0, 1);
+  check_qkv(q, k, v);
+  const at::Tensor lens = cache_lens.contiguous();
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  AttentionParams p;
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.head_dim = q.size(2);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.causal = true;
+  p.seqs.resize(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    // checked here too: the Python-side value checks can be switched off, and a bad length must
+    // not become an out-of-bounds read
+    TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "attention_decode (cpu): cache_lens must lie in [0, ",
+                capacity, "] (the cache capacity S), got ", len_ptr[b], " for sequence ", b);
+    p.seqs[b] = {b * q_len, b * capacity, q_len, len_ptr[b], 0};
+  }
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (p.total_q > 0) {
+    dispatch_dtype(q.scalar_type(), [&](auto tag) { run_fwd<decltype(tag)>(p); });
+  }
+  // lse (H, B * Lq) -> (B, H, Lq)
+  return {out.view(q_in.sizes()), lse.view({p.heads, batch, q_len}).permute({1, 0, 2}).contiguous()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(generalist, CPU, m) {
   m.impl("_attention_fwd_cpu", &attention_fwd_cpu);
   m.impl("_attention_bwd_cpu", &attention_bwd_cpu);
+  m.impl("_attention_decode_cpu", &attention_decode_cpu);
 }
 
 }  // namespace generalist::cpu_attention

@@ -50,6 +50,14 @@ def triton_backend(monkeypatch):
     return "triton"
 
 
+@pytest.fixture
+def cpu_backend():
+    """The C++ backend; the extension is built wherever the suite runs (make setup checks)."""
+    if "cpu" not in DECODE_BACKENDS.available():
+        pytest.skip("generalist._C is not built")
+    return "cpu"
+
+
 def _problem(lens, q_len, h, hkv, d, gen, dtype=torch.float32, device=DEVICE, capacity=None):
     """q (B, Lq, H, D), k/v caches (B, S, Hkv, D) with nan / inf past each length, cache_lens."""
     b, s = len(lens), max(lens) + 3 if capacity is None else capacity
@@ -91,6 +99,52 @@ def test_triton_matches_float64(gen, triton_backend, q_len, h, hkv, d, num_split
     _check_against_float64(q, k, v, LENS, out, lse, gen.initial_seed())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES + [(70, 2, 1, 256, 0), (2, 6, 3, 1, 0)])
+def test_cpu_matches_float64(gen, cpu_backend, q_len, h, hkv, d, num_splits, dtype):
+    """Every case of the triton test, and more query rows than one tile (70 > 64) at head dim 256,
+    and head dim 1."""
+    q, k, v, lens = _problem(LENS, q_len, h, hkv, d, gen, dtype=dtype, device="cpu")
+    out, lse = attention_decode(q, k, v, lens, num_splits=num_splits, return_lse=True, backend=cpu_backend)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    _check_against_float64(q, k, v, LENS, out, lse, gen.initial_seed())
+
+
+def test_cpu_strided_caches_thread_counts_and_bad_lengths(gen, cpu_backend, monkeypatch):
+    """Views into one (B, S, 2, Hkv, D) buffer and a sliced q; the same bits on 1 thread as on 2;
+    a length past the capacity refused by the kernel itself with the value checks off."""
+    lens, h, hkv, d = [33, 7, 64, 0], 4, 2, 32
+    kv = torch.randn(4, 80, 2, hkv, d, generator=gen)
+    k, v = kv.unbind(2)
+    q = torch.randn(4, 2, 2 * h, d, generator=gen)[:, :, ::2]
+    cache_lens = torch.tensor(lens, dtype=torch.int32)
+    want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(attention_decode(q, k, v, cache_lens, return_lse=True, backend=cpu_backend))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch.testing.assert_close(runs[0][0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runs[0][1], want_lse, atol=1e-5, rtol=1e-5)
+    from generalist.ops import set_value_checks
+
+    set_value_checks(False)
+    try:
+        with pytest.raises(RuntimeError, match=r"cache_lens must lie in \[0, 80\].*got 81 for sequence 1"):
+            attention_decode(q, k, v, torch.tensor([3, 81, 0, 0], dtype=torch.int32), backend=cpu_backend)
+    finally:
+        set_value_checks(True)
+
+
+def test_opcheck_cpu(gen, cpu_backend):
+    q, k, v, lens = _problem([9, 0, 4], 2, 4, 2, 16, gen, device="cpu")
+    torch.library.opcheck(torch.ops.generalist.attention_decode.default, (q, k, v, lens, 0.25, 0, cpu_backend))
+
+
 @pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES[:3])
 def test_reference_matches_float64(gen, q_len, h, hkv, d, num_splits):
     q, k, v, lens = _problem(LENS, q_len, h, hkv, d, gen, device="cpu")
@@ -105,10 +159,12 @@ def test_reference_matches_float64(gen, q_len, h, hkv, d, num_splits):
     torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_equals_flash_attn_varlen_on_the_packed_problem(gen, request, backend):
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
+    if backend != "reference":
+        request.getfixturevalue(f"{backend}_backend")
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend serves CPU tensors; this test's inputs are on the GPU here")
     lens, q_len, h, hkv = [5, 0, 40, 2], 3, 4, 2
     q, k, v, cache_lens = _problem(lens, q_len, h, hkv, 24, gen)
     out, lse = attention_decode(q, k, v, cache_lens, softmax_scale=0.3, num_splits=2, return_lse=True,
@@ -157,7 +213,13 @@ def test_auto_and_refusals(gen, monkeypatch):
     q, k, v, lens = _problem([4, 2], 1, 2, 2, 8, gen, device="cpu")
     monkeypatch.delenv("GENERALIST_TRITON_ON_CPU", raising=False)
     want = attention_decode(q, k, v, lens, backend="reference")
-    assert torch.equal(attention_decode(q, k, v, lens), want)  # "auto" never picks the interpreter on CPU
+    # "auto" never picks the interpreter on CPU: the C++ kernel where it is built, else the reference
+    auto = "cpu" if "cpu" in DECODE_BACKENDS.available() else "reference"
+    assert torch.equal(attention_decode(q, k, v, lens), attention_decode(q, k, v, lens, backend=auto))
+    torch.testing.assert_close(attention_decode(q, k, v, lens), want, atol=1e-5, rtol=1e-5)
+    if auto == "cpu":
+        with pytest.raises(BackendError, match="backend 'cpu' cannot serve these inputs: float64"):
+            attention_decode(q.double(), k.double(), v.double(), lens, backend="cpu")
     if "triton" in DECODE_BACKENDS.available():
         with pytest.raises(BackendError, match="backend 'triton' cannot serve these inputs: CPU tensors"):
             attention_decode(q, k, v, lens, backend="triton")
