@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -218,8 +219,18 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
               "), got ", cache_lens.sizes(), " ", cache_lens.scalar_type());
   TORCH_CHECK(std::isfinite(softmax_scale), "attention_decode (cpu): softmax_scale must be finite, got ",
               softmax_scale);
-  const at::Tensor q = q_in.contiguous().flatten(0, 1), k = k_in.contiguous().flatten(0, 1),
-                   v = v_in.contiguous().flatten(0, 1);
+  const at::Tensor k = k_in.contiguous().flatten(0, 1), v = v_in.contiguous().flatten(0, 1);
+  TORCH_CHECK(q_in.size(2) % std::max<int64_t>(k.size(1), 1) == 0, "attention_decode (cpu): q's heads (",
+              q_in.size(2), ") must be a multiple of k_cache's (", k.size(1), ")");
+  // One new token per sequence (token-by-token decoding) sees every valid key, so the G = H / Hkv
+  // query heads that share a kv head can be one sequence's G query rows of that kv head, unmasked:
+  // q (B, 1, Hkv * G, D) -> rows (B * G, Hkv, D). Each cache tile is then read once per kv head
+  // instead of once per query head.
+  const int64_t groups = q_len == 1 ? q_in.size(2) / std::max<int64_t>(k.size(1), 1) : 1;
+  const int64_t rows = q_len * groups;  // query rows per sequence
+  const at::Tensor q = groups > 1 ? q_in.contiguous().view({batch, k.size(1), groups, q_in.size(3)}).transpose(1, 2).reshape(
+                                        {batch * groups, k.size(1), q_in.size(3)})
+                                  : q_in.contiguous().flatten(0, 1);
   check_qkv(q, k, v);
   const at::Tensor lens = cache_lens.contiguous();
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
@@ -230,14 +241,14 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
   p.kv_heads = k.size(1);
   p.head_dim = q.size(2);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  p.causal = true;
+  p.causal = groups == 1;
   p.seqs.resize(batch);
   for (int64_t b = 0; b < batch; ++b) {
     // checked here too: the Python-side value checks can be switched off, and a bad length must
     // not become an out-of-bounds read
     TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "attention_decode (cpu): cache_lens must lie in [0, ",
                 capacity, "] (the cache capacity S), got ", len_ptr[b], " for sequence ", b);
-    p.seqs[b] = {b * q_len, b * capacity, q_len, len_ptr[b], 0};
+    p.seqs[b] = {b * rows, b * capacity, rows, len_ptr[b], 0};
   }
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
@@ -248,6 +259,11 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
   p.lse = lse.data_ptr<float>();
   if (p.total_q > 0) {
     dispatch_dtype(q.scalar_type(), [&](auto tag) { run_fwd<decltype(tag)>(p); });
+  }
+  if (groups > 1) {  // rows (B * G, Hkv, D) -> (B, 1, Hkv * G, D); lse (Hkv, B * G) -> (B, Hkv * G, 1)
+    const int64_t hkv = k.size(1);
+    return {out.view({batch, groups, hkv, q_in.size(3)}).transpose(1, 2).reshape(q_in.sizes()),
+            lse.view({hkv, batch, groups}).permute({1, 0, 2}).reshape({batch, hkv * groups, 1})};
   }
   // lse (H, B * Lq) -> (B, H, Lq)
   return {out.view(q_in.sizes()), lse.view({p.heads, batch, q_len}).permute({1, 0, 2}).contiguous()};

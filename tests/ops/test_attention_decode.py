@@ -100,10 +100,11 @@ def test_triton_matches_float64(gen, triton_backend, q_len, h, hkv, d, num_split
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES + [(70, 2, 1, 256, 0), (2, 6, 3, 1, 0)])
+@pytest.mark.parametrize("q_len,h,hkv,d,num_splits", CASES + [(70, 2, 1, 256, 0), (2, 6, 3, 1, 0), (1, 6, 2, 24, 0), (1, 80, 1, 16, 0)])
 def test_cpu_matches_float64(gen, cpu_backend, q_len, h, hkv, d, num_splits, dtype):
     """Every case of the triton test, and more query rows than one tile (70 > 64) at head dim 256,
-    and head dim 1."""
+    head dim 1, and one new token with GQA 3 and with 80 query heads on one kv head (each kv head's
+    query heads are one tile's rows then: more rows than a tile)."""
     q, k, v, lens = _problem(LENS, q_len, h, hkv, d, gen, dtype=dtype, device="cpu")
     out, lse = attention_decode(q, k, v, lens, num_splits=num_splits, return_lse=True, backend=cpu_backend)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -116,20 +117,21 @@ def test_cpu_strided_caches_thread_counts_and_bad_lengths(gen, cpu_backend, monk
     lens, h, hkv, d = [33, 7, 64, 0], 4, 2, 32
     kv = torch.randn(4, 80, 2, hkv, d, generator=gen)
     k, v = kv.unbind(2)
-    q = torch.randn(4, 2, 2 * h, d, generator=gen)[:, :, ::2]
     cache_lens = torch.tensor(lens, dtype=torch.int32)
-    want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(attention_decode(q, k, v, cache_lens, return_lse=True, backend=cpu_backend))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-    torch.testing.assert_close(runs[0][0], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(runs[0][1], want_lse, atol=1e-5, rtol=1e-5)
+    for q_len in (1, 2):  # one new token folds each kv head's query heads into one tile
+        q = torch.randn(4, q_len, 2 * h, d, generator=gen)[:, :, ::2]
+        want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")
+        threads = torch.get_num_threads()
+        try:
+            runs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(attention_decode(q, k, v, cache_lens, return_lse=True, backend=cpu_backend))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        torch.testing.assert_close(runs[0][0], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runs[0][1], want_lse, atol=1e-5, rtol=1e-5)
     from generalist.ops import set_value_checks
 
     set_value_checks(False)
