@@ -201,45 +201,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
 // Decoding against a KV cache: q (B, Lq, H, D), k_cache/v_cache (B, S, Hkv, D), cache_lens int32 (B,)
 // -> (out (B, Lq, H, D), lse (B, H, Lq) fp32). The forward kernel serves it as it is: sequence b's
-// Lq queries are rows [b * Lq, (b + 1) * Lq) of q, its keys the first cache_lens[b] rows of its
-// cache, which start at row b * S of the (B * S, Hkv, D) view (no copy, positions past
-// cache_lens[b] never read), and the causal mask's bottom-right alignment is the decoding mask.
+// queries are its own rows of q, its keys the first cache_lens[b] rows of its cache (positions
+// past cache_lens[b] are never read), and the causal mask's bottom-right alignment is the
+// decoding mask.
+
+// Rows of (Hkv * D) values from one sequence's cache to the next when the caches can be read
+// where they are (each sequence's (S, Hkv, D) block contiguous, sequences a whole number of rows
+// apart, k and v alike: a cache buffer sliced to its filled positions is), else 0.
+int64_t cache_row_stride(const at::Tensor& k, const at::Tensor& v) {
+  const int64_t batch = k.size(0), capacity = k.size(1), row = k.size(2) * k.size(3);
+  for (const at::Tensor* x : {&k, &v}) {
+    if (batch > 0 && capacity > 0 && !x->select(0, 0).is_contiguous()) return 0;
+  }
+  if (batch <= 1) return capacity;
+  if (k.stride(0) != v.stride(0) || row == 0 || k.stride(0) % row != 0 || k.stride(0) < capacity * row) return 0;
+  return k.stride(0) / row;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, const at::Tensor& cache_lens,
                                                         double softmax_scale) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
               "attention_decode (cpu): q must be (B, Lq, H, D) and k_cache, v_cache (B, S, Hkv, D), got q ",
               q_in.sizes(), ", k_cache ", k_in.sizes(), ", v_cache ", v_in.sizes());
-  const int64_t batch = q_in.size(0), q_len = q_in.size(1), capacity = k_in.size(1);
+  for (const at::Tensor* x : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK(x->device().is_cpu(), "attention_decode (cpu): inputs must be CPU tensors, got one on ", x->device());
+  }
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "attention_decode (cpu): q must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype,
+              "attention_decode (cpu): k_cache and v_cache must have q's dtype ", dtype, ", got ", k_in.scalar_type(),
+              " and ", v_in.scalar_type());
+  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "attention_decode (cpu): k_cache and v_cache must have the same shape, got ",
+              k_in.sizes(), " and ", v_in.sizes());
+  const int64_t batch = q_in.size(0), q_len = q_in.size(1), heads = q_in.size(2), dim = q_in.size(3);
+  const int64_t capacity = k_in.size(1), hkv = k_in.size(2);
   TORCH_CHECK(k_in.size(0) == batch, "attention_decode (cpu): k_cache holds ", k_in.size(0), " sequences but q has ",
               batch);
+  TORCH_CHECK(k_in.size(3) == dim, "attention_decode (cpu): k_cache head dim ", k_in.size(3),
+              " differs from q head dim ", dim);
+  TORCH_CHECK(dim >= 1 && dim <= kMaxHeadDim, "attention_decode (cpu): head dim must be in [1, ", kMaxHeadDim,
+              "], got ", dim);
+  TORCH_CHECK(hkv > 0 && heads % hkv == 0, "attention_decode (cpu): q's heads (", heads,
+              ") must be a multiple of k_cache's (", hkv, ")");
   TORCH_CHECK(cache_lens.dim() == 1 && cache_lens.numel() == batch && cache_lens.scalar_type() == at::kInt &&
                   cache_lens.device().is_cpu(),
               "attention_decode (cpu): cache_lens must be a 1-D int32 CPU tensor with one entry per sequence (", batch,
               "), got ", cache_lens.sizes(), " ", cache_lens.scalar_type());
   TORCH_CHECK(std::isfinite(softmax_scale), "attention_decode (cpu): softmax_scale must be finite, got ",
               softmax_scale);
-  const at::Tensor k = k_in.contiguous().flatten(0, 1), v = v_in.contiguous().flatten(0, 1);
-  TORCH_CHECK(q_in.size(2) % std::max<int64_t>(k.size(1), 1) == 0, "attention_decode (cpu): q's heads (",
-              q_in.size(2), ") must be a multiple of k_cache's (", k.size(1), ")");
+  // The caches are read in place when their layout allows (the model's are slices of larger
+  // buffers), else from contiguous copies.
+  int64_t row_stride = cache_row_stride(k_in, v_in);
+  const bool in_place = row_stride > 0;
+  const at::Tensor k = in_place ? k_in : k_in.contiguous(), v = in_place ? v_in : v_in.contiguous();
+  if (!in_place) row_stride = capacity;
   // One new token per sequence (token-by-token decoding) sees every valid key, so the G = H / Hkv
   // query heads that share a kv head can be one sequence's G query rows of that kv head, unmasked:
   // q (B, 1, Hkv * G, D) -> rows (B * G, Hkv, D). Each cache tile is then read once per kv head
   // instead of once per query head.
-  const int64_t groups = q_len == 1 ? q_in.size(2) / std::max<int64_t>(k.size(1), 1) : 1;
+  const int64_t groups = q_len == 1 ? heads / hkv : 1;
   const int64_t rows = q_len * groups;  // query rows per sequence
-  const at::Tensor q = groups > 1 ? q_in.contiguous().view({batch, k.size(1), groups, q_in.size(3)}).transpose(1, 2).reshape(
-                                        {batch * groups, k.size(1), q_in.size(3)})
-                                  : q_in.contiguous().flatten(0, 1);
-  check_qkv(q, k, v);
+  const at::Tensor q = groups > 1 ? q_in.contiguous().view({batch, hkv, groups, dim}).transpose(1, 2).reshape(
+                                        {batch * groups, hkv, dim})
+                                  : q_in.contiguous().view({batch * q_len, heads, dim});
   const at::Tensor lens = cache_lens.contiguous();
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
   AttentionParams p;
   p.total_q = q.size(0);
-  p.total_k = k.size(0);
+  p.total_k = batch * capacity;
   p.heads = q.size(1);
-  p.kv_heads = k.size(1);
-  p.head_dim = q.size(2);
+  p.kv_heads = hkv;
+  p.head_dim = dim;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = groups == 1;
   p.seqs.resize(batch);
@@ -248,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
     // not become an out-of-bounds read
     TORCH_CHECK(len_ptr[b] >= 0 && len_ptr[b] <= capacity, "attention_decode (cpu): cache_lens must lie in [0, ",
                 capacity, "] (the cache capacity S), got ", len_ptr[b], " for sequence ", b);
-    p.seqs[b] = {b * rows, b * capacity, rows, len_ptr[b], 0};
+    p.seqs[b] = {b * rows, b * row_stride, rows, len_ptr[b], 0};
   }
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
@@ -258,15 +292,14 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (p.total_q > 0) {
-    dispatch_dtype(q.scalar_type(), [&](auto tag) { run_fwd<decltype(tag)>(p); });
+    dispatch_dtype(dtype, [&](auto tag) { run_fwd<decltype(tag)>(p); });
   }
   if (groups > 1) {  // rows (B * G, Hkv, D) -> (B, 1, Hkv * G, D); lse (Hkv, B * G) -> (B, Hkv * G, 1)
-    const int64_t hkv = k.size(1);
-    return {out.view({batch, groups, hkv, q_in.size(3)}).transpose(1, 2).reshape(q_in.sizes()),
-            lse.view({hkv, batch, groups}).permute({1, 0, 2}).reshape({batch, hkv * groups, 1})};
+    return {out.view({batch, groups, hkv, dim}).transpose(1, 2).reshape(q_in.sizes()),
+            lse.view({hkv, batch, groups}).permute({1, 0, 2}).reshape({batch, heads, 1})};
   }
   // lse (H, B * Lq) -> (B, H, Lq)
-  return {out.view(q_in.sizes()), lse.view({p.heads, batch, q_len}).permute({1, 0, 2}).contiguous()};
+  return {out.view(q_in.sizes()), lse.view({heads, batch, q_len}).permute({1, 0, 2}).contiguous()};
 }
 
 }  // namespace

@@ -11,7 +11,8 @@
 // kW queries sit in one vector and every reduction runs down the rows. Packed layouts, per head
 // and global tile (tiles never straddle two sequences), with Dp = D rounded up to kHeadDimAlign
 // and zeros in every padded row and column:
-//   k_rows, v_rows (Hkv, KT, kBk, Dp)                         forward and backward
+//   k_rows, v_rows (Hkv, KT, kBk, Dp)                         forward and backward (the forward
+//   reads fp32 inputs with D == Dp in place, packing only each sequence's last partial tile)
 //   q_rows, do_rows (H, QT, kBq, Dp), q_cols, do_cols (H, QT, D, kBq)   backward (forward packs
 //   each query tile's columns itself)
 //
@@ -376,8 +377,16 @@ void attention_fwd(const AttentionParams& p) {
   Workspace ws(2 * key_pack);
   float* k_rows = ws.take(key_pack);
   float* v_rows = ws.take(key_pack);
+  // fp32 inputs whose rows need no padding are read where they are, but for each sequence's last
+  // partial key tile: the products read whole groups of kR rows, and rows past a sequence's end
+  // must be zeros (its next rows may hold anything, or lie past the end of the tensor).
+  constexpr bool kFloatInput = std::is_same_v<scalar_t, float>;
+  const bool direct = kFloatInput && D == Dp;
+  const auto full_tile = [&](int64_t t) { return p.seqs[kt.seq[t]].len_k - kt.start[t] >= kBk; };
   at::parallel_for(0, Hkv * KT, ceil_div(kPackGrain, 2 * kBk * Dp), [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) pack_key_tile<scalar_t>(p, kt, idx, k_rows, v_rows);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      if (!direct || !full_tile(idx % KT)) pack_key_tile<scalar_t>(p, kt, idx, k_rows, v_rows);
+    }
   });
 
   std::vector<Item> items;
@@ -413,7 +422,14 @@ void attention_fwd(const AttentionParams& p) {
       const int64_t tile = hkv * KT + kt.first[it.seq] + j0 / kBk;
       const float* k_tile = k_rows + tile * kBk * Dp;
       const float* v_tile = v_rows + tile * kBk * Dp;
-      gemm<Acc::kSet>(key_rows, qt.cols, D, k_tile, Dp, 1, w.q_cols.get(), kBq, st, kBq);
+      int64_t ld = Dp;  // row stride of k_tile and v_tile
+      if (direct && full_tile(tile % KT)) {
+        const int64_t offset = ((s.k_start + j0) * Hkv + hkv) * D;
+        k_tile = reinterpret_cast<const float*>(p.k) + offset;
+        v_tile = reinterpret_cast<const float*>(p.v) + offset;
+        ld = Hkv * D;
+      }
+      gemm<Acc::kSet>(key_rows, qt.cols, D, k_tile, ld, 1, w.q_cols.get(), kBq, st, kBq);
       if (qt.n_first < j0 + key_rows) mask_scores(st, key_rows, j0, qt, kNegInf);
       // Online softmax, kW queries at a time: new running max, rescale factor, exp and sum.
       for (int64_t i = 0; i < qt.cols; i += kW) {
@@ -432,7 +448,7 @@ void attention_fwd(const AttentionParams& p) {
         vstore(w.alpha + i, alpha);
         vstore(w.l + i, vload(w.l + i) * alpha + sum);
       }
-      gemm<Acc::kScaleAdd>(qt.rows_r, Dp, key_rows, st, 1, kBq, v_tile, Dp, o, Dp, w.alpha);
+      gemm<Acc::kScaleAdd>(qt.rows_r, Dp, key_rows, st, 1, kBq, v_tile, ld, o, Dp, w.alpha);
     }
 
     scalar_t* out_rows = out + ((s.q_start + i0) * H + h) * D;

@@ -9,6 +9,7 @@ same tests run on CUDA. Tolerance: error(kernel vs float64) <= 2 x error(PyTorch
 vs float64) + atol.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -112,13 +113,19 @@ def test_cpu_matches_float64(gen, cpu_backend, q_len, h, hkv, d, num_splits, dty
 
 
 def test_cpu_strided_caches_thread_counts_and_bad_lengths(gen, cpu_backend, monkeypatch):
-    """Views into one (B, S, 2, Hkv, D) buffer and a sliced q; the same bits on 1 thread as on 2;
-    a length past the capacity refused by the kernel itself with the value checks off."""
+    """Views into one (B, S, 2, Hkv, D) buffer (copied before the kernel reads them) and caches
+    sliced from longer buffers, as the model's are (read in place; the buffers' rows past the
+    slice hold nan); a sliced q; the same bits on 1 thread as on 2; a length past the capacity
+    refused by the kernel itself with the value checks off."""
     lens, h, hkv, d = [33, 7, 64, 0], 4, 2, 32
     kv = torch.randn(4, 80, 2, hkv, d, generator=gen)
-    k, v = kv.unbind(2)
+    buffers = torch.randn(2, 4, 96, hkv, d, generator=gen)
+    for i, n in enumerate(lens):  # stale entries past every length, and past the slice
+        kv[i, n:] = float("nan")
+        buffers[:, i, n:] = float("nan")
     cache_lens = torch.tensor(lens, dtype=torch.int32)
-    for q_len in (1, 2):  # one new token folds each kv head's query heads into one tile
+    for (k, v), q_len in itertools.product((kv.unbind(2), buffers[:, :, :80].unbind(0)), (1, 2)):
+        # one new token folds each kv head's query heads into one tile
         q = torch.randn(4, q_len, 2 * h, d, generator=gen)[:, :, ::2]
         want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")
         threads = torch.get_num_threads()
