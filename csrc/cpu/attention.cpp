@@ -134,15 +134,10 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-// max_seqlen_q / max_seqlen_k are part of the op's signature but not needed: lengths come from cu_seqlens.
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
-                                                     const at::Tensor& cu_seqlens_k, int64_t /*max_seqlen_q*/,
-                                                     int64_t /*max_seqlen_k*/, double softmax_scale, bool causal,
-                                                     const std::optional<at::Tensor>& prefix_lens) {
-  check_qkv(q_in, k_in, v_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  AttentionParams p = make_params(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, prefix_lens);
+// Runs the forward kernel on p (sequences and shapes set) over contiguous-row q and the k/v that
+// p's sequences index: (out shaped like q, lse (H, Tq) fp32).
+std::tuple<at::Tensor, at::Tensor> run_forward(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v) {
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr();
@@ -154,6 +149,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
     dispatch_dtype(q.scalar_type(), [&](auto tag) { run_fwd<decltype(tag)>(p); });
   }
   return {out, lse};
+}
+
+// max_seqlen_q / max_seqlen_k are part of the op's signature but not needed: lengths come from cu_seqlens.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+                                                     const at::Tensor& cu_seqlens_k, int64_t /*max_seqlen_q*/,
+                                                     int64_t /*max_seqlen_k*/, double softmax_scale, bool causal,
+                                                     const std::optional<at::Tensor>& prefix_lens) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  AttentionParams p = make_params(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, prefix_lens);
+  return run_forward(p, q, k, v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -284,16 +291,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
                 capacity, "] (the cache capacity S), got ", len_ptr[b], " for sequence ", b);
     p.seqs[b] = {b * rows, b * row_stride, rows, len_ptr[b], 0};
   }
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  if (p.total_q > 0) {
-    dispatch_dtype(dtype, [&](auto tag) { run_fwd<decltype(tag)>(p); });
-  }
+  const auto [out, lse] = run_forward(p, q, k, v);
   if (groups > 1) {  // rows (B * G, Hkv, D) -> (B, 1, Hkv * G, D); lse (Hkv, B * G) -> (B, Hkv * G, 1)
     return {out.view({batch, groups, hkv, dim}).transpose(1, 2).reshape(q_in.sizes()),
             lse.view({hkv, batch, groups}).permute({1, 0, 2}).reshape({batch, heads, 1})};
