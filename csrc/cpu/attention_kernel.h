@@ -380,8 +380,7 @@ void attention_fwd(const AttentionParams& p) {
   // fp32 inputs whose rows need no padding are read where they are, but for each sequence's last
   // partial key tile: the products read whole groups of kR rows, and rows past a sequence's end
   // must be zeros (its next rows may hold anything, or lie past the end of the tensor).
-  constexpr bool kFloatInput = std::is_same_v<scalar_t, float>;
-  const bool direct = kFloatInput && D == Dp;
+  const bool direct = std::is_same_v<scalar_t, float> && D == Dp;
   const auto full_tile = [&](int64_t t) { return p.seqs[kt.seq[t]].len_k - kt.start[t] >= kBk; };
   at::parallel_for(0, Hkv * KT, ceil_div(kPackGrain, 2 * kBk * Dp), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {

@@ -18,11 +18,12 @@ It equals flash_attn_varlen_func(causal=True) on the packed problem.
 `generalist::attention_decode` is a registered op with a fake implementation (torch.compile,
 opcheck) and NO autograd: it is for inference, and `attention_decode` raises a ValueError when
 an input requires grad with grad mode on. Backends (`backend=`): "reference" (plain PyTorch in
-fp32 / fp64, every device, always there), "cpu" (the C++ attention forward kernel of
-csrc/cpu/, when the extension is built: CPU tensors in fp32 / bf16 / fp16), "triton" (split-K flash-decoding kernels in
-generalist/kernels/triton/decode.py: CUDA tensors in fp16 / bf16 / fp32; CPU tensors only under
-Triton's interpreter with GENERALIST_TRITON_ON_CPU=1, for tests), "auto" (triton where it can
-serve, then cpu, else the reference). `num_splits` (0 = chosen by the kernel) only tunes the triton backend.
+fp32 / fp64, every device, always there), "cpu" (the C++ attention forward kernel of csrc/cpu/,
+when the extension is built: CPU tensors in fp32 / bf16 / fp16), "triton" (split-K
+flash-decoding kernels in generalist/kernels/triton/decode.py: CUDA tensors in fp16 / bf16 /
+fp32; CPU tensors only under Triton's interpreter with GENERALIST_TRITON_ON_CPU=1, for tests),
+"auto" (triton where it can serve, then cpu, else the reference). `num_splits` (0 = chosen by
+the kernel) only tunes the triton backend.
 """
 
 from __future__ import annotations
@@ -88,11 +89,6 @@ DECODE_BACKENDS.register(Implementation(
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_unsupported(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, softmax_scale: float,
-                     num_splits: int) -> str | None:
-    return attention_cpu.unsupported(q, k_cache, v_cache)
-
-
 def _cpu_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, softmax_scale: float,
                  num_splits: int) -> tuple[Tensor, Tensor]:
     return torch.ops.generalist._attention_decode_cpu(q, k_cache, v_cache, cache_lens, softmax_scale)
@@ -100,7 +96,7 @@ def _cpu_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor
 
 if attention_cpu.available() and hasattr(torch.ops.generalist, "_attention_decode_cpu"):
     DECODE_BACKENDS.register(Implementation(
-        name="cpu", priority=10, unsupported=_cpu_unsupported, functions={"forward": _cpu_forward},
+        name="cpu", priority=10, unsupported=attention_cpu.unsupported, functions={"forward": _cpu_forward},
     ))
 
 
