@@ -4,9 +4,12 @@ names the argument.
 Shape, dtype and device checks are static and also run under torch.compile. Checks on the
 *values* of cu_seqlens / prefix_lens need them on the host (a device sync), so they run in
 eager mode only, once per tensor: a tensor that passed is remembered (with its version counter,
-which every in-place write bumps) and not read again, so the layers of a model that share one
-cu_seqlens pay one sync, not one each. `set_value_checks(False)` switches them off altogether on
-a hot GPU path whose packer already guarantees them (the MoE op's group-size checks too).
+which every in-place write through torch bumps) and not read again, so the layers of a model that
+share one cu_seqlens pay one sync, not one each. Writes that bypass the version counter (through
+`.data`, `.numpy()` or the untyped storage) go unseen, as they do for autograd's own checks.
+`set_value_checks(False)` switches them off altogether on a hot GPU path whose packer already
+guarantees them (the MoE op's group-size checks too); the caller then answers for them: the GPU
+kernels size their grids by max_seqlen_*, so one too small leaves rows uncomputed.
 """
 
 from __future__ import annotations
@@ -108,7 +111,13 @@ def _check_common(q, k, v) -> None:
 def check_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    scale = float(softmax_scale)
+    if isinstance(softmax_scale, (str, bytes, bool)) or not hasattr(softmax_scale, "__float__"):
+        raise ValueError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__} "
+                         f"{softmax_scale!r}")
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of more than one element
+        raise ValueError(f"softmax_scale must be a real number or None, got {softmax_scale!r}") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return scale

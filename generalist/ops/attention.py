@@ -1,6 +1,8 @@
 """Attention: `flash_attn_func` (dense) and `flash_attn_varlen_func` (packed), the public op.
 
-Names and argument order mirror flash-attn so the two can be swapped. Both lower to one pair of
+Names mirror flash-attn, and so does the order of the arguments the two share; flash-attn 2's
+`dropout_p` (its 4th argument of flash_attn_func, 8th of the varlen one) has no counterpart, so
+code moving from flash-attn 2 passes softmax_scale and causal by keyword. Both lower to one pair of
 registered ops, `generalist::attention_fwd` and `generalist::attention_bwd` (varlen layout;
 dense inputs become equal-length sequences), each with a fake implementation and autograd, so
 `torch.compile(fullgraph=True)` and `torch.library.opcheck` work. The implementation behind
@@ -133,7 +135,10 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     max_q, max_k = checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        causal, prefix_lens)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
-    out, lse = BACKENDS.call(attention_fwd, "forward", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+    # strided offsets and lengths (slices of larger tensors) are valid; the kernels read contiguous ones
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    prefix_lens = None if prefix_lens is None else prefix_lens.contiguous()
+    out, lse = BACKENDS.call(attention_fwd, "forward", backend, q, k, v, cu_q, cu_k, max_q, max_k,
                              scale, bool(causal), prefix_lens, autograd=_EagerAttention)
     return (out, lse) if return_lse else out
 

@@ -217,6 +217,7 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
         cache_lens = torch.full((k_cache.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
     num_splits = _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values=not full)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
-    out, lse = DECODE_BACKENDS.call(attention_decode_op, "forward", backend, q, k_cache, v_cache, cache_lens, scale,
-                                    num_splits)
+    # a strided cache_lens (a column of a larger table) is valid; the kernels read a contiguous one
+    out, lse = DECODE_BACKENDS.call(attention_decode_op, "forward", backend, q, k_cache, v_cache,
+                                    cache_lens.contiguous(), scale, num_splits)
     return (out, lse) if return_lse else out

@@ -197,12 +197,14 @@ def test_reference_ignores_autocast(gen):
 
 
 def test_triton_strided_caches_and_capacity(gen, triton_backend):
-    """k/v caches as views into one (B, S, 2, Hkv, D) buffer, q a slice; a large unused capacity."""
+    """k/v caches as views into one (B, S, 2, Hkv, D) buffer, q a slice, cache_lens a column of a
+    table; a large unused capacity."""
     lens, h, hkv, d = [33, 7, 64], 4, 2, 32
     kv = torch.randn(3, 80, 2, hkv, d, generator=gen).to(DEVICE)
     k, v = kv.unbind(2)
     q = torch.randn(3, 2, 2 * h, d, generator=gen).to(DEVICE)[:, :, ::2]
-    cache_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    cache_lens = torch.tensor([[n, 0] for n in lens], dtype=torch.int32, device=DEVICE)[:, 0]
+    assert not cache_lens.is_contiguous()
     for splits in (1, 3):
         out, lse = attention_decode(q, k, v, cache_lens, num_splits=splits, return_lse=True, backend=triton_backend)
         want, want_lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend="reference")

@@ -155,6 +155,21 @@ def test_strided_inputs_and_dense_layout(gen):
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_strided_offsets_and_prefix_lengths(gen):
+    """cu_seqlens and prefix_lens as every other element of larger tensors are valid input (the
+    op hands the kernels contiguous copies)."""
+    case = _case([31, 17], [9, 40], 4, 2, 16, [3, 22], gen)
+    spread = lambda t: torch.stack([t, torch.full_like(t, 99)], dim=1).flatten()[::2]
+    strided = [spread(t) for t in (case.cu_q, case.cu_k, case.prefix_lens)]
+    assert not any(t.is_contiguous() for t in strided)
+    args = (case.q, case.k, case.v)
+    got = flash_attn_varlen_func(*args, *strided[:2], 31, 40, causal=True, prefix_lens=strided[2],
+                                 return_lse=True, backend="triton")
+    want = flash_attn_varlen_func(*args, case.cu_q, case.cu_k, 31, 40, causal=True, prefix_lens=case.prefix_lens,
+                                  return_lse=True, backend="triton")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _op_args(case, causal, backend="triton"):
     return (case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q), max(case.lens_k),
             case.q.shape[-1] ** -0.5, causal, case.prefix_lens, backend)
