@@ -138,7 +138,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
 // p's sequences index: (out shaped like q, lse (H, Tq) fp32).
 std::tuple<at::Tensor, at::Tensor> run_forward(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v) {
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor lse = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -267,11 +267,12 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q_in, 
   // One new token per sequence (token-by-token decoding) sees every valid key, so the G = H / Hkv
   // query heads that share a kv head can be one sequence's G query rows of that kv head, unmasked:
   // q (B, 1, Hkv * G, D) -> rows (B * G, Hkv, D). Each cache tile is then read once per kv head
-  // instead of once per query head.
+  // instead of once per query head. (With one sequence the reshape may return a strided view
+  // rather than a copy, which is why the rows are made contiguous: the kernel reads them so.)
   const int64_t groups = q_len == 1 ? heads / hkv : 1;
   const int64_t rows = q_len * groups;  // query rows per sequence
   const at::Tensor q = groups > 1 ? q_in.contiguous().view({batch, hkv, groups, dim}).transpose(1, 2).reshape(
-                                        {batch * groups, hkv, dim})
+                                        {batch * groups, hkv, dim}).contiguous()
                                   : q_in.contiguous().view({batch * q_len, heads, dim});
   const at::Tensor lens = cache_lens.contiguous();
   const int32_t* len_ptr = lens.data_ptr<int32_t>();

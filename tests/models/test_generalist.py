@@ -125,6 +125,9 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
     assert cached == full
     assert all(len(s) <= 12 and tokenizer.token_id("<eos>") not in s for s in cached)
     assert generate(model, [], max_new_tokens=3, beam_size=beam_size) == []
+    for ex in batch:  # one example alone, as `predict` decodes (a batch of one sequence in the kernels)
+        assert generate(model, [ex], max_new_tokens=12, beam_size=beam_size, use_cache=True) == \
+            generate(model, [ex], max_new_tokens=12, beam_size=beam_size, use_cache=False)
 
 
 def test_decoder_streams_longer_than_the_text_max_len(tokenizer, gen):
@@ -174,6 +177,27 @@ def test_checkpoint_round_trip_is_exact(tokenizer, gen, tmp_path):
     assert loaded.cfg == model.cfg
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         GeneralistModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_weights_saved_in_another_dtype_load_in_it_exactly(tokenizer, dtype, tmp_path):
+    model = _model(tokenizer, seed=3).to(dtype)
+    with torch.no_grad():  # values a cast to fp32 and back would not keep (fp64)
+        for p in model.parameters():
+            p.add_(torch.rand_like(p) * 1e-3)
+    model.save(tmp_path / "ckpt")
+    loaded = GeneralistModel.load(tmp_path / "ckpt")
+    assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                     model.state_dict().values()))
+
+
+def test_embeddings_are_unit_norm_in_fp32_under_autocast(tokenizer, gen):
+    model = _model(tokenizer, seed=4)
+    batch = _encode(tokenizer, _examples(gen))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model.embed(batch)
+    assert emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(batch)), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

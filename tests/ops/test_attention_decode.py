@@ -112,6 +112,22 @@ def test_cpu_matches_float64(gen, cpu_backend, q_len, h, hkv, d, num_splits, dty
     _check_against_float64(q, k, v, LENS, out, lse, gen.initial_seed())
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_one_sequence(gen, request, backend, q_len):
+    """A batch of one sequence (one example decoded alone, the model's usual inference) with GQA
+    over several kv heads: one new token folds each kv head's query heads into rows of one
+    tensor, whose layout differs with a single sequence."""
+    if backend != "reference":
+        request.getfixturevalue(f"{backend}_backend")
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend serves CPU tensors; this test's inputs are on the GPU here")
+    for h, hkv, d, lens in ((4, 2, 16, [37]), (8, 2, 24, [70]), (6, 3, 8, [1])):
+        q, k, v, cache_lens = _problem(lens, q_len, h, hkv, d, gen)
+        out, lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend=backend)
+        _check_against_float64(q, k, v, lens, out, lse, gen.initial_seed())
+
+
 def test_cpu_strided_caches_thread_counts_and_bad_lengths(gen, cpu_backend, monkeypatch):
     """Views into one (B, S, 2, Hkv, D) buffer (copied before the kernel reads them) and caches
     sliced from longer buffers, as the model's are (read in place; the buffers' rows past the
