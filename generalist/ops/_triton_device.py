@@ -10,6 +10,21 @@ import torch
 from torch import Tensor
 
 CPU_OPT_IN = "GENERALIST_TRITON_ON_CPU"
+OFFSET_LIMIT = 2 ** 31  # the attention kernels' offsets inside one sequence are 32-bit
+
+
+def offsets_unsupported(*spans: tuple[str, tuple[int, ...], tuple[int, ...]]) -> str | None:
+    """None when every (name, sizes, strides) block, the part of a tensor one sequence (one
+    program's rows, heads and features) spans, is addressable with 32-bit offsets, else why not.
+    The Triton attention kernels widen each sequence's start to 64 bits but not the offsets within
+    it: a longer reach (sequences of ~500k tokens at 4096 features a row) would wrap around and
+    read or write the wrong memory, so "auto" takes another backend."""
+    for name, sizes, strides in spans:
+        reach = sum((n - 1) * abs(s) for n, s in zip(sizes, strides) if n > 0)
+        if reach >= OFFSET_LIMIT:
+            return (f"{name} spans {reach} elements within one sequence, past the Triton kernels' 32-bit "
+                    f"offsets (2^31)")
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops import attention_cpu
-from generalist.ops._triton_device import device_unsupported
+from generalist.ops._triton_device import OFFSET_LIMIT, device_unsupported, offsets_unsupported
 from generalist.ops.attention_reference import exact
 from generalist.ops._registry import Implementation, Registry
 
@@ -117,6 +117,12 @@ def _triton_unsupported(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
     if q.shape[-1] > _kernels.MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {_kernels.MAX_HEAD_DIM}"
+    # one sequence's cache (S, Hkv, D): the kernels widen only the sequence's start to 64 bits
+    ks, vs = k_cache.stride(), v_cache.stride()
+    if k_cache.shape[1] * (abs(ks[1]) + abs(vs[1])) + k_cache.shape[2] * (abs(ks[2]) + abs(vs[2])) >= OFFSET_LIMIT:
+        reason = offsets_unsupported(("k_cache", k_cache.shape[1:], ks[1:]), ("v_cache", v_cache.shape[1:], vs[1:]))
+        if reason:
+            return reason
     return device_unsupported(q, _kernels.interpreting())
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 
 
-from generalist.ops._triton_device import device_unsupported
+from generalist.ops._triton_device import OFFSET_LIMIT, device_unsupported, offsets_unsupported
 from generalist.ops._registry import Implementation
 
 try:
@@ -34,6 +34,20 @@ def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
     if q.shape[-1] > kernels.MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {kernels.MAX_HEAD_DIM}"
+    (tq, h, d), hkv = q.shape, k.shape[1]
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    rows = max(max_seqlen_q, max_seqlen_k, 1)
+    # a bound on every span below, which the model's inputs are far under: one comparison for them
+    if rows * (abs(qs[0]) + abs(ks[0]) + abs(vs[0]) + 2 * h * d) + h * (abs(qs[1]) + abs(ks[1]) + abs(vs[1]) + tq) \
+            >= OFFSET_LIMIT:
+        rows_q, rows_k = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
+        # one sequence of q, k and v as given, of the outputs and gradients (contiguous, as the
+        # kernels make them), and the heads of lse (H, Tq)
+        reason = offsets_unsupported(("q", (rows_q, h, d), qs), ("k", (rows_k, hkv, d), ks), ("v", (rows_k, hkv, d), vs),
+                                     ("out", (rows_q, h, d), (h * d, d, 1)),
+                                     ("k's gradient", (rows_k, hkv, d), (hkv * d, d, 1)), ("lse", (h, 1), (tq, 1)))
+        if reason:
+            return reason
     return device_unsupported(q, kernels.interpreting())
 
 
@@ -46,6 +60,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              causal, prefix_lens):
     """(dq, dk, dv) in the inputs' dtype; dlse (H, Tq) may be None."""
+    if max(max_seqlen_q, 1) * abs(dout.stride(0)) + dout.shape[1] * abs(dout.stride(1)) >= OFFSET_LIMIT:
+        dout = dout.contiguous()  # as out's layout, which `unsupported` checked
     return kernels.attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, softmax_scale, causal, prefix_lens)
 

@@ -220,6 +220,25 @@ def test_errors_name_the_reason(gen, monkeypatch):
             run_varlen(bf16, False, BACKEND)
 
 
+def test_offsets_past_32_bits_within_a_sequence_are_refused():
+    """The kernels widen a sequence's start to 64 bits, not offsets within it: a sequence whose
+    rows, heads and features span 2^31 elements or more goes to another backend (meta tensors:
+    the sizes without the memory)."""
+    meta = lambda *shape: torch.empty(*shape, device="meta", dtype=torch.float16)
+    cu = torch.zeros(2, dtype=torch.int32)
+    reason = lambda q, k, max_q, max_k: attention_triton.unsupported(q, k, k, cu, cu, max_q, max_k, 1.0, True, None)
+    q, k = meta(600_000, 32, 128), meta(600_000, 8, 128)
+    assert "32-bit" not in (reason(q, k, 500_000, 500_000) or "")  # 500k rows of 4096 features fit
+    assert "q spans" in reason(q, k, 600_000, 600_000)  # 600k rows do not
+    assert "k spans" in reason(q[:1000], k.as_strided(k.shape, (2 ** 22, 128, 1)), 1000, 600)  # a strided k
+    from generalist.ops.attention_decode import _triton_unsupported
+
+    cache = meta(1, 2_200_000, 8, 128)
+    assert "k_cache spans" in _triton_unsupported(meta(1, 1, 8, 128), cache, cache, cu[:1], 1.0, 0)
+    assert "32-bit" not in (_triton_unsupported(meta(1, 1, 8, 128), cache[:, :2_000_000], cache[:, :2_000_000],
+                                                cu[:1], 1.0, 0) or "")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_long_sequence(gen, dtype):
