@@ -99,6 +99,8 @@ class TableEmbed(nn.Module):
             raise ValueError(f"column_ids must have an integer dtype; got {ids_F.dtype}")
         if values_F.dtype == torch.bool or values_F.is_complex():
             raise ValueError(f"values must be real numbers; got {values_F.dtype}")
+        if not ids_F.is_signed() and ids_F.dtype != torch.uint8:  # torch reduces few unsigned types
+            ids_F = ids_F.to(torch.int64)  # uint64 past 2^63 turns negative: refused below
         lo, hi = int(ids_F.min()), int(ids_F.max())
         if lo < 0 or hi >= self.cfg.n_columns:
             raise ValueError(f"column ids must be in [0, {self.cfg.n_columns}); got min {lo}, max {hi}")

@@ -197,6 +197,8 @@ class TextEmbed(nn.Module):
             raise ValueError("text ids are empty")
         if L > self.cfg.max_len:
             raise ValueError(f"text has {L} tokens; max_len is {self.cfg.max_len}")
+        if not ids_L.is_signed() and ids_L.dtype != torch.uint8:  # torch reduces few unsigned types
+            ids_L = ids_L.to(torch.int64)  # uint64 past 2^63 turns negative: refused below
         lo, hi = int(ids_L.min()), int(ids_L.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"text ids must be in [0, {self.cfg.vocab_size}); got min {lo}, max {hi}")

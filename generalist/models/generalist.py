@@ -253,7 +253,7 @@ class GeneralistModel(nn.Module):
         pooled_BM = torch.zeros(len(batch), h_SM.shape[1], device=h_SM.device, dtype=h_SM.dtype)
         pooled_BM.index_add_(0, seq_S, h_SM)
         pooled_BM = pooled_BM / (enc.cu_seqlens[1:] - enc.cu_seqlens[:-1])[:, None].to(h_SM.dtype)
-        return F.normalize(self.embed_proj(pooled_BM), dim=-1)
+        return F.normalize(self.embed_proj(pooled_BM).float(), dim=-1)  # unit norm in fp32, autocast or not
 
     def contrastive_loss(self, a_BE: Tensor, b_BE: Tensor) -> Tensor:
         """Symmetric InfoNCE between paired embeddings (row i of a matches row i of b)."""
@@ -306,6 +306,9 @@ class GeneralistModel(nn.Module):
         config = directory / "config.json"
         model = cls(GeneralistConfig.from_dict(read_json(config), f"{config}: "))
         weights = directory / "model.safetensors"
+        stored = _stored_float_dtype(weights)
+        if stored is not None:  # weights saved in one other floating dtype come back in it, exactly
+            model.to(stored)
         try:
             load_model(model, str(weights), device=str(device))
         except Exception as error:  # safetensors' own errors (a damaged file) and a shape mismatch (RuntimeError)
@@ -317,6 +320,23 @@ class GeneralistModel(nn.Module):
         if bad:
             raise ValueError(f"{weights} holds non-finite weights ({bad}): the run that saved it diverged")
         return model.to(device)
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_float_dtype(path: Path) -> torch.dtype | None:
+    """The one floating dtype of every floating tensor in a safetensors file, or None when that is
+    fp32, when they differ, or when the file cannot be read (load then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    except Exception:  # a damaged file: the load that follows names it
+        return None
+    floats = {_SAFETENSORS_FLOATS[d] for d in dtypes if d in _SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 and floats != {torch.float32} else None
 
 
 def _non_finite(state: dict[str, Tensor]) -> str:

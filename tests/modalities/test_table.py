@@ -36,7 +36,8 @@ def test_tokens_and_positions_by_hand(gen):
     for i, (c, v) in enumerate(zip(columns, values)):
         torch.testing.assert_close(tokens_LD[i], _by_hand(embed, c, v))
     for other in ((columns, values), (np.array(columns), np.array(values)),
-                  (torch.tensor(columns, dtype=torch.int32), torch.tensor(values, dtype=torch.float64))):
+                  (torch.tensor(columns, dtype=torch.int32), torch.tensor(values, dtype=torch.float64)),
+                  (np.array(columns, dtype=np.uint32), np.array(values)), (torch.tensor(columns, dtype=torch.uint16), values)):
         torch.testing.assert_close(embed(other)[0], tokens_LD)
 
 

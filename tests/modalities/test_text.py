@@ -145,7 +145,9 @@ def test_embed_tokens_and_positions(gen):
     assert positions_L3.tolist() == [[i, 0, 0] for i in range(5)]
     assert torch.equal(tokens_LD, embed.weight[ids])
     assert embed.weight is embed.embed.weight and embed.weight.shape == (50, 8)
-    for other in (torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), np.array(ids)):
+    for other in (torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), np.array(ids),
+                  *(np.array(ids, dtype=t) for t in (np.uint8, np.uint16, np.uint32, np.uint64)),
+                  torch.tensor(ids, dtype=torch.uint32)):  # unsigned ids too (torch reduces few of them)
         assert torch.equal(embed(other)[0], tokens_LD)
 
 
@@ -163,6 +165,7 @@ def test_embed_gradients_touch_used_rows_only(gen):
     (torch.zeros(0, dtype=torch.int64), "text ids are empty"),
     ([1, 50], r"text ids must be in \[0, 50\); got min 1, max 50"),
     (torch.tensor([-1, 2]), r"got min -1, max 2"),
+    (np.array([2**63, 2], dtype=np.uint64), r"got min -9223372036854775808, max 2"),  # past int64
     (torch.tensor([1.0, 2.0]), "integer dtype; got torch.float32"),
     (torch.tensor([True, False]), "integer dtype; got torch.bool"),
     ([1, 2.0], "must hold only ints"),
