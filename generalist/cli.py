@@ -7,6 +7,7 @@ tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 
@@ -113,15 +114,24 @@ def _train(args) -> int:
         from generalist.train.checkpoint import find_checkpoint, read_json
 
         saved = read_json(find_checkpoint(Path(args.out)) / "meta.json")["train"]
-        cfg = TrainConfig(**{**saved, "out": args.out, "max_minutes": args.max_minutes})
+        # the run's own time budget unless --max-minutes gives another
+        budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
+        # built from a copy, which --set changes while `saved` stays as the run was built
+        cfg = TrainConfig(**{**json.loads(json.dumps(saved)), "out": args.out, "max_minutes": budget})
     if args.steps is not None:
         cfg.steps = args.steps
     for assignment in args.set or []:
         set_option(cfg, assignment)
     cfg.check()  # --steps and --max-minutes too
+    if args.resume:  # the model, its tokenizer and the data splits were made from these
+        for name in ("model", "vocab_size", "seed"):
+            if getattr(cfg, name) != saved.get(name, getattr(cfg, name)):
+                raise ValueError(f"--resume continues the run as it was built: {name} is {saved[name]!r} there, "
+                                 f"not {getattr(cfg, name)!r} (start a new run with --overwrite or another --out)")
     from generalist.models.config import preset
 
     preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
+    get_mixture(cfg.mixture)  # and the mixture's name, before --overwrite deletes anything
     from pathlib import Path
 
     group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
@@ -175,8 +185,9 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int
         data = build_data(mixture, seed=meta["train"]["seed"])
     results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data)
     print(format_table(results))
+    run_dir = ckpt.parent  # given the checkpoint itself, or a run whose last save was cut short
     print(f"\nwrote {write_results(run_dir, results)}")
-    print(f"report: {write_report(run_dir, results)}")
+    print(f"report: {write_report(run_dir, results, ckpt)}")
     return 0
 
 
@@ -187,8 +198,6 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import json
-
     from generalist.infer.generalist import Generalist
 
     if args.beam < 1:

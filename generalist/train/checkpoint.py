@@ -65,9 +65,11 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     old = run_dir / f".{CHECKPOINT}.old"
-    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+    # else a run killed between the two renames left its last checkpoint in `old` alone: it stays
+    # until the new one is in place
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
@@ -87,6 +89,21 @@ def find_checkpoint(path: Path) -> Path:
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
     expert-parallel rank keeps its slice) and returns state.json."""
-    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(shard(saved) if shard is not None else saved)
-    return read_json(ckpt / "state.json")
+    path = ckpt / "optimizer.pt"
+    try:
+        saved = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: {ckpt} cannot resume training (it still loads for inference)") from None
+    except Exception as error:  # a truncated or foreign file: torch's own errors, one line of them
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path} is damaged and cannot resume training ({reason})") from None
+    try:
+        optimizer.load_state_dict(shard(saved) if shard is not None else saved)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{path} does not match this model's parameters ({error})") from None
+    state = read_json(ckpt / "state.json")
+    missing = [key for key in ("step", "skipped", "sampler", "rng", "routing") if key not in state] \
+        if isinstance(state, dict) else ["all of them"]
+    if missing:
+        raise ValueError(f"{ckpt / 'state.json'} is damaged: it lacks {', '.join(missing)}")
+    return state

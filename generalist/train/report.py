@@ -69,15 +69,17 @@ def routing_figure(counts_LGE: np.ndarray, groups: list[str], title: str):
     return fig
 
 
-def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None) -> Path:
+def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None, ckpt: Path | None = None) -> Path:
+    """run_dir/report.html from the run's log, its checkpoint (`ckpt`, found in run_dir when not
+    given) and held-out `results`."""
     import matplotlib.pyplot as plt
 
-    from generalist.train.checkpoint import read_json
+    from generalist.train.checkpoint import find_checkpoint, read_json
 
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
-    ckpt = run_dir / "checkpoint"
+    ckpt = find_checkpoint(run_dir) if ckpt is None else Path(ckpt)
     meta, state = read_json(ckpt / "meta.json"), read_json(ckpt / "state.json")
     parts = [f"<h1>generalist run: {html.escape(run_dir.name)}</h1>",
              f"<p>{state['step']} steps, {state.get('skipped', 0)} skipped (non-finite); "

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -135,6 +136,8 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     if key not in names:
         raise ValueError(f"unknown training option {key!r}; options: {sorted(names)}")
+    if key in ("out", "preset", "mixture"):  # where the run lives and what it is made of: the command's own flags
+        raise ValueError(f"{key} is set with --{key}, not --set")
     setattr(cfg, key, value)
     cfg.check()
     return cfg
@@ -236,6 +239,7 @@ class Trainer:
             for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
                 group["fused"] = fused
             self.step, self.skipped = state["step"], state["skipped"]
+            self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
             self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])
             self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
@@ -245,6 +249,9 @@ class Trainer:
             set_rng_state(rng)
             if self.main:
                 self._truncate_log(self.step)
+        elif self.main:  # a fresh run: the logs of one killed before its first checkpoint go
+            self._truncate_log(0)
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
@@ -370,7 +377,8 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _truncate_log(self, step: int) -> None:
-        """Drops log lines written after the checkpoint we resume from (they will be redone)."""
+        """Drops log lines written after the checkpoint we resume from (they will be redone), or
+        every line (step 0)."""
         log = self.run_dir / "metrics.jsonl"
         if log.is_file():
             keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -378,7 +386,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
-        state = {"step": self.step, "skipped": self.skipped, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+        state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
         model_state, opt_state = None, None
         if self.group is not None:
@@ -416,6 +424,8 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl" if self.main else os.devnull, "a") as log, bar, \
                 (writer if writer is not None else contextlib.nullcontext()):
             while self.step < cfg.steps:
+                if timed and self.elapsed > 60 * cfg.max_minutes:  # resumed after its budget ran out
+                    break
                 t0 = time.time()
                 rec = self.train_step()
                 dt = time.time() - t0

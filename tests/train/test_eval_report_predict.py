@@ -271,3 +271,22 @@ def test_inference_device_option(run, capsys):
         bad, error = "cuda", "no CUDA GPU is available"
     assert main(["eval", str(out), "--device", bad]) == 2
     assert error in capsys.readouterr().err
+
+
+def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_run(run, tmp_path):
+    """`generalist eval` takes the checkpoint directory itself too, and a run whose last save was
+    cut short (only .checkpoint.old left): the results and report land in the run directory."""
+    import shutil
+
+    from generalist.cli import _evaluate_run
+
+    out, data = run
+    small = {t: type(d)(d.task, [], d.test[:2]) for t, d in data.items()}
+    copy = tmp_path / "toy"
+    shutil.copytree(out, copy)
+    assert _evaluate_run(copy / "checkpoint", data=small) == 0
+    assert (copy / "eval.json").is_file() and (copy / "report.html").is_file()
+    assert not (copy / "checkpoint" / "eval.json").exists()
+    (copy / "report.html").unlink()
+    (copy / "checkpoint").rename(copy / ".checkpoint.old")
+    assert _evaluate_run(copy, data=small) == 0 and (copy / "report.html").is_file()

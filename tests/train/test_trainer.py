@@ -271,3 +271,121 @@ def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, m
     trainer.data["bars"].train[3].segments[0] = ("image", torch.rand(3, 0, 4))
     with pytest.raises(ValueError, match=r"task 'bars', training example 3, segment 0 \(image\): image height 0"):
         trainer._encode("bars", 3)
+
+
+def test_a_run_resumed_after_its_time_budget_trains_no_further(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("generalist.train.trainer.time.time", lambda: clock[0])
+    trainer = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), progress=False)
+    real_step = trainer.train_step
+    trainer.train_step = lambda: (clock.__setitem__(0, clock[0] + 20.0), real_step())[1]
+    trainer.fit()
+    resumed = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), resume=True, progress=False)
+    resumed.fit()
+    assert resumed.step == 4 and [json.loads(line)["step"] for line in
+                                  (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_starts_fresh_logs(tmp_path):
+    """A run killed before its first checkpoint cannot be resumed; the next run in its directory
+    must not append to its log."""
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.old").write_text("x")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    Trainer(_cfg(tmp_path, steps=2), _data(), progress=False).fit()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (run / "tensorboard" / "events.old").exists()
+
+
+def test_a_streak_of_non_finite_steps_counts_on_across_a_resume(tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path, max_bad_steps=3), _data(), progress=False)
+    trainer.train_step()
+    for t in (trainer,):
+        real_forward = t.model.forward
+        monkeypatch.setattr(t.model, "forward", lambda batch: setattr(out := real_forward(batch), "loss",
+                                                                        out.loss * float("nan")) or out)
+    trainer.train_step(), trainer.train_step()
+    trainer.save()
+    resumed = Trainer(_cfg(tmp_path, max_bad_steps=3), _data(), resume=True, progress=False)
+    assert resumed.bad_in_row == 2
+    real = resumed.model.forward
+    monkeypatch.setattr(resumed.model, "forward", lambda batch: setattr(out := real(batch), "loss",
+                                                                          out.loss * float("nan")) or out)
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        resumed.train_step()
+
+
+def test_a_save_cut_short_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):
+    """Killed between save_checkpoint's two renames, a run has only .checkpoint.old; its next save
+    must keep that one until the new one is in place, even if that save is cut short too."""
+    import generalist.train.checkpoint as checkpoint
+
+    trainer = Trainer(_cfg(tmp_path, steps=1), _data(), progress=False)
+    trainer.fit()
+    run = tmp_path / "run"
+    os.replace(run / "checkpoint", run / ".checkpoint.old")  # the kill after the first rename
+    assert checkpoint.find_checkpoint(run) == run / ".checkpoint.old"
+    real_replace = os.replace
+
+    def dies_at_the_final_rename(src, dst):
+        if Path(src).name == ".checkpoint.tmp":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", dies_at_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert checkpoint.find_checkpoint(run) == run / ".checkpoint.old"
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert trainer.save() == run / "checkpoint" and not (run / ".checkpoint.old").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda ckpt: (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:100]),
+     r"optimizer.pt is damaged and cannot resume training"),
+    (lambda ckpt: (ckpt / "optimizer.pt").unlink(), r"optimizer.pt is missing"),
+    (lambda ckpt: (ckpt / "state.json").write_text(json.dumps({"step": 3})), r"state.json is damaged: it lacks skipped"),
+])
+def test_a_damaged_training_state_is_named(tmp_path, damage, message):
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    damage(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match=message):
+        Trainer(_cfg(tmp_path, steps=6), _data(), resume=True, progress=False)
+
+
+def _toy_cli(monkeypatch):
+    """generalist.cli.main over the toy tasks, whatever mixture is named (but for "nonesuch")."""
+    import generalist.train.data as train_data
+    from generalist.cli import main
+
+    real_build, real_get = train_data.build_data, train_data.get_mixture
+    monkeypatch.setattr(train_data, "get_mixture", lambda name: real_get(name) if name == "nonesuch" else toy_tasks.MIXTURE)
+    monkeypatch.setattr(train_data, "build_data",
+                        lambda mixture, tasks=None, seed=0, progress=True: real_build(mixture, toy_tasks.TASKS, seed, False))
+    return lambda *args: main(["train", "--preset", "tiny", "--no-eval", "--set", "vocab_size=300", "--set",
+                               "batch_size=8", "--set", "warmup=2", *args])
+
+
+def test_cli_resume_keeps_the_runs_time_budget_and_refuses_to_rebuild_it(tmp_path, monkeypatch, capsys):
+    clock = [0.0]
+    monkeypatch.setattr("generalist.train.trainer.time.time", lambda: clock.__setitem__(0, clock[0] + 10.0) or clock[0])
+    train = _toy_cli(monkeypatch)
+    out = str(tmp_path / "run")
+    assert train("--out", out, "--steps", "40", "--max-minutes", "0.5", "--set", "ckpt_every=2") == 0
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert train("--out", out, "--resume", "--steps", "40") == 0  # no --max-minutes: the run's own
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == state["step"] < 40
+    assert train("--out", out, "--resume", "--set", "model.d_model=48") == 2
+    assert "d_model" in capsys.readouterr().err and "--resume continues the run as it was built" in \
+        (train("--out", out, "--resume", "--set", "seed=3") == 2 and capsys.readouterr().err)
+
+
+def test_cli_set_cannot_move_the_run_and_a_bad_mixture_deletes_nothing(tmp_path, monkeypatch, capsys):
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    assert train("--out", str(tmp_path / "other"), "--steps", "2", "--set", f"out={out}") == 2
+    assert "out is set with --out, not --set" in capsys.readouterr().err
+    assert train("--out", str(out), "--steps", "2", "--overwrite", "--mixture", "nonesuch") == 2
+    assert "unknown mixture 'nonesuch'" in capsys.readouterr().err
+    assert (out / "checkpoint" / "model.safetensors").is_file()
