@@ -448,3 +448,16 @@ def test_recall_at_k_errors():
         recall_at_k(QUERIES, GALLERY, idx, ks=(0,))
     with pytest.raises(ValueError, match="ks must be"):
         recall_at_k(QUERIES, GALLERY, idx, ks=())
+
+
+def test_task_scores_normalize_as_the_metrics_do():
+    """A task's overall accuracy and its per-type accuracies compare texts the same way (a
+    prediction ending in two periods is wrong in both, not right in one)."""
+    from generalist.data.packing import Example
+    from generalist.data.tasks import get_task, normalize
+
+    assert all(normalize(s) == normalize_text(s) for s in ("Yes..", "  A  Dog. ", "3.5", "wait..."))
+    examples = [Example([("text", "q")], "yes", "vqa", {"qtype": t}) for t in ("exists", "exists", "count")]
+    scores = get_task("vqa").score(["yes..", "Yes.", "no"], examples)
+    assert scores["accuracy"] == pytest.approx(1 / 3)
+    assert scores["accuracy_exists"] == 0.5 and scores["accuracy_count"] == 0.0

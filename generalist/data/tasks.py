@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import torch
 
 from generalist.data.packing import Example
+from generalist.metrics import normalize_text
 
 SPLITS = ("train", "test")
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
@@ -48,7 +49,9 @@ class Task(ABC):
 
 
 def normalize(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
+    """The one text normalisation every metric compares by (generalist.metrics.normalize_text):
+    lower case, single spaces, one trailing period dropped."""
+    return normalize_text(text)
 
 
 def check_split(split: str) -> None:
