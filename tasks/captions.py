@@ -4,8 +4,10 @@ and image->text retrieval recall@1/@5 through the contrastive head, all on held-
 
 Data: apt `fonts-noto-color-emoji` rendered with Pillow (names from Unicode), and Tux Paint
 stamps (`bash scripts/fetch_tuxpaint.sh`) with the first line of their description; 32x32 RGB.
-A seeded 85/15 split of the images; the retrieval gallery is the set of distinct test
-captions (an image's positives: every gallery entry equal to its caption).
+A seeded 85/15 split of the distinct captions: every image of a caption goes to the same split,
+so no caption is in both (many stamps share one, e.g. "a butterfly"). The retrieval gallery is
+the set of distinct test captions (an image's positives: every gallery entry equal to its
+caption).
 """
 
 import numpy as np
@@ -14,6 +16,18 @@ from generalist.data import sources
 from generalist.data.packing import Example
 from generalist.data.tasks import Task, normalize, split_indices, take
 from generalist.metrics import bleu, cider_d, recall_at_k
+
+
+def caption_split(captions, split: str, seed: int) -> np.ndarray:
+    """Indices of `split` (85/15): the distinct captions (in first-seen order) are split with
+    split_indices, each image follows its caption, and the split's images come in a seeded order."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    members = list(groups.values())
+    chosen = split_indices(len(members), split, 0.15, seed)
+    idx = np.array(sorted(i for g in chosen for i in members[g]), dtype=np.int64)
+    return idx[np.random.default_rng([seed, len(captions), 2_000_003]).permutation(len(idx))]
 
 
 class Captions(Task):
@@ -27,7 +41,7 @@ class Captions(Task):
 
     def examples(self, split, limit=None, seed=0):
         images, captions = self._all()
-        idx = take(split_indices(len(images), split, 0.15, seed), limit)
+        idx = take(caption_split(captions, split, seed), limit)
         return [Example([("image", images[i])], captions[i], self.name) for i in idx]
 
     def evaluate(self, predictor, examples):

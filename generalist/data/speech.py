@@ -24,7 +24,8 @@ def voice_split(split: str, seed: int) -> list[str]:
 
 def spoken(words, voices) -> list[tuple[np.ndarray, dict]]:
     """(16 kHz float32 waveform, meta) for every word x voice x speed x pitch, resampled once
-    here so training does not repeat it every step."""
+    here so training does not repeat it every step. Cached by the request and, like
+    sources.spoken_words, the espeak-ng version: a new espeak-ng gives new clips."""
     words, voices = list(words), list(voices)
     meta = sources.spoken_words_meta(words, voices, SPEEDS, PITCHES)
     request = json.dumps([words, voices, SPEEDS, PITCHES, RATE])
@@ -35,7 +36,8 @@ def spoken(words, voices) -> list[tuple[np.ndarray, dict]]:
         offsets = np.cumsum([0] + [len(w) for w in out])
         return {"samples": np.concatenate(out), "offsets": offsets, "request": np.array([request])}
 
-    arrays = cached_arrays(f"spoken16k-{hashlib.sha256(request.encode()).hexdigest()[:20]}", "1", build)
+    version = "1:" + sources._espeak_version(sources._program(sources.ESPEAK, "spoken_words"))
+    arrays = cached_arrays(f"spoken16k-{hashlib.sha256(request.encode()).hexdigest()[:20]}", version, build)
     if arrays["request"][0] != request:
         raise AssertionError("spoken-word cache entries collided")
     o = arrays["offsets"].tolist()

@@ -9,7 +9,7 @@ import torch
 
 from generalist.data.packing import Example
 from generalist.data.speech import voice_split
-from generalist.data.tasks import discover, split_indices
+from generalist.data.tasks import discover, normalize, split_indices
 from generalist.train.data import load_mixtures
 from generalist.train.trainer import TrainConfig, Trainer
 from generalist.train.data import TaskData
@@ -57,6 +57,28 @@ def test_image_splits_are_disjoint(name):
     train = {_digest(e) for e in task.examples("train", None if name != "fashion" else 3000)}
     test = {_digest(e) for e in task.examples("test", None if name != "fashion" else 3000)}
     assert train and test and not train & test
+
+
+def test_captions_splits_share_no_caption():
+    task = TASKS["captions"]
+    train, test = task.examples("train"), task.examples("test")
+    train_caps, test_caps = {normalize(e.target_text) for e in train}, {normalize(e.target_text) for e in test}
+    assert train_caps and test_caps and not train_caps & test_caps
+    assert 0.12 < len(test) / (len(train) + len(test)) < 0.18  # still about 85/15
+    assert [e.target_text for e in type(task)().examples("test")] == [e.target_text for e in test]  # deterministic
+
+
+def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
+    task = TASKS["text_topic"]
+    train, test = task.examples("train"), task.examples("test")
+    train_texts, test_texts = {normalize(e.segments[0][1]) for e in train}, {normalize(e.segments[0][1]) for e in test}
+    assert train_texts and test_texts and not train_texts & test_texts
+    labels = {}
+    for e in train + test:
+        labels.setdefault(normalize(e.segments[0][1]), set()).add(e.target_text)
+    assert all(len(v) == 1 for v in labels.values())
+    assert len(labels) == len(train) + len(test)  # each quote once
+    assert [e.target_text for e in type(task)().examples("test")] == [e.target_text for e in test]  # deterministic
 
 
 def test_split_indices_and_voices_are_disjoint_partitions():
