@@ -378,15 +378,16 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def _truncate_log(self, step: int) -> None:
         """Drops log lines written after the checkpoint we resume from (they will be redone), or
-        every line (step 0)."""
+        every line (step 0), and a last line cut short by a kill."""
         log = self.run_dir / "metrics.jsonl"
         if log.is_file():
-            keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            keep = [line for line in log.read_text().splitlines() if _logged_step(line) <= step] if step else []
             log.write_text("".join(line + "\n" for line in keep))
 
     def save(self) -> Path | None:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
-        state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row, "elapsed": self.elapsed, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+        state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row, "elapsed": self.elapsed,
+                 "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
         model_state, opt_state = None, None
         if self.group is not None:
@@ -453,6 +454,15 @@ class Trainer:
                         tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {self.step}; checkpoint saved")
                     break
         self.model.eval()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for one that is not a whole record (the write
+    a kill cut short), so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _tensorboard(run_dir: Path):

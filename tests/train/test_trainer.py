@@ -286,6 +286,14 @@ def test_a_run_resumed_after_its_time_budget_trains_no_further(tmp_path, monkeyp
                                   (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "lo')  # the kill came mid-write
+    Trainer(_cfg(tmp_path, steps=5), _data(), resume=True, progress=False).fit()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def test_a_fresh_run_starts_fresh_logs(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; the next run in its directory
     must not append to its log."""
