@@ -40,12 +40,18 @@ def read_input(modality: str, value: Any):
         return value
     path = Path(value)
     looks_like_file = isinstance(value, Path) or path.suffix.lower() == ".txt"
-    if modality == "text" and not path.suffix and not isinstance(value, Path) and not (
-            "/" in str(value) and path.is_dir()):
-        return str(value)
-    if path.is_dir():
+    try:
+        if modality == "text" and not path.suffix and not isinstance(value, Path) and not (
+                "/" in str(value) and path.is_dir()):
+            return str(value)
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as error:  # e.g. a long text is no file name the filesystem accepts
+        if modality == "text" and not looks_like_file:
+            return str(value)
+        raise ValueError(f"--{modality}: cannot read {path}: {error.strerror or error}") from None
+    if is_dir:
         raise ValueError(f"--{modality}: {path} is a directory, not a file")
-    if not path.is_file():
+    if not is_file:
         if modality == "text" and not looks_like_file:
             return str(value)
         raise ValueError(f"--{modality}: no such file: {path}")
@@ -73,8 +79,15 @@ def read_input(modality: str, value: Any):
                 raw = w.readframes(w.getnframes())
                 if len(raw) % (2 * w.getnchannels()):
                     raise ValueError(f"--audio: {path} is truncated: its samples end in the middle of a frame")
+                if len(raw) // (2 * w.getnchannels()) < w.getnframes():
+                    raise ValueError(f"--audio: {path} is truncated: its header promises {w.getnframes()} frames, "
+                                     f"but only {len(raw) // (2 * w.getnchannels())} are present")
+                if w.getframerate() <= 0:
+                    raise ValueError(f"--audio: {path} has a frame rate of {w.getframerate()}")
                 data = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768
                 return data.reshape(-1, w.getnchannels()).mean(axis=1), w.getframerate()
+        except RuntimeError:  # Python's wave module, on a chunk size past the end of its chunk
+            raise ValueError(f"--audio: cannot read {path}: a damaged chunk size") from None
         except (wave.Error, EOFError) as error:
             raise ValueError(f"--audio: cannot read {path}: {str(error) or 'the file ends early'}") from None
     if modality == "video" and suffix == ".gif":
@@ -91,6 +104,8 @@ def read_input(modality: str, value: Any):
 
 def _read_npy(path: Path, modality: str) -> np.ndarray:
     """A .npy array; never unpickles (a file of Python objects is refused, not loaded)."""
+    from tokenize import TokenError
+
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -98,6 +113,8 @@ def _read_npy(path: Path, modality: str) -> np.ndarray:
             raise ValueError(f"--{modality}: {path} is not a .npy array of numbers (it holds pickled Python "
                              "objects, which are never loaded)") from None
         raise ValueError(f"--{modality}: cannot read {path} as a .npy array: {error}") from None
+    except TokenError:  # numpy, on a header it cannot parse
+        raise ValueError(f"--{modality}: cannot read {path} as a .npy array: a damaged header") from None
     except (OSError, EOFError) as error:
         raise ValueError(f"--{modality}: cannot read {path} as a .npy array: {str(error) or 'the file ends early'}") \
             from None
@@ -108,13 +125,17 @@ FFMPEG_VIDEO = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 
 def _read_gif(path: Path) -> np.ndarray:
     """An animated GIF -> (T, H, W, 3) uint8 frames."""
+    import struct
+
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
             return np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in ImageSequence.Iterator(im)])
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"--video: cannot read {path}: {error}") from None
+    except (IndexError, struct.error):  # Pillow, on damaged frames
+        raise ValueError(f"--video: cannot read {path}: damaged frames") from None
 
 
 def _read_with_ffmpeg(path: Path) -> np.ndarray:
