@@ -156,6 +156,8 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             # an int as it is: under torch.compile it may stand for a symbol (the longest sequence
             # of a dynamic stream), which operator.index would fix to its value, and so compile
             # again for every new length
+            if isinstance(m, bool):  # True would pass as 1: a flag in a length's place
+                raise TypeError
             m = m if isinstance(m, (int, torch.SymInt)) else operator.index(m)
         except TypeError:
             raise ValueError(f"{name} must be an int, got {type(m).__name__}") from None

@@ -8,6 +8,8 @@ and for token -> example maps in the packer.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,13 @@ def varlen_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
         raise ValueError("cu_seqlens must be a 1-D tensor with at least one entry")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if isinstance(total, bool):  # True would pass as 1
+        raise ValueError("total must be an int, got bool")
+    if not isinstance(total, (int, torch.SymInt)):  # an int as it is: under torch.compile, a symbol
+        try:
+            total = operator.index(total)
+        except TypeError:
+            raise ValueError(f"total must be an int, got {type(total).__name__}") from None
     if not torch.compiler.is_compiling() and not checks.checked_before(cu_seqlens, ("positions", total)):
         values = cu_seqlens.tolist()  # a device sync, once per tensor
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):

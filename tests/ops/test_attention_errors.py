@@ -54,6 +54,7 @@ def test_valid_call_works(backend):
     (dict(max_seqlen_q=5), "max_seqlen_q is 5 but a sequence in cu_seqlens_q has length 6"),
     (dict(max_seqlen_k=-1), "max_seqlen_k must be >= 0"),
     (dict(max_seqlen_k=7.5), "max_seqlen_k must be an int"),
+    (dict(max_seqlen_q=True), "max_seqlen_q must be an int, got bool"),
     (dict(prefix_lens=torch.tensor([1, 2], dtype=torch.int32)), "prefix_lens needs causal=True"),
     (dict(causal=True, prefix_lens=torch.tensor([1, 2]),), "prefix_lens must be int32"),
     (dict(causal=True, prefix_lens=torch.tensor([1, 2, 3], dtype=torch.int32)), "prefix_lens has 3 entries but there are 2 sequences"),

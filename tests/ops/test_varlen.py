@@ -52,6 +52,8 @@ def test_opcheck(gen):
     (torch.tensor([1, 2, 5], dtype=torch.int32), 5, "start at 0"),
     (torch.tensor([0, 3, 2], dtype=torch.int32), 2, "non-decreasing"),
     (torch.tensor([0, 2, 5], dtype=torch.int32), 6, "total is 6"),
+    (torch.tensor([0, 2, 5], dtype=torch.int32), 5.0, "total must be an int, got float"),
+    (torch.tensor([0, 1], dtype=torch.int32), True, "total must be an int, got bool"),
 ])
 def test_bad_input(cu, total, match):
     with pytest.raises(ValueError, match=match):
