@@ -19,13 +19,13 @@ MIN_PER_CATEGORY = 150
 def distinct(texts, cats) -> list[tuple[str, str]]:
     """(text, category) with each normalised text once, at its first occurrence, in order;
     a text that occurs under two or more categories is dropped altogether."""
+    keys = [normalize(t) for t in texts]
     labels: dict[str, set[str]] = {}
-    for t, c in zip(texts, cats):
-        labels.setdefault(normalize(t), set()).add(c)
+    for key, c in zip(keys, cats):
+        labels.setdefault(key, set()).add(c)
     seen: set[str] = set()
     out = []
-    for t, c in zip(texts, cats):
-        key = normalize(t)
+    for key, t, c in zip(keys, texts, cats):
         if len(labels[key]) == 1 and key not in seen:
             seen.add(key)
             out.append((t, c))

@@ -111,13 +111,13 @@ def _check_common(q, k, v) -> None:
 def check_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, (str, bytes, bool)) or not hasattr(softmax_scale, "__float__"):
-        raise ValueError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__} "
-                         f"{softmax_scale!r}")
     try:
+        if isinstance(softmax_scale, (str, bytes, bool)):  # float() would take "0.5" and True
+            raise TypeError
         scale = float(softmax_scale)
-    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of more than one element
-        raise ValueError(f"softmax_scale must be a real number or None, got {softmax_scale!r}") from None
+    except (TypeError, ValueError, RuntimeError):  # a list, a tensor of more than one element, ...
+        raise ValueError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__} "
+                         f"{softmax_scale!r}") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return scale

@@ -381,7 +381,7 @@ class Trainer:
         every line (step 0), and a last line cut short by a kill."""
         log = self.run_dir / "metrics.jsonl"
         if log.is_file():
-            keep = [line for line in log.read_text().splitlines() if _logged_step(line) <= step] if step else []
+            keep = [line for line in log.read_text().splitlines() if _logged_step(line) <= step]
             log.write_text("".join(line + "\n" for line in keep))
 
     def save(self) -> Path | None:

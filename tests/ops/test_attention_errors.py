@@ -64,7 +64,7 @@ def test_valid_call_works(backend):
     (dict(softmax_scale=True), "softmax_scale must be a real number or None, got bool"),
     (dict(softmax_scale="0.5"), "softmax_scale must be a real number or None, got str"),
     (dict(softmax_scale=[0.5]), "softmax_scale must be a real number or None, got list"),
-    (dict(softmax_scale=torch.ones(2)), "softmax_scale must be a real number or None, got tensor"),
+    (dict(softmax_scale=torch.ones(2)), "softmax_scale must be a real number or None, got Tensor"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_varlen_input(over, match, backend):
