@@ -46,11 +46,23 @@ def check_finite_stream(x_SM, cu_seqlens) -> None:
 @torch.no_grad()
 def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_size: int = 1,
              use_cache: bool = True) -> list[list[int]]:
-    """Token ids generated for each example (without bos, cut before the first eos)."""
+    """Token ids generated for each example (without bos, cut before the first eos). The model
+    decodes in eval mode (no capacity dropping in its MoE layers, which would make the answer
+    depend on the batch) and is left in the mode it came in."""
     if beam_size < 1 or max_new_tokens < 0:
         raise ValueError(f"beam_size must be >= 1 and max_new_tokens >= 0, got {beam_size} and {max_new_tokens}")
     if not batch:
         return []
+    training = model.training
+    model.eval()
+    try:
+        return _generate(model, batch, max_new_tokens, beam_size, use_cache)
+    finally:
+        model.train(training)
+
+
+def _generate(model, batch: list[EncodedExample], max_new_tokens: int, beam_size: int,
+              use_cache: bool) -> list[list[int]]:
     cfg = model.cfg
     b, w, v = len(batch), beam_size, cfg.vocab_size
     device = model.boundary.device

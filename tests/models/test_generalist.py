@@ -130,6 +130,18 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
             generate(model, [ex], max_new_tokens=12, beam_size=beam_size, use_cache=False)
 
 
+def test_generate_decodes_in_eval_mode_and_restores_the_mode(tokenizer, gen):
+    """A model left in training mode (as a training loop leaves it) drops tokens at its MoE
+    layers' capacity; generate decodes as in eval mode and hands the model back in training mode."""
+    model = _model(tokenizer, seed=1, capacity_factor=0.25)
+    batch = _encode(tokenizer, _examples(gen))
+    want = generate(model, batch, max_new_tokens=10, beam_size=2)
+    model.train()
+    assert generate(model, batch, max_new_tokens=10, beam_size=2) == want
+    assert generate(model, batch, max_new_tokens=10, beam_size=2, use_cache=False) == want
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_decoder_streams_longer_than_the_text_max_len(tokenizer, gen):
     """max_len bounds one text, not a packed stream: each decoding step embeds one token for each
     of the N = examples x beams rows, and training packs every target into one stream; both may
