@@ -204,10 +204,19 @@ def _predict(args) -> int:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
     table = None if args.table is None else _parse_table(args.table)
     g = Generalist.load(args.run_dir, device=args.device, bf16=False if args.fp32 else None)
-    audio = args.audio
-    answer = g.predict(task=args.task, image=args.image, audio=audio, video=args.video, table=table, text=args.text,
-                       beam_size=args.beam)
-    print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
+    inputs = dict(image=args.image, audio=args.audio, video=args.video, table=table, text=args.text)
+    if args.labels is None:
+        if args.prompt is not None:
+            raise ValueError("--prompt goes with --labels")
+        answer = g.predict(task=args.task, beam_size=args.beam, **inputs)
+        print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
+        return 0
+    if args.beam != 1:
+        raise ValueError("--beam does not apply to --labels (nothing is decoded)")
+    scores = g.classify([x.strip() for x in args.labels.split(",")], task=args.task,
+                           prompt="{}" if args.prompt is None else args.prompt, **inputs)
+    best = next(iter(scores))
+    print(json.dumps({"task": args.task, "prediction": best, "scores": scores}) if args.json else best)
     return 0
 
 
@@ -282,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="ask a trained generalist: any mix of inputs in, text out")
     pr.add_argument("run_dir")
-    pr.add_argument("--task", required=True)
+    pr.add_argument("--task", required=True, help="one of the run's tasks (with --labels: one trained through the "
+                                                   "contrastive head, e.g. captions)")
     pr.add_argument("--image", help="PNG/JPEG or .npy")
     pr.add_argument("--audio", help="WAV (16-bit PCM)")
     pr.add_argument("--video", help=".npy clip (frames x H x W [x C]), animated .gif, or .mp4/.mov/.avi/.mkv/.webm "
@@ -291,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(empty or ? for missing)")
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
+    pr.add_argument("--labels", help="comma-separated labels: rank them against the inputs through the contrastive "
+                                     "head (zero-shot classification) instead of generating text")
+    pr.add_argument("--prompt", help="with --labels: the text each label is put into, e.g. "
+                                                   "'a photo of a {}' (default: the label alone)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     _add_inference_options(pr)
     pr.set_defaults(func=_predict)

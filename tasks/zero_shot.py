@@ -25,12 +25,16 @@ class ZeroShot(Task):
         order = take(np.random.default_rng([seed, 61]).permutation(len(images)), limit)
         return [Example([("image", images[i])], sources.FASHION_CLASSES[labels[i]], "captions") for i in order]
 
-    def evaluate(self, predictor, examples):
+    def answer(self, predictor, examples):
+        """The class whose prompt is nearest each example's embedding, both embedded as the
+        captions task (the one that trains the contrastive head)."""
         classes = list(sources.FASHION_CLASSES)
         prompts = predictor.embed([Example([("text", PROMPT.format(c))], "", "captions") for c in classes])
-        images = predictor.embed(examples)
-        picks = (images @ prompts.t()).argmax(dim=1).tolist()
-        return {"accuracy": sum(classes[p] == e.target_text for p, e in zip(picks, examples)) / max(1, len(examples))}
+        inputs = predictor.embed([Example(e.segments, e.target_text, "captions") for e in examples])
+        return [classes[p] for p in (inputs @ prompts.t()).argmax(dim=1).tolist()]
+
+    def evaluate(self, predictor, examples):
+        return self.score(self.answer(predictor, examples), examples)
 
 
 TASK = ZeroShot()

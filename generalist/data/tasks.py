@@ -42,6 +42,14 @@ class Task(ABC):
         """Default: generate text and score it with `score`."""
         return self.score(predictor.generate(examples), examples)
 
+    def answer(self, predictor: Predictor, examples: Sequence[Example]) -> list[str]:
+        """What `Generalist.predict` answers for these examples when the task is not generative
+        (a generative task's answer is the generated text): a task trained through the
+        contrastive head alone says here how its embeddings become an answer (zero_shot: the
+        nearest class prompt)."""
+        raise ValueError(f"task {self.name!r} does not answer in text (it is not generative) and its file defines no "
+                         "answer(); rank labels through the contrastive head with Generalist.classify instead")
+
     def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         """Default metric: exact-match accuracy of the normalised text."""
         hits = [normalize(p) == normalize(e.target_text) for p, e in zip(predictions, examples, strict=True)]

@@ -15,12 +15,13 @@ fp32; `bf16=True` asks for it on a CPU too).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from generalist.data.packing import Example, ExampleEncoder
+from generalist.data.tasks import Task, discover
 from generalist.models.decoding import check_finite_stream, generate
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import find_checkpoint, read_json
@@ -181,19 +182,27 @@ def resolve_device(device: str | None) -> torch.device:
 
 class Generalist:
     def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24,
-                 bf16: bool | None = None):
-        """`bf16`: run under bf16 autocast; None (the default) does so on a GPU only."""
+                 bf16: bool | None = None, generative: Sequence[str] | None = None,
+                 definitions: Mapping[str, Task] | None = None):
+        """`bf16`: run under bf16 autocast; None (the default) does so on a GPU only.
+        `generative`: the tasks that answer in generated text (None: as their definitions say);
+        `definitions`: the tasks' `Task` objects by name (None: the task files, read when first
+        needed), for the tasks that answer otherwise (`Task.answer`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
         self.encoder = ExampleEncoder(tokenizer, self.tasks)
         self.max_new_tokens = max_new_tokens
         self.bf16 = bf16
+        self.generative = None if generative is None else set(generative)
+        self.definitions = None if definitions is None else dict(definitions)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, bf16: bool | None = None) -> "Generalist":
-        """From a run directory or a checkpoint directory; never executes code from it. `device`
-        defaults to the GPU when there is one."""
+    def load(cls, path: str | Path, device: str | None = None, bf16: bool | None = None,
+             definitions: Mapping[str, Task] | None = None) -> "Generalist":
+        """From a run directory or a checkpoint directory; never executes code from it (the task
+        files, `definitions` unless given, are the installed ones). `device` defaults to the GPU
+        when there is one."""
         ckpt = find_checkpoint(Path(path))
         meta = read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else {}
         model = GeneralistModel.load(ckpt, device=resolve_device(device))
@@ -201,7 +210,24 @@ class Generalist:
         if len(tasks) != model.cfg.n_tasks or not all(isinstance(t, str) for t in tasks):
             raise ValueError(f"{ckpt / 'meta.json'} lists {len(tasks)} tasks but the model in {ckpt} was built for "
                              f"{model.cfg.n_tasks}")
-        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16)
+        generative = meta.get("generative")  # absent from runs saved before it was recorded
+        if generative is not None and (not isinstance(generative, list) or not set(generative) <= set(tasks)):
+            raise ValueError(f"{ckpt / 'meta.json'}: 'generative' must list some of its tasks, got {generative!r}")
+        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16, generative=generative,
+                   definitions=definitions)
+
+    def _definition(self, task: str) -> Task | None:
+        """The task's `Task` object: from `definitions`, else the task files (read once)."""
+        if self.definitions is None:
+            self.definitions = discover()
+        return self.definitions.get(task)
+
+    def answers_in_text(self, task: str) -> bool:
+        """Whether `predict` answers this task by decoding text (else through `Task.answer`)."""
+        if self.generative is not None:
+            return task in self.generative
+        definition = self._definition(task)
+        return definition is None or definition.generative
 
     def _precision(self):
         """bf16 autocast on the model's device when asked for (by default: on a GPU)."""
@@ -236,10 +262,42 @@ class Generalist:
         Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
         if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
             raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+        example = Example(self._segments(task, inputs), "", task)
+        if task not in self.tasks or self.answers_in_text(task):
+            return self.generate([example], beam_size=beam_size)[0]  # (an unknown task is refused there)
+        if beam_size != 1:
+            raise ValueError(f"task {task!r} does not answer by decoding text: beam_size does not apply")
+        definition = self._definition(task)
+        if definition is None:
+            raise ValueError(f"task {task!r} does not answer in text and no task file defines it here: pass its Task "
+                             "to Generalist.load(definitions=...), or rank labels with Generalist.classify")
+        return definition.answer(self, [example])[0]
+
+    def classify(self, labels: Sequence[str], task: str, prompt: str = "{}", **inputs) -> dict[str, float]:
+        """Zero-shot classification through the contrastive head: the inputs (any of image=,
+        audio=, video=, table=, text=, as for `predict`) and each label's text
+        (`prompt` with its "{}" replaced by the label), both embedded as `task` (one trained contrastively, e.g.
+        "captions"), scored by cosine similarity at the model's learned temperature. A
+        probability per label (a softmax over them), highest first."""
+        if isinstance(labels, str) or not all(isinstance(x, str) and x.strip() for x in labels) or not labels:
+            raise ValueError(f"labels must be a non-empty list of non-empty strings, got {labels!r}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels holds {sorted(x for x in set(labels) if labels.count(x) > 1)[0]!r} twice")
+        if not isinstance(prompt, str) or "{}" not in prompt:
+            raise ValueError(f"prompt must be a string holding '{{}}' (where each label goes), got {prompt!r}")
+        segments = self._segments(task, inputs)
+        label_E = self.embed([Example([("text", prompt.replace("{}", x))], "", task) for x in labels])
+        input_E = self.embed([Example(segments, "", task)])
+        scale = self.model.logit_scale.detach().float().exp().clamp(max=100)
+        probs = torch.softmax(scale * (input_E @ label_E.t())[0], dim=0).tolist()
+        return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
+
+    @staticmethod
+    def _segments(task: str, inputs: dict) -> list:
         unknown = sorted(set(inputs) - set(MODALITY_ARGS))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; use any of {MODALITY_ARGS}")
         segments = [(m, read_input(m, inputs[m])) for m in MODALITY_ARGS if inputs.get(m) is not None]
         if not segments:
             raise ValueError(f"task {task!r} needs at least one input ({', '.join(MODALITY_ARGS)})")
-        return self.generate([Example(segments, "", task)], beam_size=beam_size)[0]
+        return segments

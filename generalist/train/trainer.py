@@ -395,7 +395,8 @@ class Trainer:
             model_state, opt_state = self.dp.full_state()  # expert-parallel: gathered on rank 0
             if not self.main:
                 return None
-        meta = {"tasks": self.tasks, "train": asdict(self.cfg)}
+        meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if self.data[t].task.generative],
+                "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer,
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
 

@@ -112,6 +112,38 @@ def test_metrics_of_a_perfect_and_a_wrong_predictor(name):
     assert wrong["accuracy"] == 0.0
 
 
+class _OneHot:
+    """Embeds a class prompt as its class's axis and an image as the axis of the class the test
+    says it is (`picks`), recording the tasks the examples came as."""
+
+    def __init__(self, picks):
+        self.picks, self.tasks = picks, []
+
+    def embed(self, examples):
+        from generalist.data.sources import FASHION_CLASSES
+
+        self.tasks += [e.task for e in examples]
+        rows = [FASHION_CLASSES.index(e.segments[0][1].removeprefix("a photo of a ")) if e.segments[0][0] == "text"
+                else self.picks[i] for i, e in enumerate(examples)]
+        return torch.nn.functional.one_hot(torch.tensor(rows), len(FASHION_CLASSES)).float()
+
+
+def test_zero_shot_answers_the_class_whose_prompt_is_nearest():
+    from generalist.data.sources import FASHION_CLASSES
+
+    task = TASKS["zero_shot"]
+    test = task.examples("test", 12)
+    right = [FASHION_CLASSES.index(e.target_text) for e in test]
+    assert task.evaluate(_OneHot(right), test) == {"accuracy": 1.0}
+    wrong = [(r + 1) % len(FASHION_CLASSES) for r in right]
+    predictor = _OneHot(wrong)
+    # predict hands it examples of its own task: they are embedded as captions all the same
+    asked = [Example(e.segments, "", "zero_shot") for e in test]
+    assert task.answer(predictor, asked) == [FASHION_CLASSES[w] for w in wrong]
+    assert set(predictor.tasks) == {"captions"}
+    assert task.evaluate(_OneHot(wrong), test) == {"accuracy": 0.0}
+
+
 def test_tiny_model_trains_a_few_steps_on_every_task(tmp_path):
     data = {n: TaskData(t, t.examples("train", 4), t.examples("test", 2)) for n, t in TASKS.items()}
     trainer = Trainer(TrainConfig(preset="tiny", out=str(tmp_path / "run"), steps=4, batch_size=40, vocab_size=400,
@@ -120,3 +152,10 @@ def test_tiny_model_trains_a_few_steps_on_every_task(tmp_path):
     tokens_per_task = trainer.routing["task"].sum(axis=(0, 2))
     for name in trainer.tasks:  # 160 uniform draws over 10 tasks: every trainable task is seen
         assert (tokens_per_task[trainer.tasks.index(name)] > 0) == (name != "zero_shot"), name
+    # every task answers through the one entry point; zero_shot (never trained) through its prompts
+    from generalist.data.sources import FASHION_CLASSES
+    from generalist.infer.generalist import Generalist
+
+    g = Generalist.load(tmp_path / "run", device="cpu")
+    assert not g.answers_in_text("zero_shot") and g.answers_in_text("captions")
+    assert g.predict(task="zero_shot", **dict(data["zero_shot"].test[0].segments)) in FASHION_CLASSES

@@ -1,9 +1,11 @@
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,6 +56,74 @@ def test_predict_from_python_and_cli(run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == g.predict(task="echo", text="red blue")
 
 
+def _swatch(name: str):
+    return torch.tensor(toy_tasks.Swatches.RGB[name], dtype=torch.float32)[:, None, None].expand(3, 8, 8).clone()
+
+
+def test_a_task_that_does_not_answer_in_text_answers_through_its_definition(run, tmp_path):
+    """swatches trains only the contrastive head: predict answers it with Task.answer (the
+    nearest colour name), not with text the model was never trained to decode for it."""
+    out, _ = run
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert meta["generative"] == ["bars", "echo"]
+    g = Generalist.load(out, device="cpu", definitions=toy_tasks.TASKS)
+    names = sorted(toy_tasks.Swatches.RGB)
+    texts = g.embed([Example([("text", n)], "", "swatches") for n in names])
+    for colour in ("red", "blue", "white"):
+        img = _swatch(colour)
+        want = names[int((g.embed([Example([("image", img)], "", "swatches")]) @ texts.t()).argmax())]
+        assert g.predict(task="swatches", image=img) == want
+    assert g.predict(task="bars", image=_swatch("red")) == g.generate([Example([("image", _swatch("red"))], "",
+                                                                               "bars")])[0]
+    with pytest.raises(ValueError, match="does not answer by decoding text: beam_size does not apply"):
+        g.predict(task="swatches", image=_swatch("red"), beam_size=2)
+    # the task files here do not define swatches
+    with pytest.raises(ValueError, match="no task file defines it here"):
+        Generalist.load(out, device="cpu").predict(task="swatches", image=_swatch("red"))
+    # a run saved before meta.json said which tasks are generative: the definitions say
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "checkpoint" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "generative"}))
+    g_old = Generalist.load(old, device="cpu", definitions=toy_tasks.TASKS)
+    assert g_old.predict(task="swatches", image=_swatch("blue")) == g.predict(task="swatches", image=_swatch("blue"))
+    assert g_old.predict(task="echo", text="red blue") == g.predict(task="echo", text="red blue")
+    (old / "checkpoint" / "meta.json").write_text(json.dumps({**meta, "generative": ["nope"]}))
+    with pytest.raises(ValueError, match="'generative' must list some of its tasks"):
+        Generalist.load(old, device="cpu")
+
+
+def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsys):
+    out, _ = run
+    g = Generalist.load(out, device="cpu")
+    labels = ["red", "green", "blue", "white"]
+    scores = g.classify(labels, task="swatches", prompt="a {} swatch", image=_swatch("green"))
+    assert sorted(scores) == sorted(labels) and abs(sum(scores.values()) - 1) < 1e-5
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    texts = g.embed([Example([("text", f"a {x} swatch")], "", "swatches") for x in labels])
+    sims = (g.embed([Example([("image", _swatch("green"))], "", "swatches")]) @ texts.t())[0]
+    want = torch.softmax(g.model.logit_scale.exp().clamp(max=100) * sims, dim=0)
+    torch.testing.assert_close(torch.tensor([scores[x] for x in labels]), want.detach())
+    for bad, match in [([], "labels must be a non-empty list"), ("red", "labels must be a non-empty list"),
+                       (["red", ""], "labels must be a non-empty list"), (["red", "red"], "labels holds 'red' twice")]:
+        with pytest.raises(ValueError, match=match):
+            g.classify(bad, task="swatches", image=_swatch("red"))
+    with pytest.raises(ValueError, match="prompt must be a string holding"):
+        g.classify(labels, task="swatches", prompt="a swatch", image=_swatch("red"))
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        g.classify(labels, task="poetry", image=_swatch("red"))
+    with pytest.raises(ValueError, match="needs at least one input"):
+        g.classify(labels, task="swatches")
+    path = tmp_path / "green.npy"
+    np.save(path, _swatch("green").numpy())
+    assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red, green,blue,white",
+                 "--prompt", "a {} swatch", "--json", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["prediction"] == next(iter(scores)) and printed["scores"] == pytest.approx(scores)
+    assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red,green",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() in ("red", "green")
+
+
 @pytest.mark.parametrize("args,match", [
     (["--task", "poetry", "--text", "red"], "unknown task 'poetry'"),
     (["--task", "bars", "--image", "missing.png"], "no such file"),
@@ -74,6 +144,9 @@ def test_predict_from_python_and_cli(run, tmp_path, capsys):
     (["--task", "bars", "--audio", "WAVE.npy"], "a .npy file holds no sample rate"),
     (["--task", "bars", "--audio", "EMPTY.wav"], "cannot read EMPTY.wav: the file ends early"),
     (["--task", "bars", "--text", "x", "--beam", "0"], "--beam must be >= 1, got 0"),
+    (["--task", "bars", "--text", "x", "--prompt", "a {}"], "--prompt goes with --labels"),
+    (["--task", "swatches", "--text", "x", "--labels", "a,b", "--beam", "2"], "--beam does not apply to --labels"),
+    (["--task", "swatches", "--text", "x", "--labels", "a,,b"], "labels must be a non-empty list"),
     (["--task", "bars", "--text", "x", "--device", "cpu:3"], "unknown device 'cpu:3'"),
 ])
 def test_predict_user_errors_are_one_line(run, tmp_path, capsys, args, match):

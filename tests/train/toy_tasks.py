@@ -74,4 +74,12 @@ def _swatch_evaluate(self, predictor, examples):
     return {"accuracy": sum(names[p] == e.target_text for p, e in zip(picks, examples)) / len(examples)}
 
 
+def _swatch_answer(self, predictor, examples):
+    """The colour name nearest each example through the contrastive head (what predict answers)."""
+    names = sorted(self.RGB)
+    texts = predictor.embed([Example([("text", n)], "", self.name) for n in names])
+    return [names[p] for p in (predictor.embed(examples) @ texts.t()).argmax(dim=1).tolist()]
+
+
 Swatches.evaluate = _swatch_evaluate
+Swatches.answer = _swatch_answer
