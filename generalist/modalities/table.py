@@ -49,6 +49,8 @@ def value_features(values_F: Tensor) -> Tensor:
 
 def _as_1d(x: Any, name: str) -> Tensor:
     if isinstance(x, (list, tuple)):
+        if any(isinstance(v, bool) for v in x):  # torch.tensor([True, 2]) would read True as 1
+            raise ValueError(f"{name} must be numbers, not bools; got {str(x)[:80]}")
         try:
             t = torch.tensor(x)
         except (TypeError, ValueError, RuntimeError):

@@ -76,7 +76,10 @@ def test_gradients_are_finite_with_missing_values(gen):
     (([2, 5, 2], [1.0, 2.0, 3.0]), "column id 2 appears more than once"),
     (([[0, 1]], [[1.0, 2.0]]), r"column_ids must be 1-D \(F,\); got shape \(1, 2\)"),
     (([0, 1], [[1.0, 2.0]]), r"values must be 1-D"),
-    (([0, 1], [True, False]), "values must be real numbers; got torch.bool"),
+    (([0, 1], [True, False]), "values must be numbers, not bools"),
+    (([0, 1], torch.tensor([True, False])), "values must be real numbers; got torch.bool"),
+    (([0, 1], [1.5, True]), r"values must be numbers, not bools; got \[1.5, True\]"),
+    (([True, 2], [1.0, 2.0]), "column_ids must be numbers, not bools"),
     (torch.tensor([0, 1]), r"table input must be a pair \(column_ids, values\)"),
     (({0: 1.0}, [1.0]), "column_ids must be a torch.Tensor or numpy array; got dict"),
 ])
