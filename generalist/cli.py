@@ -165,7 +165,7 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int:
+def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=None) -> int:
     from pathlib import Path
 
     from generalist.infer.generalist import Generalist
@@ -176,10 +176,18 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int
 
     ckpt = find_checkpoint(Path(run_dir))
     meta = read_json(ckpt / "meta.json")
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(meta["tasks"]))
+        if unknown or not tasks:
+            raise ValueError(f"--tasks: {'no task named' if not tasks else f'unknown tasks {unknown}'}; this run has "
+                             f"{', '.join(meta['tasks'])}")
+        if data is not None:
+            data = {t: d for t, d in data.items() if t in tasks}
     if data is None:
         # the held-out splits only: every task seeds its splits apart, so its test examples are
         # the same without the training ones (whose generation is most of the build's time)
-        mixture = {t: {**m, "train": 0} for t, m in get_mixture(meta["train"]["mixture"]).items()}
+        mixture = {t: {**m, "train": 0} for t, m in get_mixture(meta["train"]["mixture"]).items()
+                   if tasks is None or t in tasks}
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
         data = build_data(mixture, seed=meta["train"]["seed"])
@@ -194,7 +202,9 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None) -> int
 def _eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    return _evaluate_run(args.run_dir, limit=args.limit, device=args.device, bf16=False if args.fp32 else None)
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return _evaluate_run(args.run_dir, limit=args.limit, device=args.device, bf16=False if args.fp32 else None,
+                         tasks=tasks)
 
 
 def _predict(args) -> int:
@@ -286,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="per-task metrics of a trained run on its held-out splits")
     ev.add_argument("run_dir")
     ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
+    ev.add_argument("--tasks", default=None, help="comma-separated: evaluate only these of the run's tasks "
+                                                  "(eval.json and the report then hold only them)")
     _add_inference_options(ev)
     ev.set_defaults(func=_eval)
 

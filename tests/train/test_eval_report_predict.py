@@ -363,3 +363,10 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     (copy / "report.html").unlink()
     (copy / "checkpoint").rename(copy / ".checkpoint.old")
     assert _evaluate_run(copy, data=small) == 0 and (copy / "report.html").is_file()
+    # --tasks: only those are evaluated (and written)
+    assert _evaluate_run(copy, data=small, tasks=["echo", "swatches"]) == 0
+    assert set(json.loads((copy / "eval.json").read_text())) == {"echo", "swatches"}
+    for tasks, match in [(["echo", "poetry"], r"--tasks: unknown tasks \['poetry'\]; this run has bars, echo"),
+                         ([], "--tasks: no task named")]:
+        with pytest.raises(ValueError, match=match):
+            _evaluate_run(copy, data=small, tasks=tasks)
