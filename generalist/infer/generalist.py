@@ -275,12 +275,18 @@ class Generalist:
 
     def classify(self, labels: Sequence[str], task: str, prompt: str = "{}", **inputs) -> dict[str, float]:
         """Zero-shot classification through the contrastive head: the inputs (any of image=,
-        audio=, video=, table=, text=, as for `predict`) and each label's text
-        (`prompt` with its "{}" replaced by the label), both embedded as `task` (one trained contrastively, e.g.
-        "captions"), scored by cosine similarity at the model's learned temperature. A
-        probability per label (a softmax over them), highest first."""
-        if isinstance(labels, str) or not all(isinstance(x, str) and x.strip() for x in labels) or not labels:
-            raise ValueError(f"labels must be a non-empty list of non-empty strings, got {labels!r}")
+        audio=, video=, table=, text=, as for `predict`) and each label's text (`prompt` with
+        its "{}" replaced by the label), both embedded as `task` (one trained contrastively,
+        e.g. "captions"), scored by cosine similarity at the model's learned temperature. A
+        probability per label (a softmax over them), highest first; labels may be any iterable
+        of strings (a list, a tuple, a numpy array)."""
+        given = labels
+        try:
+            labels = [] if isinstance(labels, str) else [str(x) if isinstance(x, str) else x for x in labels]
+        except TypeError:
+            labels = []
+        if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise ValueError(f"labels must be a non-empty list of non-empty strings, got {given!r}")
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels holds {sorted(x for x in set(labels) if labels.count(x) > 1)[0]!r} twice")
         if not isinstance(prompt, str) or "{}" not in prompt:

@@ -103,7 +103,11 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
     sims = (g.embed([Example([("image", _swatch("green"))], "", "swatches")]) @ texts.t())[0]
     want = torch.softmax(g.model.logit_scale.exp().clamp(max=100) * sims, dim=0)
     torch.testing.assert_close(torch.tensor([scores[x] for x in labels]), want.detach())
+    assert g.classify(np.array(labels), task="swatches", prompt="a {} swatch", image=_swatch("green")) == scores
+    assert all(type(k) is str for k in g.classify(np.array(labels), task="swatches", image=_swatch("red")))
     for bad, match in [([], "labels must be a non-empty list"), ("red", "labels must be a non-empty list"),
+                       (3, "labels must be a non-empty list of non-empty strings, got 3"),
+                       ([1, 2], "labels must be a non-empty list"),
                        (["red", ""], "labels must be a non-empty list"), (["red", "red"], "labels holds 'red' twice")]:
         with pytest.raises(ValueError, match=match):
             g.classify(bad, task="swatches", image=_swatch("red"))
