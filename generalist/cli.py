@@ -179,8 +179,8 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     if tasks is not None:
         unknown = sorted(set(tasks) - set(meta["tasks"]))
         if unknown or not tasks:
-            raise ValueError(f"--tasks: {'no task named' if not tasks else f'unknown tasks {unknown}'}; this run has "
-                             f"{', '.join(meta['tasks'])}")
+            problem = f"unknown tasks {unknown}" if unknown else "no task named"
+            raise ValueError(f"--tasks: {problem}; this run has {', '.join(meta['tasks'])}")
         if data is not None:
             data = {t: d for t, d in data.items() if t in tasks}
     if data is None:
@@ -224,7 +224,7 @@ def _predict(args) -> int:
     if args.beam != 1:
         raise ValueError("--beam does not apply to --labels (nothing is decoded)")
     scores = g.classify([x.strip() for x in args.labels.split(",")], task=args.task,
-                           prompt="{}" if args.prompt is None else args.prompt, **inputs)
+                        prompt="{}" if args.prompt is None else args.prompt, **inputs)
     best = next(iter(scores))
     print(json.dumps({"task": args.task, "prediction": best, "scores": scores}) if args.json else best)
     return 0
@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--beam", type=int, default=1, help="beam size")
     pr.add_argument("--labels", help="comma-separated labels: rank them against the inputs through the contrastive "
                                      "head (zero-shot classification) instead of generating text")
-    pr.add_argument("--prompt", help="with --labels: the text each label is put into, e.g. "
-                                                   "'a photo of a {}' (default: the label alone)")
+    pr.add_argument("--prompt", help="with --labels: the text each label is put into, e.g. 'a photo of a {}' "
+                                     "(default: the label alone)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     _add_inference_options(pr)
     pr.set_defaults(func=_predict)
