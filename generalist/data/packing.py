@@ -45,7 +45,7 @@ class ExampleEncoder:
         self.task_ids = {t: i for i, t in enumerate(self.tasks)}
 
     def encode(self, example: Example) -> EncodedExample:
-        if example.task not in self.task_ids:
+        if not isinstance(example.task, str) or example.task not in self.task_ids:
             raise ValueError(f"unknown task {example.task!r}; this model knows {self.tasks}")
         if not example.segments:
             raise ValueError(f"example of task {example.task!r} has no input segments")

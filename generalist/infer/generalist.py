@@ -2,9 +2,10 @@
 
     g = Generalist.load("runs/demo")
     g.predict(task="fashion", image=img)              # -> "trouser"
-    g.embed([Example([("image", img)])])              # -> (1, E) unit vectors
+    g.embed([Example([("image", img)], task="captions")])   # -> (1, E) unit vectors
 
-Inputs may be arrays/tensors or file paths (PNG/JPEG images, WAV audio, .npy arrays). Requests
+Inputs may be arrays/tensors or file paths (PNG/JPEG images, WAV audio, .npy arrays; in an
+`Example`, a text segment's str is the text and a `Path` is a file to read). Requests
 of different tasks and modalities batch together: they are packed, never padded.
 
 `load` puts the model on the GPU when there is one (`device=` to choose; `embed` returns tensors
@@ -67,8 +68,8 @@ def read_input(modality: str, value: Any):
 
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (OSError, Image.DecompressionBombError) as error:
+                return picture_rgb(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"--image: cannot read {path}: {error}") from None
     if modality == "audio" and suffix == ".wav":
         import wave
@@ -96,11 +97,34 @@ def read_input(modality: str, value: Any):
     if modality == "video" and suffix in FFMPEG_VIDEO:
         return _read_with_ffmpeg(path)
     if modality == "text" and suffix == ".txt":
-        try:
-            return path.read_text(encoding="utf-8")
+        try:  # a byte-order mark and the file's last line break are not part of the text
+            return path.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as error:
             raise ValueError(f"--text: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
+
+
+def picture_rgb(im) -> np.ndarray:
+    """A decoded Pillow image -> (H, W, 3) uint8 as training pictures are made: turned upright as
+    its EXIF orientation says, transparency composited onto white (the background of the
+    training pictures; a plain RGB conversion would put it on black), and 16-bit or 32-bit
+    grey samples scaled to 8 bits (a plain conversion would clip them to white)."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" or grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{im.mode} pixels from {grey.min():g} to {grey.max():g} are on no scale this "
+                             "reader knows; save the picture with 8 or 16 bits per sample")
+        if im.mode.startswith("I;16") or grey.max() > 255:  # 16-bit samples ("I" from some decoders)
+            grey = grey / 257
+        return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=-1)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _read_npy(path: Path, modality: str) -> np.ndarray:
@@ -132,7 +156,7 @@ def _read_gif(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in ImageSequence.Iterator(im)])
+            return np.stack([picture_rgb(f) for f in ImageSequence.Iterator(im)])
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"--video: cannot read {path}: {error}") from None
     except (IndexError, struct.error):  # Pillow, on damaged frames
@@ -140,26 +164,63 @@ def _read_gif(path: Path) -> np.ndarray:
 
 
 def _read_with_ffmpeg(path: Path) -> np.ndarray:
-    """A video file -> (T, H, W, 3) uint8 frames, decoded by the ffmpeg/ffprobe on PATH."""
+    """A video file -> (T, H, W, 3) uint8 frames, decoded by the ffmpeg on PATH. ffmpeg turns
+    them upright as the file's rotation says (phones store portrait video sideways) and writes
+    them as PPM pictures, each naming its own size, so the frames never depend on a guess of
+    what the rotation does to the width and height."""
     import shutil
     import subprocess
 
-    if not (shutil.which("ffmpeg") and shutil.which("ffprobe")):
-        raise ValueError(f"--video: reading {path.suffix} files needs ffmpeg and ffprobe on PATH "
+    if not shutil.which("ffmpeg"):
+        raise ValueError(f"--video: reading {path.suffix} files needs ffmpeg on PATH "
                          "(e.g. apt install ffmpeg); or pass frames as .npy / .gif")
-    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "image2pipe",
+                          "-c:v", "ppm", "-pix_fmt", "rgb24", "-"], capture_output=True)
+    reason = run.stderr.decode(errors="replace").strip()
+    if run.returncode != 0 or not run.stdout:
+        raise ValueError(f"--video: cannot decode {path}: {reason or 'no video frames'}")
     try:
-        width, height = (int(v) for v in probe.stdout.strip().split(",")[:2])
-    except ValueError:
-        raise ValueError(f"--video: cannot read {path}: {probe.stderr.strip() or 'no video stream'}") from None
-    run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True)
-    frame = width * height * 3
-    if run.returncode != 0 or not run.stdout or len(run.stdout) % frame:
-        reason = run.stderr.decode(errors="replace").strip() or f"{len(run.stdout)} bytes of frames"
-        raise ValueError(f"--video: cannot decode {path}: {reason}")
-    return np.frombuffer(run.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
+        return ppm_frames(run.stdout)
+    except ValueError as error:
+        raise ValueError(f"--video: cannot decode {path}: {error}") from None
+
+
+def ppm_frames(data: bytes) -> np.ndarray:
+    """Concatenated binary PPM pictures (P6, 8-bit) of one size -> (T, H, W, 3) uint8."""
+    frames, at = [], 0
+    while at < len(data):
+        fields = []
+        while len(fields) < 4:  # magic, width, height, maxval, each ended by one whitespace byte
+            while at < len(data) and data[at:at + 1].isspace():
+                at += 1
+            end = at
+            while end < len(data) and not data[end:end + 1].isspace():
+                end += 1
+            if end == at or end == len(data):
+                raise ValueError(f"frame {len(frames)} is cut short in its header")
+            fields.append(data[at:end])
+            at = end + 1
+        if fields[0] != b"P6" or not all(f.isdigit() for f in fields[1:]) or fields[3] != b"255":
+            raise ValueError(f"frame {len(frames)} is not an 8-bit binary PPM picture")
+        width, height = int(fields[1]), int(fields[2])
+        if frames and frames[0].shape[:2] != (height, width):
+            raise ValueError(f"frame {len(frames)} is {width}x{height}, frame 0 "
+                             f"{frames[0].shape[1]}x{frames[0].shape[0]}; the frames of a clip share one size")
+        size = width * height * 3
+        if size == 0:
+            raise ValueError(f"frame {len(frames)} is {width}x{height}: it has no pixels")
+        if at + size > len(data):
+            raise ValueError(f"frame {len(frames)} ({width}x{height}) is cut short")
+        frames.append(np.frombuffer(data, dtype=np.uint8, count=size, offset=at).reshape(height, width, 3))
+        at += size
+    return np.stack(frames)
+
+
+def _names_file(segment) -> bool:
+    """Whether an `Example` segment is a file to read: a path, or a str for a modality other
+    than text (whose str is the text itself)."""
+    return (isinstance(segment, (tuple, list)) and len(segment) == 2 and segment[0] in MODALITY_ARGS
+            and (isinstance(segment[1], Path) or (isinstance(segment[1], str) and segment[0] != "text")))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -235,11 +296,19 @@ class Generalist:
         on = self.bf16 if self.bf16 is not None else device == "cuda"
         return torch.autocast(device, dtype=torch.bfloat16, enabled=on)
 
+    def _encode(self, example: Example):
+        """An `Example` whose segments may name files -> the encoder's tokens (files read first)."""
+        if not isinstance(example, Example):
+            raise ValueError(f"expected an Example, got {type(example).__name__}")
+        segments = [(s[0], read_input(*s)) if _names_file(s) else s for s in example.segments]
+        return self.encoder.encode(Example(segments, example.target_text, example.task, example.meta))
+
     @torch.no_grad()
     def generate(self, examples: Sequence[Example], batch_size: int = 64, beam_size: int = 1) -> list[str]:
+        """The decoded answer to each example (its segments' values or files, its task)."""
         out = []
         for i in range(0, len(examples), batch_size):
-            encoded = [self.encoder.encode(e) for e in examples[i:i + batch_size]]
+            encoded = [self._encode(e) for e in examples[i:i + batch_size]]
             with self._precision():
                 ids_batch = generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size)
             out.extend(self.tokenizer.decode(ids) for ids in ids_batch)
@@ -247,10 +316,12 @@ class Generalist:
 
     @torch.no_grad()
     def embed(self, examples: Sequence[Example], batch_size: int = 128) -> torch.Tensor:
+        """(len(examples), E) unit vectors from the contrastive head, each example embedded as its
+        task (one trained contrastively, e.g. "captions"); no examples give (0, E)."""
         parts = []
-        for i in range(0, len(examples), batch_size):
+        for i in range(0, max(len(examples), 1), batch_size):
             with self._precision():
-                parts.append(self.model.embed([self.encoder.encode(e) for e in examples[i:i + batch_size]]).float())
+                parts.append(self.model.embed([self._encode(e) for e in examples[i:i + batch_size]]).float())
             try:
                 check_finite_stream(parts[-1], None)
             except ValueError as error:
@@ -298,8 +369,9 @@ class Generalist:
         probs = torch.softmax(scale * (input_E @ label_E.t())[0], dim=0).tolist()
         return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
 
-    @staticmethod
-    def _segments(task: str, inputs: dict) -> list:
+    def _segments(self, task: str, inputs: dict) -> list:
+        if not isinstance(task, str):
+            raise ValueError(f"task must be a str, one of {self.tasks}; got {task!r}")
         unknown = sorted(set(inputs) - set(MODALITY_ARGS))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; use any of {MODALITY_ARGS}")

@@ -140,11 +140,17 @@ def mel_filterbank(cfg: AudioConfig, device: torch.device | None = None) -> Tens
     to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
     mel_P = torch.linspace(to_mel(cfg.f_min), to_mel(f_max), cfg.n_mels + 2, dtype=torch.float64)
     hz_P = 700.0 * (10.0 ** (mel_P / 2595.0) - 1.0)  # the M + 2 filter edges
-    freqs_S = torch.linspace(0, cfg.sample_rate / 2, cfg.n_fft // 2 + 1, dtype=torch.float64)
+    freqs_S = torch.arange(cfg.n_fft // 2 + 1, dtype=torch.float64) * (cfg.sample_rate / cfg.n_fft)  # the STFT bins
     lo, mid, hi = hz_P[:-2], hz_P[1:-1], hz_P[2:]
     up_SM = (freqs_S[:, None] - lo) / (mid - lo)
     down_SM = (hi - freqs_S[:, None]) / (hi - mid)
     return torch.minimum(up_SM, down_SM).clamp(min=0).to(torch.float32).to(device)
+
+
+# The loudest sample accepted. Full scale is 1.0; a louder float signal still has a spectrum
+# (gain only shifts the log-mel), but far beyond it the samples are on another scale, e.g. 16-bit
+# integers (peaks in the hundreds or thousands), and would be heard as a much louder sound.
+MAX_PEAK = 10.0
 
 
 def _check_waveform(waveform: Any, sample_rate: Any, cfg: AudioConfig) -> Tensor:
@@ -160,6 +166,9 @@ def _check_waveform(waveform: Any, sample_rate: Any, cfg: AudioConfig) -> Tensor
     if x.shape[0] == 0:
         raise ValueError("waveform is empty")
     check_finite(x, "waveform")
+    peak = float(x.abs().max())
+    if peak > MAX_PEAK:
+        raise ValueError(f"waveform samples must be in [-1, 1]; its peak is {peak:g} (16-bit samples: divide by 32768)")
     seconds = x.shape[0] / sample_rate
     if seconds > cfg.max_seconds:
         raise ValueError(f"waveform lasts {seconds:.3f} s; max_seconds is {cfg.max_seconds}")

@@ -5,7 +5,8 @@ columns, L = R * Q tokens, K = C * P * P values per patch, D d_model.
 
 Accepted layouts (the dtype decides the layout, so there is never a guess):
     floating tensor or numpy array   (H, W) grayscale, or (C, H, W) channel-first with C in {1, 3};
-                                     values are used as given (expected in [0, 1]).
+                                     values in [0, 1], used as given (values further than 0.5
+                                     outside, e.g. 0..255, are refused).
     uint8 tensor or numpy array      (H, W) grayscale, or (H, W, C) channel-last with C in {1, 3},
                                      the layout of decoded image files; divided by 255.
 Any other dtype is refused. Grayscale is repeated to `ImageConfig.channels` (3 by default) so one
@@ -40,8 +41,8 @@ def to_tensor(x: Any, name: str) -> Tensor:
             raise ValueError(f"{name} is on the meta device: it holds no values")
         return x
     if isinstance(x, np.ndarray):
-        try:
-            return torch.tensor(x)
+        try:  # copied (a reversed view or a big-endian array too) to a layout torch reads
+            return torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True))
         except TypeError as e:
             raise ValueError(f"{name} has numpy dtype {x.dtype}, which torch cannot hold") from e
     raise ValueError(f"{name} must be a torch.Tensor or numpy array; got {type(x).__name__}")
@@ -51,6 +52,21 @@ def check_finite(x: Tensor, name: str) -> None:
     """ValueError if `x` holds NaN or inf."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf values")
+
+
+# How far floating pixels may stray from [0, 1] (resampling overshoots a little); further out
+# they are on some other scale, e.g. 0..255, and would be read as a different picture.
+PIXEL_SLACK = 0.5
+
+
+def check_unit_range(x: Tensor, name: str) -> None:
+    """ValueError if floating pixels `x` are plainly not on the [0, 1] scale."""
+    if x.numel() == 0:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -PIXEL_SLACK or hi > 1 + PIXEL_SLACK:
+        hint = " (0..255 pixels: divide by 255, or pass uint8)" if hi > 1 + PIXEL_SLACK and lo >= 0 else ""
+        raise ValueError(f"floating {name} values must be in [0, 1]; got values from {lo:g} to {hi:g}{hint}")
 
 
 def grid_positions(a: int, b: int, c: int, device: torch.device | None = None) -> Tensor:
@@ -100,6 +116,7 @@ def image_to_chw(image: Any, channels: int, name: str = "image") -> Tensor:
         raise ValueError(f"{name} must be (H, W), (C, H, W) or, for uint8, (H, W, C); "
                          f"got shape {tuple(x.shape)}")
     check_finite(x, name)
+    check_unit_range(x, name)
     if x.shape[0] != channels:
         if x.shape[0] != 1:
             raise ValueError(f"{name} has {x.shape[0]} channels but the embedder reads {channels}")

@@ -6,7 +6,7 @@ per tubelet, D d_model.
 
 Accepted layouts (channel-last, a clip is frames x H x W x C, whatever the dtype):
     (T, H, W, C) with C in {1, 3}, or (T, H, W) grayscale;
-    floating values are used as given (expected in [0, 1]); uint8 values are divided by 255.
+    floating values are used as given (in [0, 1]; like images, 0..255 is refused); uint8 values are divided by 255.
 Note that this differs from `ImageEmbed`, whose floating inputs are channel-first. Grayscale is
 repeated to `VideoConfig.channels` (3 by default).
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .image import PatchEmbed, check_finite, grid_positions, to_tensor
+from .image import PatchEmbed, check_finite, check_unit_range, grid_positions, to_tensor
 
 
 @dataclass
@@ -65,6 +65,7 @@ def video_to_cthw(clip: Any, channels: int) -> Tensor:
         raise ValueError(f"video is channel-last (T, H, W, C) with C in {{1, 3}}; got shape "
                          f"{tuple(x.shape)} with {C} channels")
     check_finite(x, "video")
+    check_unit_range(x, "video")
     if C != channels:
         if C != 1:
             raise ValueError(f"video has {C} channels but the embedder reads {channels}")

@@ -26,43 +26,72 @@ def test_gif_frames_round_trip(tmp_path, gen):
     np.testing.assert_array_equal(got, frames)
 
 
-def _fake_tools(bin_dir, width, height, payload: bytes, probe_fails=False):
+def _ppm(frame) -> bytes:
+    return b"P6\n%d %d\n255\n" % (frame.shape[1], frame.shape[0]) + frame.tobytes()
+
+
+def _fake_ffmpeg(bin_dir, payload: bytes, fails=False):
     bin_dir.mkdir()
     (bin_dir / "frames.bin").write_bytes(payload)
-    scripts = {
-        "ffprobe": "echo 'no stream' >&2; exit 1" if probe_fails else f"echo {width},{height}",
-        "ffmpeg": f"cat {bin_dir / 'frames.bin'}",
-    }
-    for name, body in scripts.items():
-        exe = bin_dir / name
-        exe.write_text(f"#!/bin/sh\n{body}\n")
-        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    exe = bin_dir / "ffmpeg"
+    body = "echo 'Invalid data found when processing input' >&2; exit 1" if fails else f"cat {bin_dir / 'frames.bin'}"
+    exe.write_text(f"#!/bin/sh\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
 
 
 def test_mp4_through_ffmpeg(tmp_path, monkeypatch, gen):
+    """ffmpeg writes PPM frames, each naming its size: a portrait clip stored sideways (which
+    ffmpeg turns upright) comes back in the size ffmpeg gives, not the size the file stores."""
     import torch
 
     frames = (torch.rand(3, 6, 5, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    _fake_tools(tmp_path / "bin", 5, 6, frames.tobytes())
+    _fake_ffmpeg(tmp_path / "bin", b"".join(_ppm(f) for f in frames))
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"not really an mp4")
     np.testing.assert_array_equal(read_input("video", str(video)), frames)
 
 
+def test_ppm_headers_may_use_any_whitespace(gen):
+    import torch
+
+    from generalist.infer.generalist import ppm_frames
+
+    frames = (torch.rand(2, 3, 4, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    data = b"P6 4\t3\r\n255\n" + frames[0].tobytes() + b"P6\n4 3 255 " + frames[1].tobytes()
+    np.testing.assert_array_equal(ppm_frames(data), frames)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_ppm(np.zeros((6, 5, 3), np.uint8))[:-1], r"frame 0 \(5x6\) is cut short"),
+    (_ppm(np.zeros((6, 5, 3), np.uint8)) + b"P6\n5", "frame 1 is cut short in its header"),
+    (_ppm(np.zeros((6, 5, 3), np.uint8)) + _ppm(np.zeros((5, 6, 3), np.uint8)),
+     "frame 1 is 6x5, frame 0 5x6; the frames of a clip share one size"),
+    (b"P5\n5 6\n255\n" + bytes(30), "frame 0 is not an 8-bit binary PPM picture"),
+    (b"P6\n5 6\n65535\n" + bytes(180), "frame 0 is not an 8-bit binary PPM picture"),
+], ids=["cut", "cut_header", "sizes_differ", "grey", "16_bit"])
+def test_bad_ffmpeg_output_is_refused(tmp_path, monkeypatch, payload, message):
+    _fake_ffmpeg(tmp_path / "bin", payload)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + "/usr/bin:/bin")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"x")
+    with pytest.raises(ValueError, match=f"--video: cannot decode .*clip.mp4: {message}"):
+        read_input("video", str(video))
+
+
 def test_video_errors_are_one_line(tmp_path, monkeypatch):
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"x")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="needs ffmpeg and ffprobe on PATH"):
+    with pytest.raises(ValueError, match="needs ffmpeg on PATH"):
         read_input("video", str(video))
-    _fake_tools(tmp_path / "bin", 5, 6, b"\x00" * 7)  # not a whole number of frames
+    _fake_ffmpeg(tmp_path / "bin", b"", fails=True)
     monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + "/usr/bin:/bin")
-    with pytest.raises(ValueError, match="cannot decode"):
+    with pytest.raises(ValueError, match="cannot decode .*: Invalid data found"):
         read_input("video", str(video))
-    _fake_tools(tmp_path / "bin2", 5, 6, b"", probe_fails=True)
+    _fake_ffmpeg(tmp_path / "bin2", b"")
     monkeypatch.setenv("PATH", str(tmp_path / "bin2") + os.pathsep + "/usr/bin:/bin")
-    with pytest.raises(ValueError, match="cannot read .*no stream"):
+    with pytest.raises(ValueError, match="cannot decode .*: no video frames"):
         read_input("video", str(video))
     bad = tmp_path / "bad.gif"
     bad.write_bytes(b"GIF89a broken")
@@ -72,6 +101,66 @@ def test_video_errors_are_one_line(tmp_path, monkeypatch):
         flv = tmp_path / "clip.flv"
         flv.write_bytes(b"x")
         read_input("video", str(flv))
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG ramps from black to white; a plain RGB conversion clips it all to white."""
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    got = read_input("image", str(tmp_path / "deep.png"))
+    assert got.shape == (16, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.repeat(np.rint(ramp / 257).astype(np.uint8)[..., None], 3, -1))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_lands_on_white(tmp_path, mode):
+    """Training pictures are composited onto white; so is a transparent input (not onto black)."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (200, 40, 40, 255)  # an opaque square on a fully transparent field
+    im = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "P":
+        im = im.quantize(colors=4, method=Image.Quantize.FASTOCTREE)
+    im.save(tmp_path / "t.png")
+    got = read_input("image", str(tmp_path / "t.png"))
+    assert (got[0, 0] == 255).all() and (got[7, 7] == 255).all()
+    assert got[3, 3].max() < 255
+
+
+def test_gif_frames_with_transparency_land_on_white(tmp_path):
+    frame = Image.new("P", (6, 6), 0)
+    frame.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    second = frame.copy()
+    frame.paste(1, (2, 2, 4, 4))
+    second.paste(1, (3, 3, 5, 5))
+    frame.save(tmp_path / "t.gif", save_all=True, append_images=[second], transparency=0, disposal=2)
+    got = read_input("video", str(tmp_path / "t.gif"))
+    assert got.shape == (2, 6, 6, 3)
+    assert (got[:, 0, 0] == 255).all() and (got[:, 3, 3] == (255, 0, 0)).all()
+    assert (got[0, 5, 5] == 255).all() and (got[1, 2, 2] == 255).all()
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    """A camera's portrait photo is stored sideways with an EXIF orientation; it is read upright."""
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :8] = 255  # the stored picture's left quarter is white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the stored picture is to be turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    got = read_input("image", str(tmp_path / "p.jpg"))
+    assert got.shape == (32, 16, 3)
+    assert got[:8].mean() > 200 and got[12:].mean() < 50  # its left became its top
+
+
+def test_text_file_drops_byte_order_mark_and_last_line_break(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_bytes("\ufeffwhat is a koala?\r\n".encode("utf-8"))
+    assert read_input("text", str(path)) == "what is a koala?"
+    path.write_bytes(b"two\nlines\n\n")
+    assert read_input("text", str(path)) == "two\nlines\n"
 
 
 def test_long_text_is_the_text():

@@ -64,6 +64,26 @@ def test_mel_filterbank_is_htk_triangles():
         assert abs(int(fb_SM[:, m].argmax()) * 40 - centre) < 40
 
 
+@pytest.mark.parametrize("n_fft", [400, 401, 255])
+def test_mel_filters_sit_on_the_stft_bins(n_fft):
+    """STFT bin k is at k * sample_rate / n_fft, for odd n_fft too (its last bin is below Nyquist)."""
+    cfg = AudioConfig(n_fft=n_fft, n_mels=16, patch_freq=16)
+    fb_SM = mel_filterbank(cfg)
+    assert fb_SM.shape == (n_fft // 2 + 1, 16)
+    mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
+    edges_hz = [700 * (10 ** (m / 2595) - 1) for m in np.linspace(0, mel(8000), 18)]
+    bins_hz = np.arange(n_fft // 2 + 1) * 16000 / n_fft
+    for m in (0, 7, 15):
+        lo, centre, hi = edges_hz[m:m + 3]
+        expect = np.clip(np.minimum((bins_hz - lo) / (centre - lo), (hi - bins_hz) / (hi - centre)), 0, None)
+        np.testing.assert_allclose(fb_SM[:, m].numpy(), expect, atol=1e-6)
+
+
+def test_loud_but_plausible_waveforms_are_accepted(gen):
+    _embed(gen)((torch.randn(1600, generator=gen).clamp(-9.9, 9.9), 16000))
+    _embed(gen)((np.random.default_rng(0).uniform(-1, 1, 1600)[::-1].astype(">f4"), 16000))
+
+
 @pytest.mark.parametrize("sr", [8000, 22050, 44100])
 def test_sine_peaks_in_the_same_mel_bin_at_any_rate(sr):
     ref_bin = int(log_mel(_tone(1000, 16000), 16000).mean(0).argmax())
@@ -143,6 +163,7 @@ def test_gradients_reach_parameters(gen):
     ((torch.zeros(48000), 16000), r"waveform lasts 3.000 s; max_seconds is 2.0"),
     (torch.zeros(16000), r"audio input must be a pair \(waveform, sample_rate\)"),
     (([0.0] * 1000, 16000), "waveform must be a torch.Tensor or numpy array; got list"),
+    ((torch.linspace(-20000, 30000, 1600), 16000), r"samples must be in \[-1, 1\]; its peak is 30000 .*divide by 32768"),
 ])
 def test_bad_inputs_raise(gen, data, match):
     with pytest.raises(ValueError, match=match):

@@ -58,6 +58,22 @@ def test_sides_not_multiple_of_patch_are_zero_padded(gen):
     assert torch.equal(pos_L3, want_L3)
 
 
+def test_numpy_views_and_byte_orders_are_read(gen):
+    """A reversed view (negative strides) and a big-endian array are the pictures they hold."""
+    embed = _embed(gen, patch=2, max_size=8)
+    img = torch.rand(3, 6, 4, generator=gen).numpy()
+    ref_LD, _ = embed(np.ascontiguousarray(img[:, ::-1]))
+    torch.testing.assert_close(embed(img[:, ::-1])[0], ref_LD)
+    torch.testing.assert_close(embed(img[:, ::-1].astype(">f4"))[0], ref_LD)
+    torch.testing.assert_close(embed(img.astype(">f8"))[0], embed(img.astype(np.float64))[0])
+
+
+def test_pixels_slightly_outside_unit_range_are_accepted(gen):
+    """Resampling overshoots [0, 1] a little; that is no reason to refuse a picture."""
+    embed = _embed(gen, patch=2, max_size=8)
+    embed(torch.rand(3, 6, 4, generator=gen) * 1.4 - 0.2)
+
+
 def test_single_channel_config_and_dtype_follow_module(gen):
     embed = _embed(gen, patch=4, max_size=16, channels=1).double()
     tokens_LD, _ = embed(torch.rand(1, 16, 16, generator=gen))
@@ -80,6 +96,9 @@ def test_single_channel_config_and_dtype_follow_module(gen):
     (torch.rand(1, 3, 8, 8), r"got shape \(1, 3, 8, 8\)"),
     (torch.rand(8), r"got shape \(8,\)"),
     ([[0.0] * 8] * 8, "image must be a torch.Tensor or numpy array; got list"),
+    (torch.rand(3, 8, 8) * 255, r"floating image values must be in \[0, 1\]; got values from .* \(0..255 pixels: "
+                                "divide by 255"),
+    (torch.rand(3, 8, 8) * 4 - 2, r"must be in \[0, 1\]; got values from -1\.\d+ to 1\.\d+$"),
 ])
 def test_bad_inputs_raise(gen, image, match):
     with pytest.raises(ValueError, match=match):

@@ -59,6 +59,7 @@ def test_layouts_agree(gen):
     (torch.rand(1, 2, 8, 8, 3), r"\(T, H, W, C\) or \(T, H, W\); got shape \(1, 2, 8, 8, 3\)"),
     (torch.rand(8, 8), r"got shape \(8, 8\)"),
     ("clip.mp4", "video must be a torch.Tensor or numpy array; got str"),
+    (torch.rand(2, 8, 8, 3) * 255, r"floating video values must be in \[0, 1\].*divide by 255"),
 ])
 def test_bad_inputs_raise(gen, clip, match):
     with pytest.raises(ValueError, match=match):
