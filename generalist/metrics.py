@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -340,6 +341,8 @@ def recall_at_k(
             raise ValueError(f"recall_at_k: the {name} embeddings contain NaN or inf")
     if len(ks) == 0 or any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"recall_at_k: ks must be a non-empty list of positive ints, got {ks}")
+    if isinstance(positives, np.ndarray) and positives.dtype.kind in "iub":  # one index per query, in numpy
+        positives = torch.from_numpy(positives)
     if len(positives) != num_q:
         raise ValueError(f"recall_at_k: got {len(positives)} positives for {num_q} queries")
 
@@ -354,12 +357,16 @@ def recall_at_k(
     else:
         rows, cols = [], []
         for q, pos in enumerate(positives):
-            if isinstance(pos, (int, str)) or len(pos) == 0:
+            try:  # a lone index (an int, a numpy or 0-d torch integer) is no set
+                indices = [] if isinstance(pos, (str, bytes)) else sorted(int(j) for j in pos)
+            except (TypeError, ValueError):
+                indices = []
+            if not indices:
                 raise ValueError(
                     f"recall_at_k: positives[{q}] must be a non-empty set of indices, got {pos!r}"
                 )
-            rows += [q] * len(pos)
-            cols += sorted(int(j) for j in pos)
+            rows += [q] * len(indices)
+            cols += indices
         pos_rows = torch.tensor(rows, dtype=torch.long)
         pos_cols = torch.tensor(cols, dtype=torch.long)
     if int(pos_cols.min()) < 0 or int(pos_cols.max()) >= num_g:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,6 +32,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_results(run_dir: Path, results: dict) -> Path:
+    """run_dir/eval.json; a metric that is not a finite number (a NaN) is written as null, so
+    the file stays JSON that any reader parses."""
     path = Path(run_dir) / "eval.json"
-    path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    finite = {task: {m: v if math.isfinite(v) else None for m, v in metrics.items()} for task, metrics in results.items()}
+    path.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
     return path

@@ -27,6 +27,20 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+def read_log(path: Path) -> list[dict]:
+    """The whole records of a metrics.jsonl; a line a kill cut short (or any line that is not a
+    record of a step's losses) is left out, as the trainer leaves it out when it resumes."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("task_loss"), dict):
+            records.append(record)
+    return records
+
+
 def loss_figure(records: list[dict]):
     import matplotlib
     matplotlib.use("Agg")
@@ -78,7 +92,7 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
 
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
+    records = read_log(log) if log.is_file() else []
     ckpt = find_checkpoint(run_dir) if ckpt is None else Path(ckpt)
     meta, state = read_json(ckpt / "meta.json"), read_json(ckpt / "state.json")
     parts = [f"<h1>generalist run: {html.escape(run_dir.name)}</h1>",

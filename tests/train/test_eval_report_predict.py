@@ -40,6 +40,26 @@ def test_evaluate_and_report(run):
     assert "<td>echo</td><td>accuracy</td>" in page
 
 
+def test_report_of_a_log_cut_short_and_results_holding_nan(run, tmp_path):
+    """A kill can cut metrics.jsonl's last line in half; the report leaves that line out (as the
+    trainer does when it resumes). A NaN metric is written to eval.json as null, still JSON."""
+    from generalist.train.evaluate import write_results
+
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out)
+    log = out / "metrics.jsonl"
+    whole = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text(log.read_text() + '{"step": 31, "task_lo')
+    from generalist.train.report import read_log
+
+    assert read_log(log) == whole
+    page = write_report(out, {"echo": {"accuracy": float("nan")}}).read_text()
+    assert page.count("<img src='data:image/png;base64,") == 3 and "<td>nan</td>" in page
+    path = write_results(out, {"echo": {"accuracy": float("nan"), "bleu": 0.5}})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval.json")) == \
+        {"echo": {"accuracy": None, "bleu": 0.5}}
+
+
 def test_predict_from_python_and_cli(run, tmp_path, capsys):
     out, _ = run
     g = Generalist.load(out, device="cpu")
@@ -142,7 +162,7 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
     (["--task", "bars", "--image", "EMPTY.npy"], "cannot read EMPTY.npy as a .npy array"),
     (["--task", "bars", "--image", "PICKLED.npy"], "holds pickled Python objects, which are never loaded"),
     (["--task", "bars", "--image", "DIR"], "is a directory, not a file"),
-    (["--task", "bars", "--image", "HUGE.npy"], "the model's activations are not finite for example(s) [0]"),
+    (["--task", "bars", "--image", "HUGE.npy"], "floating image values must be in [0, 1]; got values from 3e+38"),
     (["--task", "echo", "--text", "missing.txt"], "--text: no such file: missing.txt"),
     (["--task", "echo", "--text", "LATIN1.txt"], "is not UTF-8 text"),
     (["--task", "bars", "--audio", "WAVE.npy"], "a .npy file holds no sample rate"),
@@ -232,6 +252,16 @@ def test_non_finite_weights_are_never_saved(run, tmp_path):
     with pytest.raises(FloatingPointError, match="refusing to save non-finite weights .*boundary"):
         g.model.save(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_activations_that_overflow_are_named(run):
+    """Finite weights can still overflow (here a patch projection scaled to 1e37); the answer is
+    then an error naming the example, never text decoded from inf."""
+    g = Generalist.load(run[0], device="cpu")
+    with torch.no_grad():
+        g.model.embedders["image"].proj.weight.fill_(1e37)
+    with pytest.raises(ValueError, match=r"the model's activations are not finite for example\(s\) \[0\]"):
+        g.predict(task="bars", image=np.full((8, 8), 255, dtype=np.uint8))
 
 
 def test_python_inputs_that_hold_no_numbers_are_named(run):
@@ -374,3 +404,35 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
                          ([], "--tasks: no task named")]:
         with pytest.raises(ValueError, match=match):
             _evaluate_run(copy, data=small, tasks=tasks)
+
+
+def test_examples_may_name_files_and_an_empty_batch_embeds_to_nothing(run, tmp_path):
+    """In an Example, a non-text segment's str (or any Path) is a file, read as predict reads it;
+    a text segment's str is the text itself."""
+    g = Generalist.load(run[0], device="cpu")
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    img[:, 2] = 255
+    Image.fromarray(img).save(tmp_path / "bar.png")
+    (tmp_path / "words.txt").write_text("red blue\n")
+    from_arrays = [Example([("image", img)], "", "swatches"), Example([("text", "red blue")], "", "swatches")]
+    from_files = [Example([("image", str(tmp_path / "bar.png"))], "", "swatches"),
+                  Example([("text", tmp_path / "words.txt")], "", "swatches")]
+    torch.testing.assert_close(g.embed(from_files), g.embed(from_arrays))
+    assert g.generate([Example([("image", tmp_path / "bar.png")], "", "bars")]) == \
+        g.generate([Example([("image", img)], "", "bars")])
+    assert g.embed([Example([("text", "bar.png")], "", "swatches")]).shape == (1, g.embed([]).shape[1])
+    empty = g.embed([])
+    assert empty.shape[0] == 0 and empty.shape[1] > 0 and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="--image: no such file: .*missing.png"):
+        g.embed([Example([("image", str(tmp_path / "missing.png"))], "", "swatches")])
+
+
+@pytest.mark.parametrize("task", [["bars"], 3, None])
+def test_a_task_that_is_no_name_is_refused(run, task):
+    g = Generalist.load(run[0], device="cpu")
+    with pytest.raises(ValueError, match=r"task must be a str, one of \['bars'"):
+        g.predict(task=task, text="red")
+    with pytest.raises(ValueError, match=r"task must be a str"):
+        g.classify(["a", "b"], task=task, text="red")
+    with pytest.raises(ValueError, match=r"unknown task .*; this model knows \['bars'"):
+        g.embed([Example([("text", "red")], "", task)])
