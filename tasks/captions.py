@@ -5,10 +5,13 @@ and image->text retrieval recall@1/@5 through the contrastive head, all on held-
 Data: apt `fonts-noto-color-emoji` rendered with Pillow (names from Unicode), and Tux Paint
 stamps (`bash scripts/fetch_tuxpaint.sh`) with the first line of their description; 32x32 RGB.
 A seeded 85/15 split of the distinct captions: every image of a caption goes to the same split,
-so no caption is in both (many stamps share one, e.g. "a butterfly"). The retrieval gallery is
-the set of distinct test captions (an image's positives: every gallery entry equal to its
-caption).
+so no caption is in both (many stamps share one, e.g. "a butterfly"); captions that differ only
+in a leading article ("a horse", the stamp's, and "horse", the emoji's) count as one. The
+retrieval gallery is the set of distinct test captions (an image's positives: every gallery
+entry that is its caption, with or without the article).
 """
+
+import re
 
 import numpy as np
 
@@ -18,12 +21,18 @@ from generalist.data.tasks import Task, normalize, split_indices, take
 from generalist.metrics import bleu, cider_d, recall_at_k
 
 
+def caption_key(caption: str) -> str:
+    """What makes two captions one: the caption without its leading article."""
+    return re.sub(r"^(a|an|the) ", "", caption)
+
+
 def caption_split(captions, split: str, seed: int) -> np.ndarray:
-    """Indices of `split` (85/15): the distinct captions (in first-seen order) are split with
-    split_indices, each image follows its caption, and the split's images come in a seeded order."""
+    """Indices of `split` (85/15): the distinct captions (`caption_key`, in first-seen order) are
+    split with split_indices, each image follows its caption, and the split's images come in a
+    seeded order."""
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(captions):
-        groups.setdefault(c, []).append(i)
+        groups.setdefault(caption_key(c), []).append(i)
     members = list(groups.values())
     chosen = split_indices(len(members), split, 0.15, seed)
     idx = np.array(sorted(i for g in chosen for i in members[g]), dtype=np.int64)
@@ -50,7 +59,7 @@ class Captions(Task):
         gallery = sorted(set(refs))
         texts = predictor.embed([Example([("text", c)], "", self.name) for c in gallery])
         images = predictor.embed(examples)
-        positives = [{gallery.index(r)} for r in refs]
+        positives = [{j for j, c in enumerate(gallery) if caption_key(c) == caption_key(r)} for r in refs]
         recall = recall_at_k(images, texts, positives, ks=(1, 5))
         return {"bleu4": bleu(preds, [[r] for r in refs], smooth=True), "cider_d": cider_d(preds, [[r] for r in refs]),
                 "exact": sum(normalize(p) == r for p, r in zip(preds, refs)) / max(1, len(refs)),
