@@ -138,7 +138,7 @@ def _train(args) -> int:
     main_rank = group is None or group.main
     try:
         if group is not None:
-            check_batch(cfg.batch_size, group.world)  # before --overwrite deletes anything
+            check_batch(cfg.batch_size, group.world, cfg.contrastive_batch)  # before --overwrite deletes anything
         out = Path(args.out)
         if not args.resume and (out / "checkpoint").exists():
             if not args.overwrite:

@@ -80,10 +80,11 @@ def _first_line(error: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:200]  # gloo: "[pair.cc:553] Connection ..."
 
 
-def check_batch(batch_size: int, world: int) -> None:
-    if batch_size % world:
-        raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world}): "
-                         f"each process takes batch_size / {world} examples of every global batch")
+def check_batch(batch_size: int, world: int, contrastive_batch: int = 0) -> None:
+    for name, n in (("batch_size", batch_size), ("contrastive_batch", contrastive_batch)):
+        if n % world:
+            raise ValueError(f"{name} ({n}) must be a multiple of the number of processes ({world}): "
+                             f"each process takes {name} / {world} examples of every global batch")
 
 
 @dataclass
@@ -329,7 +330,7 @@ class DataParallel:
         and on the rest as the root unit) with trainer.cfg.fsdp."""
         self.trainer, self.group = trainer, group
         cfg, model = trainer.cfg, trainer.model
-        check_batch(cfg.batch_size, group.world)
+        check_batch(cfg.batch_size, group.world, cfg.contrastive_batch)
         self.moe_group = parallelize_moe(model, group, cfg.expert_parallel)
         self.expert_names = expert_parameter_names(model)  # empty unless expert-parallel
         self.fsdp = cfg.fsdp
@@ -416,17 +417,20 @@ class DataParallel:
         r = self.group.rank if rank is None else rank
         return picks[r * n:(r + 1) * n]
 
-    def micro_batch(self, picks: list, scale: float, sync: bool) -> tuple[float, dict[str, list[float]], int]:
+    def micro_batch(self, picks: list, scale: float, sync: bool,
+                    extra: list = ()) -> tuple[float, dict[str, list[float]], int]:
         """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
-        slice of `picks`; gradients are all-reduced when `sync`. Returns the global loss, the
-        per-task losses and the global token count."""
+        slice of `picks` (and of `extra`, contrastive examples for the contrastive loss alone);
+        gradients are all-reduced when `sync`. Returns the global loss, the per-task losses and
+        the global token count."""
         tr, g = self.trainer, self.group
         task = {name: tr.data[name].task for name in tr.data}
         n_gen = sum(task[t].generative for t, _ in picks)
-        con_counts = [sum(task[t].contrastive for t, _ in self.local(picks, r)) for r in range(g.world)]
+        con_counts = [sum(task[t].contrastive for t, _ in self.local(picks, r)) + len(self.local(list(extra), r))
+                      for r in range(g.world)]
         mine = self.local(picks)
         gen = [tr._encode(t, i) for t, i in mine if task[t].generative]
-        con = [(t, i) for t, i in mine if task[t].contrastive]
+        con = [(t, i) for t, i in mine if task[t].contrastive] + self.local(list(extra))
         con_inputs, con_texts = tr._contrastive_pairs(con) if con and sum(con_counts) >= 2 else ([], [])
         gen_tasks = [t for t, _ in mine if task[t].generative]
         if self.fsdp:

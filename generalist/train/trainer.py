@@ -61,6 +61,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     temperature: float = 2.0
     contrastive_weight: float = 0.5
+    contrastive_batch: int = 0  # pairs drawn for the contrastive loss alone, per micro-batch, from the
+    # contrastive tasks (0: only the ones the mixture puts into the batch, a few when such tasks are few)
     vocab_size: int = 1024
     seed: int = 0
     ckpt_every: int = 100
@@ -89,7 +91,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "temperature", "dist_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup", "seed", "weight_decay", "contrastive_weight"):
+        for name in ("warmup", "seed", "weight_decay", "contrastive_weight", "contrastive_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -186,7 +188,7 @@ class Trainer:
         self.main = self.group is None or self.group.main  # the rank that logs and saves
         self.progress = progress and self.main
         if self.group is not None:
-            check_batch(cfg.batch_size, self.group.world)
+            check_batch(cfg.batch_size, self.group.world, cfg.contrastive_batch)
             self.device = self.group.device
         else:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -227,6 +229,13 @@ class Trainer:
                                      fused=fused)
         trainable = {t: len(d.train) for t, d in data.items() if d.train and (d.task.generative or d.task.contrastive)}
         self.sampler = MixtureSampler(trainable, cfg.temperature, cfg.seed)
+        # the extra contrastive pairs have a sampler (and random stream) of their own, so the
+        # mixture's batches are the same with them as without
+        contrastive = {t: n for t, n in trainable.items() if data[t].task.contrastive}
+        if cfg.contrastive_batch and not contrastive:
+            raise ValueError(f"contrastive_batch is {cfg.contrastive_batch}, but no task of this mixture trains the "
+                             "contrastive head")
+        self.con_sampler = MixtureSampler(contrastive, cfg.temperature, cfg.seed + 1) if cfg.contrastive_batch else None
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
         self.elapsed = 0.0  # seconds of training so far, over every resume
         n_layers = self.model.cfg.enc_layers + self.model.cfg.dec_layers
@@ -242,6 +251,8 @@ class Trainer:
             self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
             self.elapsed = state.get("elapsed", 0.0)
             self.sampler.load_state_dict(state["sampler"])
+            if self.con_sampler is not None and "con_sampler" in state:  # (absent: saved without extra pairs)
+                self.con_sampler.load_state_dict(state["con_sampler"])
             self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
             rng = state["rng"]  # rank 0's; a run saved by as many ranks as this one also has each rank's
             if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
@@ -281,12 +292,13 @@ class Trainer:
             texts.append(EncodedExample([("text", ex.target_ids)], ex.task_id))
         return inputs, texts
 
-    def _micro_batch_loss(self, picks: list[tuple[str, int]]):
-        """(loss, pending, tokens). `pending` holds the per-example losses and the routing counts
-        on the device; _collect reads them back after the backward is queued, in one transfer
-        each, rather than syncing with the device once per example before it."""
+    def _micro_batch_loss(self, picks: list[tuple[str, int]], extra: list[tuple[str, int]] = ()):
+        """(loss, pending, tokens). `extra`: contrastive examples for the contrastive loss alone.
+        `pending` holds the per-example losses and the routing counts on the device; _collect
+        reads them back after the backward is queued, in one transfer each, rather than syncing
+        with the device once per example before it."""
         gen = [(t, i) for t, i in picks if self.data[t].task.generative]
-        con = [(t, i) for t, i in picks if self.data[t].task.contrastive]
+        con = [(t, i) for t, i in picks if self.data[t].task.contrastive] + list(extra)
         total = torch.zeros((), device=self.device)
         pending = {"names": [], "losses": [], "task": None, "modality": None}
         tokens = 0
@@ -332,9 +344,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         losses, per_task, tokens, finite = [], {}, 0, True
         for micro in range(cfg.accum):
+            picks = self.sampler.sample(cfg.batch_size)
+            extra = self.con_sampler.sample(cfg.contrastive_batch) if self.con_sampler is not None else []
             if self.dp is not None:  # the same global loss on every rank, so they all agree to skip
-                loss, pt, n = self.dp.micro_batch(self.sampler.sample(cfg.batch_size), 1 / cfg.accum,
-                                                  sync=micro == cfg.accum - 1)
+                loss, pt, n = self.dp.micro_batch(picks, 1 / cfg.accum, sync=micro == cfg.accum - 1, extra=extra)
                 if not math.isfinite(loss):
                     finite = False
                     break
@@ -342,7 +355,7 @@ class Trainer:
                 for k, v in pt.items():
                     per_task.setdefault(k, []).extend(v)
             else:
-                loss, pending, n = self._micro_batch_loss(self.sampler.sample(cfg.batch_size))
+                loss, pending, n = self._micro_batch_loss(picks, extra)
                 # backward first, then read the loss: the check needs the host, and a non-finite
                 # loss's (non-finite) gradients are dropped with the step below
                 (loss / cfg.accum).backward()
@@ -388,6 +401,7 @@ class Trainer:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
         state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row, "elapsed": self.elapsed,
                  "sampler": self.sampler.state_dict(), "rng": rng_state(),
+                 **({"con_sampler": self.con_sampler.state_dict()} if self.con_sampler is not None else {}),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}
         model_state, opt_state = None, None
         if self.group is not None:

@@ -260,10 +260,25 @@ def test_a_failed_rank_stops_the_other_with_a_clear_error(tmp_path, failure, tim
     assert rank0_done < (timeout if failure == "die" else 60)
 
 
+def test_extra_contrastive_pairs_on_two_ranks_equal_one_process(tmp_path):
+    """contrastive_batch: each rank embeds its half of the extra pairs; the global contrastive
+    loss over all of them is one process's."""
+    extra = ["contrastive_batch=4"]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--", *_train_args(tmp_path / "one", 4, extra=extra)],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _torchrun(tmp_path / "two", 4, extra=extra)
+    _assert_same_training(tmp_path / "one", tmp_path / "two", 4)
+    assert all("contrastive" in r["task_loss"] for r in _records(tmp_path / "two"))
+    assert _state(tmp_path / "two")["con_sampler"] == _state(tmp_path / "one")["con_sampler"]
+
+
 def test_batch_must_split_evenly_and_module_entry_point():
     check_batch(8, 2)
     with pytest.raises(ValueError, match=r"batch_size \(9\) must be a multiple of the number of processes \(2\)"):
         check_batch(9, 2)
+    with pytest.raises(ValueError, match=r"contrastive_batch \(3\) must be a multiple of the number of processes"):
+        check_batch(8, 2, 3)
     done = subprocess.run([sys.executable, "-m", "generalist", "train", "--help"], env=ENV, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "--resume" in done.stdout

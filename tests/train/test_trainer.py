@@ -49,6 +49,28 @@ def test_a_few_steps_log_and_checkpoint(tmp_path):
     assert not _fused_adamw_serves([torch.nn.Parameter(torch.zeros(2, device="meta"))])
 
 
+def test_contrastive_batch_adds_pairs_and_leaves_the_mixture_as_it_was(tmp_path, monkeypatch):
+    """contrastive_batch draws that many pairs per micro-batch from the contrastive tasks, for
+    the contrastive loss alone; the mixture's own batches (the main sampler) are unchanged."""
+    plain = Trainer(_cfg(tmp_path / "a", steps=4), _data(), progress=False)
+    plain.fit()
+    extra = Trainer(_cfg(tmp_path / "b", steps=4, contrastive_batch=6), _data(), progress=False)
+    pairs = []
+    real = extra.model.contrastive_loss
+    monkeypatch.setattr(extra.model, "contrastive_loss", lambda a, b: pairs.append(len(a)) or real(a, b))
+    extra.fit()
+    assert extra.sampler.state_dict() == plain.sampler.state_dict()
+    assert len(pairs) == 4 and all(n >= 6 for n in pairs)
+    recs = [json.loads(line) for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    assert all("contrastive" in r["task_loss"] for r in recs)
+    state = json.loads((tmp_path / "b/run/checkpoint/state.json").read_text())
+    assert state["con_sampler"]["names"] == ["swatches"] and "con_sampler" not in json.loads(
+        (tmp_path / "a/run/checkpoint/state.json").read_text())
+    with pytest.raises(ValueError, match="contrastive_batch is 4, but no task of this mixture trains the contrastive"):
+        Trainer(_cfg(tmp_path / "c", contrastive_batch=4), {k: v for k, v in _data().items() if k != "swatches"},
+                progress=False)
+
+
 SCRIPT = """
 import os, sys, json
 sys.path.insert(0, {test_dir!r})
@@ -78,8 +100,9 @@ def _run(cfg, resume=False, kill_at=0):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
-    steps = dict(steps=10, ckpt_every=4)
+@pytest.mark.parametrize("contrastive_batch", [0, 4])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, contrastive_batch):
+    steps = dict(steps=10, ckpt_every=4, contrastive_batch=contrastive_batch)
     straight = _run(_cfg(tmp_path / "a", **steps))
     assert straight.returncode == 0, straight.stderr
     killed = _run(_cfg(tmp_path / "b", **steps), kill_at=6)  # last checkpoint at step 4
@@ -162,6 +185,7 @@ def test_lr_schedule_and_options(tmp_path):
     ("min_lr_ratio=abc", "min_lr_ratio must be a finite number, got 'abc'"),
     ("min_lr_ratio=2", "min_lr_ratio must be in [0, 1], got 2"),
     ("seed=-1", "seed must be >= 0, got -1"),
+    ("contrastive_batch=-2", "contrastive_batch must be >= 0, got -2"),
     ("max_minutes=0", "max_minutes must be > 0, got 0"),
     ("model=3", "model must be a mapping, got 3"),
     ("model.bogus=1", "model: unknown field 'bogus'"),
