@@ -300,7 +300,9 @@ class Generalist:
         """An `Example` whose segments may name files -> the encoder's tokens (files read first)."""
         if not isinstance(example, Example):
             raise ValueError(f"expected an Example, got {type(example).__name__}")
-        segments = [(s[0], read_input(*s)) if _names_file(s) else s for s in example.segments]
+        segments = example.segments
+        if isinstance(segments, (list, tuple)):  # (anything else is the encoder's to refuse)
+            segments = [(s[0], read_input(*s)) if _names_file(s) else s for s in segments]
         return self.encoder.encode(Example(segments, example.target_text, example.task, example.meta))
 
     @torch.no_grad()

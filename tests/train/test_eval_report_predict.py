@@ -425,6 +425,10 @@ def test_examples_may_name_files_and_an_empty_batch_embeds_to_nothing(run, tmp_p
     assert empty.shape[0] == 0 and empty.shape[1] > 0 and empty.dtype == torch.float32
     with pytest.raises(ValueError, match="--image: no such file: .*missing.png"):
         g.embed([Example([("image", str(tmp_path / "missing.png"))], "", "swatches")])
+    with pytest.raises(ValueError, match="example of task 'swatches' has no input segments"):
+        g.embed([Example(None, "", "swatches")])
+    with pytest.raises(ValueError, match="expected an Example, got str"):
+        g.generate(["red blue"])
 
 
 @pytest.mark.parametrize("task", [["bars"], 3, None])
