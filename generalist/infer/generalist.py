@@ -72,26 +72,10 @@ def read_input(modality: str, value: Any):
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"--image: cannot read {path}: {error}") from None
     if modality == "audio" and suffix == ".wav":
-        import wave
-
         try:
-            with wave.open(str(path)) as w:
-                if w.getsampwidth() != 2:
-                    raise ValueError(f"--audio: {path} must be 16-bit PCM")
-                raw = w.readframes(w.getnframes())
-                if len(raw) % (2 * w.getnchannels()):
-                    raise ValueError(f"--audio: {path} is truncated: its samples end in the middle of a frame")
-                if len(raw) // (2 * w.getnchannels()) < w.getnframes():
-                    raise ValueError(f"--audio: {path} is truncated: its header promises {w.getnframes()} frames, "
-                                     f"but only {len(raw) // (2 * w.getnchannels())} are present")
-                if w.getframerate() <= 0:
-                    raise ValueError(f"--audio: {path} has a frame rate of {w.getframerate()}")
-                data = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768
-                return data.reshape(-1, w.getnchannels()).mean(axis=1), w.getframerate()
-        except RuntimeError:  # Python's wave module, on a chunk size past the end of its chunk
-            raise ValueError(f"--audio: cannot read {path}: a damaged chunk size") from None
-        except (wave.Error, EOFError) as error:
-            raise ValueError(f"--audio: cannot read {path}: {str(error) or 'the file ends early'}") from None
+            return read_wav(path.read_bytes())
+        except ValueError as error:
+            raise ValueError(f"--audio: cannot read {path}: {error}") from None
     if modality == "video" and suffix == ".gif":
         return _read_gif(path)
     if modality == "video" and suffix in FFMPEG_VIDEO:
@@ -125,6 +109,82 @@ def picture_rgb(im) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# WAVE format tags: integer PCM, IEEE float, and the extensible header that names either one
+_WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 1, 3, 0xFFFE
+# Streaming writers (espeak-ng --stdout, ffmpeg to a pipe) cannot go back to write the data
+# chunk's size and leave a huge one (0x7ffff000, 0xffffffff): a size this large that runs past
+# the end of the file means the samples run to its end; a smaller one, that the file was cut.
+_STREAMED_SIZE = 0x7F000000
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """A WAV file's bytes -> (mono float32 waveform in [-1, 1], sample rate): integer PCM of 8,
+    16, 24 or 32 bits or IEEE float of 32 or 64 bits, any number of channels (averaged), the
+    extensible header too. A ValueError names what is wrong with a damaged or unsupported file."""
+    import struct
+
+    if len(data) < 12:
+        raise ValueError("the file ends early" if len(data) < 4 or data[:4] == b"RIFF"[:len(data)]
+                         else "not a WAV file (no RIFF header)")
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a WAV file (no RIFF/WAVE header)")
+    fmt, samples, at = None, None, 12
+    while at + 8 <= len(data) and samples is None:
+        chunk, size = data[at:at + 4], struct.unpack_from("<I", data, at + 4)[0]
+        body = at + 8
+        if chunk == b"data":
+            past_end = body + size > len(data)
+            samples = (data[body:body + size], None) if not past_end else \
+                (data[body:], None if size >= _STREAMED_SIZE else size)
+            break
+        if body + size > len(data):
+            raise ValueError(f"a damaged chunk size (its {chunk!r} chunk of {size} bytes runs past the end of the file)")
+        if chunk == b"fmt ":
+            if size < 16:
+                raise ValueError(f"a damaged format chunk ({size} bytes)")
+            fmt = struct.unpack_from("<HHIIHH", data, body)
+            if fmt[0] == _WAVE_EXTENSIBLE:
+                if size < 40:
+                    raise ValueError(f"a damaged extensible format chunk ({size} bytes)")
+                fmt = (struct.unpack_from("<H", data, body + 24)[0],) + fmt[1:]  # the sub-format's tag
+        at = body + size + (size & 1)  # chunks are padded to an even size
+    if fmt is None:
+        raise ValueError("no format chunk before the samples" if samples is not None else "the file ends early")
+    tag, channels, rate, _, block, bits = fmt
+    if samples is None:
+        raise ValueError("no data chunk (the file ends early)")
+    kinds = {(_WAVE_PCM, 8): "u1", (_WAVE_PCM, 16): "<i2", (_WAVE_PCM, 24): "i3", (_WAVE_PCM, 32): "<i4",
+             (_WAVE_FLOAT, 32): "<f4", (_WAVE_FLOAT, 64): "<f8"}
+    if (tag, bits) not in kinds:
+        name = {_WAVE_PCM: "integer PCM", _WAVE_FLOAT: "float"}.get(tag, f"format tag {tag}")
+        raise ValueError(f"{name} with {bits} bits per sample is not read here; save it as 8/16/24/32-bit PCM "
+                         "or 32/64-bit float")
+    if channels < 1 or block != channels * bits // 8:
+        raise ValueError(f"a damaged format chunk ({channels} channels of {bits} bits in frames of {block} bytes)")
+    if rate <= 0:
+        raise ValueError(f"it has a frame rate of {rate}")
+    raw, promised = samples
+    frames = len(raw) // block
+    if promised is not None:
+        raise ValueError(f"truncated: its header promises {promised // block} frames, but only {frames} are present")
+    if len(raw) % block:
+        raise ValueError("truncated: its samples end in the middle of a frame")
+    if frames == 0:
+        raise ValueError("no samples")
+    kind = kinds[(tag, bits)]
+    if kind == "i3":  # 24-bit little-endian: widen each sample to the top of an int32
+        wide = np.zeros((frames * channels, 4), dtype=np.uint8)
+        wide[:, 1:] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
+        x = wide.view("<i4")[:, 0].astype(np.float64) / 2.0 ** 31
+    elif kind == "u1":
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128) / 128
+    elif tag == _WAVE_PCM:
+        x = np.frombuffer(raw, dtype=kind).astype(np.float64) / 2.0 ** (bits - 1)
+    else:
+        x = np.frombuffer(raw, dtype=kind).astype(np.float64)
+    return x.reshape(frames, channels).mean(axis=1).astype(np.float32), rate
 
 
 def _read_npy(path: Path, modality: str) -> np.ndarray:

@@ -233,3 +233,85 @@ def test_gif_bomb_video_is_one_line(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="--video: cannot read .*bomb.gif.*decompression bomb"):
         read_input("video", str(path))
+
+
+def _wav(tag, bits, channels, rate, payload: bytes, extensible=False, chunks=b"", data_size=None):
+    """A WAV file by hand: RIFF header, optional chunks before the data, fmt (or extensible fmt)."""
+    import struct
+
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, bits)
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (its first two bytes: the tag)
+        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + bytes(14)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + chunks
+    body += b"data" + struct.pack("<I", len(payload) if data_size is None else data_size) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+_SAMPLES = np.array([[0.5, -0.25], [-1.0, 0.75], [0.0, 0.125]])  # 3 frames of 2 channels, exact in every format
+
+
+@pytest.mark.parametrize("tag, bits, encode", [
+    (1, 8, lambda x: (x * 128 + 128).clip(0, 255).astype(np.uint8).tobytes()),
+    (1, 16, lambda x: (x * 32768).astype("<i2").tobytes()),
+    (1, 24, lambda x: b"".join(int(v).to_bytes(3, "little", signed=True) for v in (x * 2 ** 23).ravel())),
+    (1, 32, lambda x: (x * 2 ** 31).astype("<i4").tobytes()),
+    (3, 32, lambda x: x.astype("<f4").tobytes()),
+    (3, 64, lambda x: x.astype("<f8").tobytes()),
+], ids=["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64"])
+@pytest.mark.parametrize("extensible", [False, True], ids=["plain", "extensible"])
+def test_wav_formats_are_read_to_mono_floats(tmp_path, tag, bits, encode, extensible):
+    path = tmp_path / "a.wav"
+    list_chunk = b"LIST" + (5).to_bytes(4, "little") + b"INFO!" + b"\x00"  # an odd size, padded
+    path.write_bytes(_wav(tag, bits, 2, 22050, encode(_SAMPLES), extensible, chunks=list_chunk))
+    waveform, rate = read_input("audio", str(path))
+    assert rate == 22050 and waveform.dtype == np.float32
+    np.testing.assert_allclose(waveform, _SAMPLES.mean(axis=1), atol=1e-6)
+
+
+def test_a_streamed_wav_is_read_to_its_end(tmp_path):
+    """espeak-ng --stdout and ffmpeg writing to a pipe leave a placeholder data size; the samples
+    then run to the end of the file. A smaller size that runs past the end is a cut file."""
+    payload = (_SAMPLES[:, :1] * 32768).astype("<i2").tobytes()
+    path = tmp_path / "s.wav"
+    for placeholder in (0x7FFFF000, 0xFFFFFFFF):
+        path.write_bytes(_wav(1, 16, 1, 16000, payload, data_size=placeholder))
+        np.testing.assert_allclose(read_input("audio", str(path))[0], _SAMPLES[:, 0])
+    path.write_bytes(_wav(1, 16, 1, 16000, payload, data_size=100))
+    with pytest.raises(ValueError, match="truncated: its header promises 50 frames, but only 3 are present"):
+        read_input("audio", str(path))
+
+
+@pytest.mark.parametrize("tag, bits, message", [
+    (6, 8, "format tag 6 with 8 bits per sample is not read here"),  # A-law
+    (3, 16, "float with 16 bits per sample is not read here"),
+    (1, 12, "integer PCM with 12 bits per sample is not read here"),
+])
+def test_unsupported_wav_formats_are_named(tmp_path, tag, bits, message):
+    path = tmp_path / "a.wav"
+    path.write_bytes(_wav(tag, bits, 1, 8000, bytes(12)))
+    with pytest.raises(ValueError, match=f"--audio: cannot read .*a.wav: {message}"):
+        read_input("audio", str(path))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"OggS" + bytes(40), r"not a WAV file \(no RIFF/WAVE header\)"),
+    (b"RIFF\x04\x00\x00\x00WAVE", "the file ends early"),
+    (b"RIFF\x10\x00\x00\x00WAVEdata\x00\x00\x00\x00", "no format chunk before the samples"),
+])
+def test_files_that_are_no_wav_are_named(tmp_path, data, message):
+    path = tmp_path / "a.wav"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"--audio: cannot read .*a.wav: {message}"):
+        read_input("audio", str(path))
+
+
+def test_every_cut_wav_is_read_or_refused(tmp_path):
+    data = _wav(1, 24, 2, 8000, bytes(6 * 50), extensible=True)
+    path = tmp_path / "cut.wav"
+    for end in range(0, len(data)):
+        path.write_bytes(data[:end])
+        try:
+            read_input("audio", str(path))
+        except ValueError as error:
+            assert "--audio: cannot read" in str(error) and "cut.wav" in str(error)
