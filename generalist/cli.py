@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--task", required=True, help="one of the run's tasks (with --labels: one trained through the "
                                                    "contrastive head, e.g. captions)")
-    pr.add_argument("--image", help="PNG/JPEG or .npy")
-    pr.add_argument("--audio", help="WAV (8/16/24/32-bit PCM or float, any channels)")
+    pr.add_argument("--image", help="PNG/JPEG/BMP/GIF/WebP/TIFF or .npy")
+    pr.add_argument("--audio", help="WAV (8/16/24/32-bit PCM or float, any channels); .mp3/.flac/.ogg/... "
+                                    "or a video's soundtrack (needs ffmpeg)")
     pr.add_argument("--video", help=".npy clip (frames x H x W [x C]), animated .gif, or .mp4/.mov/.avi/.mkv/.webm "
                                     "(needs ffmpeg)")
     pr.add_argument("--table", help="comma-separated feature values in column order, or COLUMN=VALUE pairs "

@@ -63,7 +63,7 @@ def read_input(modality: str, value: Any):
             raise ValueError(f"--audio: {path}: a .npy file holds no sample rate; give a WAV file (or, in "
                              "Python, audio=(waveform, sample_rate))")
         return _read_npy(path, modality)
-    if modality == "image" and suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+    if modality == "image" and suffix in IMAGE_FILES:
         from PIL import Image
 
         try:
@@ -71,9 +71,10 @@ def read_input(modality: str, value: Any):
                 return picture_rgb(im)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"--image: cannot read {path}: {error}") from None
-    if modality == "audio" and suffix == ".wav":
+    if modality == "audio" and suffix in (".wav", *FFMPEG_AUDIO, *FFMPEG_VIDEO):  # (a video: its sound)
+        data = path.read_bytes() if suffix == ".wav" else _ffmpeg(path, "audio", ["-map", "0:a:0", "-f", "wav"])
         try:
-            return read_wav(path.read_bytes())
+            return read_wav(data)
         except ValueError as error:
             raise ValueError(f"--audio: cannot read {path}: {error}") from None
     if modality == "video" and suffix == ".gif":
@@ -205,7 +206,25 @@ def _read_npy(path: Path, modality: str) -> np.ndarray:
             from None
 
 
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FFMPEG_VIDEO = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+FFMPEG_AUDIO = (".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac")
+
+
+def _ffmpeg(path: Path, modality: str, output: list[str]) -> bytes:
+    """What the ffmpeg on PATH writes to its stdout for `path` with the `output` options."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("ffmpeg"):
+        other = "frames as .npy / .gif" if modality == "video" else "a WAV file"
+        raise ValueError(f"--{modality}: reading {path.suffix} files needs ffmpeg on PATH "
+                         f"(e.g. apt install ffmpeg); or pass {other}")
+    run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), *output, "-"], capture_output=True)
+    if run.returncode != 0 or not run.stdout:
+        reason = run.stderr.decode(errors="replace").strip()
+        raise ValueError(f"--{modality}: cannot decode {path}: {reason or f'no {modality} in it'}")
+    return run.stdout
 
 
 def _read_gif(path: Path) -> np.ndarray:
@@ -228,19 +247,9 @@ def _read_with_ffmpeg(path: Path) -> np.ndarray:
     them upright as the file's rotation says (phones store portrait video sideways) and writes
     them as PPM pictures, each naming its own size, so the frames never depend on a guess of
     what the rotation does to the width and height."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("ffmpeg"):
-        raise ValueError(f"--video: reading {path.suffix} files needs ffmpeg on PATH "
-                         "(e.g. apt install ffmpeg); or pass frames as .npy / .gif")
-    run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "image2pipe",
-                          "-c:v", "ppm", "-pix_fmt", "rgb24", "-"], capture_output=True)
-    reason = run.stderr.decode(errors="replace").strip()
-    if run.returncode != 0 or not run.stdout:
-        raise ValueError(f"--video: cannot decode {path}: {reason or 'no video frames'}")
+    data = _ffmpeg(path, "video", ["-map", "0:v:0", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24"])
     try:
-        return ppm_frames(run.stdout)
+        return ppm_frames(data)
     except ValueError as error:
         raise ValueError(f"--video: cannot decode {path}: {error}") from None
 

@@ -91,7 +91,7 @@ def test_video_errors_are_one_line(tmp_path, monkeypatch):
         read_input("video", str(video))
     _fake_ffmpeg(tmp_path / "bin2", b"")
     monkeypatch.setenv("PATH", str(tmp_path / "bin2") + os.pathsep + "/usr/bin:/bin")
-    with pytest.raises(ValueError, match="cannot decode .*: no video frames"):
+    with pytest.raises(ValueError, match="cannot decode .*: no video in it"):
         read_input("video", str(video))
     bad = tmp_path / "bad.gif"
     bad.write_bytes(b"GIF89a broken")
@@ -315,3 +315,30 @@ def test_every_cut_wav_is_read_or_refused(tmp_path):
             read_input("audio", str(path))
         except ValueError as error:
             assert "--audio: cannot read" in str(error) and "cut.wav" in str(error)
+
+
+def test_compressed_audio_through_ffmpeg(tmp_path, monkeypatch):
+    """An .mp3 (or .flac, .ogg, a video's soundtrack) is decoded by ffmpeg to a WAV on its
+    stdout, a streamed one (placeholder sizes), and read like a WAV file."""
+    payload = (_SAMPLES * 32768).astype("<i2").tobytes()
+    _fake_ffmpeg(tmp_path / "bin", _wav(1, 16, 2, 44100, payload, data_size=0xFFFFFFFF))
+    song = tmp_path / "song.mp3"
+    song.write_bytes(b"ID3 not really an mp3")
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"--audio: reading .mp3 files needs ffmpeg on PATH .*or pass a WAV file"):
+        read_input("audio", str(song))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{path}")
+    for name in ("song.mp3", "song.flac", "clip.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+        waveform, rate = read_input("audio", str(tmp_path / name))
+        assert rate == 44100
+        np.testing.assert_allclose(waveform, _SAMPLES.mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".tiff"])
+def test_more_image_formats(tmp_path, suffix):
+    pixels = np.zeros((6, 5, 3), np.uint8)
+    pixels[:, :, 0] = 200
+    Image.fromarray(pixels).save(tmp_path / f"a{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
+    np.testing.assert_array_equal(read_input("image", str(tmp_path / f"a{suffix}")), pixels)
