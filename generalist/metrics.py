@@ -342,7 +342,7 @@ def recall_at_k(
     if len(ks) == 0 or any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"recall_at_k: ks must be a non-empty list of positive ints, got {ks}")
     if isinstance(positives, np.ndarray) and positives.dtype.kind in "iub":  # one index per query, in numpy
-        positives = torch.from_numpy(positives)
+        positives = torch.from_numpy(np.array(positives, dtype=positives.dtype.newbyteorder("="), order="C"))
     if len(positives) != num_q:
         raise ValueError(f"recall_at_k: got {len(positives)} positives for {num_q} queries")
 
@@ -357,8 +357,10 @@ def recall_at_k(
     else:
         rows, cols = [], []
         for q, pos in enumerate(positives):
-            try:  # a lone index (an int, a numpy or 0-d torch integer) is no set
+            try:  # a lone index (an int, a numpy or 0-d torch integer) is no set, nor are fractions
                 indices = [] if isinstance(pos, (str, bytes)) else sorted(int(j) for j in pos)
+                if any(int(j) != j for j in pos):
+                    indices = []
             except (TypeError, ValueError):
                 indices = []
             if not indices:

@@ -429,6 +429,8 @@ def test_recall_at_k_takes_positives_in_numpy_and_sets_of_any_integers():
     base = recall_at_k(QUERIES, GALLERY, torch.tensor([1, 0, 2, 0]), ks=(1, 2, 3))
     assert recall_at_k(QUERIES, GALLERY, np.array([1, 0, 2, 0]), ks=(1, 2, 3)) == base
     assert recall_at_k(QUERIES, GALLERY, np.array([1, 0, 2, 0], dtype=np.uint8), ks=(1, 2, 3)) == base
+    assert recall_at_k(QUERIES, GALLERY, np.array([0, 2, 0, 1])[::-1], ks=(1, 2, 3)) == base  # a reversed view
+    assert recall_at_k(QUERIES, GALLERY, np.array([1, 0, 2, 0], dtype=">i8"), ks=(1, 2, 3)) == base  # big-endian
     sets = [{np.int64(1)}, [torch.tensor(0)], (2,), torch.tensor([0])]
     assert recall_at_k(QUERIES, GALLERY, sets, ks=(1, 2, 3)) == base
 
@@ -451,7 +453,7 @@ def test_recall_at_k_errors():
         recall_at_k(QUERIES, GALLERY, [{0}, {-1}, {0}, {0}])
     with pytest.raises(ValueError, match=r"positives\[1\] must be a non-empty set"):
         recall_at_k(QUERIES, GALLERY, [{0}, set(), {0}, {0}])
-    for lone in (torch.tensor(2), np.int64(2), 2, "2"):  # an index where a set belongs: named, not a TypeError
+    for lone in (torch.tensor(2), np.int64(2), 2, "2", {1.9}):  # an index where a set belongs: named, not a TypeError
         with pytest.raises(ValueError, match=r"positives\[1\] must be a non-empty set of indices, got"):
             recall_at_k(QUERIES, GALLERY, [{0}, lone, {0}, {0}])
     with pytest.raises(ValueError, match="integer with shape"):

@@ -82,10 +82,12 @@ def read_input(modality: str, value: Any):
     if modality == "video" and suffix in FFMPEG_VIDEO:
         return _read_with_ffmpeg(path)
     if modality == "text" and suffix == ".txt":
-        try:  # a byte-order mark and the file's last line break are not part of the text
-            return path.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
+        raw = path.read_bytes()
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark is not part of the text
+        try:  # nor is the file's last line break
+            return raw[bom:].decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as error:
-            raise ValueError(f"--text: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+            raise ValueError(f"--text: {path} is not UTF-8 text ({error.reason} at byte {bom + error.start})") from None
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
 
 
@@ -102,8 +104,11 @@ def picture_rgb(im) -> np.ndarray:
         if im.mode == "F" or grey.min() < 0 or grey.max() > 65535:
             raise ValueError(f"{im.mode} pixels from {grey.min():g} to {grey.max():g} are on no scale this "
                              "reader knows; save the picture with 8 or 16 bits per sample")
+        clear = grey == im.info["transparency"] if isinstance(im.info.get("transparency"), int) else None
         if im.mode.startswith("I;16") or grey.max() > 255:  # 16-bit samples ("I" from some decoders)
             grey = grey / 257
+        if clear is not None:  # the one transparent grey value, on white
+            grey[clear] = 255
         return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=-1)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")

@@ -79,6 +79,9 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
              "    programming language and of UNIX"]  # and under computers
     assert quote_key(twice[0]) == quote_key(twice[1]) == "cisquirkyflawedandanenormoussuccess"
     assert quote_key("Well -- I think so.\nIt -- is.") == "wellithinksoitis"  # a dash in the body is no attribution
+    assert quote_key("Bus error -- driver executed.") != quote_key("Bus error -- please leave by the rear door.")
+    assert quote_key("He is unbiased\n-- he hates all\n\t\t-- R. A. Heinlein") == "heisunbiasedhehatesall"
+    assert quote_key("<>") != quote_key("()")  # no letter or digit: each its own quote
     task = TASKS["text_topic"]
     train, test = task.examples("train"), task.examples("test")
     words = lambda e: quote_key(e.segments[0][1])  # noqa: E731

@@ -420,7 +420,9 @@ def test_examples_may_name_files_and_an_empty_batch_embeds_to_nothing(run, tmp_p
     torch.testing.assert_close(g.embed(from_files), g.embed(from_arrays))
     assert g.generate([Example([("image", tmp_path / "bar.png")], "", "bars")]) == \
         g.generate([Example([("image", img)], "", "bars")])
-    assert g.embed([Example([("text", "bar.png")], "", "swatches")]).shape == (1, g.embed([]).shape[1])
+    # as a str, a text segment is the text, even one naming a file: not the file's "red blue"
+    as_str = g.embed([Example([("text", str(tmp_path / "words.txt"))], "", "swatches")])
+    assert as_str.shape == (1, g.embed([]).shape[1]) and not torch.allclose(as_str, g.embed(from_files[1:]))
     empty = g.embed([])
     assert empty.shape[0] == 0 and empty.shape[1] > 0 and empty.dtype == torch.float32
     with pytest.raises(ValueError, match="--image: no such file: .*missing.png"):
