@@ -7,6 +7,7 @@ tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -113,7 +114,14 @@ def _train(args) -> int:
 
         from generalist.train.checkpoint import find_checkpoint, read_json
 
-        saved = read_json(find_checkpoint(Path(args.out)) / "meta.json")["train"]
+        meta_path = find_checkpoint(Path(args.out)) / "meta.json"
+        saved = read_json(meta_path)
+        saved = saved.get("train") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{meta_path} is damaged: it holds no training options ('train')")
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:  # an option of another version of the project
+            raise ValueError(f"{meta_path} holds training options this version does not know: {unknown}")
         # the run's own time budget unless --max-minutes gives another
         budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
         # built from a copy, which --set changes while `saved` stays as the run was built
@@ -140,7 +148,7 @@ def _train(args) -> int:
         if group is not None:
             check_batch(cfg.batch_size, group.world, cfg.contrastive_batch)  # before --overwrite deletes anything
         out = Path(args.out)
-        if not args.resume and (out / "checkpoint").exists():
+        if not args.resume and ((out / "checkpoint").exists() or (out / ".checkpoint.old").exists()):
             if not args.overwrite:
                 raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
             if main_rank:

@@ -50,8 +50,9 @@ class TrainConfig:
     mixture: str = "demo"
     out: str = "runs/demo"
     steps: int = 1000
-    max_minutes: float | None = None  # stop (with a checkpoint) when this much training time has passed;
-    # the learning-rate schedule then follows whichever budget, steps or time, runs out first
+    max_minutes: float | None = None  # stop (with a checkpoint) when this much training time has passed
+    # (the time of the steps: checkpoint writes, data building and evaluation come on top); the
+    # learning-rate schedule then follows whichever budget, steps or time, runs out first
     batch_size: int = 64  # examples per micro-batch (the demo learns most per minute at 64 on 2 CPU cores)
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
@@ -199,6 +200,8 @@ class Trainer:
         if resume:
             ckpt = find_checkpoint(self.run_dir)
             meta = read_json(ckpt / "meta.json")
+            if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), list):
+                raise ValueError(f"{ckpt / 'meta.json'} is damaged: it lists no tasks")
             if meta["tasks"] != self.tasks:
                 raise ValueError(f"{ckpt} was trained on tasks {meta['tasks']}, this run has {self.tasks}")
             self.model = GeneralistModel.load(ckpt, device=self.device)
@@ -247,22 +250,45 @@ class Trainer:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
             for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
                 group["fused"] = fused
-            self.step, self.skipped = state["step"], state["skipped"]
-            self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
-            self.elapsed = state.get("elapsed", 0.0)
-            self.sampler.load_state_dict(state["sampler"])
-            if self.con_sampler is not None and "con_sampler" in state:  # (absent: saved without extra pairs)
-                self.con_sampler.load_state_dict(state["con_sampler"])
-            self.routing = {k: np.array(v, dtype=np.int64) for k, v in state["routing"].items()}
-            rng = state["rng"]  # rank 0's; a run saved by as many ranks as this one also has each rank's
-            if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
-                rng = state["rng_ranks"][self.group.rank]
-            set_rng_state(rng)
+            try:
+                self._restore(state)
+            except ValueError as error:
+                if "differs from this run's" in str(error):  # the mixture's own message says it all
+                    raise
+                raise ValueError(f"{ckpt / 'state.json'} is damaged: {error}") from None
+            except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
+                reason = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+                raise ValueError(f"{ckpt / 'state.json'} is damaged: {reason}") from None
             if self.main:
                 self._truncate_log(self.step)
         elif self.main:  # a fresh run: the logs of one killed before its first checkpoint go
             self._truncate_log(0)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+
+    def _restore(self, state: dict) -> None:
+        """The counters, samplers, routing counts and random streams of a saved state."""
+        for key in ("step", "skipped", "bad_in_row"):
+            value = state.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} is {value!r}, not a count")
+        elapsed = state.get("elapsed", 0.0)
+        if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < math.inf:
+            raise ValueError(f"elapsed is {elapsed!r}, not a number of seconds")
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
+        self.elapsed = float(elapsed)
+        self.sampler.load_state_dict(state["sampler"])
+        if self.con_sampler is not None and "con_sampler" in state:  # (absent: saved without extra pairs)
+            self.con_sampler.load_state_dict(state["con_sampler"])
+        routing = {k: np.array(state["routing"][k], dtype=np.int64) for k in self.routing}
+        for k, counts in routing.items():
+            if counts.shape != self.routing[k].shape:
+                raise ValueError(f"routing[{k!r}] has shape {counts.shape}, this model's {self.routing[k].shape}")
+        self.routing = routing
+        rng = state["rng"]  # rank 0's; a run saved by as many ranks as this one also has each rank's
+        if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
+            rng = state["rng_ranks"][self.group.rank]
+        set_rng_state(rng)
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
@@ -394,7 +420,7 @@ class Trainer:
         every line (step 0), and a last line cut short by a kill."""
         log = self.run_dir / "metrics.jsonl"
         if log.is_file():
-            keep = [line for line in log.read_text().splitlines() if _logged_step(line) <= step]
+            keep = [line for line in log.read_text(errors="replace").splitlines() if _logged_step(line) <= step]
             log.write_text("".join(line + "\n" for line in keep))
 
     def save(self) -> Path | None:
@@ -475,9 +501,10 @@ def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinity for one that is not a whole record (the write
     a kill cut short), so that it is dropped."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 def _tensorboard(run_dir: Path):

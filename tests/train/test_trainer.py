@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -385,6 +386,40 @@ def test_a_damaged_training_state_is_named(tmp_path, damage, message):
         Trainer(_cfg(tmp_path, steps=6), _data(), resume=True, progress=False)
 
 
+def _edit_state(edit):
+    def damage(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        edit(state)
+        (ckpt / "state.json").write_text(json.dumps(state))
+    return damage
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda st: st.update(step="3"), "step is '3', not a count"),
+    (lambda st: st.update(elapsed="1.5"), "elapsed is '1.5', not a number of seconds"),
+    (lambda st: st["rng"].pop("numpy"), "no 'numpy'"),
+    (lambda st: st["rng"].update(torch=[1, 2]), ""),
+    (lambda st: st["sampler"].pop("names"), "no 'names'"),
+    (lambda st: st["routing"].pop("modality"), "no 'modality'"),
+    (lambda st: st["routing"].update(task=[[1, 2]]), r"routing\['task'\] has shape \(1, 2\)"),
+    (lambda st: st.update(routing=None), ""),
+], ids=["step", "elapsed", "rng", "torch_rng", "sampler", "routing", "routing_shape", "routing_none"])
+def test_a_hand_edited_state_is_named(tmp_path, edit, message):
+    """state.json edited by hand (or by another version) is one ValueError naming it, before any step."""
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    _edit_state(edit)(tmp_path / "run" / "checkpoint")
+    with pytest.raises(ValueError, match=r"state.json is damaged: " + message):
+        Trainer(_cfg(tmp_path, steps=6), _data(), resume=True, progress=False)
+
+
+def test_log_lines_whose_step_is_no_count_are_dropped_on_resume(tmp_path):
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": null}\n{"step": "2"}\n{"step": true}\n')
+    Trainer(_cfg(tmp_path, steps=5), _data(), resume=True, progress=False).fit()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def _toy_cli(monkeypatch):
     """generalist.cli.main over the toy tasks, whatever mixture is named (but for "nonesuch")."""
     import generalist.train.data as train_data
@@ -421,3 +456,38 @@ def test_cli_set_cannot_move_the_run_and_a_bad_mixture_deletes_nothing(tmp_path,
     assert train("--out", str(out), "--steps", "2", "--overwrite", "--mixture", "nonesuch") == 2
     assert "unknown mixture 'nonesuch'" in capsys.readouterr().err
     assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_cli_keeps_a_run_whose_last_checkpoint_waits_in_checkpoint_old(tmp_path, monkeypatch, capsys):
+    """A kill between save_checkpoint's two renames leaves the last checkpoint in .checkpoint.old:
+    the run is still there, and only --resume or --overwrite may touch it."""
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    (out / "checkpoint").rename(out / ".checkpoint.old")
+    assert train("--out", str(out), "--steps", "3") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / ".checkpoint.old" / "model.safetensors").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert train("--out", str(out), "--steps", "3", "--resume") == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"tasks": ["bars"]}, "meta.json is damaged: it holds no training options"),
+    ({"tasks": ["bars"], "train": None}, "meta.json is damaged: it holds no training options"),
+    ([], "meta.json is damaged: it holds no training options"),
+    ("EXTRA", r"holds training options this version does not know: \['old_option'\]"),
+])
+def test_cli_resume_names_a_damaged_or_foreign_meta(tmp_path, monkeypatch, capsys, meta, message):
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    path = out / "checkpoint" / "meta.json"
+    if meta == "EXTRA":
+        meta = json.loads(path.read_text())
+        meta["train"]["old_option"] = 1
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert train("--out", str(out), "--steps", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
