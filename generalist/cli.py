@@ -7,7 +7,6 @@ tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -112,6 +111,7 @@ def _train(args) -> int:
     if args.resume:
         from pathlib import Path
 
+        from generalist._fields import check_keys
         from generalist.train.checkpoint import find_checkpoint, read_json
 
         meta_path = find_checkpoint(Path(args.out)) / "meta.json"
@@ -119,9 +119,7 @@ def _train(args) -> int:
         saved = saved.get("train") if isinstance(saved, dict) else None
         if not isinstance(saved, dict):
             raise ValueError(f"{meta_path} is damaged: it holds no training options ('train')")
-        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
-        if unknown:  # an option of another version of the project
-            raise ValueError(f"{meta_path} holds training options this version does not know: {unknown}")
+        check_keys(TrainConfig, saved, f"{meta_path}, training options of another version: ")
         # the run's own time budget unless --max-minutes gives another
         budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
         # built from a copy, which --set changes while `saved` stays as the run was built

@@ -358,9 +358,8 @@ def recall_at_k(
         rows, cols = [], []
         for q, pos in enumerate(positives):
             try:  # a lone index (an int, a numpy or 0-d torch integer) is no set, nor are fractions
-                indices = [] if isinstance(pos, (str, bytes)) else sorted(int(j) for j in pos)
-                if any(int(j) != j for j in pos):
-                    indices = []
+                values = [] if isinstance(pos, (str, bytes)) else list(pos)
+                indices = sorted(int(j) for j in values) if all(int(j) == j for j in values) else []
             except (TypeError, ValueError):
                 indices = []
             if not indices:

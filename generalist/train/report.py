@@ -27,18 +27,22 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+def log_record(line: str) -> dict | None:
+    """A metrics.jsonl line's record, or None for a line that is not one (a write a kill cut
+    short, a line edited by hand): a JSON object whose "step" is a count."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def read_log(path: Path) -> list[dict]:
-    """The whole records of a metrics.jsonl; a line a kill cut short (or any line that is not a
-    record of a step's losses) is left out, as the trainer leaves it out when it resumes."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("task_loss"), dict):
-            records.append(record)
-    return records
+    """The records of a metrics.jsonl that hold a step's losses; other lines are left out, as the
+    trainer leaves them out when it resumes."""
+    records = [log_record(line) for line in path.read_text(errors="replace").splitlines()]
+    return [r for r in records if r is not None and isinstance(r.get("task_loss"), dict)]
 
 
 def loss_figure(records: list[dict]):

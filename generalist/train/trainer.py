@@ -42,6 +42,7 @@ from generalist.train.checkpoint import (find_checkpoint, load_training_state, r
 from generalist.train.data import TaskData
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
+from generalist.train.report import log_record
 
 
 @dataclass
@@ -498,13 +499,10 @@ class Trainer:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for one that is not a whole record (the write
-    a kill cut short), so that it is dropped."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
+    """The step of a metrics.jsonl line; infinity for one that is not a record (the write a kill
+    cut short, a line edited by hand), so that it is dropped."""
+    record = log_record(line)
+    return math.inf if record is None else record["step"]
 
 
 def _tensorboard(run_dir: Path):
