@@ -59,7 +59,8 @@ class Captions(Task):
         gallery = sorted(set(refs))
         texts = predictor.embed([Example([("text", c)], "", self.name) for c in gallery])
         images = predictor.embed(examples)
-        positives = [{j for j, c in enumerate(gallery) if caption_key(c) == caption_key(r)} for r in refs]
+        keys = [caption_key(c) for c in gallery]
+        positives = [{j for j, k in enumerate(keys) if k == caption_key(r)} for r in refs]
         recall = recall_at_k(images, texts, positives, ks=(1, 5))
         return {"bleu4": bleu(preds, [[r] for r in refs], smooth=True), "cider_d": cider_d(preds, [[r] for r in refs]),
                 "exact": sum(normalize(p) == r for p, r in zip(preds, refs)) / max(1, len(refs)),

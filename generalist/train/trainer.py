@@ -252,11 +252,7 @@ class Trainer:
             for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
                 group["fused"] = fused
             try:
-                self._restore(state)
-            except ValueError as error:
-                if "differs from this run's" in str(error):  # the mixture's own message says it all
-                    raise
-                raise ValueError(f"{ckpt / 'state.json'} is damaged: {error}") from None
+                self._restore(state, ckpt / "state.json")
             except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
                 reason = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
                 raise ValueError(f"{ckpt / 'state.json'} is damaged: {reason}") from None
@@ -266,15 +262,16 @@ class Trainer:
             self._truncate_log(0)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
 
-    def _restore(self, state: dict) -> None:
-        """The counters, samplers, routing counts and random streams of a saved state."""
+    def _restore(self, state: dict, path: Path) -> None:
+        """The counters, samplers, routing counts and random streams of a saved state (read from
+        `path`, which its errors name)."""
         for key in ("step", "skipped", "bad_in_row"):
             value = state.get(key, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} is {value!r}, not a count")
+                raise ValueError(f"{path} is damaged: {key} is {value!r}, not a count")
         elapsed = state.get("elapsed", 0.0)
         if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < math.inf:
-            raise ValueError(f"elapsed is {elapsed!r}, not a number of seconds")
+            raise ValueError(f"{path} is damaged: elapsed is {elapsed!r}, not a number of seconds")
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
         self.elapsed = float(elapsed)
@@ -284,7 +281,8 @@ class Trainer:
         routing = {k: np.array(state["routing"][k], dtype=np.int64) for k in self.routing}
         for k, counts in routing.items():
             if counts.shape != self.routing[k].shape:
-                raise ValueError(f"routing[{k!r}] has shape {counts.shape}, this model's {self.routing[k].shape}")
+                raise ValueError(f"{path} is damaged: routing[{k!r}] has shape {counts.shape}, this model's "
+                                 f"{self.routing[k].shape}")
         self.routing = routing
         rng = state["rng"]  # rank 0's; a run saved by as many ranks as this one also has each rank's
         if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
