@@ -58,7 +58,7 @@ class TrainConfig:
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 50
+    warmup: int = 50  # steps of linear warm-up (at most `steps`)
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     temperature: float = 2.0
@@ -84,8 +84,9 @@ class TrainConfig:
     def __post_init__(self):
         self.check()
 
-    def check(self) -> None:
-        """Every option's type and range (run again after options are changed in place)."""
+    def check(self, schedule: bool = True) -> None:
+        """Every option's type and range (run again after options are changed in place), and with
+        `schedule` the warm-up against the steps (left out while `--set` options come one by one)."""
         check_types(self, "")
         for name in ("steps", "batch_size", "accum", "ckpt_every", "log_every", "max_bad_steps", "vocab_size"):
             if getattr(self, name) < 1:
@@ -101,6 +102,9 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         check_keys(GeneralistConfig, self.model, "model: ")
+        if schedule and self.warmup > self.steps:
+            raise ValueError(f"warmup ({self.warmup} steps) is longer than the run ({self.steps} steps): the "
+                             f"learning rate would never reach lr; set warmup <= steps (--set warmup=N)")
 
 
 PREPARED_CACHE_BYTES = 2 << 30  # the most host memory the trainer keeps prepared training segments in
@@ -143,17 +147,19 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     if key in ("out", "preset", "mixture"):  # where the run lives and what it is made of: the command's own flags
         raise ValueError(f"{key} is set with --{key}, not --set")
     setattr(cfg, key, value)
-    cfg.check()
+    cfg.check(schedule=False)  # the warm-up against the steps once every option is in (TrainConfig.check)
     return cfg
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr over the rest of the budget: the
-    steps, or the time (`time_fraction` of max_minutes spent) if that runs out first."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr_ratio * lr over the rest of
+    the budget: the steps, or the time (`time_fraction` of max_minutes spent) if that runs out
+    first. The time decays the warm-up too, so a budget spent before the warm-up ends still ends
+    at the floor."""
+    ramp = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    by_steps = max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, max(by_steps, time_fraction))
+    return cfg.lr * ramp * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _fused_adamw_serves(params: list[torch.Tensor]) -> bool:

@@ -160,6 +160,11 @@ def test_lr_schedule_and_options(tmp_path):
     assert lr_at(55, cfg, time_fraction=1.0) == pytest.approx(0.1)
     assert lr_at(10, cfg, time_fraction=0.5) == pytest.approx(0.55)
     assert lr_at(55, cfg, time_fraction=0.01) == pytest.approx(0.55)
+    # a time budget spent during the warm-up decays the ramp too: the run still ends at the floor
+    assert lr_at(4, cfg, time_fraction=0.5) == pytest.approx(0.5 * 0.55)
+    assert lr_at(4, cfg, time_fraction=1.0) == pytest.approx(0.5 * 0.1)
+    assert lr_at(99, _cfg(tmp_path, steps=100, warmup=100, lr=1.0)) == pytest.approx(1.0)  # peaks at the last step
+    assert lr_at(3, _cfg(tmp_path, steps=100, warmup=0, lr=1.0, min_lr_ratio=0.1)) < 1.0  # no warm-up: decay from 0
     set_option(cfg, "batch_size=4")
     set_option(cfg, "model.d_model=48")
     assert cfg.batch_size == 4 and cfg.model == {"d_model": 48}
@@ -198,8 +203,23 @@ def test_every_option_is_checked_when_it_is_set(tmp_path, assignment, message):
     assert message in str(error.value)
 
 
+def test_a_warmup_longer_than_the_run_is_refused_once_every_option_is_in(tmp_path):
+    """warmup > steps would never reach lr; the check waits for the whole command line, so
+    `--set steps=10 --set warmup=2` works in that order."""
+    cfg = _cfg(tmp_path, steps=100, warmup=50)
+    set_option(cfg, "steps=10")
+    set_option(cfg, "warmup=2")
+    cfg.check()
+    set_option(cfg, "warmup=11")
+    with pytest.raises(ValueError, match=r"warmup \(11 steps\) is longer than the run \(10 steps\)"):
+        cfg.check()
+    with pytest.raises(ValueError, match="is longer than the run"):
+        TrainConfig(out=str(tmp_path), steps=20)  # the default warm-up of 50 steps
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--steps", "20"], "warmup (50 steps) is longer than the run (20 steps)"),
     (["--max-minutes", "-1"], "max_minutes must be > 0, got -1.0"),
     (["--max-minutes", "nan"], "max_minutes must be a finite number or null, got nan"),
     (["--set", "model.d_model=abc"], "model config: d_model must be an integer, got 'abc'"),
@@ -354,7 +374,7 @@ def test_a_save_cut_short_never_leaves_the_run_without_a_checkpoint(tmp_path, mo
     must keep that one until the new one is in place, even if that save is cut short too."""
     import generalist.train.checkpoint as checkpoint
 
-    trainer = Trainer(_cfg(tmp_path, steps=1), _data(), progress=False)
+    trainer = Trainer(_cfg(tmp_path, steps=1, warmup=1), _data(), progress=False)
     trainer.fit()
     run = tmp_path / "run"
     os.replace(run / "checkpoint", run / ".checkpoint.old")  # the kill after the first rename
