@@ -47,6 +47,14 @@ def check_types(obj, where: str) -> None:
             raise ValueError(f"{where}{f.name} must be {want}{' or null' if optional else ''}, got {value!r}")
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """`value` as an argument that counts something: an int (not a bool) >= `minimum`, else a
+    ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def check_keys(cls, values: dict, where: str) -> None:
     """`values` names only fields of dataclass `cls`."""
     known = {f.name for f in fields(cls)}

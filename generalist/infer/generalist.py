@@ -21,9 +21,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from generalist._fields import check_count
 from generalist.data.packing import Example, ExampleEncoder
 from generalist.data.tasks import Task, discover
-from generalist.models.decoding import check_finite_stream, generate
+from generalist.models.decoding import NonFiniteError, check_finite_stream, generate
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import find_checkpoint, read_json
 
@@ -327,7 +328,8 @@ class Generalist:
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
         self.encoder = ExampleEncoder(tokenizer, self.tasks)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = min(check_count("max_new_tokens", max_new_tokens, 0),
+                                  model.embedders["text"].cfg.max_len)  # (the decoder reads no more)
         self.bf16 = bf16
         self.generative = None if generative is None else set(generative)
         self.definitions = None if definitions is None else dict(definitions)
@@ -379,14 +381,38 @@ class Generalist:
             segments = [(s[0], read_input(*s)) if _names_file(s) else s for s in segments]
         return self.encoder.encode(Example(segments, example.target_text, example.task, example.meta))
 
+    def _batches(self, examples: Sequence[Example], batch_size: int):
+        """(index of its first example, encoded examples) for each batch of `examples`; an
+        example that cannot be encoded is named by its index in a list of more than one."""
+        for i in range(0, len(examples), batch_size):
+            encoded = []
+            for k, example in enumerate(examples[i:i + batch_size], i):
+                try:
+                    encoded.append(self._encode(example))
+                except ValueError as error:
+                    raise (ValueError(f"example {k}: {error}") if len(examples) > 1 else error) from None
+            yield i, encoded
+
+    @staticmethod
+    def _in_batch(error: ValueError, first: int, what: str) -> ValueError:
+        """The model's error about a batch that starts at example `first` of the caller's list:
+        examples named by their index in that list (non-finite activations), or the batch named."""
+        if isinstance(error, NonFiniteError):
+            return error.shifted(first)
+        return ValueError(f"{what}, the batch from example {first} (examples counted from it): {error}") if first else error
+
     @torch.no_grad()
     def generate(self, examples: Sequence[Example], batch_size: int = 64, beam_size: int = 1) -> list[str]:
         """The decoded answer to each example (its segments' values or files, its task)."""
+        check_count("batch_size", batch_size)
+        check_count("beam_size", beam_size)
         out = []
-        for i in range(0, len(examples), batch_size):
-            encoded = [self._encode(e) for e in examples[i:i + batch_size]]
-            with self._precision():
-                ids_batch = generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size)
+        for i, encoded in self._batches(examples, batch_size):
+            try:
+                with self._precision():
+                    ids_batch = generate(self.model, encoded, self.max_new_tokens, beam_size=beam_size)
+            except ValueError as error:
+                raise self._in_batch(error, i, "generate") from None
             out.extend(self.tokenizer.decode(ids) for ids in ids_batch)
         return out
 
@@ -394,21 +420,21 @@ class Generalist:
     def embed(self, examples: Sequence[Example], batch_size: int = 128) -> torch.Tensor:
         """(len(examples), E) unit vectors from the contrastive head, each example embedded as its
         task (one trained contrastively, e.g. "captions"); no examples give (0, E)."""
+        check_count("batch_size", batch_size)
         parts = []
-        for i in range(0, max(len(examples), 1), batch_size):
-            with self._precision():
-                parts.append(self.model.embed([self._encode(e) for e in examples[i:i + batch_size]]).float())
+        for i, encoded in self._batches(examples, batch_size) if examples else [(0, [])]:
             try:
+                with self._precision():
+                    parts.append(self.model.embed(encoded).float())
                 check_finite_stream(parts[-1], None)
             except ValueError as error:
-                raise ValueError(f"embed, batch from example {i}: {error}") from None
+                raise self._in_batch(error, i, "embed") from None
         return torch.cat(parts)
 
     def predict(self, task: str, beam_size: int = 1, **inputs) -> str:
         """One request: `task` plus any of image=, audio=, video=, table=, text= (values or paths).
         Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
-        if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
-            raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+        check_count("beam_size", beam_size)
         example = Example(self._segments(task, inputs), "", task)
         if task not in self.tasks or self.answers_in_text(task):
             return self.generate([example], beam_size=beam_size)[0]  # (an unknown task is refused there)

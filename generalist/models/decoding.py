@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from generalist._fields import check_count
 from generalist.data.packing import EncodedExample
 from generalist.modules.attention import reorder_cache
 from generalist.modules.blocks import StreamInfo
@@ -26,10 +27,24 @@ def _repeat_stream(model, h_SM: Tensor, enc: StreamInfo, w: int) -> tuple[Tensor
     return h_SM[idx], model._stream(cu.to(h_SM.device), enc.max_seqlen, enc.task_ids[idx], enc.modality_ids[idx])
 
 
+class NonFiniteError(ValueError):
+    """The model's activations are not finite for `examples` (numbers within the batch)."""
+
+    def __init__(self, examples: list[int]):
+        self.examples = examples
+        super().__init__(f"the model's activations are not finite for example(s) {examples[:5]}"
+                         f"{' ...' if len(examples) > 5 else ''}: input values too large for it (or outside the "
+                         "range it was trained on)")
+
+    def shifted(self, first: int) -> "NonFiniteError":
+        """The same error for a batch that starts at example `first` of a longer list."""
+        return NonFiniteError([first + e for e in self.examples])
+
+
 def check_finite_stream(x_SM, cu_seqlens) -> None:
-    """A ValueError naming the examples of a packed stream (or of rows, cu_seqlens None) whose
-    values are not finite: inputs too large for the model overflow it, and a prediction made from
-    NaN would look like an empty answer. One device sync."""
+    """A NonFiniteError (a ValueError) naming the examples of a packed stream (or of rows,
+    cu_seqlens None) whose values are not finite: inputs too large for the model overflow it, and
+    a prediction made from NaN would look like an empty answer. One device sync."""
     bad_S = ~torch.isfinite(x_SM).all(dim=-1)
     if not bool(bad_S.any()):
         return
@@ -38,9 +53,7 @@ def check_finite_stream(x_SM, cu_seqlens) -> None:
     else:
         starts = cu_seqlens[:-1].long()
         examples = sorted(set((torch.searchsorted(starts, bad_S.nonzero().flatten(), right=True) - 1).tolist()))
-    raise ValueError(f"the model's activations are not finite for example(s) {examples[:5]}"
-                     f"{' ...' if len(examples) > 5 else ''}: input values too large for it (or outside the range "
-                     "it was trained on)")
+    raise NonFiniteError(examples)
 
 
 @torch.no_grad()
@@ -48,9 +61,15 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
              use_cache: bool = True) -> list[list[int]]:
     """Token ids generated for each example (without bos, cut before the first eos). The model
     decodes in eval mode (no capacity dropping in its MoE layers, which would make the answer
-    depend on the batch) and is left in the mode it came in."""
-    if beam_size < 1 or max_new_tokens < 0:
-        raise ValueError(f"beam_size must be >= 1 and max_new_tokens >= 0, got {beam_size} and {max_new_tokens}")
+    depend on the batch) and is left in the mode it came in. The decoder reads at most the text
+    embedder's max_len tokens (bos and all but the last one generated), so max_new_tokens is at
+    most that."""
+    check_count("beam_size", beam_size)
+    check_count("max_new_tokens", max_new_tokens, 0)
+    max_len = model.embedders["text"].cfg.max_len
+    if max_new_tokens > max_len:
+        raise ValueError(f"max_new_tokens is {max_new_tokens}, but the decoder reads at most the text embedder's "
+                         f"max_len of {max_len} tokens: ask for at most {max_len}")
     if not batch:
         return []
     training = model.training

@@ -158,6 +158,26 @@ def test_decoder_streams_longer_than_the_text_max_len(tokenizer, gen):
         model(batch)
 
 
+def test_generate_stops_at_the_text_max_len_on_both_paths(tokenizer, gen):
+    """One decoded sequence reads at most max_len tokens (bos and the tokens generated but the
+    last), cached or recomputed: more new tokens than that is refused up front, by both paths
+    alike (the cached one used to decode past every position training reaches)."""
+    model = _model(tokenizer, seed=1, modalities={"text": {"max_len": 16}})
+    batch = _encode(tokenizer, _examples(gen))[:2]
+    for use_cache in (True, False):
+        out = generate(model, batch, max_new_tokens=16, use_cache=use_cache)
+        assert all(len(s) <= 16 for s in out)
+        with pytest.raises(ValueError, match="max_new_tokens is 17, but the decoder reads at most the text "
+                                             "embedder's max_len of 16 tokens"):
+            generate(model, batch, max_new_tokens=17, use_cache=use_cache)
+    for kwargs, match in [(dict(beam_size=True), "beam_size must be an integer >= 1, got True"),
+                          (dict(beam_size=0), "beam_size must be an integer >= 1, got 0"),
+                          (dict(max_new_tokens=1.5), "max_new_tokens must be an integer >= 0, got 1.5"),
+                          (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1")]:
+        with pytest.raises(ValueError, match=match):
+            generate(model, batch, **kwargs)
+
+
 def test_cached_decoding_checks_cu_seqlens_values_once_not_per_step(tokenizer, gen, monkeypatch):
     """Reading cu_seqlens values is a device sync on a GPU: the decoding loop's per-step
     cross-attention reuses one cu_q, so the number of value checks does not grow with the steps."""

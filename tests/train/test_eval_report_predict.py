@@ -256,12 +256,42 @@ def test_non_finite_weights_are_never_saved(run, tmp_path):
 
 def test_activations_that_overflow_are_named(run):
     """Finite weights can still overflow (here a patch projection scaled to 1e37); the answer is
-    then an error naming the example, never text decoded from inf."""
+    then an error naming the example (counted in the caller's list, not in its batch), never text
+    decoded from inf."""
     g = Generalist.load(run[0], device="cpu")
     with torch.no_grad():
         g.model.embedders["image"].proj.weight.fill_(1e37)
     with pytest.raises(ValueError, match=r"the model's activations are not finite for example\(s\) \[0\]"):
         g.predict(task="bars", image=np.full((8, 8), 255, dtype=np.uint8))
+    examples = [Example([("text", "fine")], "", "bars")] * 3 + [Example([("image", np.full((8, 8), 255, np.uint8))], "", "bars")]
+    for method in (g.generate, g.embed):
+        with pytest.raises(ValueError, match=r"^the model's activations are not finite for example\(s\) \[3\]"):
+            method(examples, batch_size=2)
+    with pytest.raises(ValueError, match=r"^example 2: unknown task 'nonesuch'"):
+        g.generate(examples[:2] + [Example([("text", "x")], "", "nonesuch")])
+    with pytest.raises(ValueError, match=r"^generate, the batch from example 2 \(examples counted from it\): "
+                                         r"example 1, segment 0 \(image\)"):
+        g.generate(examples[:3] + [Example([("image", np.zeros((0, 8), np.uint8))], "", "bars")], batch_size=2)
+
+
+def test_generate_arguments_are_checked_by_name(run):
+    g = Generalist.load(run[0], device="cpu")
+    examples = [Example([("text", "x")], "", "bars")] * 2
+    for kwargs, match in [
+        (dict(batch_size=-1), "batch_size must be an integer >= 1, got -1"),  # (was: no answers at all)
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=2.5), "batch_size must be an integer >= 1, got 2.5"),
+        (dict(beam_size="2"), "beam_size must be an integer >= 1, got '2'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            g.generate(examples, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        g.embed(examples, batch_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got None"):
+        Generalist(g.model, g.tokenizer, g.tasks, max_new_tokens=None)
+    # more new tokens than the decoder has positions for: the entry point asks for what it can read
+    short = Generalist(g.model, g.tokenizer, g.tasks, max_new_tokens=10 ** 6)
+    assert short.max_new_tokens == g.model.embedders["text"].cfg.max_len
 
 
 def test_python_inputs_that_hold_no_numbers_are_named(run):
@@ -273,8 +303,8 @@ def test_python_inputs_that_hold_no_numbers_are_named(run):
         (dict(image=torch.zeros(8, 8).to_sparse()), "image must be a dense tensor"),
         (dict(table=([0, 1], [None, 2.0])), "values must be a list of numbers"),
         (dict(text="caf\ud800"), "not valid UTF-8 text"),
-        (dict(text="x", beam_size=2.5), "beam_size must be a positive integer, got 2.5"),
-        (dict(text="x", beam_size=True), "beam_size must be a positive integer, got True"),
+        (dict(text="x", beam_size=2.5), "beam_size must be an integer >= 1, got 2.5"),
+        (dict(text="x", beam_size=True), "beam_size must be an integer >= 1, got True"),
     ]:
         with pytest.raises(ValueError, match=match.replace("(", "\\(")):
             g.predict(task="bars", **kwargs)
