@@ -14,7 +14,7 @@ import numpy as np
 from generalist.data.packing import Example
 from generalist.data.speech import RATE, spoken, voice_split
 from generalist.data.synth import DIGIT_WORDS, degrade_audio, degrade_image
-from generalist.data.tasks import Task, mnist_split, normalize
+from generalist.data.tasks import Task, how_many, mnist_split, normalize
 
 
 class AVDigits(Task):
@@ -27,7 +27,7 @@ class AVDigits(Task):
         clips_by_label = {d: [c for c, m in clips if m["word"] == DIGIT_WORDS[d]] for d in range(10)}
         rng = np.random.default_rng([seed, 81, split == "test"])
         out = []
-        for _ in range(limit if limit is not None else len(idx)):
+        for _ in range(how_many(limit, len(idx))):
             d = int(rng.integers(10))
             image = degrade_image(images[rng.choice(by_label[d])], rng)
             wave = degrade_audio(clips_by_label[d][rng.integers(len(clips_by_label[d]))], rng)

@@ -10,7 +10,7 @@ import numpy as np
 
 from generalist.data.packing import Example
 from generalist.data.synth import DIRECTIONS, describe_motion, moving_digit_clip
-from generalist.data.tasks import Task, mnist_split, normalize
+from generalist.data.tasks import Task, how_many, mnist_split, normalize
 
 
 class MovingDigits(Task):
@@ -21,7 +21,7 @@ class MovingDigits(Task):
         images, labels, idx = mnist_split(split, seed)
         rng = np.random.default_rng([seed, 21, split == "test"])
         out = []
-        for k in range(limit if limit is not None else len(idx)):
+        for k in range(how_many(limit, len(idx))):
             i = idx[k % len(idx)]
             direction = int(rng.integers(len(DIRECTIONS)))
             clip = moving_digit_clip(images[i], direction, rng, frames=self.frames, size=self.size)

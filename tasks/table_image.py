@@ -11,7 +11,7 @@ import numpy as np
 
 from generalist.data.packing import Example
 from generalist.data.synth import OPS, number_word, table_image_case
-from generalist.data.tasks import Task, mnist_split
+from generalist.data.tasks import Task, how_many, mnist_split
 
 OP_COLUMN, VALUE_COLUMN = 60, 61
 
@@ -24,7 +24,7 @@ class TableImage(Task):
         by_label = {d: idx[labels[idx] == d] for d in range(10)}
         rng = np.random.default_rng([seed, 41, split == "test"])
         out = []
-        for _ in range(limit if limit is not None else len(idx)):
+        for _ in range(how_many(limit, len(idx))):
             operand, row, answer = table_image_case(rng)
             image = images[rng.choice(by_label[operand])]
             table = (np.array([OP_COLUMN, VALUE_COLUMN]), np.array([OPS.index(row["op"]), row["value"]], dtype=np.float32))

@@ -10,7 +10,7 @@ import numpy as np
 
 from generalist.data import sources
 from generalist.data.packing import Example
-from generalist.data.tasks import Task, split_indices
+from generalist.data.tasks import Task, split_indices, take
 from generalist.metrics import accuracy_by
 
 DATASETS = {"wine": 0, "breast_cancer": 13}
@@ -31,7 +31,7 @@ class Tabular(Task):
                                    f"{classes[y[i]]}".replace("_", " "), self.name))
                 out[-1].meta["dataset"] = name
         order = np.random.default_rng([seed, 51]).permutation(len(out))
-        return [out[i] for i in (order if limit is None else order[:limit])]
+        return [out[i] for i in take(order, limit)]
 
     def score(self, predictions, examples):
         refs = [e.target_text for e in examples]

@@ -10,7 +10,7 @@ import numpy as np
 
 from generalist.data.packing import Example
 from generalist.data.synth import digit_scene, scene_questions
-from generalist.data.tasks import Task, mnist_split, normalize
+from generalist.data.tasks import Task, how_many, mnist_split, normalize
 from generalist.metrics import accuracy_by
 
 
@@ -20,7 +20,7 @@ class VQA(Task):
     def examples(self, split, limit=None, seed=0):
         images, labels, idx = mnist_split(split, seed)
         rng = np.random.default_rng([seed, 31, split == "test"])
-        n = limit if limit is not None else len(idx)
+        n = how_many(limit, len(idx))
         out = []
         while len(out) < n:
             picks = rng.choice(idx, size=int(rng.integers(2, 5)), replace=False)

@@ -16,6 +16,7 @@ PROMPT = "a photo of a {}"
 class ZeroShot(Task):
     name = "zero_shot"
     generative = False
+    requires = ("captions",)  # answered through the contrastive head that captions trains
 
     def examples(self, split, limit=None, seed=0):
         check_split(split)

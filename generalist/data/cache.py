@@ -10,8 +10,11 @@ moved into place with `os.replace`; the old sidecar is removed before the new .n
 the new sidecar is written last, so an interrupted build leaves either nothing or an entry that
 fails its checks. A read that finds a missing or unreadable sidecar, another version, a
 checksum mismatch or an unreadable .npz logs a warning naming the file and rebuilds; a broken
-entry is never used. Builds of one name are serialised within a process; two processes that
-build the same entry at once each write a complete file and the last one wins.
+entry is never used. Builds of one name are serialised, within a process by a lock and across
+processes (the ranks of a torchrun launch on a fresh cache) by `flock` on `<name>.lock`: one
+process builds while the others wait and then read its entry. Where that file cannot be locked
+(a read-only cache, no fcntl) processes build on their own; each writes a complete entry and the
+last one wins.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import re
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -63,7 +67,7 @@ def cached_arrays(name: str, version: str, build: Callable[[], dict[str, np.ndar
     the entry is absent, of another version or corrupt. `build` returns a dict of numpy arrays
     (no object dtype: strings go in as numpy unicode arrays)."""
     payload, sidecar = entry_paths(name)
-    with _lock(name):
+    with _lock(name), _process_lock(payload.with_suffix(".lock")):
         if payload.exists() or sidecar.exists():
             try:
                 return _read(payload, sidecar, version)
@@ -88,6 +92,28 @@ def entry_bytes(name: str | None = None) -> int:
 def _lock(name: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(name, threading.Lock())
+
+
+@contextmanager
+def _process_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive `flock` on `path` (created, with its folder) while the block runs, when
+    it can be taken; else runs the block unlocked."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def _describe(arrays: dict[str, np.ndarray]) -> dict[str, dict]:

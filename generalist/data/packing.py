@@ -73,7 +73,10 @@ def pack(pieces: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, int]:
 
     Returns (flat (T, ...), cu_seqlens int32 (B+1,), max_seqlen)."""
     lens = [sum(p.shape[0] for p in ex) for ex in pieces]
-    flat = torch.cat([p for ex in pieces for p in ex])
+    tensors = [p for ex in pieces for p in ex]
+    if not tensors:  # (torch.cat needs one to know the trailing shape and dtype)
+        raise ValueError(f"pack needs at least one tensor, got {len(pieces)} examples holding none")
+    flat = torch.cat(tensors)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
     return flat, cu.to(flat.device), max(lens, default=0)

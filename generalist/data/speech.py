@@ -27,6 +27,8 @@ def spoken(words, voices) -> list[tuple[np.ndarray, dict]]:
     here so training does not repeat it every step. Cached by the request and, like
     sources.spoken_words, the espeak-ng version: a new espeak-ng gives new clips."""
     words, voices = list(words), list(voices)
+    if not words or not voices:
+        return []  # (as sources.spoken_words: no clips to make)
     meta = sources.spoken_words_meta(words, voices, SPEEDS, PITCHES)
     request = json.dumps([words, voices, SPEEDS, PITCHES, RATE])
 

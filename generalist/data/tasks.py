@@ -33,6 +33,7 @@ class Task(ABC):
     name: str = ""
     contrastive: bool = False  # train the contrastive head on (non-text segments, target text) pairs
     generative: bool = True  # train the text head on target_text
+    requires: tuple[str, ...] = ()  # tasks a mixture must hold too (those this one is evaluated through)
 
     @abstractmethod
     def examples(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
@@ -53,7 +54,9 @@ class Task(ABC):
     def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         """Default metric: exact-match accuracy of the normalised text."""
         hits = [normalize(p) == normalize(e.target_text) for p, e in zip(predictions, examples, strict=True)]
-        return {"accuracy": sum(hits) / max(1, len(hits))}
+        if not hits:  # (an accuracy of 0.0 would read as a score)
+            raise ValueError(f"task {self.name!r}: no examples to score")
+        return {"accuracy": sum(hits) / len(hits)}
 
 
 def normalize(text: str) -> str:
@@ -87,8 +90,21 @@ def mnist_split(split: str, seed: int):
     return images, labels, split_indices(len(images), split, 0.2, seed)
 
 
+def check_limit(limit) -> int | None:
+    """`limit` as `Task.examples` takes it: None (all) or an int >= 0."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be None (all examples) or an integer >= 0, got {limit!r}")
+    return limit
+
+
+def how_many(limit: int | None, n: int) -> int:
+    """The number of examples a task that makes them one by one makes: `limit`, or n if None."""
+    return n if check_limit(limit) is None else limit
+
+
 def take(indices, limit: int | None):
-    return indices if limit is None else indices[:limit]
+    """The first `limit` of `indices` (all if None)."""
+    return indices if check_limit(limit) is None else indices[:limit]
 
 
 def _task_dirs() -> list[Path]:
@@ -97,18 +113,27 @@ def _task_dirs() -> list[Path]:
 
 
 def discover() -> dict[str, Task]:
-    """Every task file's TASK, by name (files starting with "_" and mixtures.py are skipped)."""
+    """Every task file's TASK, by name (files starting with "_" and mixtures.py are skipped). A
+    file that fails to load is a ValueError naming it; so is a directory on GENERALIST_TASKS_PATH
+    that does not exist."""
     found: dict[str, Task] = {}
     for directory in _task_dirs():
+        if not directory.is_dir():
+            raise ValueError(f"GENERALIST_TASKS_PATH names {directory}, which is not a directory")
         for path in sorted(directory.glob("*.py")):
             if path.name.startswith("_") or path.stem == "mixtures":
                 continue
             spec = importlib.util.spec_from_file_location(f"generalist_tasks.{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:
+                raise ValueError(f"task file {path} failed to load: {type(error).__name__}: {error}") from error
             task = getattr(module, "TASK", None)
             if not isinstance(task, Task):
                 raise ValueError(f"{path} must define TASK, an instance of generalist.data.tasks.Task")
+            if not isinstance(task.name, str) or not task.name:
+                raise ValueError(f"{path}: its TASK has no name (set the class attribute `name`)")
             if task.name in found:
                 raise ValueError(f"two task files define the task {task.name!r} ({path})")
             found[task.name] = task

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from generalist.data.packing import Example
-from generalist.data.tasks import TASKS_DIR, Task, discover
+from generalist.data.tasks import TASKS_DIR, Task, check_limit, discover
 
 
 def load_mixtures(path: Path = TASKS_DIR / "mixtures.py") -> dict[str, dict[str, dict]]:
@@ -21,9 +21,16 @@ def load_mixtures(path: Path = TASKS_DIR / "mixtures.py") -> dict[str, dict[str,
 
 
 def get_mixture(name: str) -> dict[str, dict]:
+    """Mixture `name` of tasks/mixtures.py, checked (`check_mixture`, `check_requires`)."""
     mixtures = load_mixtures()
     if name not in mixtures:
         raise ValueError(f"unknown mixture {name!r}; known: {sorted(mixtures)}")
+    tasks = discover()
+    try:
+        check_mixture(mixtures[name], tasks)
+        check_requires(mixtures[name], tasks)
+    except ValueError as error:
+        raise ValueError(f"mixture {name!r}: {error}") from None
     return mixtures[name]
 
 
@@ -34,13 +41,39 @@ class TaskData:
     test: list[Example]
 
 
+def check_mixture(mixture: dict[str, dict], tasks: dict[str, Task]) -> None:
+    """A mixture names known tasks, each with {"train": limit, "test": limit} (either may be left
+    out: all examples); else a ValueError naming what."""
+    if not isinstance(mixture, dict) or not mixture:
+        raise ValueError(f"a mixture maps task names to their limits, got {mixture!r}")
+    unknown = sorted(set(mixture) - set(tasks))
+    if unknown:
+        raise ValueError(f"the mixture names unknown tasks {unknown}; known: {sorted(tasks)}")
+    for name, limits in mixture.items():
+        if not isinstance(limits, dict) or not set(limits) <= {"train", "test"}:
+            raise ValueError(f"mixture entry {name!r} must be {{'train': limit, 'test': limit}}, got {limits!r}")
+        for split, limit in limits.items():
+            try:
+                check_limit(limit)
+            except ValueError as error:
+                raise ValueError(f"mixture entry {name!r}, {split}: {error}") from None
+
+
+def check_requires(names, tasks: dict[str, Task]) -> None:
+    """The tasks `names` (of one model) hold every task that one of them requires (`Task.requires`:
+    zero_shot is answered as captions, so a model trained without captions cannot answer it)."""
+    for name in names:
+        missing = [t for t in tasks[name].requires if t not in names]
+        if missing:
+            raise ValueError(f"task {name!r} is answered through {', '.join(map(repr, missing))}, which the mixture "
+                             "lacks: add it to the mixture")
+
+
 def build_data(mixture: dict[str, dict], tasks: dict[str, Task] | None = None, seed: int = 0,
                progress: bool = True) -> dict[str, TaskData]:
     """Builds every task's splits (sources are cached on disk after the first time)."""
     tasks = discover() if tasks is None else tasks
-    unknown = sorted(set(mixture) - set(tasks))
-    if unknown:
-        raise ValueError(f"the mixture names unknown tasks {unknown}; known: {sorted(tasks)}")
+    check_mixture(mixture, tasks)
     out = {}
     for name in tqdm(sorted(mixture), desc="building task data", disable=not progress):
         limits = mixture[name]

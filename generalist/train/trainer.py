@@ -39,7 +39,7 @@ from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, read_json, rng_state,
                                          save_checkpoint, set_rng_state)
-from generalist.train.data import TaskData
+from generalist.train.data import TaskData, check_requires
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
 from generalist.train.report import log_record
@@ -192,6 +192,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: dict[str, TaskData], resume: bool = False, progress: bool = True,
                  device: str | None = None):
         self.cfg, self.data = cfg, data
+        check_requires(data, {t: d.task for t, d in data.items()})  # before hours of training, not at its evaluation
         self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
         self.main = self.group is None or self.group.main  # the rank that logs and saves
         self.progress = progress and self.main

@@ -37,7 +37,8 @@ def _check(arrays):
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    """Files in the cache folder but the entries' lock files (empty; what processes flock)."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix != ".lock") if folder.exists() else []
 
 
 def test_cache_dir_env_and_default(tmp_cache, monkeypatch, tmp_path):
@@ -207,3 +208,25 @@ def test_refuses_objects_and_bad_names(tmp_cache):
         with pytest.raises(ValueError, match="cache entry name"):
             cached_arrays(bad, "1", Builder())
     assert _leftovers(tmp_cache / "arrays") == []
+
+
+def test_processes_building_one_entry_build_it_once(tmp_cache, tmp_path):
+    """The ranks of a torchrun launch on a fresh cache: one process builds, the others wait for it
+    and read its entry (the build writes a line to `calls` each time it runs)."""
+    import subprocess
+    import sys
+
+    calls = tmp_path / "calls"
+    script = ("import os, sys, time, numpy as np\n"
+              "from generalist.data.cache import cached_arrays\n"
+              "def build():\n"
+              f"    open({str(calls)!r}, 'a').write('built\\n')\n"
+              "    time.sleep(1.0)\n"
+              "    return {'x': np.arange(5)}\n"
+              "print(cached_arrays('shared', 'v1', build)['x'].sum())\n")
+    env = {**os.environ, "GENERALIST_CACHE": str(tmp_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0] and outputs == ["10"] * 3
+    assert calls.read_text() == "built\n"

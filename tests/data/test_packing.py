@@ -34,3 +34,10 @@ def test_encoder_tokenizes_text_and_maps_tasks():
 def test_encoder_errors(example, match):
     with pytest.raises(ValueError, match=match):
         ExampleEncoder(_Chars(), ["a", "b"]).encode(example)
+
+
+def test_pack_of_nothing_is_named():
+    with pytest.raises(ValueError, match="pack needs at least one tensor, got 0 examples holding none"):
+        pack([])
+    with pytest.raises(ValueError, match="got 2 examples holding none"):
+        pack([[], []])

@@ -45,3 +45,7 @@ def test_spoken_cache_follows_the_espeak_version(fake_espeak, tmp_path):
     assert not any(np.allclose(a, b) for (a, _), (b, _) in zip(first, fresh))  # and its clips are served
     new_versions = _versions(tmp_path / "cache")
     assert len(old_versions) == len(new_versions) == 1 and "1.51" in old_versions[0] and "1.52" in new_versions[0]
+
+
+def test_no_words_or_no_voices_make_no_clips():
+    assert speech.spoken([], ["en-us"]) == [] and speech.spoken(["one"], []) == []

@@ -10,7 +10,7 @@ import torch
 from generalist.data.packing import Example
 from generalist.data.speech import voice_split
 from generalist.data.tasks import discover, normalize, split_indices
-from generalist.train.data import load_mixtures
+from generalist.train.data import build_data, get_mixture, load_mixtures
 from generalist.train.trainer import TrainConfig, Trainer
 from generalist.train.data import TaskData
 
@@ -23,6 +23,53 @@ def test_every_task_is_discovered_and_in_the_mixtures():
     assert set(TASKS) == EXPECTED
     mixtures = load_mixtures()
     assert set(mixtures["demo"]) == EXPECTED and set(mixtures["full"]) == EXPECTED
+    for name in mixtures:
+        assert get_mixture(name) == mixtures[name]  # each passes its checks
+
+
+@pytest.mark.parametrize("mixture,message", [
+    ({"digits": 100}, "mixture entry 'digits' must be {'train': limit, 'test': limit}, got 100"),
+    ({"digits": None}, "mixture entry 'digits' must be {'train': limit, 'test': limit}, got None"),
+    ({"digits": {"train": 5, "tets": 3}}, "mixture entry 'digits' must be {'train': limit, 'test': limit}"),
+    ({"digits": {"train": -1}}, "mixture entry 'digits', train: limit must be None"),
+    ({"digits": {}, "nonesuch": {}}, "the mixture names unknown tasks ['nonesuch']"),
+    ({}, "a mixture maps task names to their limits, got {}"),
+])
+def test_a_malformed_mixture_is_named_before_any_data_is_built(mixture, message):
+    with pytest.raises(ValueError) as error:
+        build_data(mixture, TASKS, progress=False)
+    assert message in str(error.value)
+
+
+def test_a_task_answered_through_another_needs_it_in_the_mixture(tmp_path):
+    """zero_shot is answered as captions: a model trained without captions cannot answer it, which
+    the evaluation after training would find out; the trainer refuses the mixture up front."""
+    assert TASKS["zero_shot"].requires == ("captions",)
+    data = build_data({"digits": {"train": 4, "test": 2}, "zero_shot": {"test": 2}}, TASKS, progress=False)
+    with pytest.raises(ValueError, match="task 'zero_shot' is answered through 'captions', which the mixture lacks"):
+        Trainer(TrainConfig(preset="tiny", out=str(tmp_path / "run"), steps=2, warmup=1), data, progress=False)
+    # evaluating zero_shot alone (generalist eval --tasks zero_shot) builds its data without captions'
+    assert len(build_data({"zero_shot": {"train": 0, "test": 2}}, TASKS, progress=False)["zero_shot"].test) == 2
+
+
+def test_a_task_file_that_fails_to_load_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken.py").write_text("import not_a_module\n")
+    monkeypatch.setenv("GENERALIST_TASKS_PATH", str(tmp_path))
+    with pytest.raises(ValueError, match=f"task file {tmp_path / 'broken.py'} failed to load: ModuleNotFoundError"):
+        discover()
+    (tmp_path / "broken.py").write_text("from generalist.data.tasks import Task\n"
+                                         "class Nameless(Task):\n    def examples(self, *a, **k): return []\n"
+                                         "TASK = Nameless()\n")
+    with pytest.raises(ValueError, match="its TASK has no name"):
+        discover()
+    monkeypatch.setenv("GENERALIST_TASKS_PATH", str(tmp_path / "nonesuch"))
+    with pytest.raises(ValueError, match="GENERALIST_TASKS_PATH names .*nonesuch, which is not a directory"):
+        discover()
+
+
+def test_no_examples_is_no_score():
+    with pytest.raises(ValueError, match="task 'digits': no examples to score"):
+        TASKS["digits"].score([], [])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -42,6 +89,10 @@ def test_task_builds_examples(name):
     assert [_digest(e) for e in again] == [_digest(e) for e in test]
     with pytest.raises(ValueError, match="unknown split"):
         task.examples("validation", 2)
+    for bad in (-1, 2.5, True, "3"):  # one meaning of `limit` in every task (some made -1 mean "all but one")
+        with pytest.raises(ValueError, match=f"limit must be None \\(all examples\\) or an integer >= 0, got {bad!r}"):
+            task.examples("test", bad)
+    assert task.examples("test", 0) == []
 
 
 def _digest(ex):
