@@ -217,7 +217,8 @@ class MoE(nn.Module):
                                             check_values=False)
         # unpermute sums each token's experts in fp32; under autocast its result (bf16) and the
         # shared experts' are added in x's dtype
-        y_TD = y_TD.to(x_TD.dtype) + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK)
+        y_TD = y_TD.to(x_TD.dtype) + unpermute(self.routed_experts(x_SD, sizes_E), sort_idx_S, weights_TK,
+                                                  check_values=False)
         if not stats:
             return y_TD, None
 

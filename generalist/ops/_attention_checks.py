@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -121,6 +122,13 @@ def check_scale(softmax_scale, head_dim: int) -> float:
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return scale
+
+
+def check_causal(causal) -> bool:
+    """`causal` as a bool: a Python or numpy bool, not a string ("False" is truthy) or a number."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
+    return bool(causal)
 
 
 def check_dense(q, k, v) -> None:

@@ -132,6 +132,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     lse (H, Tq) fp32 too when `return_lse`.
     """
     BACKENDS.check_name(backend)
+    causal = checks.check_causal(causal)
     max_q, max_k = checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        causal, prefix_lens)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
@@ -139,7 +140,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     prefix_lens = None if prefix_lens is None else prefix_lens.contiguous()
     out, lse = BACKENDS.call(attention_fwd, "forward", backend, q, k, v, cu_q, cu_k, max_q, max_k,
-                             scale, bool(causal), prefix_lens, autograd=_EagerAttention)
+                             scale, causal, prefix_lens, autograd=_EagerAttention)
     return (out, lse) if return_lse else out
 
 
@@ -158,6 +159,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     """
     BACKENDS.check_name(backend)
     checks.check_dense(q, k, v)
+    causal = checks.check_causal(causal)
     scale = checks.check_scale(softmax_scale, q.shape[-1])
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -165,7 +167,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     cu_k = cu_q if sk == sq else _equal_lengths(b, sk, q.device)
     out, lse = BACKENDS.call(attention_fwd, "forward", backend, q.reshape(b * sq, h, d),
                              k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]), cu_q, cu_k,
-                             sq, sk, scale, bool(causal), None, autograd=_EagerAttention)
+                             sq, sk, scale, causal, None, autograd=_EagerAttention)
     out = out.view(b, sq, h, d)
     return (out, lse.view(h, b, sq).transpose(0, 1)) if return_lse else out
 

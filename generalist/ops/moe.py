@@ -15,6 +15,8 @@ S kept token-expert assignments (S = T*K when nothing is dropped).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -182,10 +184,8 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
         raise ValueError(f"expert_idx_TK must be int32 or int64, got {expert_idx_TK.dtype}")
     if expert_idx_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"expert_idx_TK has {expert_idx_TK.shape[0]} rows but x_TD has {x_TD.shape[0]}")
-    if not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
-    if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
-        raise ValueError(f"capacity must be None or a non-negative int, got {capacity!r}")
+    n_experts = _count("n_experts", n_experts, 1)
+    capacity = None if capacity is None else _count("capacity", capacity, 0)
     if check_values and checks.value_checks_on() and expert_idx_TK.numel():
         lo, hi = expert_idx_TK.min().item(), expert_idx_TK.max().item()
         if lo < 0 or hi >= n_experts:
@@ -203,13 +203,29 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
     return x_sorted_SD, sort_idx_S, group_sizes_E.to(torch.int32)
 
 
-def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | None = None) -> Tensor:
+def _count(name: str, value, minimum: int) -> int:
+    """An int argument (numpy integers too, not a bool: a flag in a count's place)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | None = None,
+              check_values: bool = True) -> Tensor:
     """Inverse of `permute`, weighted: out[t] = sum_k weights[t, k] * y[row of assignment t*K+k].
 
     y (S, D) rows in `permute` order; sort_idx int64 (S,) from `permute`; weights (T, K).
     Dropped assignments (absent from sort_idx) contribute zero. The K terms are added in k order
     (deterministic, no atomics), in the promoted dtype of y and weights; returns (T, D) in y's
-    dtype. `T`, when given, must equal weights_TK.shape[0].
+    dtype. `T`, when given, must equal weights_TK.shape[0]. The check that sort_idx holds distinct
+    assignments in [0, T*K) is a device sync; `check_values=False` skips it (indices from
+    `permute` are by construction).
     """
     _check_tensor("y_SD", y_SD, 2, "(S, D)")
     _check_tensor("sort_idx_S", sort_idx_S, 1, "(S,)")
@@ -222,6 +238,12 @@ def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | Non
     if sort_idx_S.shape[0] != y_SD.shape[0] or y_SD.shape[0] > t * k:
         raise ValueError(f"y_SD has {y_SD.shape[0]} rows and sort_idx_S {sort_idx_S.shape[0]}; they must "
                          f"match and be at most T*K = {t * k}")
+    if check_values and checks.value_checks_on() and sort_idx_S.numel():
+        lo, hi = sort_idx_S.min().item(), sort_idx_S.max().item()
+        if lo < 0 or hi >= t * k:
+            raise ValueError(f"sort_idx_S values must lie in [0, T*K = {t * k}), got [{lo}, {hi}]")
+        if torch.unique(sort_idx_S).numel() != sort_idx_S.numel():  # one row would overwrite another
+            raise ValueError("sort_idx_S holds an assignment twice; each must appear at most once")
     d = y_SD.shape[1]
     y_TKD = y_SD.new_zeros((t * k, d)).index_copy(0, sort_idx_S.long(), y_SD).view(t, k, d)
     w_TK = weights_TK.to(torch.promote_types(y_SD.dtype, weights_TK.dtype))

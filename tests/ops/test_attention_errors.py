@@ -1,6 +1,7 @@
 """Every input a caller can get wrong raises a ValueError that names the argument, whichever
 backend is asked for (the checks run before a backend is picked)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,9 @@ def test_valid_call_works(backend):
     (dict(softmax_scale="0.5"), "softmax_scale must be a real number or None, got str"),
     (dict(softmax_scale=[0.5]), "softmax_scale must be a real number or None, got list"),
     (dict(softmax_scale=torch.ones(2)), "softmax_scale must be a real number or None, got Tensor"),
+    # "False" is truthy: it ran causal attention
+    (dict(causal="False"), "causal must be True or False, got str 'False'"),
+    (dict(causal=1), "causal must be True or False, got int 1"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_varlen_input(over, match, backend):
@@ -81,6 +85,14 @@ def test_bad_varlen_input(over, match, backend):
 def test_bad_dense_input(q, k, v, match, backend):
     with pytest.raises(ValueError, match=match):
         flash_attn_func(q, k, v, backend=backend)
+
+
+def test_causal_takes_numpy_bools_and_refuses_strings():
+    q = torch.randn(1, 5, 2, 8)
+    torch.testing.assert_close(flash_attn_func(q, q, q, causal=np.bool_(True), backend="reference"),
+                               flash_attn_func(q, q, q, causal=True, backend="reference"))
+    with pytest.raises(ValueError, match="causal must be True or False, got str 'False'"):
+        flash_attn_func(q, q, q, causal="False")
 
 
 def test_device_mismatch_is_named():

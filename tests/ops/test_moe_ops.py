@@ -4,6 +4,7 @@ Shapes: T tokens, D input features, F output features, E experts, K experts per 
 S kept assignments.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,8 +214,14 @@ def test_permute_unpermute_gradients(gen):
     (lambda: permute(torch.randn(4, 3), torch.zeros(5, 2, dtype=torch.int64), 2), "expert_idx_TK has 5 rows but x_TD has 4"),
     (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2), 2), "expert_idx_TK must be int32 or int64"),
     (lambda: permute(torch.randn(4, 3), torch.full((4, 2), 2), 2), r"values must lie in \[0, 2\)"),
-    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), 0), "n_experts must be a positive int"),
-    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), 2, -1), "capacity must be None"),
+    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), 0), "n_experts must be an int >= 1, got 0"),
+    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), True), "n_experts must be an int >= 1, got bool"),
+    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), 2, -1), "capacity must be an int >= 0, got -1"),
+    (lambda: permute(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), 2, True), "capacity must be an int >= 0, got bool"),
+    (lambda: unpermute(torch.randn(2, 3), torch.tensor([0, 9]), torch.ones(3, 2)), r"sort_idx_S values must lie in \[0, T\*K = 6\), got \[0, 9\]"),
+    (lambda: unpermute(torch.randn(2, 3), torch.tensor([-1, 0]), torch.ones(3, 2)), r"got \[-1, 0\]"),
+    # one row would overwrite the other: an answer that depends on the order of a scatter
+    (lambda: unpermute(torch.randn(2, 3), torch.tensor([0, 0]), torch.ones(3, 2)), "sort_idx_S holds an assignment twice"),
     (lambda: unpermute(torch.randn(9, 3), torch.arange(9), torch.ones(4, 2)), "at most T\\*K = 8"),
     (lambda: unpermute(torch.randn(8, 3), torch.arange(7), torch.ones(4, 2)), "sort_idx_S 7"),
     (lambda: unpermute(torch.randn(8, 3), torch.arange(8), torch.ones(4, 2), T=5), "T is 5 but weights_TK has 4 rows"),
@@ -222,6 +229,13 @@ def test_permute_unpermute_gradients(gen):
 def test_permute_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_permute_takes_numpy_integers():
+    x, idx = torch.randn(4, 3), torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0]])
+    want = permute(x, idx, 2, 3)
+    for got, expected in zip(permute(x, idx, np.int64(2), np.int32(3)), want):
+        torch.testing.assert_close(got, expected)
 
 
 def test_value_checks_can_be_skipped():
