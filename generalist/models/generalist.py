@@ -5,8 +5,8 @@ contrastive embedding head.
 Shapes: S encoder tokens, T decoder tokens, B examples, N decoding rows (B x beams), M model dim,
 V vocabulary, E contrastive dim.
 
-Positions: every attention layer applies rotary embeddings over the token's index inside its
-own example (encoder and decoder separately); non-text modality tokens also get learned axial
+Positions: every self-attention layer applies rotary embeddings over the token's index inside
+its own example (encoder and decoder separately; cross-attention has none); non-text modality tokens also get learned axial
 embeddings (time/row/column) from their embedder's coordinates. Each example's encoder stream
 is: a learned task token, then for each segment an opening boundary vector, the segment's
 tokens and a closing boundary vector (boundaries are learned per modality).

@@ -1,5 +1,7 @@
-"""Public ops: every op model code calls is a registered `generalist::` op with a reference
-implementation, a fake implementation and autograd (one file per op)."""
+"""Public ops. Attention, decoding, `grouped_mm` and `varlen_positions` are registered
+`generalist::` ops with a reference and a fake implementation (and autograd where they train;
+`attention_decode` serves inference only); `permute` / `unpermute` are differentiable index
+operations in plain torch."""
 
 from generalist.ops._attention_checks import set_value_checks
 from generalist.ops._registry import BackendError
