@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -107,7 +108,8 @@ def _train(args) -> int:
     from generalist.train.distributed import Distributed, check_batch
     from generalist.train.trainer import TrainConfig, Trainer, set_option
 
-    cfg = TrainConfig(preset=args.preset, mixture=args.mixture, out=args.out, max_minutes=args.max_minutes)
+    cfg = TrainConfig(preset=args.preset or "demo", mixture=args.mixture or "demo", out=args.out,
+                      max_minutes=args.max_minutes)
     if args.resume:
         from pathlib import Path
 
@@ -124,6 +126,11 @@ def _train(args) -> int:
         budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
         # built from a copy, which --set changes while `saved` stays as the run was built
         cfg = TrainConfig(**{**json.loads(json.dumps(saved)), "out": args.out, "max_minutes": budget})
+        for name in ("preset", "mixture"):  # what the run is made of: as it was built
+            given = getattr(args, name)
+            if given is not None and given != getattr(cfg, name):
+                raise ValueError(f"--resume continues the run as it was built: its {name} is {getattr(cfg, name)!r}, "
+                                 f"not {given!r} (leave out --{name}, or start a new run with --overwrite or another --out)")
     if args.steps is not None:
         cfg.steps = args.steps
     for assignment in args.set or []:
@@ -146,13 +153,15 @@ def _train(args) -> int:
         if group is not None:
             check_batch(cfg.batch_size, group.world, cfg.contrastive_batch)  # before --overwrite deletes anything
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
         if not args.resume and ((out / "checkpoint").exists() or (out / ".checkpoint.old").exists()):
             if not args.overwrite:
                 raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
             if main_rank:
-                import shutil
+                from generalist.train.checkpoint import clear_run
 
-                shutil.rmtree(out)
+                clear_run(out)  # the run's own files; anything else in the folder stays
         if group is not None:
             group.barrier()  # nobody writes into --out before rank 0 has cleared it
         # every rank builds the data (the cache is safe for concurrent builds)
@@ -174,32 +183,40 @@ def _train(args) -> int:
 def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=None) -> int:
     from pathlib import Path
 
-    from generalist.infer.generalist import Generalist
-    from generalist.train.checkpoint import find_checkpoint, read_json
+    from generalist.infer.generalist import Generalist, resolve_device
+    from generalist.train.checkpoint import CHECKPOINT, find_checkpoint, run_meta
     from generalist.train.data import build_data, get_mixture
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
 
     ckpt = find_checkpoint(Path(run_dir))
-    meta = read_json(ckpt / "meta.json")
+    _, trained, train = run_meta(ckpt)
+    device = resolve_device(device)  # before any data is built
     if tasks is not None:
-        unknown = sorted(set(tasks) - set(meta["tasks"]))
+        unknown = sorted(set(tasks) - set(trained))
         if unknown or not tasks:
             problem = f"unknown tasks {unknown}" if unknown else "no task named"
-            raise ValueError(f"--tasks: {problem}; this run has {', '.join(meta['tasks'])}")
+            raise ValueError(f"--tasks: {problem}; this run has {', '.join(trained)}")
         if data is not None:
             data = {t: d for t, d in data.items() if t in tasks}
     if data is None:
         # the held-out splits only: every task seeds its splits apart, so its test examples are
-        # the same without the training ones (whose generation is most of the build's time)
-        mixture = {t: {**m, "train": 0} for t, m in get_mixture(meta["train"]["mixture"]).items()
-                   if tasks is None or t in tasks}
+        # the same without the training ones (whose generation is most of the build's time). The
+        # run's own tasks, sized as its mixture sizes them now (a task the mixture no longer
+        # holds, or a mixture since removed: its whole test split)
+        try:
+            sizes = get_mixture(train["mixture"])
+        except ValueError:
+            sizes = {}
+        mixture = {t: {**sizes.get(t, {}), "train": 0} for t in trained if tasks is None or t in tasks}
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
-        data = build_data(mixture, seed=meta["train"]["seed"])
+        data = build_data(mixture, seed=train["seed"])
     results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data)
     print(format_table(results))
-    run_dir = ckpt.parent  # given the checkpoint itself, or a run whose last save was cut short
+    # a run's checkpoint (or the one a cut-short save left) writes into its run; any other
+    # checkpoint folder into itself
+    run_dir = ckpt.parent if ckpt.name in (CHECKPOINT, f".{CHECKPOINT}.old") else ckpt
     print(f"\nwrote {write_results(run_dir, results)}")
     print(f"report: {write_report(run_dir, results, ckpt)}")
     return 0
@@ -287,15 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="train one generalist on a task mixture, then evaluate it and write a report")
-    train.add_argument("--preset", default="demo", help="model preset: tiny, demo or base")
-    train.add_argument("--mixture", default="demo", help="task mixture from tasks/mixtures.py")
+    train.add_argument("--preset", default=None, help="model preset: tiny, demo or base (default: demo; with "
+                                                      "--resume: the run's)")
+    train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py (default: demo; with "
+                                                       "--resume: the run's)")
     train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a training option, or the model's with model.KEY=VALUE (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first (its "
+                                                                "checkpoints, logs and report; nothing else there)")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation and report at the end")
     train.set_defaults(func=_train)
 
@@ -351,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as error:  # a rank died or hung: one line, no traceback
         print(f"generalist {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FloatingPointError, SourceMissing) as error:  # one line, no traceback
+    except BrokenPipeError:  # the reader went away (`generalist check | head`): no more output
+        sys.stdout = open(os.devnull, "w")
+        return 141
+    except (ValueError, OSError, FloatingPointError, SourceMissing) as error:  # one line, no traceback
         print(f"generalist {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

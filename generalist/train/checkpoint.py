@@ -76,6 +76,36 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
     return final
 
 
+# what a run writes into its directory: all that --overwrite deletes (anything else there stays)
+RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", "tensorboard", "eval.json",
+               "report.html")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Deletes the files and folders of the run in `run_dir` (RUN_ENTRIES), nothing else."""
+    for name in RUN_ENTRIES:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def run_meta(ckpt: Path) -> tuple[dict, list[str], dict]:
+    """(meta.json, its task names, its training options) of a checkpoint that training wrote; a
+    meta.json without them is a ValueError naming it."""
+    path = Path(ckpt) / "meta.json"
+    meta = read_json(path)
+    tasks = meta.get("tasks") if isinstance(meta, dict) else None
+    train = meta.get("train") if isinstance(meta, dict) else None
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{path} is damaged: it lists no tasks")
+    if not isinstance(train, dict) or not isinstance(train.get("mixture"), str) or \
+            not isinstance(train.get("seed"), int):
+        raise ValueError(f"{path} is damaged: it holds no training options ('train' with its mixture and seed)")
+    return meta, tasks, train
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint directory from a run directory or the checkpoint itself. A run killed between
     the two renames of save_checkpoint still has its last complete checkpoint in .checkpoint.old."""

@@ -35,14 +35,21 @@ def log_record(line: str) -> dict | None:
     except ValueError:
         return None
     step = record.get("step") if isinstance(record, dict) else None
-    return record if isinstance(step, int) and not isinstance(step, bool) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2 ** 53 else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 2 ** 1000
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl that hold a step's losses; other lines are left out, as the
-    trainer leaves them out when it resumes."""
+    """The records of a metrics.jsonl that hold a step's losses (their task_loss keeps only its
+    numbers); other lines are left out, as the trainer leaves them out when it resumes."""
     records = [log_record(line) for line in path.read_text(errors="replace").splitlines()]
-    return [r for r in records if r is not None and isinstance(r.get("task_loss"), dict)]
+    records = [r for r in records if r is not None and isinstance(r.get("task_loss"), dict)]
+    for r in records:
+        r["task_loss"] = {k: float(v) for k, v in r["task_loss"].items() if _number(v)}
+    return records
 
 
 def loss_figure(records: list[dict]):
@@ -87,21 +94,37 @@ def routing_figure(counts_LGE: np.ndarray, groups: list[str], title: str):
     return fig
 
 
+def _counts(value, n_groups: int) -> np.ndarray | None:
+    """Routing counts (layers, n_groups, experts) as a float array, or None when `value` is not
+    such counts (a run without routed experts, a state.json edited by hand)."""
+    try:
+        counts = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    ok = counts.ndim == 3 and counts.shape[1] == n_groups and counts.size and np.isfinite(counts).all()
+    return counts if ok else None
+
+
 def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None, ckpt: Path | None = None) -> Path:
     """run_dir/report.html from the run's log, its checkpoint (`ckpt`, found in run_dir when not
     given) and held-out `results`."""
     import matplotlib.pyplot as plt
 
-    from generalist.train.checkpoint import find_checkpoint, read_json
+    from generalist.train.checkpoint import find_checkpoint, read_json, run_meta
 
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
     records = read_log(log) if log.is_file() else []
     ckpt = find_checkpoint(run_dir) if ckpt is None else Path(ckpt)
-    meta, state = read_json(ckpt / "meta.json"), read_json(ckpt / "state.json")
+    _, tasks, _ = run_meta(ckpt)
+    # the training state is the report's, not inference's: a checkpoint without a readable one
+    # (copied for inference, edited by hand) gets a report without its counts and routing
+    state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+    state = state if isinstance(state, dict) else {}
+    steps = f"{state['step']} steps" if _number(state.get("step")) else "steps unknown (no training state)"
+    skipped = f", {state['skipped']} skipped (non-finite)" if _number(state.get("skipped")) else ""
     parts = [f"<h1>generalist run: {html.escape(run_dir.name)}</h1>",
-             f"<p>{state['step']} steps, {state.get('skipped', 0)} skipped (non-finite); "
-             f"tasks: {', '.join(map(html.escape, meta['tasks']))}</p>"]
+             f"<p>{steps}{skipped}; tasks: {', '.join(map(html.escape, tasks))}</p>"]
     if results:
         rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(m)}</td><td>{v:.3f}</td></tr>"
                        for t, ms in sorted(results.items()) for m, v in ms.items())
@@ -109,14 +132,14 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     figures = []
     if records:
         figures.append(("Training loss", loss_figure(records)))
-    routing = state.get("routing")
-    if routing and np.asarray(routing["task"]).size:
-        from generalist.modalities import MODALITIES
+    from generalist.modalities import MODALITIES
 
-        figures.append(("Routing by task", routing_figure(np.asarray(routing["task"]), meta["tasks"],
-                                                          "fraction of each task's tokens per expert")))
-        figures.append(("Routing by modality", routing_figure(np.asarray(routing["modality"]), list(MODALITIES),
-                                                              "fraction of each modality's tokens per expert")))
+    routing = state.get("routing") if isinstance(state.get("routing"), dict) else {}
+    for key, groups, what in (("task", tasks, "task"), ("modality", list(MODALITIES), "modality")):
+        counts = _counts(routing.get(key), len(groups))
+        if counts is not None:
+            figures.append((f"Routing by {what}", routing_figure(counts, groups,
+                                                                 f"fraction of each {what}'s tokens per expert")))
     for title, fig in figures:
         parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{_png(fig)}'>")
         plt.close(fig)

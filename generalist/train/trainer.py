@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from generalist.data.packing import EncodedExample, ExampleEncoder
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer
+from generalist.modalities.text import N_BYTES, SPECIAL_TOKENS
 from generalist._fields import check_keys, check_types
 from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
@@ -102,6 +103,11 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         check_keys(GeneralistConfig, self.model, "model: ")
+        for key in sorted(set(self.model) & set(TRAINER_SETS)):
+            raise ValueError(f"model: {key} is not an option: {TRAINER_SETS[key]}")
+        if self.vocab_size < MIN_VOCAB:
+            raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (the {N_BYTES} bytes and {len(SPECIAL_TOKENS)} special "
+                             f"tokens), got {self.vocab_size}")
         if schedule and self.warmup > self.steps:
             raise ValueError(f"warmup ({self.warmup} steps) is longer than the run ({self.steps} steps): the "
                              f"learning rate would never reach lr; set warmup <= steps (--set warmup=N)")
@@ -127,6 +133,14 @@ def prepare_example(model: GeneralistModel, ex: EncodedExample, name: str = "exa
     return replace(ex, segments=segments), nbytes
 
 
+MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # the tokenizer's fixed symbols, before any merge
+
+# model options the trainer sets itself, from the tokenizer and the mixture
+TRAINER_SETS = {"vocab_size": "the tokenizer's size, set with --set vocab_size=N",
+                "n_tasks": "the number of the mixture's tasks", "bos_id": "the tokenizer's <bos>",
+                "eos_id": "the tokenizer's <eos>"}
+
+
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     """Applies one `key=value` (`model.key=value` for the model config), values parsed as JSON
     when possible (numbers, true/false, null), else taken as strings."""
@@ -139,6 +153,8 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
         value = raw
     if key.startswith("model."):
         check_keys(GeneralistConfig, {key[6:]: value}, "model: ")
+        if key[6:] in TRAINER_SETS:
+            raise ValueError(f"{key} is not an option: {TRAINER_SETS[key[6:]]}")
         cfg.model[key[6:]] = value
         return cfg
     names = {f.name for f in fields(TrainConfig)}
@@ -263,6 +279,9 @@ class Trainer:
             except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
                 reason = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
                 raise ValueError(f"{ckpt / 'state.json'} is damaged: {reason}") from None
+            if cfg.steps < self.step:  # (equal: a finished run, resumed again, trains no more)
+                raise ValueError(f"{ckpt} is at step {self.step}, past the {cfg.steps} steps asked for: pass more "
+                                 "steps to train on (generalist eval evaluates it as it is)")
             if self.main:
                 self._truncate_log(self.step)
         elif self.main:  # a fresh run: the logs of one killed before its first checkpoint go

@@ -434,6 +434,62 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
                          ([], "--tasks: no task named")]:
         with pytest.raises(ValueError, match=match):
             _evaluate_run(copy, data=small, tasks=tasks)
+    # a checkpoint folder of its own (copied out of its run) writes into itself, not beside it
+    models = tmp_path / "models"
+    shutil.copytree(copy / ".checkpoint.old", models / "mine")
+    assert _evaluate_run(models / "mine", data=small) == 0
+    assert (models / "mine" / "eval.json").is_file() and not (models / "eval.json").exists()
+
+
+def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, monkeypatch):
+    """The test splits are built for the tasks the run was trained on, whatever its mixture holds
+    now (here the real demo mixture, which has none of the toy tasks), and a meta.json without
+    its tasks or training options is one error naming it, before any data is built."""
+    import generalist.train.data as train_data
+    from generalist.cli import _evaluate_run
+
+    copy = tmp_path / "toy"
+    shutil.copytree(run[0], copy)
+    built = []
+    monkeypatch.setattr(train_data, "build_data", lambda mixture, seed=0, **k: built.append(mixture) or
+                        build_data(mixture, tasks=toy_tasks.TASKS, seed=seed, progress=False))
+    assert _evaluate_run(copy, limit=2, device="cpu") == 0
+    assert built == [{t: {"train": 0, "test": 2} for t in ("bars", "echo", "swatches")}]
+    meta = copy / "checkpoint" / "meta.json"
+    good = json.loads(meta.read_text())
+    for damaged, match in [({}, "it lists no tasks"), ([], "it lists no tasks"),
+                           ({"tasks": good["tasks"]}, "it holds no training options"),
+                           ({**good, "train": {"mixture": "demo"}}, "it holds no training options")]:
+        meta.write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=f"meta.json is damaged: {match}"):
+            _evaluate_run(copy, limit=2, device="cpu")
+    assert len(built) == 1
+
+
+def test_report_of_a_hand_edited_log_and_a_checkpoint_without_training_state(run, tmp_path):
+    """Log lines whose losses are not numbers lose those entries (a dict, a string, a bool); a step
+    past any real count is no record; a checkpoint without state.json (one copied for inference)
+    or with routing counts of another shape gets a report without those parts."""
+    from generalist.train.report import read_log
+
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out)
+    log = out / "metrics.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 31, "task_loss": {"echo": {"count": 1}, "bars": "n/a",
+                                                                            "swatches": True, "x": 0.5}}) + "\n"
+                   + json.dumps({"step": 10 ** 400, "task_loss": {"echo": 1.0}}) + "\n")
+    records = read_log(log)
+    assert records[-1] == {"step": 31, "task_loss": {"x": 0.5}} and all(r["step"] <= 31 for r in records)
+    assert write_report(out).read_text().count("<img src='data:image/png;base64,") == 3
+    state_path = out / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["routing"]["task"] = [[1, 2]]  # not (layers, tasks, experts)
+    state_path.write_text(json.dumps(state))
+    page = write_report(out).read_text()
+    assert page.count("<img src='data:image/png;base64,") == 2 and f"{state['step']} steps" in page
+    state_path.unlink()
+    page = write_report(out).read_text()
+    assert page.count("<img src='data:image/png;base64,") == 1 and "steps unknown (no training state)" in page
 
 
 def test_examples_may_name_files_and_an_empty_batch_embeds_to_nothing(run, tmp_path):

@@ -511,3 +511,50 @@ def test_cli_resume_names_a_damaged_or_foreign_meta(tmp_path, monkeypatch, capsy
     assert train("--out", str(out), "--steps", "3", "--resume") == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_cli_overwrite_deletes_the_run_and_nothing_else(tmp_path, monkeypatch, capsys):
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    (out / "notes").mkdir()
+    (out / "notes" / "thesis.txt").write_text("precious")
+    (out / "results.csv").write_text("data")
+    (out / "eval.json").write_text("{}")
+    assert train("--out", str(out), "--steps", "2", "--overwrite") == 0
+    assert (out / "notes" / "thesis.txt").read_text() == "precious" and (out / "results.csv").read_text() == "data"
+    assert not (out / "eval.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "afile").write_text("x")
+    assert train("--out", str(tmp_path / "afile"), "--steps", "2") == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_cli_resume_refuses_another_preset_or_mixture_fewer_steps_and_overwrite(tmp_path, monkeypatch, capsys):
+    from generalist.cli import main
+
+    train = _toy_cli(monkeypatch)
+    out = str(tmp_path / "run")
+    assert train("--out", out, "--steps", "3") == 0
+    capsys.readouterr()
+    for flag, value, saved in (("--preset", "demo", "tiny"), ("--mixture", "full", "demo")):
+        assert main(["train", "--out", out, "--resume", "--no-eval", flag, value]) == 2
+        assert f"its {flag[2:]} is '{saved}', not '{value}'" in capsys.readouterr().err
+    assert train("--out", out, "--resume", "--steps", "2") == 2  # the checkpoint is at step 3
+    assert "is at step 3, past the 2 steps asked for" in capsys.readouterr().err
+    assert train("--out", out, "--resume", "--steps", "3") == 0  # a finished run, resumed again: nothing to do
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        main(["train", "--out", out, "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("model.vocab_size=500", "model.vocab_size is not an option: the tokenizer's size, set with --set vocab_size=N"),
+    ("model.n_tasks=2", "model.n_tasks is not an option: the number of the mixture's tasks"),
+    ("vocab_size=10", "vocab_size must be >= 269 (the 256 bytes and 13 special tokens), got 10"),
+])
+def test_options_the_trainer_sets_or_the_tokenizer_cannot_meet_are_refused_up_front(tmp_path, assignment, message):
+    with pytest.raises(ValueError) as error:
+        set_option(_cfg(tmp_path), assignment)
+    assert message in str(error.value)
+    with pytest.raises(ValueError, match="model: n_tasks is not an option"):
+        _cfg(tmp_path, model={"n_tasks": 3})
