@@ -270,6 +270,8 @@ def _parse_table(text: str):
         raise ValueError(f"--table must be {usage}, got {text!r}") from None
     if len(set(columns)) < len(columns):
         raise ValueError(f"--table names a column twice: {text!r}")
+    if any(not 0 <= c < 2 ** 31 for c in columns):  # (the table embedder names the model's own limit)
+        raise ValueError(f"--table column ids must be in [0, 2^31), got {text!r}")
     big = [v for v in values if abs(v) > float(np.finfo(np.float32).max)]
     if big:
         raise ValueError(f"--table value {big[0]!r} is beyond float32's range")

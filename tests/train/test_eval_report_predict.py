@@ -158,6 +158,8 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
     (["--task", "bars", "--table", "?,?"], "--table has no value, only missing ones"),
     (["--task", "bars", "--table", "1,1e39"], "--table value 1e+39 is beyond float32's range"),
     (["--task", "bars", "--table", "3=1,2"], "--table mixes plain values and COLUMN=VALUE pairs"),
+    (["--task", "bars", "--table", "99999999999999999999=2"], "--table column ids must be in [0, 2^31)"),
+    (["--task", "bars", "--table=1=0,-1=2"], "--table column ids must be in [0, 2^31)"),
     (["--task", "bars", "--table", "3=1,3=2"], "--table names a column twice"),
     (["--task", "bars", "--image", "EMPTY.npy"], "cannot read EMPTY.npy as a .npy array"),
     (["--task", "bars", "--image", "PICKLED.npy"], "holds pickled Python objects, which are never loaded"),
