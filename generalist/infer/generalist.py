@@ -319,9 +319,11 @@ def resolve_device(device: str | None) -> torch.device:
 class Generalist:
     def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24,
                  bf16: bool | None = None, generative: Sequence[str] | None = None,
-                 definitions: Mapping[str, Task] | None = None):
+                 definitions: Mapping[str, Task] | None = None, contrastive: Sequence[str] | None = None):
         """`bf16`: run under bf16 autocast; None (the default) does so on a GPU only.
         `generative`: the tasks that answer in generated text (None: as their definitions say);
+        `contrastive`: the tasks the contrastive head was trained on (None: as their definitions
+        say), the ones `classify` ranks labels as;
         `definitions`: the tasks' `Task` objects by name (None: the task files, read when first
         needed), for the tasks that answer otherwise (`Task.answer`)."""
         self.model = model.eval()
@@ -332,6 +334,7 @@ class Generalist:
                                   model.embedders["text"].cfg.max_len)  # (the decoder reads no more)
         self.bf16 = bf16
         self.generative = None if generative is None else set(generative)
+        self.contrastive = None if contrastive is None else set(contrastive)
         self.definitions = None if definitions is None else dict(definitions)
 
     @classmethod
@@ -347,11 +350,12 @@ class Generalist:
         if len(tasks) != model.cfg.n_tasks or not all(isinstance(t, str) for t in tasks):
             raise ValueError(f"{ckpt / 'meta.json'} lists {len(tasks)} tasks but the model in {ckpt} was built for "
                              f"{model.cfg.n_tasks}")
-        generative = meta.get("generative")  # absent from runs saved before it was recorded
-        if generative is not None and (not isinstance(generative, list) or not set(generative) <= set(tasks)):
-            raise ValueError(f"{ckpt / 'meta.json'}: 'generative' must list some of its tasks, got {generative!r}")
-        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16, generative=generative,
-                   definitions=definitions)
+        kinds = {}
+        for kind in ("generative", "contrastive"):  # absent from runs saved before they were recorded
+            kinds[kind] = meta.get(kind)
+            if kinds[kind] is not None and (not isinstance(kinds[kind], list) or not set(kinds[kind]) <= set(tasks)):
+                raise ValueError(f"{ckpt / 'meta.json'}: {kind!r} must list some of its tasks, got {kinds[kind]!r}")
+        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16, definitions=definitions, **kinds)
 
     def _definition(self, task: str) -> Task | None:
         """The task's `Task` object: from `definitions`, else the task files (read once)."""
@@ -365,6 +369,14 @@ class Generalist:
             return task in self.generative
         definition = self._definition(task)
         return definition is None or definition.generative
+
+    def trained_contrastively(self, task: str) -> bool:
+        """Whether the contrastive head was trained on `task` (unknown for a task that neither
+        the run nor a task file describes: then assumed)."""
+        if self.contrastive is not None:
+            return task in self.contrastive
+        definition = self._definition(task)
+        return definition is None or definition.contrastive
 
     def _precision(self):
         """bf16 autocast on the model's device when asked for (by default: on a GPU)."""
@@ -465,6 +477,10 @@ class Generalist:
         if not isinstance(prompt, str) or "{}" not in prompt:
             raise ValueError(f"prompt must be a string holding '{{}}' (where each label goes), got {prompt!r}")
         segments = self._segments(task, inputs)
+        if task in self.tasks and not self.trained_contrastively(task):
+            trained = [t for t in self.tasks if self.trained_contrastively(t)]
+            raise ValueError(f"task {task!r} was not trained through the contrastive head, so its embeddings rank "
+                             f"nothing; classify as one that was ({', '.join(trained) or 'none in this run'})")
         label_E = self.embed([Example([("text", prompt.replace("{}", x))], "", task) for x in labels])
         input_E = self.embed([Example(segments, "", task)])
         scale = self.model.logit_scale.detach().float().exp().clamp(max=100)

@@ -461,7 +461,7 @@ class Trainer:
             if not self.main:
                 return None
         meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if self.data[t].task.generative],
-                "train": asdict(self.cfg)}
+                "contrastive": [t for t in self.tasks if self.data[t].task.contrastive], "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer,
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
 

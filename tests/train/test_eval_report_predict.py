@@ -137,6 +137,11 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
         g.classify(labels, task="poetry", image=_swatch("red"))
     with pytest.raises(ValueError, match="needs at least one input"):
         g.classify(labels, task="swatches")
+    # the run records which tasks trained the contrastive head: only those rank labels
+    assert g.contrastive == {"swatches"}
+    with pytest.raises(ValueError, match=r"task 'echo' was not trained through the contrastive head, so its "
+                                         r"embeddings rank nothing; classify as one that was \(swatches\)"):
+        g.classify(labels, task="echo", text="red")
     path = tmp_path / "green.npy"
     np.save(path, _swatch("green").numpy())
     assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red, green,blue,white",
