@@ -46,6 +46,27 @@ class GeneralistConfig:
         for name in ("bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name} must be a token id below vocab_size ({self.vocab_size})")
+        from generalist.ops._attention_checks import MAX_HEAD_DIM
+        from generalist.ops.attention import BACKENDS
+
+        # rotary turns pairs of channels: a head of one channel would see no positions at all
+        if not 2 <= self.d_model // self.n_heads <= MAX_HEAD_DIM:
+            raise ValueError(f"model config: the head dim d_model / n_heads = {self.d_model // self.n_heads} must be "
+                             f"in [2, {MAX_HEAD_DIM}] (the attention kernels' range)")
+        try:
+            BACKENDS.check_name(self.attention_backend)
+            self.moe_config(n_modalities=1)
+        except ValueError as error:
+            raise ValueError(f"model config: {error}") from None
+
+    def moe_config(self, n_modalities: int):
+        """The MoE layers' configuration (generalist.modules.moe.MoEConfig, which checks it)."""
+        from generalist.modules.moe import MoEConfig
+
+        return MoEConfig(d_model=self.d_model, d_ff=self.d_ff, n_shared=self.n_shared, n_routed=self.n_routed,
+                         top_k=self.top_k, n_tasks=self.n_tasks, n_modalities=n_modalities,
+                         condition_router=self.condition_router, capacity_factor=self.capacity_factor,
+                         aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,7 +28,7 @@ from generalist.data.packing import EncodedExample, pack
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features
 from generalist.models.config import GeneralistConfig
 from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo, compile_block
-from generalist.modules.moe import MoEConfig, MoEStats
+from generalist.modules.moe import MoEStats
 from generalist.ops import _attention_checks as checks
 from generalist.ops import varlen_positions
 
@@ -71,10 +71,7 @@ class GeneralistModel(nn.Module):
                                     for name, e in self.embedders.items() if name != "text"})
         self.task_emb = nn.Embedding(cfg.n_tasks, m)
         self.boundary = nn.Parameter(torch.randn(len(MODALITIES), 2, m) * 0.02)
-        moe = MoEConfig(d_model=m, d_ff=cfg.d_ff, n_shared=cfg.n_shared, n_routed=cfg.n_routed, top_k=cfg.top_k,
-                        n_tasks=cfg.n_tasks, n_modalities=len(MODALITIES), condition_router=cfg.condition_router,
-                        capacity_factor=cfg.capacity_factor, aux_loss_weight=cfg.aux_loss_weight,
-                        z_loss_weight=cfg.z_loss_weight)
+        moe = cfg.moe_config(n_modalities=len(MODALITIES))
         self.encoder = nn.ModuleList(EncoderBlock(m, cfg.n_heads, cfg.n_kv_heads, moe, cfg.attention_backend)
                                      for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderBlock(m, cfg.n_heads, cfg.n_kv_heads, moe, cfg.attention_backend)

@@ -44,7 +44,8 @@ class MoEConfig:
     n_modalities: int = 5
     condition_router: bool = True  # router input is x + task_emb + modality_emb
     # Training only: each expert keeps at most ceil(capacity_factor * T * top_k / n_routed)
-    # assignments, earlier tokens first; None is dropless. Eval is always dropless.
+    # assignments, first choices before second ones, earlier tokens first within a choice (ops.moe.permute);
+    # None is dropless. Eval is always dropless.
     capacity_factor: float | None = None
     router_jitter: float = 0.0  # training only: router input scaled by U(1 - eps, 1 + eps)
     aux_loss_weight: float = 0.01  # Switch load-balancing loss

@@ -170,8 +170,10 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
 
     x (T, D); expert_idx int32/int64 (T, K) with values in [0, n_experts). Assignment
     a = t*K + k goes to expert expert_idx[t, k]; the sort is stable, so inside an expert's group
-    assignments keep token order. With `capacity`, each expert keeps only its first `capacity`
-    assignments in that order (earlier tokens win); the others are dropped.
+    assignments keep token order. With `capacity`, each expert keeps at most `capacity`
+    assignments: every token's first choice before any token's second (and so on), earlier tokens
+    first within one choice (GShard's and Switch's priority: a token loses its first choice only
+    when earlier first choices fill the expert); the others are dropped.
 
     Returns x_sorted (S, D) with x_sorted[s] = x[sort_idx[s] // K], sort_idx int64 (S,) the
     flat assignment index of each kept row, and group_sizes int32 (E,) summing to S.
@@ -195,9 +197,14 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
     edges = torch.arange(n_experts + 1, device=experts_S.device, dtype=experts_S.dtype)
     starts_E1 = torch.searchsorted(experts_S, edges)  # group e is [starts[e], starts[e+1])
     group_sizes_E = starts_E1[1:] - starts_E1[:-1]
-    if capacity is not None:
-        rank_S = torch.arange(experts_S.shape[0], device=experts_S.device) - starts_E1[experts_S]
-        sort_idx_S = sort_idx_S[rank_S < capacity]
+    if capacity is not None and experts_S.numel():
+        # each assignment's rank in its expert by (choice, token), then the kept ones in token order
+        flat_A = expert_idx_TK.reshape(-1).long()
+        choice_A = torch.arange(flat_A.shape[0], device=flat_A.device) % k
+        by_priority = torch.sort(flat_A * k + choice_A, stable=True).indices
+        rank_A = torch.empty_like(by_priority)
+        rank_A[by_priority] = torch.arange(flat_A.shape[0], device=flat_A.device) - starts_E1[flat_A[by_priority]]
+        sort_idx_S = sort_idx_S[rank_A[sort_idx_S] < capacity]
         group_sizes_E = group_sizes_E.clamp(max=capacity)
     x_sorted_SD = x_TD.index_select(0, sort_idx_S // k) if k else x_TD[:0]
     return x_sorted_SD, sort_idx_S, group_sizes_E.to(torch.int32)

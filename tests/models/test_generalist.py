@@ -471,3 +471,22 @@ def test_cuda_compiled_blocks_match_eager_under_bf16(tokenizer, gen):
             err = (got[name].float() - want[name].float()).norm() / want[name].float().norm().clamp_min(1e-12)
             assert err < 5e-2, (name, err.item())
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(d_model=1024, n_heads=2), "the head dim d_model / n_heads = 512 must be in [2, 256]"),
+    (dict(d_model=4, n_heads=4, n_kv_heads=1), "the head dim d_model / n_heads = 1 must be in [2, 256]"),  # no rotary
+    (dict(top_k=5), "MoEConfig.top_k must be in [1, n_routed=4], got 5"),
+    (dict(n_shared=0, n_routed=0), "needs at least one expert"),
+    (dict(capacity_factor=0.0), "capacity_factor must be None or a positive number"),
+    (dict(aux_loss_weight=-1.0), "aux_loss_weight must be >= 0"),
+    (dict(attention_backend="nope"), "attention: unknown backend 'nope'"),
+])
+def test_the_model_config_refuses_what_its_first_forward_would(over, message):
+    """Settings the layers or kernels cannot run are refused when the config is made (a
+    checkpoint's config.json names itself), not at the first forward."""
+    from generalist.models.config import GeneralistConfig
+
+    with pytest.raises(ValueError) as error:
+        GeneralistConfig(vocab_size=300, **over)
+    assert str(error.value).startswith("model config: ") and message in str(error.value)

@@ -45,10 +45,18 @@ def hand_routing(moe, x_TD, task_ids, modality_ids):
 
 
 def hand_forward(moe, x_TD, task_ids, modality_ids, capacity=None):
-    """Shared experts one by one (slices of the wide SwiGLU) + the kept routed experts, token by token."""
+    """Shared experts one by one (slices of the wide SwiGLU) + the kept routed experts, token by
+    token. With a capacity, each expert admits every token's first choice (token by token), then
+    second choices, ... until it is full."""
     c = moe.config
     routing = hand_routing(moe, x_TD, task_ids, modality_ids) if c.n_routed else None
-    used = [0] * c.n_routed
+    used, admitted = [0] * c.n_routed, set()
+    for j in range(c.top_k if routing else 0):
+        for t in range(x_TD.shape[0]):
+            e = routing[t][2][j][0]
+            if capacity is None or used[e] < capacity:
+                used[e] += 1
+                admitted.add((t, e))
     ys, kept = [], []
     for t in range(x_TD.shape[0]):
         y = torch.zeros(c.d_model, dtype=x_TD.dtype)
@@ -56,9 +64,8 @@ def hand_forward(moe, x_TD, task_ids, modality_ids, capacity=None):
             cols = slice(s * c.d_ff, (s + 1) * c.d_ff)
             y = y + swiglu(x_TD[t], moe.shared_w1_DH[:, cols], moe.shared_w3_DH[:, cols], moe.shared_w2_HD[cols])
         for e, weight in routing[t][2] if routing else []:
-            if capacity is not None and used[e] >= capacity:
+            if (t, e) not in admitted:
                 continue  # dropped: contributes nothing
-            used[e] += 1
             kept.append((t, e))
             y = y + weight * swiglu(x_TD[t], moe.w1_EDF[e], moe.w3_EDF[e], moe.w2_EFD[e])
         ys.append(y)

@@ -124,18 +124,22 @@ def test_unknown_backend():
 
 
 def naive_permute(x_TD, expert_idx_TK, n_experts, capacity=None):
-    """Expert by expert, token by token: the order the op promises."""
+    """Expert by expert, token by token: the order the op promises. With a capacity, an expert
+    admits first choices (token by token), then second choices, ... until it is full."""
     t, k = expert_idx_TK.shape
     rows, idx, sizes = [], [], []
     for e in range(n_experts):
-        n = 0
+        admitted = set()
+        for j in range(k):
+            for tok in range(t):
+                if expert_idx_TK[tok, j] == e and (capacity is None or len(admitted) < capacity):
+                    admitted.add(tok * k + j)
         for tok in range(t):
             for j in range(k):
-                if expert_idx_TK[tok, j] == e and (capacity is None or n < capacity):
+                if tok * k + j in admitted:
                     rows.append(x_TD[tok])
                     idx.append(tok * k + j)
-                    n += 1
-        sizes.append(n)
+        sizes.append(len(admitted))
     x_sorted = torch.stack(rows) if rows else x_TD.new_zeros((0, x_TD.shape[1]))
     return x_sorted, torch.tensor(idx, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int32)
 
@@ -180,6 +184,14 @@ def test_permute_unpermute_match_naive_loop_exactly(gen, t, k, e, capacity, dist
     weights = torch.rand(t, k, generator=gen)
     out = unpermute(y, got[1], weights)
     assert torch.equal(out, naive_unpermute(y, got[1], weights)), gen.initial_seed()
+
+
+def test_capacity_keeps_first_choices_before_second_ones():
+    """Expert 0 has room for 2: token 1's and token 2's first choices win over token 0's second
+    (with earlier tokens first regardless of choice, token 1 would lose its only routed expert)."""
+    idx = torch.tensor([[1, 0], [0, 1], [0, 2]])
+    x_sorted, sort_idx, sizes = permute(torch.randn(3, 4), idx, 3, capacity=2)
+    assert sort_idx.tolist() == [2, 4, 0, 3, 5] and sizes.tolist() == [2, 2, 1]
 
 
 def test_permute_is_stable_and_roundtrips(gen):

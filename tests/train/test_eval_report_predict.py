@@ -225,6 +225,8 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
         config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": "32"}))
     elif name == "wrong-shape":
         config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": 64}))
+    elif name == "top-k":  # MoE options are the model config's too, so its file is named
+        config.write_text(json.dumps({**json.loads(config.read_text()), "top_k": 9}))
     elif name == "meta-tasks":
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": ["bars"]}))
     elif name == "meta-json":
@@ -240,6 +242,7 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
     ("unknown-key", "config.json: unknown field 'bogus'"),
     ("wrong-type", "config.json: model config: d_model must be an integer, got '32'"),
     ("wrong-shape", "(size mismatch for"),
+    ("top-k", "config.json: model config: MoEConfig.top_k must be in [1, n_routed=4], got 9"),
     ("meta-tasks", "meta.json lists 1 tasks but the model"),
     ("meta-json", "meta.json is not valid JSON"),
 ])
