@@ -185,7 +185,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
 
     from generalist.infer.generalist import Generalist, resolve_device
     from generalist.train.checkpoint import CHECKPOINT, find_checkpoint, run_meta
-    from generalist.train.data import build_data, get_mixture
+    from generalist.train.data import build_data, load_mixtures
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
 
@@ -204,10 +204,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         # the same without the training ones (whose generation is most of the build's time). The
         # run's own tasks, sized as its mixture sizes them now (a task the mixture no longer
         # holds, or a mixture since removed: its whole test split)
-        try:
-            sizes = get_mixture(train["mixture"])
-        except ValueError:
-            sizes = {}
+        sizes = load_mixtures().get(train["mixture"], {})
         mixture = {t: {**sizes.get(t, {}), "train": 0} for t in trained if tasks is None or t in tasks}
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}

@@ -108,8 +108,13 @@ def take(indices, limit: int | None):
 
 
 def _task_dirs() -> list[Path]:
+    """The project's tasks/ (when this is a checkout, not an installed wheel without it) and the
+    folders on GENERALIST_TASKS_PATH, which must exist."""
     extra = [Path(p) for p in os.environ.get("GENERALIST_TASKS_PATH", "").split(os.pathsep) if p]
-    return [TASKS_DIR, *extra]
+    for directory in extra:
+        if not directory.is_dir():
+            raise ValueError(f"GENERALIST_TASKS_PATH names {directory}, which is not a directory")
+    return ([TASKS_DIR] if TASKS_DIR.is_dir() else []) + extra
 
 
 def discover() -> dict[str, Task]:
@@ -118,8 +123,6 @@ def discover() -> dict[str, Task]:
     that does not exist."""
     found: dict[str, Task] = {}
     for directory in _task_dirs():
-        if not directory.is_dir():
-            raise ValueError(f"GENERALIST_TASKS_PATH names {directory}, which is not a directory")
         for path in sorted(directory.glob("*.py")):
             if path.name.startswith("_") or path.stem == "mixtures":
                 continue

@@ -83,7 +83,9 @@ class TrainConfig:
     # routed experts and tokens travel to them (n_routed must be a multiple of the number of processes)
 
     def __post_init__(self):
-        self.check()
+        # the warm-up against the steps waits for Trainer (or the command line) to call check():
+        # a run is resumed from its saved options before --steps and --set change them
+        self.check(schedule=False)
 
     def check(self, schedule: bool = True) -> None:
         """Every option's type and range (run again after options are changed in place), and with
@@ -170,8 +172,8 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to min_lr_ratio * lr over the rest of
     the budget: the steps, or the time (`time_fraction` of max_minutes spent) if that runs out
-    first. The time decays the warm-up too, so a budget spent before the warm-up ends still ends
-    at the floor."""
+    first. The time decays the warm-up too: a budget spent before the warm-up ends ends at the
+    floor times the ramp reached, not mid-ramp at its height."""
     ramp = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
     by_steps = max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     progress = min(1.0, max(by_steps, time_fraction))
@@ -208,6 +210,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: dict[str, TaskData], resume: bool = False, progress: bool = True,
                  device: str | None = None):
         self.cfg, self.data = cfg, data
+        cfg.check()
         check_requires(data, {t: d.task for t, d in data.items()})  # before hours of training, not at its evaluation
         self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
         self.main = self.group is None or self.group.main  # the rank that logs and saves

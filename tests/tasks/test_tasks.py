@@ -65,6 +65,12 @@ def test_a_task_file_that_fails_to_load_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("GENERALIST_TASKS_PATH", str(tmp_path / "nonesuch"))
     with pytest.raises(ValueError, match="GENERALIST_TASKS_PATH names .*nonesuch, which is not a directory"):
         discover()
+    # an installed wheel has no tasks/ of its own: no tasks then, not an error
+    import generalist.data.tasks as tasks_module
+
+    monkeypatch.delenv("GENERALIST_TASKS_PATH")
+    monkeypatch.setattr(tasks_module, "TASKS_DIR", tmp_path / "not-installed")
+    assert discover() == {}
 
 
 def test_no_examples_is_no_score():

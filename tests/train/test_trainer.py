@@ -214,7 +214,26 @@ def test_a_warmup_longer_than_the_run_is_refused_once_every_option_is_in(tmp_pat
     with pytest.raises(ValueError, match=r"warmup \(11 steps\) is longer than the run \(10 steps\)"):
         cfg.check()
     with pytest.raises(ValueError, match="is longer than the run"):
-        TrainConfig(out=str(tmp_path), steps=20)  # the default warm-up of 50 steps
+        Trainer(TrainConfig(out=str(tmp_path), steps=20), _data(), progress=False)  # the default warm-up of 50
+
+
+def test_a_run_saved_with_a_warmup_longer_than_its_steps_resumes_with_more_steps(tmp_path, monkeypatch, capsys):
+    """Runs saved before the warm-up was checked against the steps (warmup 50, --steps 2) resume
+    once --steps or --set fix it: the check waits for the whole command line."""
+    from generalist.cli import main
+
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    meta_path = out / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train"]["warmup"] = 50
+    meta_path.write_text(json.dumps(meta))
+    resume = ["train", "--out", str(out), "--resume", "--no-eval"]
+    assert main([*resume, "--steps", "3"]) == 2
+    assert "warmup (50 steps) is longer than the run (3 steps)" in capsys.readouterr().err
+    assert main([*resume, "--steps", "3", "--set", "warmup=3"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
 
 
 @pytest.mark.parametrize("args,message", [
