@@ -421,7 +421,7 @@ class DataParallel:
                     extra: list = ()) -> tuple[float, dict[str, list[float]], int]:
         """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
         slice of `picks` (and of `extra`, contrastive examples for the contrastive loss alone);
-        gradients are all-reduced when `sync`. Returns the global loss, the per-task losses and
+        gradients are all-reduced when `sync` (under FSDP reduce-scattered on every micro-batch). Returns the global loss, the per-task losses and
         the global token count."""
         tr, g = self.trainer, self.group
         task = {name: tr.data[name].task for name in tr.data}
@@ -434,7 +434,9 @@ class DataParallel:
         con_inputs, con_texts = tr._contrastive_pairs(con) if con and sum(con_counts) >= 2 else ([], [])
         gen_tasks = [t for t, _ in mine if task[t].generative]
         if self.fsdp:
-            self.wrapped.set_requires_gradient_sync(sync)
+            # every micro-batch reduce-scatters into the sharded gradients: left unsynced, FSDP keeps
+            # them on its unsharded parameters, where a skipped step's zero_grad cannot reach them
+            self.wrapped.set_requires_gradient_sync(True)
         with g.guard(), (contextlib.nullcontext() if sync or self.fsdp else self.wrapped.no_sync()):
             with torch.autocast(tr.device.type, dtype=torch.bfloat16,
                                 enabled=tr.cfg.bf16 and tr.device.type == "cuda"):
@@ -446,6 +448,10 @@ class DataParallel:
                 if self.fsdp:
                     self._drop_unused(st["used"], sync)
         return total, *self._unpack(vec)
+
+    def discard(self) -> None:
+        """Forgets what the micro-batches of a skipped step recorded (which root parameters they used)."""
+        self._used = None
 
     def _drop_unused(self, used: Tensor, last: bool) -> None:
         """FSDP: after the step's last backward, the root parameters that no rank used on any of

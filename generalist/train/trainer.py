@@ -248,6 +248,9 @@ class Trainer:
             self.model.compile_blocks()
         # before the optimizer: expert parallelism and FSDP replace parameters
         self.dp = DataParallel(self, self.group) if self.group is not None else None
+        if self.group is not None and self.model.cfg.capacity_factor is not None and self.main:
+            warnings.warn("model.capacity_factor caps each expert by the tokens of each rank's own slice, so a run "
+                          "under torchrun drops other tokens than one process with the same batch", stacklevel=2)
         if self.group is None and (cfg.expert_parallel or cfg.fsdp):
             warnings.warn("expert_parallel and fsdp have no effect in a single process; launch with torchrun "
                           "--nproc-per-node N", stacklevel=2)
@@ -377,6 +380,9 @@ class Trainer:
                 total = total + self.cfg.contrastive_weight * closs
                 pending["names"].append("contrastive")
                 pending["losses"].append(closs.detach().float().reshape(1))
+        if not total.requires_grad:  # nothing to learn from (one contrastive pair, no text target):
+            # a zero gradient for the logit scale, as under torchrun, so that the backward runs
+            total = total + 0.0 * self.model.logit_scale.sum()
         return total, pending, tokens
 
     def _collect(self, pending: dict, per_task: dict[str, list[float]]) -> None:
@@ -430,6 +436,8 @@ class Trainer:
             self.bad_in_row = 0
         else:
             self.opt.zero_grad(set_to_none=True)
+            if self.dp is not None:
+                self.dp.discard()
             self.bad_in_row += 1
             self.skipped += 1
             if self.main:

@@ -1,11 +1,12 @@
 """One process of a test_distributed.py run: `generalist train` on the toy tasks (tests/train/toy_tasks.py).
 
-    python dist_script.py [--dump DIR] [--die-at K | --hang-at K] [--rank-to-fail R] -- train ARGS...
+    python dist_script.py [--dump DIR] [--die-at K | --hang-at K] [--rank-to-fail R] [--nan-at M] -- train ARGS...
 
 Run it plainly for one process, under torchrun, or with torchrun's environment set by hand. It
 calls the real command line (generalist.cli.main) with the mixture and tasks swapped for the toy
 ones; --dump writes each rank's final weights to DIR/rank<R>.safetensors; --die-at / --hang-at
-make rank R SIGKILL itself / stop answering after its step K. Dumped FSDP weights are gathered
+make rank R SIGKILL itself / stop answering after its step K; --nan-at M makes the loss of the
+run's M-th micro-batch (from 0) NaN, in one process and on every rank alike. Dumped FSDP weights are gathered
 in full (expert-parallel ones are each rank's own shard), with rank<R>.json: how many blocks there are,
 how many are compiled, and how many graphs dynamo compiled.
 """
@@ -29,6 +30,7 @@ parser.add_argument("--dump")
 parser.add_argument("--die-at", type=int, default=0)
 parser.add_argument("--hang-at", type=int, default=0)
 parser.add_argument("--rank-to-fail", type=int, default=1)
+parser.add_argument("--nan-at", type=int, default=-1)
 parser.add_argument("cli", nargs=argparse.REMAINDER)
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
@@ -49,6 +51,24 @@ if args.die_at or args.hang_at:
             time.sleep(3600)
         return rec
     Trainer.train_step = failing_step
+
+if args.nan_at >= 0:
+    from generalist.train import distributed
+
+    calls = [0]
+
+    def poisoned(forward):
+        def wrapped(self, *a, **k):
+            loss, *rest = forward(self, *a, **k)
+            if calls[0] == args.nan_at:
+                loss = loss * float("nan")
+                if rest and isinstance(rest[-1], dict):  # the data-parallel stats: the loss every rank reports
+                    rest[-1]["report"] = rest[-1]["report"] * float("nan")
+            calls[0] += 1
+            return (loss, *rest)
+        return wrapped
+    Trainer._micro_batch_loss = poisoned(Trainer._micro_batch_loss)
+    distributed._MicroBatch.forward = poisoned(distributed._MicroBatch.forward)
 
 if args.dump:
     _fit = Trainer.fit

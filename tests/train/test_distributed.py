@@ -8,6 +8,7 @@ must give the losses (MoE aux losses included) and weights of 1 process with bat
 """
 
 import json
+import math
 import os
 import re
 import socket
@@ -258,6 +259,29 @@ def test_a_failed_rank_stops_the_other_with_a_clear_error(tmp_path, failure, tim
     assert lines[-1].startswith("generalist train: error: rank 0 of 2: a collective failed or timed out"), err
     assert "another rank most likely died or hung" in lines[-1] and "Traceback" not in err, err
     assert rank0_done < (timeout if failure == "die" else 60)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_a_step_skipped_between_accumulated_micro_batches_leaves_nothing_behind(tmp_path, mode):
+    """accum=2 and a NaN loss on step 2's second micro-batch: the step is skipped, and the next
+    one trains on its own gradient alone, as in one process (under FSDP, the first micro-batch's
+    gradient once stayed on the unsharded parameters, out of zero_grad's reach, and was added to
+    step 3's)."""
+    extra = ["accum=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--nan-at", "3", "--", *_train_args(one, 4, extra=extra)],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(SCRIPT), "--nan-at", "3", "--", *_train_args(two, 4, extra=extra + MODES[mode])],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ra, rb = _records(one), _records(two)
+    assert _state(one)["skipped"] == _state(two)["skipped"] == 1
+    finite = [(a, b) for a, b in zip(ra, rb) if math.isfinite(a["grad_norm"])]
+    assert [a["step"] for a, _ in finite] == [1, 3, 4], ra
+    np.testing.assert_allclose([b["grad_norm"] for _, b in finite], [a["grad_norm"] for a, _ in finite], rtol=1e-4)
+    np.testing.assert_allclose([b["loss"] for _, b in finite], [a["loss"] for a, _ in finite], rtol=2e-5, atol=1e-6)
 
 
 def test_extra_contrastive_pairs_on_two_ranks_equal_one_process(tmp_path):

@@ -577,3 +577,13 @@ def test_options_the_trainer_sets_or_the_tokenizer_cannot_meet_are_refused_up_fr
     assert message in str(error.value)
     with pytest.raises(ValueError, match="model: n_tasks is not an option"):
         _cfg(tmp_path, model={"n_tasks": 3})
+
+
+def test_a_micro_batch_with_nothing_to_learn_from_still_steps(tmp_path):
+    """batch_size=1: a step that draws one contrastive example has no text target and no pair
+    (here steps 1 and 4 of seed 4); it logs a zero loss and trains on, as under torchrun."""
+    trainer = Trainer(_cfg(tmp_path, batch_size=1, steps=5, seed=4, warmup=1), _data(), progress=False)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    empty = [r["step"] for r in records if not r["task_loss"]]
+    assert empty and trainer.step == 5 and trainer.skipped == 0, records
