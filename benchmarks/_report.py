@@ -4,7 +4,11 @@ next to a CSV of the raw rows."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import signal
+import traceback
+
+STOPPED_BY_ERROR: list[str] = []  # the errors until_stopped caught: the script then exits 1 (exit_status)
 
 
 def pivot(rows: list[tuple], key_names: tuple[str, str, str]) -> list[str]:
@@ -30,16 +34,18 @@ def emit(lines: list[str], out: str | None, csv_header: str | None = None, csv_r
     with open(out, "w") as f:
         f.write(text + "\n")
     if csv_header is not None:
-        with open(out.rsplit(".", 1)[0] + ".csv", "w") as f:
-            f.write(csv_header + "\n")
-            f.writelines(",".join(str(x) for x in r[:-2]) + f",{r[-2]:.6g},{r[-1]:.2f}\n" for r in csv_rows)
+        with open(out.rsplit(".", 1)[0] + ".csv", "w", newline="") as f:
+            writer = csv.writer(f)  # (kernel names hold commas: quoted)
+            writer.writerow(csv_header.split(","))
+            writer.writerows([*r[:-2], f"{r[-2]:.6g}", f"{r[-1]:.2f}"] for r in csv_rows)
 
 
 @contextlib.contextmanager
 def until_stopped(notes: list[str]):
     """Runs the block to its end or until the process gets SIGTERM (a time limit such as
-    `timeout`) or Ctrl-C, then carries on, so that the rows measured so far are still written;
-    a cut adds a line to `notes` for the table."""
+    `timeout`) or Ctrl-C, or an error, then carries on, so that the rows measured so far are
+    still written; a cut adds a line to `notes` for the table (an error also its traceback on
+    stderr, and exit status 1 through `exit_status`)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -49,8 +55,19 @@ def until_stopped(notes: list[str]):
     except KeyboardInterrupt:
         notes.extend(["", "Cut short by a time limit: the rows above are those measured before it."])
         print(notes[-1], flush=True)
+    except Exception as error:
+        traceback.print_exc()
+        STOPPED_BY_ERROR.append(f"{type(error).__name__}: {error}")
+        notes.extend(["", f"Stopped by an error ({STOPPED_BY_ERROR[-1]}): the rows above are those measured "
+                          "before it."])
+        print(notes[-1], flush=True)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def exit_status() -> int:
+    """The script's exit status: 1 when until_stopped caught an error, else 0."""
+    return 1 if STOPPED_BY_ERROR else 0
 
 
 def tuner_choices(header: str, tuners) -> list[str]:

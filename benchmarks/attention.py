@@ -12,13 +12,14 @@ of fewer shapes, and of SDPA only its flash and cuDNN backends. Benchmarks never
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _report import emit, pivot, tuner_choices, until_stopped
+from _report import emit, exit_status, pivot, tuner_choices, until_stopped
 
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
 
@@ -154,8 +155,19 @@ def _dense_providers(backends, b, h, s, d, causal, dtype):
     try:
         from flash_attn import flash_attn_func as fa_func
     except ImportError:
+        _say_once("skipping flash-attn: not installed")
         return
     yield "flash-attn", (lambda: fa_func(q, k, v, causal=causal)), (q, k, v)
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Prints `message` the first time only (a provider skipped for every shape)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
 
 
 def _prefix_providers(backends, lens, prefix, h, d, dtype, want_flex=True):
@@ -173,6 +185,7 @@ def _prefix_providers(backends, lens, prefix, h, d, dtype, want_flex=True):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
+        _say_once("skipping flex: this torch has no torch.nn.attention.flex_attention")
         return
     doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
     pos = torch.arange(total, device="cuda") - cu[:-1].long()[doc]
@@ -191,6 +204,8 @@ def gpu_grid(args):
     dtype = torch.bfloat16
     backends = [name for name in ("cuda", "triton") if name in ATTENTION_BACKENDS.available()
                 and serves(name, dtype, "cuda")]
+    for name in sorted({"cuda", "triton"} - set(backends)):  # said, not left out silently
+        print(f"skipping {name}: {'not built here' if name not in ATTENTION_BACKENDS.available() else 'cannot serve bf16'}")
     modes = tuple(args.passes.split(","))
     # --quick (the GPU check's grid, which has a time limit): SDPA's flash and cuDNN backends only
     wanted = args.providers.split(",") if args.providers else None
@@ -298,3 +313,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())

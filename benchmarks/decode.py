@@ -14,11 +14,12 @@ difference to SDPA is printed as a sanity check.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from _report import emit, until_stopped
+from _report import emit, exit_status, until_stopped
 
 from generalist.ops import attention_decode, flash_attn_func, set_value_checks
 
@@ -78,3 +79,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())

@@ -93,7 +93,9 @@ def launch(procs: int, threads: int, mode: str, args, out: Path) -> float:
           "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps), "--mode", mode]
     cmd = [sys.executable, *me] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *me]
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # the worker's own error, not only its exit status
+        raise SystemExit(f"{_name((procs, threads, mode))} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in recs[WARMUP:])
 
@@ -112,6 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps, got {args.steps}")
     n = args.nproc
     providers = [(1, 1, ""), (1, n, ""), (n, 1, ""), (n, 1, "ep"), (n, 1, "fsdp")]
     rates: dict[tuple[int, int, str], list[float]] = {p: [] for p in providers}

@@ -3,14 +3,16 @@
 # build generalist._C with its CUDA kernels, run the `gpu` tests, run the benchmarks, and write
 # logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
-# QUICK=1 benchmarks fewer sizes and providers. It writes a dozen files: where only a few may be
+# QUICK=1 benchmarks fewer sizes and providers (and adds moe.py's kernel breakdown, moe-kernels.md,
+# to its grid); RESULTS_DIR is taken relative to where the script is started. It writes a dozen files: where only a few may be
 # carried back, point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .).
-# Each step has a time limit (seconds: T_TESTS, default 170, and 120 for the model tests, the
-# last of which compiles the blocks; T_BENCH, default 150 per benchmark), so that a slow step
-# cannot eat the rest, cut to what is left of T_TOTAL (default 470) from the start of the
-# build: the script ends within about 8 minutes,
-# dropping the tail of the last steps if it must (a benchmark cut short still writes the rows
-# it measured). BENCHES picks the benchmarks and their order (default "moe ncu attention
+# Each step has a time limit (seconds: T_BUILD, default 300, for the build; 60 for the C++ error
+# check; T_TESTS, default 170, and 120 for the model tests, the last of which compiles the blocks;
+# T_NCU, default 120; T_BENCH, default 150 per benchmark), so that a slow step cannot eat the rest,
+# cut to what is left of T_TOTAL (default 470) from the start of the build, less the 15 s a
+# killed step is given to exit: the script ends within T_TOTAL plus about 20 s, and a step with
+# under 20 s left is skipped, and said to be (a benchmark cut short still writes the rows it
+# measured). PYTHON names the interpreter (default python3). BENCHES picks the benchmarks and their order (default "moe ncu attention
 # train_step decode host_overhead bench": the MoE grid tunes fewer kernels than attention's, so it
 # finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
 # model with --profile, GPU busy time, eager and with its blocks compiled; bench runs
@@ -24,9 +26,9 @@
 # reads the hardware counters of one launch of each MoE kernel at 64 experts, dw also under its first
 # configuration (ncu-moe.md).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # relative to where the script was started
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
@@ -43,12 +45,18 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 start=$(date +%s)
 deadline=$(( start + ${T_TOTAL:-470} ))
-# a step's time limit: its own ($1 seconds), cut to what is left before the deadline (at least 10 s)
-limit() { local left=$(( deadline - $(date +%s) )); [ "$left" -lt 10 ] && left=10; echo $(( $1 < left ? $1 : left )); }
+# a step's time limit: its own ($1 seconds), cut to what is left before the deadline less the
+# 15 s `timeout -k` grants a killed step
+limit() { local left=$(( deadline - $(date +%s) - 15 )); echo $(( $1 < left ? $1 : left )); }
+# whether a step named $1 still has time (20 s or more); if not, it is reported as skipped
+has_time() { [ "$(limit 20)" -ge 20 ] && return 0; step "$1: skipped (out of time)"; status=1; return 1; }
+cuda_built() { $PY -c 'import generalist._ext as e; print(e.cuda_built())' 2>/dev/null; }
 if [ "${BUILD:-1}" = 0 ]; then
-  step "build: skipped (BUILD=0); cuda_built=$($PY -c 'import generalist._ext as e; print(e.cuda_built())')"
-elif GENERALIST_CUDA=ON timeout -k 15 "${T_BUILD:-300}" $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
-  step "build: ok in $(( $(date +%s) - start )) s; cuda_built=$($PY -c 'import generalist._ext as e; print(e.cuda_built())')"
+  step "build: skipped (BUILD=0); cuda_built=$(cuda_built)"
+elif GENERALIST_CUDA=ON timeout -k 15 "$(limit "${T_BUILD:-300}")" $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
+  built=$(cuda_built)
+  step "build: ok in $(( $(date +%s) - start )) s; cuda_built=$built"
+  [ "$built" = True ] || { step "build: the CUDA kernels are missing (see build.log)"; status=1; }
 else
   step "build: FAILED (see build.log)"; status=1; tail -n 30 "$OUT/build.log"
 fi
@@ -67,7 +75,8 @@ try:
     m.f(3)
 except RuntimeError as e:
     print("minimal extension raised:", str(e).splitlines()[0])'
-if timeout -k 5 60 $PY -c "$THROW" >"$OUT/cpp-errors.log" 2>&1; then
+if ! has_time "C++ errors"; then :
+elif timeout -k 5 "$(limit 60)" $PY -c "$THROW" >"$OUT/cpp-errors.log" 2>&1; then
   step "C++ errors: $(tail -n 1 "$OUT/cpp-errors.log")"
 else
   step "C++ errors: CRASHED (DIAGNOSE=1 for a backtrace and a minimal extension's behaviour)"; status=1
@@ -85,9 +94,11 @@ fi
 # tests; the rest of the model tests are device-independent and run in CI
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8" || true)
 # -v under xdist prints each result as it lands, so the names of failures survive the time limit
-timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "${TEST_MARKS:-gpu}" -p no:cacheprovider tests/ops \
-  >"$OUT/pytest-gpu.log" 2>&1 || status=1
-timeout -k 15 "$(limit 120)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tests/models >>"$OUT/pytest-gpu.log" 2>&1 || status=1
+: >"$OUT/pytest-gpu.log"
+has_time "op tests" && { timeout -k 15 "$(limit "${T_TESTS:-170}")" $PY -m pytest -v -rfE $xdist -m "${TEST_MARKS:-gpu}" \
+  -p no:cacheprovider tests/ops >>"$OUT/pytest-gpu.log" 2>&1 || status=1; }
+has_time "model tests" && { timeout -k 15 "$(limit 120)" $PY -m pytest -v -rfE -m gpu -p no:cacheprovider tests/models \
+  >>"$OUT/pytest-gpu.log" 2>&1 || status=1; }
 step "gpu tests: $(grep -c ' PASSED ' "$OUT/pytest-gpu.log") passed, $(grep -c ' FAILED ' "$OUT/pytest-gpu.log") failed, $(grep -c 'node down' "$OUT/pytest-gpu.log") crashed workers; $(tail -n 1 "$OUT/pytest-gpu.log")"
 grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 
@@ -96,6 +107,7 @@ grep -E "( FAILED |^FAILED|^ERROR)" "$OUT/pytest-gpu.log" | head -n 20
 NCU_BIN=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 run_ncu() {
   [ -n "$NCU_BIN" ] || { step "ncu: skipped (no ncu found)"; return; }
+  has_time ncu || return
   timeout -k 15 "$(limit "${T_NCU:-120}")" "$NCU_BIN" --profile-from-start off --clock-control none -f -o "$OUT/ncu-moe" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics dram__bytes_read.sum,dram__bytes_write.sum \
@@ -113,23 +125,26 @@ run_ncu() {
 # `generalist bench`, the command users run: every backend against PyTorch's own on this GPU, each
 # checked against the reference before it is timed (exit 1 if one disagrees)
 run_bench() {
-  timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY -m generalist bench ${QUICK:+--quick} --json "$OUT/bench.json" \
+  has_time "generalist bench" || return
+  timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY -m generalist bench $quick --json "$OUT/bench.json" \
     >"$OUT/bench.log" 2>&1
   local code=$?; [ $code = 0 ] || status=1
   { echo '```'; cat "$OUT/bench.log"; echo '```'; } >"$OUT/bench.md"
   step "generalist bench: exit $code; $(grep -c ' ok$' "$OUT/bench.log") rows of ours timed, $(grep -c 'wrong:' "$OUT/bench.log") wrong"
 }
 
+quick=; [ "${QUICK:-0}" != 0 ] && quick=--quick  # (QUICK=0 is off, as BUILD=0)
 for bench in ${BENCHES:-moe ncu attention train_step decode host_overhead bench}; do
   [ "$bench" = ncu ] && { run_ncu; continue; }
   [ "$bench" = bench ] && { run_bench; continue; }
-  [ -f benchmarks/$bench.py ] || continue
+  [ -f benchmarks/$bench.py ] || { step "benchmark $bench: no benchmarks/$bench.py"; status=1; continue; }
+  has_time "benchmark $bench" || continue
   extra=""; [ "$bench" = attention ] && extra=${ATTENTION_ARGS:-}; [ "$bench" = train_step ] && extra="--profile --compile"
   # shellcheck disable=SC2086  # extra holds several arguments
   # TRITON_PRINT_AUTOTUNING: each tuning (compiling and timing every candidate for one key) logs
   # its duration: on a fresh machine, about the wait of a first training step (less what the test
   # step compiled already; a choice read from Triton's cache is neither timed nor counted)
-  TRITON_PRINT_AUTOTUNING=1 timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY benchmarks/$bench.py ${QUICK:+--quick} $extra \
+  TRITON_PRINT_AUTOTUNING=1 timeout -k 15 "$(limit "${T_BENCH:-150}")" $PY benchmarks/$bench.py $quick $extra \
     --out "$OUT/$bench.md" >"$OUT/$bench.log" 2>&1
   code=$?; [ $code = 0 ] || status=1
   step "benchmark $bench: exit $code; $(grep -o 'finished after [0-9.]*' "$OUT/$bench.log" |

@@ -38,7 +38,7 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     os.environ["GENERALIST_TRITON_ON_CPU"] = "1"
 
-from _report import emit, until_stopped  # noqa: E402
+from _report import emit, exit_status, until_stopped  # noqa: E402
 
 from generalist.ops import attention_decode, flash_attn_varlen_func, grouped_mm  # noqa: E402
 from generalist.ops import set_value_checks  # noqa: E402
@@ -192,3 +192,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())

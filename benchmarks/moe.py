@@ -24,11 +24,12 @@ gradient) are as many bytes as the FLOPs can hide. Benchmarks never assert.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
-from _report import emit, pivot, tuner_choices, until_stopped
+from _report import emit, exit_status, pivot, tuner_choices, until_stopped
 
 from generalist.ops import MOE_BACKENDS, BackendError, grouped_mm
 
@@ -477,3 +478,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())

@@ -24,13 +24,14 @@ and with --profile, the kernels that take most of a step. Benchmarks never asser
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import statistics
 import time
 
 import torch
 
-from _report import emit, until_stopped
+from _report import emit, exit_status, until_stopped
 
 from generalist.data.packing import Example, ExampleEncoder
 from generalist.modalities import TextTokenizer
@@ -169,3 +170,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())
