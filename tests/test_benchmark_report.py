@@ -8,24 +8,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_time_limit_cuts_the_grid_but_the_rows_so_far_are_written(tmp_path):
-    """SIGTERM (what `timeout` sends) inside until_stopped ends the loop, and the table of the rows
-    measured before it is still written, with a note saying it was cut."""
+def _grid(tmp_path, name: str, stop: str):
+    """Runs a grid of rows named `name` {i} inside until_stopped, which `stop` (code run after
+    row 2) ends, then emits the table and CSV to tmp_path/out.* and exits with exit_status()."""
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / "benchmarks")!r})
-        from _report import emit, pivot, until_stopped
+        from _report import emit, exit_status, pivot, until_stopped
         rows, notes = [], []
         with until_stopped(notes):
             for i in range(1000):
-                rows.append((f"shape {{i}}", False, "fwd", "ours", 1e-3, float(i)))
+                rows.append((f"{name} {{i}}", False, "fwd", "ours", 1e-3, float(i)))
                 if i == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-        emit(pivot(rows, ("shape", "causal", "pass")) + notes, {str(tmp_path / "out.md")!r})
+                    {stop}
+        emit(pivot(rows, ("shape", "causal", "pass")) + notes, {str(tmp_path / "out.md")!r},
+             "shape,causal,pass,provider,s,tflops", rows)
+        sys.exit(exit_status())
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return run, (tmp_path / "out.md").read_text()
+
+
+def test_a_time_limit_cuts_the_grid_but_the_rows_so_far_are_written(tmp_path):
+    """SIGTERM (what `timeout` sends) inside until_stopped ends the loop, and the table of the rows
+    measured before it is still written, with a note saying it was cut."""
+    run, text = _grid(tmp_path, "shape", "os.kill(os.getpid(), signal.SIGTERM)")
     assert run.returncode == 0, run.stderr
-    text = (tmp_path / "out.md").read_text()
     assert "| shape 2 | False | fwd | 2 |" in text and "shape 3" not in text
     assert text.rstrip().endswith("Cut short by a time limit: the rows above are those measured before it.")
 
@@ -34,30 +42,17 @@ def test_an_error_keeps_the_rows_so_far_and_fails_the_script(tmp_path):
     """An exception inside until_stopped (a compile that fails on some machine) still writes the
     rows measured before it, with a note, its traceback, and exit status 1; the CSV quotes the
     names that hold commas."""
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / "benchmarks")!r})
-        from _report import emit, exit_status, pivot, until_stopped
-        rows, notes = [], []
-        with until_stopped(notes):
-            for i in range(3):
-                rows.append((f"dx+dw, one after the other {{i}}", False, "fwd", "ours", 1e-3, float(i)))
-            raise RuntimeError("the compile failed")
-        emit(pivot(rows, ("kernel", "causal", "pass")) + notes, {str(tmp_path / "out.md")!r}, "kernel,causal,pass,provider,s,tflops", rows)
-        sys.exit(exit_status())
-    """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    import csv
+
+    run, text = _grid(tmp_path, "dx+dw, one after the other", "raise RuntimeError('the compile failed')")
     assert run.returncode == 1 and "RuntimeError: the compile failed" in run.stderr
-    text = (tmp_path / "out.md").read_text()
     assert "| dx+dw, one after the other 2 | False | fwd | 2 |" in text
     assert text.rstrip().endswith("Stopped by an error (RuntimeError: the compile failed): the rows above are those "
                                   "measured before it.")
-    import csv
-
     with open(tmp_path / "out.csv", newline="") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["kernel", "causal", "pass", "provider", "s", "tflops"] and all(len(r) == 6 for r in table)
-    assert table[1][0] == "dx+dw, one after the other 0"
+    assert table[0] == ["shape", "causal", "pass", "provider", "s", "tflops"] and len(table) == 4
+    assert all(len(r) == 6 for r in table) and table[1][0] == "dx+dw, one after the other 0"
 
 
 def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
