@@ -226,15 +226,23 @@ def _gif_bytes(path):
 
 
 def test_every_cut_gif_is_read_or_refused(tmp_path):
-    """A GIF cut short anywhere gives frames or one ValueError (Pillow raises IndexError, struct.error)."""
+    """A GIF cut short anywhere gives frames (1 to 3 whole 16x16 ones) or one ValueError (Pillow
+    raises IndexError, struct.error); both happen, and the whole file reads as its 3 frames."""
     data = _gif_bytes(tmp_path / "clip.gif")
+    assert read_input("video", str(tmp_path / "clip.gif")).shape == (3, 16, 16, 3)
     path = tmp_path / "cut.gif"
+    outcomes = {"frames": 0, "refused": 0}
     for end in range(1, len(data), 2):
         path.write_bytes(data[:end])
         try:
-            read_input("video", str(path))
+            clip = read_input("video", str(path))
         except ValueError as error:
             assert "--video: cannot read" in str(error) and "cut.gif" in str(error)
+            outcomes["refused"] += 1
+        else:
+            assert clip.dtype == np.uint8 and clip.shape[1:] == (16, 16, 3) and 1 <= clip.shape[0] <= 3, clip.shape
+            outcomes["frames"] += 1
+    assert outcomes["frames"] and outcomes["refused"], outcomes
 
 
 def test_gif_bomb_video_is_one_line(tmp_path):

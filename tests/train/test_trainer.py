@@ -585,5 +585,5 @@ def test_a_micro_batch_with_nothing_to_learn_from_still_steps(tmp_path):
     trainer = Trainer(_cfg(tmp_path, batch_size=1, steps=5, seed=4, warmup=1), _data(), progress=False)
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    empty = [r["step"] for r in records if not r["task_loss"]]
-    assert empty and trainer.step == 5 and trainer.skipped == 0, records
+    empty = [r for r in records if not r["task_loss"]]
+    assert empty and all(r["loss"] == 0.0 for r in empty) and trainer.step == 5 and trainer.skipped == 0, records
