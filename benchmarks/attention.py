@@ -205,7 +205,8 @@ def gpu_grid(args):
     backends = [name for name in ("cuda", "triton") if name in ATTENTION_BACKENDS.available()
                 and serves(name, dtype, "cuda")]
     for name in sorted({"cuda", "triton"} - set(backends)):  # said, not left out silently
-        print(f"skipping {name}: {'not built here' if name not in ATTENTION_BACKENDS.available() else 'cannot serve bf16'}")
+        why = "not built here" if name not in ATTENTION_BACKENDS.available() else "cannot serve bf16"
+        print(f"skipping {name}: {why}")
     modes = tuple(args.passes.split(","))
     # --quick (the GPU check's grid, which has a time limit): SDPA's flash and cuDNN backends only
     wanted = args.providers.split(",") if args.providers else None

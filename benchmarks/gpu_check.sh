@@ -4,17 +4,18 @@
 # logs and tables to RESULTS_DIR. Prints a short summary last.
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 # QUICK=1 benchmarks fewer sizes and providers (and adds moe.py's kernel breakdown, moe-kernels.md,
-# to its grid); RESULTS_DIR is taken relative to where the script is started. It writes a dozen files: where only a few may be
-# carried back, point RESULTS_DIR at scratch space and archive it (tar czf results.tgz -C DIR .).
+# to its grid); RESULTS_DIR is taken relative to where the script is started. It writes a dozen
+# files: where only a few may be carried back, point RESULTS_DIR at scratch space and archive it
+# (tar czf results.tgz -C DIR .).
 # Each step has a time limit (seconds: T_BUILD, default 300, for the build; 60 for the C++ error
 # check; T_TESTS, default 170, and 120 for the model tests, the last of which compiles the blocks;
 # T_NCU, default 120; T_BENCH, default 150 per benchmark), so that a slow step cannot eat the rest,
 # cut to what is left of T_TOTAL (default 470) from the start of the build, less the 15 s a
 # killed step is given to exit: the script ends within T_TOTAL plus about 20 s, and a step with
 # under 20 s left is skipped, and said to be (a benchmark cut short still writes the rows it
-# measured). PYTHON names the interpreter (default python3). BENCHES picks the benchmarks and their order (default "moe ncu attention
-# train_step decode host_overhead bench": the MoE grid tunes fewer kernels than attention's, so it
-# finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
+# measured). PYTHON names the interpreter (default python3). BENCHES picks the benchmarks and
+# their order (default "moe ncu attention train_step decode host_overhead bench": the MoE grid
+# tunes fewer kernels than attention's, so it finishes first; ncu profiles what it tuned; train_step times whole training steps of the demo
 # model with --profile, GPU busy time, eager and with its blocks compiled; bench runs
 # `generalist bench`, the users' command, to bench.md and bench.json);
 # ATTENTION_ARGS are passed to attention.py (e.g. "--providers cuda,sdpa-flash --passes fwd", or
@@ -53,7 +54,8 @@ has_time() { [ "$(limit 20)" -ge 20 ] && return 0; step "$1: skipped (out of tim
 cuda_built() { $PY -c 'import generalist._ext as e; print(e.cuda_built())' 2>/dev/null; }
 if [ "${BUILD:-1}" = 0 ]; then
   step "build: skipped (BUILD=0); cuda_built=$(cuda_built)"
-elif GENERALIST_CUDA=ON timeout -k 15 "$(limit "${T_BUILD:-300}")" $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
+elif GENERALIST_CUDA=ON timeout -k 15 "$(limit "${T_BUILD:-300}")" $PY -m pip install --no-deps --no-build-isolation -e . \
+    >"$OUT/build.log" 2>&1; then
   built=$(cuda_built)
   step "build: ok in $(( $(date +%s) - start )) s; cuda_built=$built"
   [ "$built" = True ] || { step "build: the CUDA kernels are missing (see build.log)"; status=1; }

@@ -1,11 +1,13 @@
 """Checks of values read from files and the command line: a config dataclass's fields against
 their annotations (a value from a JSON file or a `--set key=value` fails at once with its name,
-not deep inside training), and JSON files that name themselves when damaged."""
+not deep inside training), JSON files that name themselves when damaged, and arguments that
+count something."""
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,11 +50,17 @@ def check_types(obj, where: str) -> None:
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
-    """`value` as an argument that counts something: an int (not a bool) >= `minimum`, else a
-    ValueError naming `name`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    """`value` as an argument that counts something, as an int: a Python or numpy integer (not a
+    bool: a flag in a count's place) >= `minimum`, else a ValueError naming `name`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if count < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return count
 
 
 def check_keys(cls, values: dict, where: str) -> None:

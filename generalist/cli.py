@@ -114,14 +114,11 @@ def _train(args) -> int:
         from pathlib import Path
 
         from generalist._fields import check_keys
-        from generalist.train.checkpoint import find_checkpoint, read_json
+        from generalist.train.checkpoint import find_checkpoint, run_meta
 
-        meta_path = find_checkpoint(Path(args.out)) / "meta.json"
-        saved = read_json(meta_path)
-        saved = saved.get("train") if isinstance(saved, dict) else None
-        if not isinstance(saved, dict):
-            raise ValueError(f"{meta_path} is damaged: it holds no training options ('train')")
-        check_keys(TrainConfig, saved, f"{meta_path}, training options of another version: ")
+        ckpt = find_checkpoint(Path(args.out))
+        _, saved = run_meta(ckpt)
+        check_keys(TrainConfig, saved, f"{ckpt / 'meta.json'}, training options of another version: ")
         # the run's own time budget unless --max-minutes gives another
         budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
         # built from a copy, which --set changes while `saved` stays as the run was built
@@ -144,7 +141,7 @@ def _train(args) -> int:
     from generalist.models.config import preset
 
     preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
-    get_mixture(cfg.mixture)  # and the mixture's name, before --overwrite deletes anything
+    mixture = get_mixture(cfg.mixture)  # and the mixture, before --overwrite deletes anything
     from pathlib import Path
 
     group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
@@ -165,7 +162,7 @@ def _train(args) -> int:
         if group is not None:
             group.barrier()  # nobody writes into --out before rank 0 has cleared it
         # every rank builds the data (the cache is safe for concurrent builds)
-        data = build_data(get_mixture(cfg.mixture), seed=cfg.seed, progress=main_rank)
+        data = build_data(mixture, seed=cfg.seed, progress=main_rank)
         trainer = Trainer(cfg, data, resume=args.resume, progress=main_rank)
         trainer.fit()
         if group is not None:
@@ -190,7 +187,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     from generalist.train.report import write_report
 
     ckpt = find_checkpoint(Path(run_dir))
-    _, trained, train = run_meta(ckpt)
+    trained, train = run_meta(ckpt)
     device = resolve_device(device)  # before any data is built
     if tasks is not None:
         unknown = sorted(set(tasks) - set(trained))

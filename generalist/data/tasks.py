@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from generalist._fields import check_count
 from generalist.data.packing import Example
 from generalist.metrics import normalize_text
 
@@ -92,19 +93,19 @@ def mnist_split(split: str, seed: int):
 
 def check_limit(limit) -> int | None:
     """`limit` as `Task.examples` takes it: None (all) or an int >= 0."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-        raise ValueError(f"limit must be None (all examples) or an integer >= 0, got {limit!r}")
-    return limit
+    return None if limit is None else check_count("limit (None for all)", limit, 0)
 
 
 def how_many(limit: int | None, n: int) -> int:
     """The number of examples a task that makes them one by one makes: `limit`, or n if None."""
-    return n if check_limit(limit) is None else limit
+    limit = check_limit(limit)
+    return n if limit is None else limit
 
 
 def take(indices, limit: int | None):
     """The first `limit` of `indices` (all if None)."""
-    return indices if check_limit(limit) is None else indices[:limit]
+    limit = check_limit(limit)
+    return indices if limit is None else indices[:limit]
 
 
 def _task_dirs() -> list[Path]:

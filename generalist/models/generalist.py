@@ -6,10 +6,11 @@ Shapes: S encoder tokens, T decoder tokens, B examples, N decoding rows (B x bea
 V vocabulary, E contrastive dim.
 
 Positions: every self-attention layer applies rotary embeddings over the token's index inside
-its own example (encoder and decoder separately; cross-attention has none); non-text modality tokens also get learned axial
-embeddings (time/row/column) from their embedder's coordinates. Each example's encoder stream
-is: a learned task token, then for each segment an opening boundary vector, the segment's
-tokens and a closing boundary vector (boundaries are learned per modality).
+its own example (encoder and decoder separately; cross-attention has none); non-text modality
+tokens also get learned axial embeddings (time/row/column) from their embedder's coordinates.
+Each example's encoder stream is: a learned task token, then for each segment an opening
+boundary vector, the segment's tokens and a closing boundary vector (boundaries are learned per
+modality).
 """
 
 from __future__ import annotations

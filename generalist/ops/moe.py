@@ -15,11 +15,10 @@ S kept token-expert assignments (S = T*K when nothing is dropped).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
+from generalist._fields import check_count
 from generalist.ops import _attention_checks as checks
 from generalist.ops._registry import Implementation, Registry
 
@@ -186,8 +185,8 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
         raise ValueError(f"expert_idx_TK must be int32 or int64, got {expert_idx_TK.dtype}")
     if expert_idx_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"expert_idx_TK has {expert_idx_TK.shape[0]} rows but x_TD has {x_TD.shape[0]}")
-    n_experts = _count("n_experts", n_experts, 1)
-    capacity = None if capacity is None else _count("capacity", capacity, 0)
+    n_experts = check_count("n_experts", n_experts, 1)
+    capacity = None if capacity is None else check_count("capacity", capacity, 0)
     if check_values and checks.value_checks_on() and expert_idx_TK.numel():
         lo, hi = expert_idx_TK.min().item(), expert_idx_TK.max().item()
         if lo < 0 or hi >= n_experts:
@@ -208,19 +207,6 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
         group_sizes_E = group_sizes_E.clamp(max=capacity)
     x_sorted_SD = x_TD.index_select(0, sort_idx_S // k) if k else x_TD[:0]
     return x_sorted_SD, sort_idx_S, group_sizes_E.to(torch.int32)
-
-
-def _count(name: str, value, minimum: int) -> int:
-    """An int argument (numpy integers too, not a bool: a flag in a count's place)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
 
 
 def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | None = None,

@@ -91,8 +91,8 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def run_meta(ckpt: Path) -> tuple[dict, list[str], dict]:
-    """(meta.json, its task names, its training options) of a checkpoint that training wrote; a
+def run_meta(ckpt: Path) -> tuple[list[str], dict]:
+    """(task names, training options) from the meta.json of a checkpoint that training wrote; a
     meta.json without them is a ValueError naming it."""
     path = Path(ckpt) / "meta.json"
     meta = read_json(path)
@@ -103,7 +103,7 @@ def run_meta(ckpt: Path) -> tuple[dict, list[str], dict]:
     if not isinstance(train, dict) or not isinstance(train.get("mixture"), str) or \
             not isinstance(train.get("seed"), int):
         raise ValueError(f"{path} is damaged: it holds no training options ('train' with its mixture and seed)")
-    return meta, tasks, train
+    return tasks, train
 
 
 def find_checkpoint(path: Path) -> Path:

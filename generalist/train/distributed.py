@@ -421,8 +421,8 @@ class DataParallel:
                     extra: list = ()) -> tuple[float, dict[str, list[float]], int]:
         """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
         slice of `picks` (and of `extra`, contrastive examples for the contrastive loss alone);
-        gradients are all-reduced when `sync` (under FSDP reduce-scattered on every micro-batch). Returns the global loss, the per-task losses and
-        the global token count."""
+        gradients are all-reduced when `sync` (under FSDP reduce-scattered on every micro-batch).
+        Returns the global loss, the per-task losses and the global token count."""
         tr, g = self.trainer, self.group
         task = {name: tr.data[name].task for name in tr.data}
         n_gen = sum(task[t].generative for t, _ in picks)

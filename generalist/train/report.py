@@ -39,6 +39,7 @@ def log_record(line: str) -> dict | None:
 
 
 def _number(value) -> bool:
+    """A real number a float holds (not a bool, NaN, inf, or an int too large to convert)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 2 ** 1000
 
 
@@ -116,7 +117,7 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     log = run_dir / "metrics.jsonl"
     records = read_log(log) if log.is_file() else []
     ckpt = find_checkpoint(run_dir) if ckpt is None else Path(ckpt)
-    _, tasks, _ = run_meta(ckpt)
+    tasks, _ = run_meta(ckpt)
     # the training state is the report's, not inference's: a checkpoint without a readable one
     # (copied for inference, edited by hand) gets a report without its counts and routing
     state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}

@@ -38,8 +38,8 @@ from generalist.modalities.text import N_BYTES, SPECIAL_TOKENS
 from generalist._fields import check_keys, check_types
 from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import (find_checkpoint, load_training_state, read_json, rng_state,
-                                         save_checkpoint, set_rng_state)
+from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, run_meta, save_checkpoint,
+                                         set_rng_state)
 from generalist.train.data import TaskData, check_requires
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
@@ -105,8 +105,9 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         check_keys(GeneralistConfig, self.model, "model: ")
-        for key in sorted(set(self.model) & set(TRAINER_SETS)):
-            raise ValueError(f"model: {key} is not an option: {TRAINER_SETS[key]}")
+        trainer_sets = sorted(set(self.model) & set(TRAINER_SETS))
+        if trainer_sets:
+            raise ValueError(f"model: {trainer_sets[0]} is not an option: {TRAINER_SETS[trainer_sets[0]]}")
         if self.vocab_size < MIN_VOCAB:
             raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (the {N_BYTES} bytes and {len(SPECIAL_TOKENS)} special "
                              f"tokens), got {self.vocab_size}")
@@ -155,9 +156,8 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
         value = raw
     if key.startswith("model."):
         check_keys(GeneralistConfig, {key[6:]: value}, "model: ")
-        if key[6:] in TRAINER_SETS:
-            raise ValueError(f"{key} is not an option: {TRAINER_SETS[key[6:]]}")
         cfg.model[key[6:]] = value
+        cfg.check(schedule=False)
         return cfg
     names = {f.name for f in fields(TrainConfig)}
     if key not in names:
@@ -226,11 +226,9 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = find_checkpoint(self.run_dir)
-            meta = read_json(ckpt / "meta.json")
-            if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), list):
-                raise ValueError(f"{ckpt / 'meta.json'} is damaged: it lists no tasks")
-            if meta["tasks"] != self.tasks:
-                raise ValueError(f"{ckpt} was trained on tasks {meta['tasks']}, this run has {self.tasks}")
+            trained, _ = run_meta(ckpt)
+            if trained != self.tasks:
+                raise ValueError(f"{ckpt} was trained on tasks {trained}, this run has {self.tasks}")
             self.model = GeneralistModel.load(ckpt, device=self.device)
             self.tokenizer = GeneralistModel.load_tokenizer(ckpt)
         else:

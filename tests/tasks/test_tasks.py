@@ -31,7 +31,7 @@ def test_every_task_is_discovered_and_in_the_mixtures():
     ({"digits": 100}, "mixture entry 'digits' must be {'train': limit, 'test': limit}, got 100"),
     ({"digits": None}, "mixture entry 'digits' must be {'train': limit, 'test': limit}, got None"),
     ({"digits": {"train": 5, "tets": 3}}, "mixture entry 'digits' must be {'train': limit, 'test': limit}"),
-    ({"digits": {"train": -1}}, "mixture entry 'digits', train: limit must be None"),
+    ({"digits": {"train": -1}}, "mixture entry 'digits', train: limit (None for all) must be an integer >= 0, got -1"),
     ({"digits": {}, "nonesuch": {}}, "the mixture names unknown tasks ['nonesuch']"),
     ({}, "a mixture maps task names to their limits, got {}"),
 ])
@@ -96,7 +96,7 @@ def test_task_builds_examples(name):
     with pytest.raises(ValueError, match="unknown split"):
         task.examples("validation", 2)
     for bad in (-1, 2.5, True, "3"):  # one meaning of `limit` in every task (some made -1 mean "all but one")
-        with pytest.raises(ValueError, match=f"limit must be None \\(all examples\\) or an integer >= 0, got {bad!r}"):
+        with pytest.raises(ValueError, match=f"limit \\(None for all\\) must be an integer >= 0, got {bad!r}"):
             task.examples("test", bad)
     assert task.examples("test", 0) == []
 

@@ -514,7 +514,7 @@ def test_cli_keeps_a_run_whose_last_checkpoint_waits_in_checkpoint_old(tmp_path,
 @pytest.mark.parametrize("meta,message", [
     ({"tasks": ["bars"]}, "meta.json is damaged: it holds no training options"),
     ({"tasks": ["bars"], "train": None}, "meta.json is damaged: it holds no training options"),
-    ([], "meta.json is damaged: it holds no training options"),
+    ([], "meta.json is damaged: it lists no tasks"),
     ("EXTRA", r"meta.json, training options of another version: unknown field 'old_option'"),
 ])
 def test_cli_resume_names_a_damaged_or_foreign_meta(tmp_path, monkeypatch, capsys, meta, message):
@@ -567,8 +567,8 @@ def test_cli_resume_refuses_another_preset_or_mixture_fewer_steps_and_overwrite(
 
 
 @pytest.mark.parametrize("assignment,message", [
-    ("model.vocab_size=500", "model.vocab_size is not an option: the tokenizer's size, set with --set vocab_size=N"),
-    ("model.n_tasks=2", "model.n_tasks is not an option: the number of the mixture's tasks"),
+    ("model.vocab_size=500", "model: vocab_size is not an option: the tokenizer's size, set with --set vocab_size=N"),
+    ("model.n_tasks=2", "model: n_tasks is not an option: the number of the mixture's tasks"),
     ("vocab_size=10", "vocab_size must be >= 269 (the 256 bytes and 13 special tokens), got 10"),
 ])
 def test_options_the_trainer_sets_or_the_tokenizer_cannot_meet_are_refused_up_front(tmp_path, assignment, message):
