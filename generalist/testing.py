@@ -76,7 +76,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, lens_q, lens_k, scale: floa
         s = (qs @ ks.transpose(1, 2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # (H, lq)
-        p_ = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        p_ = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])  # a row of no key: 0
         outs.append((p_ @ vs).transpose(0, 1))
         lses.append(lse)
         sq, sk = sq + lq, sk + lk
@@ -98,6 +98,33 @@ def run_varlen(case: VarlenCase, causal: bool, backend: str, **kw):
     return flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(case.lens_q, default=0),
                                   max(case.lens_k, default=0), causal=causal, prefix_lens=case.prefix_lens,
                                   backend=backend, **kw)
+
+
+# (where, causal): a NaN in q, k or v, or an inf in k, for check_non_finite
+NON_FINITE = [("q", False), ("k", True), ("v", False), ("k_inf", False)]
+
+
+def check_non_finite(where: str, causal: bool, backend: str, generator: torch.Generator,
+                     dtype=torch.float32, device="cpu") -> None:
+    """A NaN in q, k or v (or an inf in k) gives NaN wherever the float64 reference does, never
+    a row of zeros or a finite row that left the key out; rows that do not see it are those of
+    the clean run. Key 70 lies in the second 64-key tile; causal rows before it do not see it."""
+    case = random_varlen([90, 5], [90, 5], 2, 1, 24, dtype=dtype, device=device, generator=generator)
+    clean = run_varlen(case, causal, backend)
+    x = {"q": case.q, "k": case.k, "v": case.v, "k_inf": case.k}[where]
+    x[70, 0, 3] = float("inf") if where == "k_inf" else float("nan")  # (a query row of head 0, or key 70)
+    out, lse = run_varlen(case, causal, backend, return_lse=True)
+    want, want_lse = naive_attention(case.q, case.k, case.v, [90, 5], [90, 5], causal=causal)
+    same, _ = naive_attention(case.q, case.k, case.v, [90, 5], [90, 5], causal=causal, dtype=dtype)
+    nan = torch.isnan(want)  # (T, H, D)
+    assert nan.any() and not nan.all()
+    assert torch.equal(torch.isnan(out), nan), f"{backend}: NaN where the reference has none, or none where it has"
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse)), f"{backend}: lse finite elsewhere"
+    err, baseline = max_err(out[~nan], want[~nan]), max_err(same[~nan], want[~nan])
+    assert err <= 2 * baseline + ATOL[dtype], f"{backend}: error {err} vs same-dtype PyTorch {baseline}"
+    if where != "k_inf":
+        rows = ~nan.any(-1)
+        assert torch.equal(out[rows], clean[rows]), f"{backend}: rows that do not see the NaN changed"
 
 
 def max_err(a: Tensor, b: Tensor) -> float:

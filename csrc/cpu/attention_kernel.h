@@ -57,14 +57,17 @@ GENERALIST_INLINE vfloat vsplat_impl(float x, std::index_sequence<I...>) {
 }
 // An initializer list, which compiles to one broadcast (a loop of lane writes may not).
 GENERALIST_INLINE vfloat vsplat(float x) { return vsplat_impl(x, std::make_index_sequence<kW>{}); }
-GENERALIST_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+// The larger of a and b, NaN when either is NaN (so a NaN score reaches the running max, the
+// exponentials, the row sum and the output, as in the reference, whatever the key order).
+GENERALIST_INLINE vfloat vmax(vfloat a, vfloat b) { return (a > b) | (a != a) ? a : b; }
 
 // 2^x with a relative error of ~1e-7 (a degree-5 minimax polynomial on [-0.5, 0.5], fitted to
 // 2^x's relative error). Arguments here are <= 0 or a rounding error above (larger ones would
-// overflow); anything below -126, -inf included, gives exactly 0.
+// overflow); anything below -126, -inf included, gives exactly 0, and NaN gives NaN.
 GENERALIST_INLINE vfloat vexp2(vfloat x) {
-  const vint keep = x >= vsplat(-126.0f);
-  x = vmax(x, vsplat(-126.0f));
+  const vfloat x_in = x;
+  const vint keep = x >= vsplat(-126.0f), nan = x != x;
+  x = keep ? x : vsplat(-126.0f);  // NaN lanes too: the polynomial sees numbers only
   const vfloat shifter = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat n = (x + shifter) - shifter;
   const vfloat f = x - n;  // in [-0.5, 0.5]
@@ -75,7 +78,7 @@ GENERALIST_INLINE vfloat vexp2(vfloat x) {
   poly = poly * f + 6.9314698e-1f;
   poly = poly * f + 1.0f;
   const vint pow2n = (__builtin_convertvector(n, vint) + 127) << 23;
-  return (vfloat)((vint)(poly * (vfloat)pow2n) & keep);
+  return (vfloat)(((vint)(poly * (vfloat)pow2n) & keep) | ((vint)x_in & nan));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -453,7 +456,7 @@ void attention_fwd(const AttentionParams& p) {
     scalar_t* out_rows = out + ((s.q_start + i0) * H + h) * D;
     float* lse = p.lse + h * p.total_q + s.q_start + i0;
     for (int64_t r = 0; r < qt.rows; ++r) {
-      const bool seen = w.l[r] > 0.0f;  // false only when the row sees no key
+      const bool seen = !(w.l[r] == 0.0f);  // false only when the row sees no key (a NaN sum is seen)
       unpack_rows(o + r * Dp, Dp, 1, D, seen ? 1.0f / w.l[r] : 0.0f, out_rows + r * H * D, H * D);
       lse[r] = seen ? (w.m[r] + std::log2(w.l[r])) * kLn2 : kNegInf;
     }

@@ -160,7 +160,7 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must be int32 or int64, got {ids.dtype}")
             # the values: a device sync on a GPU, so once per tensor (the layers of a model share
             # one), and not at all under torch.compile or set_value_checks(False)
-            if checks.value_checks_on() and ids.numel() and not checks.checked_before(ids, ("ids", n)):
+            if checks.value_checks_on(ids) and ids.numel() and not checks.checked_before(ids, ("ids", n)):
                 lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one transfer
                 if lo < 0 or hi >= n:
                     raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")

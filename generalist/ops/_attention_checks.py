@@ -32,10 +32,12 @@ def set_value_checks(enabled: bool) -> bool:
     return old
 
 
-def value_checks_on() -> bool:
-    """Whether checks that read values back to the host run now: switched on (set_value_checks)
-    and not under torch.compile."""
-    return _value_checks and not torch.compiler.is_compiling()
+def value_checks_on(*tensors: torch.Tensor | None) -> bool:
+    """Whether checks that read values back to the host run now: switched on (set_value_checks),
+    not under torch.compile, and none of `tensors` (those the check reads) on the meta device,
+    which has no values (shape propagation runs the op's fake implementation on it)."""
+    return (_value_checks and not torch.compiler.is_compiling()
+            and not any(t is not None and t.is_meta for t in tensors))
 
 
 _CHECKED = "_generalist_checked_values"
@@ -121,6 +123,8 @@ def check_scale(softmax_scale, head_dim: int) -> float:
                          f"{softmax_scale!r}") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if abs(scale) > 2.0 ** 127:  # kernels scale scores by it (times log2(e)) in float32
+        raise ValueError(f"softmax_scale must lie within float32's range (|scale| <= 2^127), got {softmax_scale}")
     return scale
 
 
@@ -182,7 +186,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise ValueError(f"prefix_lens is on {prefix_lens.device} but q is on {q.device}")
         if not causal:
             raise ValueError("prefix_lens needs causal=True (keys after the prefix are seen causally); without causal every key is visible already")
-    if value_checks_on():
+    if value_checks_on(cu_seqlens_q, cu_seqlens_k, prefix_lens):
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", maxes[0])
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", maxes[1])
         if prefix_lens is not None and prefix_lens.numel() and not checked_before(prefix_lens, "prefix"):

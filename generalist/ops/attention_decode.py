@@ -73,7 +73,7 @@ def _reference_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: 
     s_BKGQS = s_BKGQS.masked_fill(~mask_BQS[:, None, None], float("-inf"))
     lse_BKGQ = torch.logsumexp(s_BKGQS, dim=-1)
     # rows with no visible key have lse = -inf; shifting them by 0 keeps exp(-inf) = 0, not NaN
-    p_BKGQS = torch.exp(s_BKGQS - torch.where(torch.isinf(lse_BKGQ), 0.0, lse_BKGQ)[..., None])
+    p_BKGQS = torch.exp(s_BKGQS - torch.where(torch.isneginf(lse_BKGQ), 0.0, lse_BKGQ)[..., None])
     o_BQKGD = torch.einsum("bkgqs,bskd->bqkgd", p_BKGQS, v_BSKD)
     return o_BQKGD.flatten(2, 3).to(q.dtype).contiguous(), lse_BKGQ.flatten(1, 2).contiguous()
 
@@ -198,7 +198,7 @@ def _check_inputs(q, k_cache, v_cache, cache_lens, num_splits, values: bool = Tr
             if x.requires_grad:
                 raise ValueError(f"{name} requires grad, but attention_decode is inference-only (no backward); "
                                  f"call it under torch.no_grad() or use flash_attn_varlen_func to train")
-    if values and checks.value_checks_on() and b:
+    if values and checks.value_checks_on(cache_lens) and b:
         lo, hi = int(cache_lens.min()), int(cache_lens.max())  # a device sync; set_value_checks(False) skips it
         if lo < 0 or hi > k_cache.shape[1]:
             raise ValueError(f"cache_lens must lie in [0, {k_cache.shape[1]}] (the cache capacity S), "

@@ -93,7 +93,7 @@ def _scores(q, k, cu_q, cu_k, scale, causal, prefix_lens):
 
 def _probs(s_BKGQL: Tensor, lse_BKGQ: Tensor) -> Tensor:
     # Rows with no visible key have lse = -inf; shifting them by 0 keeps exp(-inf) = 0, not NaN.
-    return torch.exp(s_BKGQL - torch.where(torch.isinf(lse_BKGQ), 0.0, lse_BKGQ)[..., None])
+    return torch.exp(s_BKGQL - torch.where(torch.isneginf(lse_BKGQ), 0.0, lse_BKGQ)[..., None])
 
 
 @exact

@@ -154,7 +154,7 @@ def grouped_mm(x_TD: Tensor, w_EDF: Tensor, group_sizes_E: Tensor, *, backend: s
     if group_sizes_E.shape[0] != w_EDF.shape[0]:
         raise ValueError(f"group_sizes_E has {group_sizes_E.shape[0]} entries but w_EDF has "
                          f"{w_EDF.shape[0]} experts")
-    if check_values and checks.value_checks_on():
+    if check_values and checks.value_checks_on(group_sizes_E):
         sizes = group_sizes_E.tolist()
         if any(n < 0 for n in sizes):
             raise ValueError(f"group_sizes_E must be non-negative, got {sizes}")
@@ -187,7 +187,7 @@ def permute(x_TD: Tensor, expert_idx_TK: Tensor, n_experts: int, capacity: int |
         raise ValueError(f"expert_idx_TK has {expert_idx_TK.shape[0]} rows but x_TD has {x_TD.shape[0]}")
     n_experts = check_count("n_experts", n_experts, 1)
     capacity = None if capacity is None else check_count("capacity", capacity, 0)
-    if check_values and checks.value_checks_on() and expert_idx_TK.numel():
+    if check_values and checks.value_checks_on(expert_idx_TK) and expert_idx_TK.numel():
         lo, hi = expert_idx_TK.min().item(), expert_idx_TK.max().item()
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"expert_idx_TK values must lie in [0, {n_experts}), got [{lo}, {hi}]")
@@ -231,7 +231,7 @@ def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | Non
     if sort_idx_S.shape[0] != y_SD.shape[0] or y_SD.shape[0] > t * k:
         raise ValueError(f"y_SD has {y_SD.shape[0]} rows and sort_idx_S {sort_idx_S.shape[0]}; they must "
                          f"match and be at most T*K = {t * k}")
-    if check_values and checks.value_checks_on() and sort_idx_S.numel():
+    if check_values and checks.value_checks_on(sort_idx_S) and sort_idx_S.numel():
         lo, hi = sort_idx_S.min().item(), sort_idx_S.max().item()
         if lo < 0 or hi >= t * k:
             raise ValueError(f"sort_idx_S values must lie in [0, T*K = {t * k}), got [{lo}, {hi}]")

@@ -14,7 +14,7 @@ import torch
 
 from generalist import _ext
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func
-from generalist.testing import naive_attention, random_varlen
+from generalist.testing import NON_FINITE, check_non_finite, naive_attention, random_varlen
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # The backends that serve the CPU tensors of these tests; "triton" and "cuda" run the same
@@ -91,6 +91,13 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf(gen, backend):
     for x in (case.q, case.k, case.v):
         assert torch.isfinite(x.grad).all()
     assert torch.equal(case.q.grad[:4], torch.zeros_like(case.q.grad[:4]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where,causal", NON_FINITE)
+def test_non_finite_inputs_reach_the_rows_that_see_them(gen, where, causal, backend):
+    _require(backend, random_varlen([90, 5], [90, 5], 2, 1, 24), causal)
+    check_non_finite(where, causal, backend, gen)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -359,6 +366,18 @@ def test_every_backend_on_cuda(gen, dtype):
             continue  # e.g. "cpu" serves CPU tensors only
         out = _run(case, True, backend=backend)
         assert (out.double() - want).abs().max().item() <= 2 * baseline + ATOL[dtype], backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where,causal", NON_FINITE)
+def test_non_finite_inputs_on_cuda(gen, where, causal):
+    for backend in ATTENTION_BACKENDS.available():
+        case = random_varlen([90, 5], [90, 5], 2, 1, 24, dtype=torch.float16, device="cuda")
+        try:
+            ATTENTION_BACKENDS.resolve(backend, *_args(case, causal))
+        except BackendError:
+            continue
+        check_non_finite(where, causal, backend, gen, torch.float16, "cuda")
 
 
 class _NoOpMode(torch.overrides.TorchFunctionMode):

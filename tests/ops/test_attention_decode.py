@@ -185,6 +185,31 @@ def test_reference_matches_float64(gen, q_len, h, hkv, d, num_splits):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("where,pos", [("q", 1), ("k", 69), ("v", 10)])
+def test_a_nan_reaches_the_rows_that_see_it(gen, request, backend, where, pos):
+    """A NaN in a query row, or in a cached key or value the rows see, makes NaN what it makes
+    NaN in the float64 reference (never zeros, nor a finite row that left the key out). Key 69
+    of 70 is seen by the last of two new tokens only."""
+    if backend != "reference":
+        request.getfixturevalue(f"{backend}_backend")
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend serves CPU tensors; this test's inputs are on the GPU here")
+    lens = [5, 70]
+    q, k, v, cache_lens = _problem(lens, 2, 4, 2, 16, gen)
+    if where == "q":
+        q[1, pos, 0, 3] = float("nan")
+    else:
+        {"k": k, "v": v}[where][1, pos, 0, 3] = float("nan")
+    out, lse = attention_decode(q, k, v, cache_lens, return_lse=True, backend=backend)
+    want, want_lse = _float64(q, k, v, lens)
+    nan = torch.isnan(want)
+    assert nan.any() and not nan.all()
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
+    torch.testing.assert_close(out[~nan].double(), want[~nan], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_equals_flash_attn_varlen_on_the_packed_problem(gen, request, backend):
     if backend != "reference":
         request.getfixturevalue(f"{backend}_backend")

@@ -61,6 +61,8 @@ def test_valid_call_works(backend):
     (dict(causal=True, prefix_lens=torch.tensor([1, 2, 3], dtype=torch.int32)), "prefix_lens has 3 entries but there are 2 sequences"),
     (dict(causal=True, prefix_lens=torch.tensor([1, -2], dtype=torch.int32)), "prefix_lens must be >= 0"),
     (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+    # finite as a Python float, inf once the kernels multiply by it in float32
+    (dict(softmax_scale=-1e300), "softmax_scale must lie within float32's range"),
     # flash_attn_func(q, k, v, True) puts causal where softmax_scale goes: refused, not a scale of 1
     (dict(softmax_scale=True), "softmax_scale must be a real number or None, got bool"),
     (dict(softmax_scale="0.5"), "softmax_scale must be a real number or None, got str"),
@@ -101,6 +103,25 @@ def test_device_mismatch_is_named():
         _varlen(k=meta, v=meta)
     with pytest.raises(ValueError, match="cu_seqlens_q is on meta but q is on cpu"):
         _varlen(cu_seqlens_q=torch.empty(3, dtype=torch.int32, device="meta"))
+
+
+def test_meta_tensors_take_the_shape_checks_only():
+    """The meta device has no values to check: shape propagation gets the outputs' shapes (the
+    op's fake implementation), and a shape error is still named."""
+    from generalist.ops import grouped_mm, permute
+    from generalist.ops.attention_decode import attention_decode
+
+    meta = dict(device="meta")
+    q, cu = torch.empty(10, 2, 16, **meta), torch.empty(3, dtype=torch.int32, **meta)
+    out = flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True, prefix_lens=torch.empty(2, dtype=torch.int32, **meta))
+    assert out.is_meta and out.shape == (10, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens_q has 2 sequences but cu_seqlens_k has 1"):
+        flash_attn_varlen_func(q, q, q, cu, cu[:2], 5, 5)
+    q1, cache = torch.empty(2, 1, 2, 16, **meta), torch.empty(2, 9, 2, 16, **meta)
+    assert attention_decode(q1, cache, cache, torch.empty(2, dtype=torch.int32, **meta)).shape == (2, 1, 2, 16)
+    x = torch.empty(10, 8, **meta)
+    assert grouped_mm(x, torch.empty(3, 8, 4, **meta), torch.empty(3, dtype=torch.int32, **meta)).shape == (10, 4)
+    assert permute(x, torch.empty(10, 2, dtype=torch.int64, **meta), 3)[0].shape == (20, 8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 from generalist.ops import ATTENTION_BACKENDS, BackendError, flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from generalist.ops import attention_triton  # noqa: E402,F401  (registers "triton")
-from generalist.testing import (ATOL, attention_grads, check_forward, max_err, naive_attention,  # noqa: E402
-                                random_varlen, run_varlen)
+from generalist.testing import (ATOL, NON_FINITE, attention_grads, check_forward, check_non_finite,  # noqa: E402
+                                max_err, naive_attention, random_varlen, run_varlen)
 
 BACKEND = "triton"
 
@@ -83,6 +83,11 @@ def _float64_grads(case, causal, dout, dlse):
 def test_forward_matches_float64(gen, lens_q, lens_k, h, hkv, d, causal, prefix, dtype):
     case = _case(lens_q, lens_k, h, hkv, d, prefix, gen, dtype=dtype)
     check_forward(case, causal, dtype, gen.initial_seed(), BACKEND)
+
+
+@pytest.mark.parametrize("where,causal", NON_FINITE)
+def test_non_finite_inputs_reach_the_rows_that_see_them(gen, where, causal):
+    check_non_finite(where, causal, BACKEND, gen, device=DEVICE)
 
 
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d,causal,prefix", CASES)
