@@ -57,9 +57,9 @@ GENERALIST_INLINE vfloat vsplat_impl(float x, std::index_sequence<I...>) {
 }
 // An initializer list, which compiles to one broadcast (a loop of lane writes may not).
 GENERALIST_INLINE vfloat vsplat(float x) { return vsplat_impl(x, std::make_index_sequence<kW>{}); }
-// The larger of a and b, NaN when either is NaN (so a NaN score reaches the running max, the
-// exponentials, the row sum and the output, as in the reference, whatever the key order).
-GENERALIST_INLINE vfloat vmax(vfloat a, vfloat b) { return (a > b) | (a != a) ? a : b; }
+// One instruction (maxps); it may drop a NaN, which vexp2 carries instead: a NaN score's
+// exponential is NaN, and so are the row's sum and output, as in the reference.
+GENERALIST_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // 2^x with a relative error of ~1e-7 (a degree-5 minimax polynomial on [-0.5, 0.5], fitted to
 // 2^x's relative error). Arguments here are <= 0 or a rounding error above (larger ones would
