@@ -18,6 +18,7 @@ positive index outside the gallery) raise ValueError with a message saying what 
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -64,6 +65,13 @@ def _check_pair(predictions: Sequence, references: Sequence, what: str) -> None:
         )
     if len(predictions) == 0:
         raise ValueError(f"{what}: no predictions to score")
+    _check_strings(predictions, "predictions", what)
+
+
+def _check_strings(items: Sequence, name: str, what: str) -> None:
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise ValueError(f"{what}: {name}[{i}] is {type(s).__name__} {s!r}, expected a str")
 
 
 def _check_reference_sets(
@@ -78,6 +86,7 @@ def _check_reference_sets(
             )
         if len(refs) == 0:
             raise ValueError(f"{what}: references[{i}] is empty; every candidate needs a reference")
+        _check_strings(refs, f"references[{i}]", what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +97,7 @@ def _check_reference_sets(
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of predictions equal to their reference after `normalize_text` (exact match)."""
     _check_pair(predictions, references, "accuracy")
+    _check_strings(references, "references", "accuracy")
     hits = sum(normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references))
     return hits / len(predictions)
 
@@ -98,6 +108,7 @@ def accuracy_by(
     """`accuracy` within each group (e.g. question type), keyed by group in order of first
     appearance."""
     _check_pair(predictions, references, "accuracy_by")
+    _check_strings(references, "references", "accuracy_by")
     if len(groups) != len(predictions):
         raise ValueError(
             f"accuracy_by: got {len(groups)} groups for {len(predictions)} predictions"
@@ -116,6 +127,7 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     scikit-learn's `f1_score(average="macro")`, so a label that is only ever predicted counts
     with F1 = 0."""
     _check_pair(predictions, references, "macro_f1")
+    _check_strings(references, "references", "macro_f1")
     preds = [normalize_text(p) for p in predictions]
     refs = [normalize_text(r) for r in references]
     tp: Counter[str] = Counter()
@@ -160,10 +172,16 @@ def bleu(
     shorter reference, as in the original IBM scorer and coco-caption's "closest"). An empty
     corpus of candidate tokens (c = 0) scores 0.
 
-    Without smoothing any p_n = 0 makes BLEU 0. With `smooth=True`, orders with no clipped
-    match use p_n = 0.1 / max(1, #n-grams) instead: method 1 of Chen & Cherry, "A Systematic
-    Comparison of Smoothing Techniques for Sentence-Level BLEU", WMT 2014 (epsilon = 0.1, as
-    in NLTK's SmoothingFunction.method1). Orders with matches are unchanged.
+    Without smoothing any p_n = 0 makes BLEU 0. With `smooth=True`:
+    - an order with n-grams but no clipped match uses p_n = 0.1 / #n-grams: method 1 of Chen &
+      Cherry, "A Systematic Comparison of Smoothing Techniques for Sentence-Level BLEU", WMT 2014
+      (epsilon = 0.1, as NLTK's SmoothingFunction.method1);
+    - an order no candidate is long enough to have is left out of the mean (sacrebleu's
+      "effective order"), so captions shorter than max_n words that equal their references
+      score 1, not 0.1^(missing orders / max_n);
+    - no unigram match at all is still 0, as in NLTK and sacrebleu.
+    Orders with matches are unchanged. (NLTK also counts one n-gram for a sentence too short to
+    have any; here a sentence adds the n-grams it has, as in the paper.)
     """
     _check_reference_sets(candidates, references, "bleu")
     if max_n < 1:
@@ -186,18 +204,17 @@ def bleu(
         for n in range(1, max_n + 1):
             totals[n - 1] += max(0, c - n + 1)
 
-    if cand_len == 0:
+    if cand_len == 0 or matches[0] == 0:
         return 0.0
-    log_precision = 0.0
+    log_precision, orders = 0.0, 0
     for m, t in zip(matches, totals):
-        if m == 0:
-            if not smooth:
-                return 0.0
-            log_precision += math.log(_SMOOTH_EPSILON / max(1, t))
-        else:
-            log_precision += math.log(m / t)
+        if m == 0 and not smooth:
+            return 0.0
+        if t:  # smoothed: an order with no n-gram at all is left out (effective order)
+            log_precision += math.log(m / t if m else _SMOOTH_EPSILON / t)
+            orders += 1
     brevity = 1.0 if cand_len > ref_len else math.exp(1.0 - ref_len / cand_len)
-    return brevity * math.exp(log_precision / max_n)
+    return brevity * math.exp(log_precision / orders)
 
 
 def sentence_bleu(
@@ -325,6 +342,7 @@ def recall_at_k(
     ranking first, so the result is deterministic. A k larger than G counts every query as a
     hit. Returns {"R@k": recall} for each k in ks, as fractions in [0, 1].
     """
+    ks_given = ks
     if query_emb.dim() != 2 or gallery_emb.dim() != 2:
         raise ValueError(
             f"recall_at_k: embeddings must be 2-D (Q, E) and (G, E), got shapes "
@@ -339,8 +357,12 @@ def recall_at_k(
     for name, emb in (("query", query_emb), ("gallery", gallery_emb)):
         if not bool(torch.isfinite(emb).all()):  # NaN similarities would rank as hits
             raise ValueError(f"recall_at_k: the {name} embeddings contain NaN or inf")
-    if len(ks) == 0 or any(int(k) != k or k < 1 for k in ks):
-        raise ValueError(f"recall_at_k: ks must be a non-empty list of positive ints, got {ks}")
+    try:
+        ks = [operator.index(k) if not isinstance(k, bool) else None for k in ks]
+    except TypeError:
+        ks = []  # a lone int, or something no index
+    if not ks or any(k is None or k < 1 for k in ks):
+        raise ValueError(f"recall_at_k: ks must be a non-empty list of positive ints, got {ks_given!r}")
     if isinstance(positives, np.ndarray) and positives.dtype.kind in "iub":  # one index per query, in numpy
         positives = torch.from_numpy(np.array(positives, dtype=positives.dtype.newbyteorder("="), order="C"))
     if len(positives) != num_q:

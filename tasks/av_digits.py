@@ -14,7 +14,7 @@ import numpy as np
 from generalist.data.packing import Example
 from generalist.data.speech import RATE, spoken, voice_split
 from generalist.data.synth import DIGIT_WORDS, degrade_audio, degrade_image
-from generalist.data.tasks import Task, how_many, mnist_split, normalize
+from generalist.data.tasks import Task, how_many, mnist_split
 
 
 class AVDigits(Task):
@@ -40,8 +40,7 @@ class AVDigits(Task):
 
     def evaluate(self, predictor, examples):
         def acc(exs):
-            preds = predictor.generate(exs)
-            return sum(normalize(p) == normalize(e.target_text) for p, e in zip(preds, exs)) / max(1, len(exs))
+            return self.score(predictor.generate(exs), exs)["accuracy"]
         only = lambda m: [Example([s for s in e.segments if s[0] == m], e.target_text, e.task) for e in examples]
         return {"accuracy": acc(examples), "accuracy_image_only": acc(only("image")),
                 "accuracy_audio_only": acc(only("audio"))}

@@ -63,7 +63,7 @@ class Captions(Task):
         positives = [{j for j, k in enumerate(keys) if k == caption_key(r)} for r in refs]
         recall = recall_at_k(images, texts, positives, ks=(1, 5))
         return {"bleu4": bleu(preds, [[r] for r in refs], smooth=True), "cider_d": cider_d(preds, [[r] for r in refs]),
-                "exact": sum(normalize(p) == r for p, r in zip(preds, refs)) / max(1, len(refs)),
+                "exact": sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs),
                 **{k.lower().replace("@", "_at_"): v for k, v in recall.items()}}
 
 

@@ -29,12 +29,23 @@ class MovingDigits(Task):
         return out
 
     def score(self, predictions, examples):
-        pred = [normalize(p).split(" moving ") for p in predictions]
-        true = [normalize(e.target_text).split(" moving ") for e in examples]
-        n = max(1, len(true))
-        return {"accuracy": sum(p == t for p, t in zip(pred, true)) / n,
-                "digit_accuracy": sum(p[0] == t[0] for p, t in zip(pred, true)) / n,
-                "direction_accuracy": sum(len(p) > 1 and p[1] == t[1] for p, t in zip(pred, true)) / n}
+        texts = [(normalize(p), normalize(e.target_text)) for p, e in self.pairs(predictions, examples)]
+        pairs = [(_parts(p), _parts(t)) for p, t in texts]
+        n = len(pairs)
+        return {"accuracy": sum(p == t for p, t in texts) / n,
+                "digit_accuracy": sum(p[0] == t[0] for p, t in pairs) / n,
+                "direction_accuracy": sum(p[1] == t[1] for p, t in pairs) / n}
+
+
+def _parts(text: str) -> tuple[str | None, str | None]:
+    """(digit, direction) of "seven moving up-left": the first word, and the one word after
+    "moving" when the text is "<word> moving <word>"; None for a part the text lacks (then it
+    matches no target). "seven moving" still names its digit; punctuation after the digit
+    ("seven, moving up-left") does not change it."""
+    words = normalize(text).replace(",", " ").split()
+    digit = words[0] if words else None
+    direction = words[2] if len(words) == 3 and words[1] == "moving" else None
+    return digit, direction
 
 
 TASK = MovingDigits()

@@ -133,9 +133,8 @@ def test_bleu_papineni_candidate_1():
     # "ensures that the military" -> p4 = 4/15.
     # BLEU-4 = (17/18 * 10/17 * 7/16 * 4/15)^(1/4) = (7/108)^(1/4) = 0.504566684...
     # (the value NLTK documents for the same sentence).
-    expected = (7 / 108) ** 0.25
-    assert sentence_bleu(PAP_C1, PAP_REFS) == pytest.approx(expected, abs=1e-12)
-    assert expected == pytest.approx(0.5045666840058485, abs=1e-12)
+    # (7/108)^(1/4) = 0.504566684..., the value NLTK documents for the same sentence.
+    assert sentence_bleu(PAP_C1, PAP_REFS) == pytest.approx((7 / 108) ** 0.25, abs=1e-12)
 
 
 def test_bleu_papineni_candidate_2_and_corpus():
@@ -194,6 +193,23 @@ def test_bleu_smoothing_method_1():
     assert sentence_bleu(cand, [ref], smooth=True) == pytest.approx((1 / 240) ** 0.25, abs=1e-12)
     # Orders with matches are untouched by smoothing.
     assert sentence_bleu(cand, [ref], max_n=3, smooth=True) == sentence_bleu(cand, [ref], max_n=3)
+
+
+def test_bleu_smoothing_leaves_out_orders_no_candidate_has():
+    # Captions shorter than 4 words that equal their references: trigrams and 4-grams exist in
+    # no candidate, so they are left out (sacrebleu's effective order) and the score is 1.
+    assert bleu(["koala", "a horse"], [["koala"], ["a horse"]], smooth=True) == 1.0
+    # p1 = 4/5 (all but "c"), p2 = 2/3 ("a b" and "x y" of "a b", "b c", "x y"), p3 = 0.1/1
+    # (the one trigram "a b c" unmatched), no 4-gram anywhere; c = r = 5, so BP = 1.
+    got = bleu(["a b c", "x y"], [["a b d"], ["x y"]], smooth=True)
+    assert got == pytest.approx((4 / 5 * 2 / 3 * 0.1) ** (1 / 3), abs=1e-12)
+    # Without smoothing an order with no n-gram is no match: 0, as in the paper.
+    assert bleu(["koala", "a horse"], [["koala"], ["a horse"]]) == 0.0
+
+
+def test_bleu_smoothing_without_any_word_in_common_is_zero():
+    assert bleu(["dog"], [["cat"]], smooth=True) == 0.0
+    assert bleu(["a dog ran far away"], [["the cat sat on mats"]], smooth=True) == 0.0
 
 
 def test_bleu_empty_candidate_scores_zero():
@@ -462,6 +478,24 @@ def test_recall_at_k_errors():
         recall_at_k(QUERIES, GALLERY, idx, ks=(0,))
     with pytest.raises(ValueError, match="ks must be"):
         recall_at_k(QUERIES, GALLERY, idx, ks=())
+    for ks in (1, (True,), (2.5,), ("5",)):  # a lone int, a bool, no integer
+        with pytest.raises(ValueError, match="ks must be a non-empty list of positive ints"):
+            recall_at_k(QUERIES, GALLERY, idx, ks=ks)
+    assert recall_at_k(QUERIES, GALLERY, idx, ks=(np.int64(1),)).keys() == {"R@1"}
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1", "bleu", "cider_d"])
+def test_a_prediction_that_is_no_str_is_named(metric):
+    from generalist import metrics
+
+    fn = getattr(metrics, metric)
+    refs = [["a cat"], ["a dog"]] if metric in ("bleu", "cider_d") else ["a cat", "a dog"]
+    with pytest.raises(ValueError, match=rf"{metric}: predictions\[1\] is float nan, expected a str"):
+        fn(["a cat", float("nan")], refs)
+    bad_refs = [["a cat"], ["a dog", 7]] if metric in ("bleu", "cider_d") else ["a cat", 7]
+    name = r"references\[1\]\[1\]" if metric in ("bleu", "cider_d") else r"references\[1\]"
+    with pytest.raises(ValueError, match=rf"{metric}: {name} is int 7, expected a str"):
+        fn(["a cat", "a dog"], bad_refs)
 
 
 def test_task_scores_normalize_as_the_metrics_do():

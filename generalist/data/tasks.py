@@ -54,10 +54,20 @@ class Task(ABC):
 
     def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         """Default metric: exact-match accuracy of the normalised text."""
-        hits = [normalize(p) == normalize(e.target_text) for p, e in zip(predictions, examples, strict=True)]
-        if not hits:  # (an accuracy of 0.0 would read as a score)
-            raise ValueError(f"task {self.name!r}: no examples to score")
+        hits = [normalize(p) == normalize(e.target_text) for p, e in self.pairs(predictions, examples)]
         return {"accuracy": sum(hits) / len(hits)}
+
+    def pairs(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[tuple[str, Example]]:
+        """(prediction, example) pairs for a score, checked: as many predictions as examples, at
+        least one (an accuracy of 0.0 would read as a score), every prediction a str."""
+        if len(predictions) != len(examples):
+            raise ValueError(f"task {self.name!r}: {len(predictions)} predictions for {len(examples)} examples")
+        if not examples:
+            raise ValueError(f"task {self.name!r}: no examples to score")
+        for i, p in enumerate(predictions):
+            if not isinstance(p, str):
+                raise ValueError(f"task {self.name!r}: prediction {i} is {type(p).__name__} {p!r}, expected a str")
+        return list(zip(predictions, examples))
 
 
 def normalize(text: str) -> str:

@@ -193,14 +193,44 @@ class _Oracle:
         return torch.nn.functional.normalize(torch.randn(len(examples), 8), dim=-1)
 
 
-@pytest.mark.parametrize("name", ["fashion", "vqa", "moving_digits", "tabular", "table_image", "text_topic"])
+@pytest.mark.parametrize("name", ["fashion", "vqa", "moving_digits", "tabular", "table_image", "text_topic",
+                                  "av_digits"])
 def test_metrics_of_a_perfect_and_a_wrong_predictor(name):
+    """Every accuracy a task reports (overall, per question type, digit and direction, fused and
+    one modality alone) is 1 for the references and 0 for an answer that is never right."""
     task = TASKS[name]
     test = task.examples("test", 8)
     perfect = task.evaluate(_Oracle({}), test)
-    assert perfect["accuracy"] == 1.0
-    wrong = task.evaluate(_Oracle({id(e): "zzz" for e in test}), test)
-    assert wrong["accuracy"] == 0.0
+    assert perfect and all(v == 1.0 for v in perfect.values()), perfect
+    # the oracle keys its wrong answers by example, and av_digits makes new examples of one
+    # modality: a wrong answer for every example the task asks about
+    wrong = task.evaluate(type("Wrong", (_Oracle,), {"generate": lambda self, exs: ["zzz"] * len(exs)})({}), test)
+    assert wrong.keys() == perfect.keys() and all(v == 0.0 for v in wrong.values()), wrong
+
+
+def test_moving_digits_scores_digit_and_direction_apart():
+    task = TASKS["moving_digits"]
+    test = task.examples("test", 4)
+    target = test[0].target_text  # "<digit> moving <direction>"
+    digit, direction = target.split(" moving ")
+    other = "up" if direction != "up" else "down"
+    for answer, want in ((f"{digit} moving", (0, 1, 0)), (f"{digit}, moving {direction}", (0, 1, 1)),
+                         (f"{digit} moving {direction} moving {other}", (0, 1, 0)),
+                         (f"{digit} moving {other}", (0, 1, 0)), (f"{target}.", (1, 1, 1)), ("", (0, 0, 0))):
+        got = task.score([answer], test[:1])
+        assert (got["accuracy"], got["digit_accuracy"], got["direction_accuracy"]) == want, answer
+
+
+@pytest.mark.parametrize("name", ["fashion", "moving_digits", "vqa"])
+def test_scores_refuse_mismatched_or_empty_or_non_text_predictions(name):
+    task = TASKS[name]
+    test = task.examples("test", 2)
+    with pytest.raises(ValueError, match=rf"task '{name}': 1 predictions for 2 examples|got 1 predictions but 2"):
+        task.score(["zzz"], test)
+    with pytest.raises(ValueError, match="no examples to score|no predictions to score"):
+        task.score([], [])
+    with pytest.raises(ValueError, match=r"int 7, expected a str"):
+        task.score(["zzz", 7], test)
 
 
 class _OneHot:
