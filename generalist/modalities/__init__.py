@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from generalist.ops import _attention_checks as checks
+
 from .audio import AudioConfig, AudioEmbed, log_mel, resample
 from .image import ImageConfig, ImageEmbed
 from .table import TableConfig, TableEmbed
@@ -65,6 +67,47 @@ class Prepared:
 
     features: Tensor | tuple[Tensor, ...]
     positions: Tensor
+
+
+def check_prepared(embedder: nn.Module, prepared: Prepared) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:
+    """(features, positions) of a `Prepared` segment, checked against the embedder that will read
+    it: positions an int tensor (L, 3), every feature field L rows, patches as wide as the
+    embedder's projection, and (on the host, where reading them is free) positions inside
+    `max_positions`. A Prepared made by another config would otherwise fail deep in the model
+    (a matmul's shapes, an embedding's index)."""
+    features, positions = prepared.features, prepared.positions
+    fields = features if isinstance(features, tuple) else (features,)
+    if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.shape[1] != 3 \
+            or positions.dtype not in (torch.int32, torch.int64):
+        shape = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else type(positions).__name__
+        raise ValueError(f"Prepared positions must be an int tensor (L, 3); got {shape}")
+    n = positions.shape[0]
+    if not all(isinstance(f, Tensor) and f.dim() >= 1 and f.shape[0] == n for f in fields):
+        shapes = [tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__ for f in fields]
+        raise ValueError(f"Prepared features must be tensors of {n} rows, one per position; got {shapes}")
+    proj = getattr(embedder, "proj", None)
+    if isinstance(proj, nn.Linear) and (features.dim() != 2 or features.shape[1] != proj.in_features):
+        raise ValueError(f"Prepared {embedder.modality} features have shape {tuple(features.shape)}, but this model's "
+                         f"{embedder.modality} embedder takes (L, {proj.in_features}) (made by another config?)")
+    # the values, where reading them costs no device sync, once per tensor (the trainer's
+    # prepared examples come back every epoch)
+    bound = embedder.max_positions
+    if n and positions.device.type == "cpu" and not checks.checked_before(positions, ("prepared", bound)):
+        top = positions.amax(0).tolist()
+        if int(positions.min()) < 0 or any(t >= b for t, b in zip(top, bound)):
+            raise ValueError(f"Prepared positions reach {tuple(top)}, but this model's {embedder.modality} embedder "
+                             f"holds positions below {tuple(bound)} (made by another config?)")
+        checks.remember_checked(positions, ("prepared", bound))
+    ids, n_ids = {"text": (features, getattr(getattr(embedder, "cfg", None), "vocab_size", 0)),
+                  "table": (fields[0], getattr(getattr(embedder, "cfg", None), "n_columns", 0))}.get(
+        embedder.modality, (None, 0))
+    if ids is not None and n and ids.device.type == "cpu" and not checks.checked_before(ids, ("prepared ids", n_ids)):
+        if ids.is_floating_point() or int(ids.min()) < 0 or int(ids.max()) >= n_ids:
+            what = "token ids" if embedder.modality == "text" else "column ids"
+            raise ValueError(f"Prepared {what} must be integers in [0, {n_ids}) for this model (made by another "
+                             f"config?)")
+        checks.remember_checked(ids, ("prepared ids", n_ids))
+    return features, positions
 
 
 def cat_features(parts: list, device: torch.device) -> Tensor | tuple[Tensor, ...]:

@@ -94,10 +94,10 @@ def resample(waveform_N: Tensor, orig_sr: float, new_sr: float, *, zero_crossing
     is 441 / 160) run as one strided conv1d with b output channels, one per phase; awkward ones
     (16.001 kHz -> 16 kHz) gather taps per output sample in chunks of `chunk` samples.
     """
-    if orig_sr == new_sr:
-        return waveform_N
     step = Fraction(orig_sr).limit_denominator(1000) / Fraction(new_sr).limit_denominator(1000)
     a, b = step.numerator, step.denominator  # output n sits at input time n * a / b
+    if a == b:  # the same rate as fractions read it (16000.0000001 Hz too): no filter
+        return waveform_N
     n_in, dtype, device = waveform_N.shape[0], waveform_N.dtype, waveform_N.device
     n_out = -(-n_in * b // a)
     cutoff = rolloff * min(1.0, b / a)  # fraction of the input Nyquist frequency
@@ -181,7 +181,8 @@ def _check_waveform(waveform: Any, sample_rate: Any, cfg: AudioConfig) -> Tensor
 
 def log_mel(waveform_N: Any, sample_rate: float, cfg: AudioConfig | None = None) -> Tensor:
     """Mono waveform (N,) at `sample_rate` -> log-mel spectrogram (T, M) at cfg.sample_rate,
-    T = 1 + N' // hop frames for N' resampled samples; values >= log(1e-6)."""
+    T = 1 + (N' + 2 (n_fft // 2) - n_fft) // hop frames for N' resampled samples (1 + N' // hop
+    for an even n_fft); values >= log(1e-6)."""
     cfg = AudioConfig() if cfg is None else cfg
     x_N = _check_waveform(waveform_N, sample_rate, cfg)
     if not x_N.dtype == torch.float64:

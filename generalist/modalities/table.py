@@ -8,11 +8,14 @@ Input is one row as a pair (column_ids (F,), values (F,)): integer column ids in
     column_embedding[column_ids[i]] + missing                          (value NaN)
 with `missing` a learned (D,) vector. Positions are (i, 0, 0) in the order given.
 
-The value embedding is a 2-layer MLP of the features (v, symlog(v)), symlog(v) =
-sign(v) log(1 + |v|): the raw v lets it represent magnitude linearly, symlog keeps very large
-values (counts, prices) on a scale the MLP can still tell apart, and the hidden GELU layer lets
-it learn non-linear codes (thresholds, bins) that a single Linear(1, D) cannot. Values should
-still be roughly standardized per column by the data pipeline.
+The value embedding is a 2-layer MLP of the features (clip(v), symlog(v)), clip(v) = v within
+[-VALUE_CLIP, VALUE_CLIP] and symlog(v) = sign(v) log(1 + |v|): the clipped v lets it represent
+the usual range of standardized values linearly, symlog tells very large values (counts,
+prices) apart on a scale that grows slowly, and the hidden GELU layer lets it learn non-linear
+codes (thresholds, bins) that a single Linear(1, D) cannot. Both features are bounded by the
+value's logarithm beyond the clip: a raw v would grow the value token with v until it drowns
+the column embedding (after the blocks' RMSNorm, 1e6 in column 5 and 1e6 in column 7 were one
+token). Values should still be roughly standardized per column by the data pipeline.
 """
 
 from __future__ import annotations
@@ -42,9 +45,13 @@ class TableConfig:
             raise ValueError(f"TableConfig.value_hidden must be >= 1; got {self.value_hidden}")
 
 
+VALUE_CLIP = 5.0  # standard deviations, for standardized columns
+
+
 def value_features(values_F: Tensor) -> Tensor:
-    """(F,) finite values -> (F, 2) MLP inputs (v, symlog v)."""
-    return torch.stack([values_F, torch.sign(values_F) * torch.log1p(values_F.abs())], dim=-1)
+    """(F,) finite values -> (F, 2) MLP inputs (clip(v), symlog v)."""
+    return torch.stack([values_F.clamp(-VALUE_CLIP, VALUE_CLIP), torch.sign(values_F) * torch.log1p(values_F.abs())],
+                       dim=-1)
 
 
 def _as_1d(x: Any, name: str) -> Tensor:
@@ -109,10 +116,15 @@ class TableEmbed(nn.Module):
         uniq, counts = torch.unique(ids_F, return_counts=True)
         if bool((counts > 1).any()):
             raise ValueError(f"column id {int(uniq[counts > 1][0])} appears more than once in the row")
-        # checked in the model's dtype, into which a large float64 may overflow
-        values_F = values_F.to(dtype=self.column.weight.dtype)
         if bool(torch.isinf(values_F).any()):
             raise ValueError("values contain inf (use NaN for a missing value)")
+        dtype = self.column.weight.dtype
+        cast = values_F.to(dtype=dtype)
+        if bool(torch.isinf(cast).any()):  # a finite float64 past the model's dtype
+            big = values_F[torch.isinf(cast)][0].item()
+            raise ValueError(f"value {big:g} overflows the model's {str(dtype).removeprefix('torch.')} "
+                             f"(largest {torch.finfo(dtype).max:g}); scale the column down")
+        values_F = cast
         positions_F3 = torch.zeros(n, 3, dtype=torch.int64, device=ids_F.device)
         positions_F3[:, 0] = torch.arange(n, device=ids_F.device)
         return (ids_F.to(torch.int64), values_F), positions_F3

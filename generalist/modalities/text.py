@@ -11,6 +11,7 @@ tokens by id (`token_id`).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -131,7 +132,15 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
         """The text of `ids`; special tokens are dropped unless `skip_special_tokens` is False."""
-        ids = [int(i) for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]
+        if isinstance(ids, Tensor) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+            raise ValueError(f"token ids must be integers; got a {ids.dtype} tensor")
+        given = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        try:  # int() would take 1.5 (as id 1) and True
+            ids = [None if isinstance(i, bool) else operator.index(i) for i in given]
+        except TypeError:
+            ids = [None]
+        if None in ids:
+            raise ValueError(f"token ids must be integers, not bools or fractions; got {given[:5]}")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside [0, {self.vocab_size})")

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from generalist._fields import read_json
 from generalist.data.packing import EncodedExample, pack
-from generalist.modalities import MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features
+from generalist.modalities import (MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features,
+                                   check_prepared)
 from generalist.models.config import GeneralistConfig
 from generalist.modules.blocks import DecoderBlock, EncoderBlock, StreamInfo, compile_block
 from generalist.modules.moe import MoEStats
@@ -130,8 +131,9 @@ class GeneralistModel(nn.Module):
                 if modality not in self.embedders:
                     raise ValueError(f"example {b}: unknown modality {modality!r}; known: {list(self.embedders)}")
                 try:
-                    prepared[modality].append((data.features, data.positions) if isinstance(data, Prepared)
-                                              else self.embedders[modality].prepare(data))
+                    embedder = self.embedders[modality]
+                    prepared[modality].append(check_prepared(embedder, data) if isinstance(data, Prepared)
+                                              else embedder.prepare(data))
                 except ValueError as error:
                     raise ValueError(f"example {b}, segment {j} ({modality}): {error}") from None
         toks, first = [], {}  # first[modality]: each of its segments' first row in cat(toks)
@@ -291,7 +293,10 @@ class GeneralistModel(nn.Module):
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{directory} has no tokenizer.json")
-        return TextTokenizer.from_json(path.read_text())
+        try:
+            return TextTokenizer.from_json(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:  # a file cut short or damaged: named
+            raise ValueError(f"{path}: {error}") from None
 
     @classmethod
     def load(cls, directory: str | Path, device="cpu") -> "GeneralistModel":

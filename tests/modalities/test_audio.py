@@ -39,6 +39,14 @@ def test_resample_matches_the_formula(gen, orig, new):
         assert y[n].item() == pytest.approx(_direct_resample(x, orig, new, n), abs=1e-9)
 
 
+def test_a_rate_equal_as_a_fraction_is_not_filtered(gen):
+    """16000.0000001 Hz is 16 kHz to the resampler (rates are read as fractions): the samples come
+    back unchanged, not low-passed at 0.9 of Nyquist."""
+    x = torch.randn(4000, generator=gen)
+    assert torch.equal(resample(x, 16000.0000001, 16000), x)
+    assert torch.equal(log_mel(x, 16000.0000001), log_mel(x, 16000))
+
+
 @pytest.mark.parametrize("mid", [8000, 22050, 44100])
 def test_resample_round_trip_of_band_limited_signal(mid):
     sr = 16000

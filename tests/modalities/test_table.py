@@ -21,7 +21,7 @@ def _embed(gen, **cfg):
 def _by_hand(embed, column, value):
     if math.isnan(value):
         return embed.column.weight[column] + embed.missing
-    feats = torch.tensor([value, math.copysign(math.log1p(abs(value)), value)])
+    feats = torch.tensor([min(max(value, -5.0), 5.0), math.copysign(math.log1p(abs(value)), value)])  # clipped at 5
     hidden = F.gelu(embed.value_in.weight @ feats + embed.value_in.bias)
     return embed.column.weight[column] + embed.value_out.weight @ hidden + embed.value_out.bias
 
@@ -54,6 +54,18 @@ def test_order_and_magnitude(gen):
     assert torch.cdist(tokens, tokens).add(torch.eye(len(values))).min() > 1e-4  # all distinct
 
 
+def test_large_values_keep_their_column_and_their_size_apart(gen):
+    """The blocks see tokens through RMSNorm, so tokens must differ in direction, not only in
+    length: a large value must neither drown its column's embedding nor become the same token
+    as every other large value (a raw v among the MLP's inputs did both: 1.5e-6 and 9e-5)."""
+    embed = _embed(gen)
+    direction = lambda column, v: torch.nn.functional.normalize(embed(([column], [v]))[0][0], dim=0)
+    for v in (1.0, 100.0, 1e6, -1e6):
+        assert (direction(5, v) - direction(7, v)).norm() > 5e-4, v
+    for a, b in ((3.0, 30.0), (1e6, 1e9), (-1e6, -1e9)):
+        assert (direction(5, a) - direction(5, b)).norm() > 3e-3, (a, b)
+
+
 def test_gradients_are_finite_with_missing_values(gen):
     embed = _embed(gen)
     tokens_LD, _ = embed(([0, 1, 2], [NAN, 2.0, -1.0]))
@@ -70,7 +82,8 @@ def test_gradients_are_finite_with_missing_values(gen):
     (([-1], [1.0]), r"got min -1, max -1"),
     (([0, 1], [1.0, float("inf")]), "values contain inf"),
     (([0], [float("-inf")]), "values contain inf"),
-    (([0], torch.tensor([1e300], dtype=torch.float64)), "values contain inf"),  # inf in the model's dtype
+    # finite, but inf in the model's dtype: named as an overflow, not as an inf the caller never passed
+    (([0], torch.tensor([1e300], dtype=torch.float64)), "value 1e[+]300 overflows the model's float32 .largest 3.40282e[+]38.; scale the column down"),
     (([], []), "table row is empty"),
     (([0.0, 1.0], [1.0, 2.0]), "column_ids must have an integer dtype; got torch.float32"),
     (([2, 5, 2], [1.0, 2.0, 3.0]), "column id 2 appears more than once"),

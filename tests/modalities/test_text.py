@@ -125,6 +125,12 @@ def test_bad_tokenizer_calls_raise(tok):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match=r"outside \[0, "):
         tok.decode([tok.vocab_size])
+    for ids in ([1.5], [True, 5], ["5"]):  # 1.5 and True read as id 1 (<eos>, skipped): an empty string
+        with pytest.raises(ValueError, match="token ids must be integers, not bools or fractions"):
+            tok.decode(ids)
+    with pytest.raises(ValueError, match="token ids must be integers; got a torch.float32 tensor"):
+        tok.decode(torch.tensor([5.0]))
+    assert tok.decode(np.array([5, 6])) == tok.decode([5, 6])  # numpy integers are ids
     with pytest.raises(ValueError, match="not a serialized tokenizer"):
         TextTokenizer.from_json("{not json")
 

@@ -209,6 +209,10 @@ def test_checkpoint_round_trip_is_exact(tokenizer, gen, tmp_path):
     assert loaded.cfg == model.cfg
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         GeneralistModel.load(tmp_path)
+    path = tmp_path / "ckpt" / "tokenizer.json"
+    path.write_text(path.read_text()[:100])  # a file cut short: named
+    with pytest.raises(ValueError, match=r"ckpt/tokenizer.json: not a serialized tokenizer"):
+        GeneralistModel.load_tokenizer(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -255,6 +259,36 @@ def test_bad_inputs_are_named(tokenizer, segments, task, match):
     model = _model(tokenizer)
     with pytest.raises(ValueError, match=match):
         model(_encode(tokenizer, [Example(segments, "x", task)]))
+
+
+def test_a_prepared_segment_of_another_config_is_named(tokenizer, gen):
+    """A Prepared segment is checked against the embedder that reads it (it skips `prepare`):
+    the same as raw data when it fits, named by example and segment when it does not."""
+    from dataclasses import replace
+
+    from generalist.modalities import Prepared
+    from generalist.train.trainer import prepare_example
+
+    model = _model(tokenizer)
+    image = torch.rand(3, 8, 12, generator=gen)
+    [enc] = _encode(tokenizer, [Example([("image", image), ("text", "what is shown here")], "a small cat", "vqa")])
+    ready, _ = prepare_example(model, enc)
+    torch.testing.assert_close(model([ready]).loss, model([enc]).loss)
+
+    patches, positions = model.embedders["image"].prepare(image)
+    ids = enc.segments[1][1]
+    other = _model(tokenizer, modalities={"image": {"patch": 2}})
+    for segment, match in (
+            (("image", Prepared(*other.embedders["image"].prepare(image))),
+             r"example 0, segment 0 \(image\): Prepared image features have shape \(24, 12\), but this model's image "
+             r"embedder takes \(L, 48\)"),
+            (("image", Prepared(patches, positions + torch.tensor([0, 50, 0]))), "Prepared positions reach"),
+            (("image", Prepared(patches, positions[:, :2])), r"positions must be an int tensor \(L, 3\)"),
+            (("image", Prepared(patches[:-1], positions)), "features must be tensors of 6 rows"),
+            (("text", Prepared(ids + 10_000, torch.zeros(len(ids), 3, dtype=torch.long))),
+             r"Prepared token ids must be integers in \[0, 300\)")):
+        with pytest.raises(ValueError, match=match):
+            model([replace(enc, segments=[segment])])
 
 
 def test_tiny_model_overfits_a_mixed_batch(tokenizer, gen):
