@@ -474,8 +474,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = m0 + wrow0 + 16 * mt + g + 8 * half;
       if (row < lq) {
-        store_row<T, D>(out_seq + row * p.o_row_stride, acc[mt], half, l > 0.0f ? 1.0f / l : 0.0f, t);
-        if (t == 0) lse_seq[row] = l > 0.0f ? (m_run[mt][half] + log2f(l)) * kLn2 : -INFINITY;
+        // l == 0 only when the row sees no key; a NaN sum (a NaN score, which fmaxf may have
+        // left out of the max but ex2 carries) makes the row NaN, as in the reference
+        const bool seen = l != 0.0f;
+        store_row<T, D>(out_seq + row * p.o_row_stride, acc[mt], half, seen ? 1.0f / l : 0.0f, t);
+        if (t == 0) lse_seq[row] = seen ? (m_run[mt][half] + log2f(l)) * kLn2 : -INFINITY;
       }
     }
   }
