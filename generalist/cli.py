@@ -103,7 +103,8 @@ def _bench(args) -> int:
 
 def _train(args) -> int:
     """Under torchrun (`torchrun --nproc-per-node N -m generalist train ...`) every rank runs this;
-    rank 0 alone clears --overwrite, logs, saves and evaluates."""
+    rank 0 alone clears --overwrite, logs, saves and evaluates. SIGTERM or SIGINT during training
+    saves a checkpoint after the current step and exits with 143 or 130."""
     from generalist.train.data import build_data, get_mixture
     from generalist.train.distributed import Distributed, check_batch
     from generalist.train.trainer import TrainConfig, Trainer, set_option
@@ -172,6 +173,8 @@ def _train(args) -> int:
     finally:
         if group is not None:
             group.close()
+    if trainer.stopped_by is not None:  # SIGTERM or SIGINT: saved where it stopped, no evaluation
+        return 128 + trainer.stopped_by  # the shell's code for a process ended by that signal
     if not args.no_eval and main_rank:
         return _evaluate_run(args.out, data)
     return 0

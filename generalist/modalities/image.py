@@ -174,7 +174,8 @@ class ImageEmbed(PatchEmbed):
             if n == 0:
                 raise ValueError(f"image {axis} 0 is empty")
             if n > self.cfg.max_size:
-                raise ValueError(f"image {axis} {n} exceeds max_size {self.cfg.max_size}")
+                raise ValueError(f"image {axis} {n} exceeds max_size {self.cfg.max_size}: resize the image to at most "
+                                 f"{self.cfg.max_size} pixels a side (the size the model was trained on is best)")
         R, Q = -(-H // p), -(-W // p)
         if (R * p, Q * p) != (H, W):  # zero-pad the bottom and right edges to whole patches
             x_CHW = nn.functional.pad(x_CHW, (0, Q * p - W, 0, R * p - H))

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from generalist._fields import read_json
 
 CHECKPOINT = "checkpoint"
+START_OVER = "generalist train --overwrite starts the run over"  # what to do about a damaged one
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,6 +31,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Writes `text` over the file at `path` atomically: into a temporary file in the same folder,
+    fsynced, then renamed over it, so that a kill at any moment leaves the old file or the new
+    one whole (writing in place would empty it first)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -56,14 +72,23 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
     final = run_dir / CHECKPOINT
     tmp = run_dir / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, tokenizer=tokenizer, state_dict=model_state)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        model.save(tmp, tokenizer=tokenizer, state_dict=model_state)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint on a full disk holds the space it lacks
+        # a full disk reaches torch.save as a RuntimeError ("unexpected pos"), safetensors as its own error
+        if isinstance(error, (OSError, RuntimeError, SafetensorError)):
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise OSError(f"could not write the checkpoint to {final} (disk full?): {reason}; the previous "
+                          "checkpoint is unchanged") from error
+        raise
     old = run_dir / f".{CHECKPOINT}.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -77,8 +102,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
 
 
 # what a run writes into its directory: all that --overwrite deletes (anything else there stays)
-RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", "tensorboard", "eval.json",
-               "report.html")
+RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", ".metrics.jsonl.tmp",
+               "tensorboard", "eval.json", "report.html")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -95,6 +120,9 @@ def run_meta(ckpt: Path) -> tuple[list[str], dict]:
     """(task names, training options) from the meta.json of a checkpoint that training wrote; a
     meta.json without them is a ValueError naming it."""
     path = Path(ckpt) / "meta.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {ckpt} is damaged (its tasks and training options are lost); "
+                         f"{START_OVER}")
     meta = read_json(path)
     tasks = meta.get("tasks") if isinstance(meta, dict) else None
     train = meta.get("train") if isinstance(meta, dict) else None
@@ -110,9 +138,15 @@ def find_checkpoint(path: Path) -> Path:
     """A checkpoint directory from a run directory or the checkpoint itself. A run killed between
     the two renames of save_checkpoint still has its last complete checkpoint in .checkpoint.old."""
     path = Path(path)
-    for candidate in (path, path / CHECKPOINT, path / f".{CHECKPOINT}.old"):
-        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+    candidates = (path, path / CHECKPOINT, path / f".{CHECKPOINT}.old")
+    needed = ("model.safetensors", "config.json")
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in needed):
             return candidate
+    for candidate in candidates:  # one that holds half of what it needs is damaged, not absent
+        missing = [name for name in needed if not (candidate / name).is_file()]
+        if len(missing) < len(needed):
+            raise FileNotFoundError(f"{candidate / missing[0]} is missing: {candidate} is damaged; {START_OVER}")
     raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
 
 
@@ -120,10 +154,12 @@ def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
     expert-parallel rank keeps its slice) and returns state.json."""
     path = ckpt / "optimizer.pt"
+    for name in ("optimizer.pt", "state.json"):
+        if not (ckpt / name).is_file():
+            raise ValueError(f"{ckpt / name} is missing: {ckpt} cannot resume training (it still loads for "
+                             f"inference); {START_OVER}")
     try:
         saved = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: {ckpt} cannot resume training (it still loads for inference)") from None
     except Exception as error:  # a truncated or foreign file: torch's own errors, one line of them
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{path} is damaged and cannot resume training ({reason})") from None

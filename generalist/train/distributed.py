@@ -43,6 +43,8 @@ code unchanged.
   With expert parallelism too, FSDP ignores the expert weights (already sharded by expert).
 - The numbers logged are global: loss, per-task losses, token and routing counts go through one
   float64 all-reduce per micro-batch, so every rank holds (and rank 0 writes) the global values.
+- A SIGTERM or SIGINT that reaches any rank stops every rank after the same step (the trainer
+  folds it into the all-reduce of each step's time), so that they all join the checkpoint.
 - A collective that fails or times out (a rank died or hung) raises `DistributedError`, one line
   that names the likely cause, instead of a hang or a gloo/nccl traceback.
 """
@@ -159,10 +161,10 @@ class Distributed:
             dist.all_reduce(x, op=op)
         return x
 
-    def max(self, value: float) -> float:
-        """The largest value over ranks (identical on every rank)."""
-        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device),
-                                     dist.ReduceOp.MAX)[0])
+    def max(self, *values: float) -> tuple[float, ...]:
+        """The largest of each value over ranks (identical on every rank), in one all-reduce."""
+        return tuple(self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device),
+                                     dist.ReduceOp.MAX).tolist())
 
     def broadcast_object(self, obj):
         box = [obj]

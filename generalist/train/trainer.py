@@ -7,7 +7,8 @@ AdamW with linear warm-up and cosine decay, gradient clipping. A non-finite loss
 skips the step (it never reaches the weights); `max_bad_steps` in a row stop the run.
 Checkpoints (atomic, see checkpoint.py) every `ckpt_every` steps and at the end; `resume`
 continues exactly where the checkpoint left off: on CPU a killed-and-resumed run gives the same
-losses, step for step, as one never interrupted.
+losses, step for step, as one never interrupted. SIGTERM or SIGINT stops the run after the
+current step with a checkpoint (a second one stops it at once).
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (see distributed.py): every
 rank draws the same global batch and takes its slice, DDP averages the gradients (with
@@ -22,6 +23,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -38,8 +42,8 @@ from generalist.modalities.text import N_BYTES, SPECIAL_TOKENS
 from generalist._fields import check_keys, check_types
 from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import (find_checkpoint, load_training_state, rng_state, run_meta, save_checkpoint,
-                                         set_rng_state)
+from generalist.train.checkpoint import (find_checkpoint, load_training_state, replace_file, rng_state, run_meta,
+                                         save_checkpoint, set_rng_state)
 from generalist.train.data import TaskData, check_requires
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
@@ -268,12 +272,14 @@ class Trainer:
                              "contrastive head")
         self.con_sampler = MixtureSampler(contrastive, cfg.temperature, cfg.seed + 1) if cfg.contrastive_batch else None
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
+        self.stopped_by: int | None = None  # the signal that ended fit() early (SIGTERM, SIGINT)
         self.elapsed = 0.0  # seconds of training so far, over every resume
         n_layers = self.model.cfg.enc_layers + self.model.cfg.dec_layers
         self.routing = {"task": np.zeros((n_layers, len(self.tasks), self.model.cfg.n_routed), dtype=np.int64),
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
         self._prepared_bytes = 0  # held by the prepared segments in self._encoded
+        self._signals = _StopSignals()  # fit() installs its handlers while it trains
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
             for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
@@ -455,7 +461,8 @@ class Trainer:
         log = self.run_dir / "metrics.jsonl"
         if log.is_file():
             keep = [line for line in log.read_text(errors="replace").splitlines() if _logged_step(line) <= step]
-            log.write_text("".join(line + "\n" for line in keep))
+            # never in place: a kill between emptying the file and writing it back would lose the run's log
+            replace_file(log, "".join(line + "\n" for line in keep))
 
     def save(self) -> Path | None:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
@@ -475,13 +482,18 @@ class Trainer:
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
 
     def fit(self) -> None:
+        """Trains up to cfg.steps (or the time budget). SIGTERM or SIGINT meanwhile end the run
+        after the current step with a checkpoint; `stopped_by` then holds the signal's number."""
+        self.stopped_by = None
         try:
-            if self.group is None:
-                self._fit()
-            else:
-                with self.group.guard():
+            with _StopSignals() as self._signals:
+                if self.group is None:
                     self._fit()
-                self.group.barrier()  # leave together, once rank 0's last checkpoint is written
+                else:
+                    with self.group.guard():
+                        self._fit()
+                    self.group.barrier()  # leave together, once rank 0's last checkpoint is written
+                self._signals.handled = self.stopped_by is not None
         finally:
             if self.group is not None:
                 self.group.close()  # only if this trainer initialised the process group
@@ -505,8 +517,11 @@ class Trainer:
                 t0 = time.time()
                 rec = self.train_step()
                 dt = time.time() - t0
-                if self.group is not None:  # the ranks must agree on the time spent: it can end the run
-                    dt = self.group.max(dt)
+                stop = self._signals.received or 0
+                if self.group is not None:  # the ranks must agree on the time spent, and on a signal
+                    # that one of them received: either ends the run, whose checkpoint every rank joins
+                    dt, stop = self.group.max(dt, stop)
+                    stop = int(stop)
                 self.elapsed += dt
                 rec["tokens_per_s"] = rec["tokens"] / max(1e-9, dt)
                 log.write(json.dumps(rec) + "\n")
@@ -521,14 +536,74 @@ class Trainer:
                         f"{k[:8]} {v:.2f}" for k, v in sorted(rec["task_loss"].items())))
                 bar.update(min(round(self.elapsed), bar.total) - bar.n if timed else 1)
                 out_of_time = cfg.max_minutes is not None and self.elapsed > 60 * cfg.max_minutes
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or out_of_time:
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or out_of_time or stop:
+                    # on disk before the checkpoint that counts its lines: a power cut after the
+                    # save must not leave a resume with a log shorter than its step
                     log.flush()
-                    self.save()
+                    if self.main:
+                        os.fsync(log.fileno())
+                    ckpt = self.save()
+                if stop:
+                    self.stopped_by = stop
+                    break
                 if out_of_time:
                     if self.main:
                         tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {self.step}; checkpoint saved")
                     break
+        if self.stopped_by is not None and self.main:  # below the bar's last line, where the shell prompt follows
+            print(f"{signal.Signals(self.stopped_by).name} received: stopped at step {self.step} of {cfg.steps} with a "
+                  f"checkpoint in {ckpt}; continue with generalist train --out {cfg.out} --resume", file=sys.stderr)
         self.model.eval()
+
+
+class _StopSignals:
+    """While training, SIGTERM (what schedulers send: SLURM, Kubernetes, docker stop) and SIGINT
+    set `received` instead of ending the process, so that the loop stops after the current step
+    with a checkpoint. A second one restores the handlers that were there before and delivers
+    itself again: the process ends at once (SIGINT: a KeyboardInterrupt). One that repeats the
+    first within REPEAT_S is the same request, not a second: torchrun forwards to its workers the
+    signal it got, which a terminal's Ctrl-C or SLURM's scancel also sent them. On exit the previous
+    handlers come back; a signal that came too late for the loop to act on (`handled` left
+    False) is then delivered to them. Signals that were ignored stay ignored; outside the main
+    thread (where Python cannot set handlers) nothing changes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_S = 1.0
+
+    def __init__(self):
+        self.received: int | None = None
+        self.since = 0.0  # time.monotonic() when `received` came
+        self.handled = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                handler = signal.getsignal(signum)
+                if handler is not signal.SIG_IGN:
+                    self.previous[signum] = handler
+                    signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received, self.since = signum, time.monotonic()
+            return
+        if signum == self.received and time.monotonic() - self.since < self.REPEAT_S:
+            return
+        self._restore()
+        signal.raise_signal(signum)
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            # None: a handler installed outside Python, which getsignal cannot give back
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def __exit__(self, kind, error, tb) -> None:
+        self._restore()
+        if kind is None and self.received is not None and not self.handled:
+            signal.raise_signal(self.received)
 
 
 def _logged_step(line: str) -> float:

@@ -1,11 +1,13 @@
 """One process of a test_distributed.py run: `generalist train` on the toy tasks (tests/train/toy_tasks.py).
 
-    python dist_script.py [--dump DIR] [--die-at K | --hang-at K] [--rank-to-fail R] [--nan-at M] -- train ARGS...
+    python dist_script.py [--dump DIR] [--die-at K | --hang-at K | --term-at K] [--rank-to-fail R] [--nan-at M]
+                          -- train ARGS...
 
 Run it plainly for one process, under torchrun, or with torchrun's environment set by hand. It
 calls the real command line (generalist.cli.main) with the mixture and tasks swapped for the toy
 ones; --dump writes each rank's final weights to DIR/rank<R>.safetensors; --die-at / --hang-at
-make rank R SIGKILL itself / stop answering after its step K; --nan-at M makes the loss of the
+make rank R SIGKILL itself / stop answering after its step K, --term-at K send itself SIGTERM (as a
+scheduler would); --nan-at M makes the loss of the
 run's M-th micro-batch (from 0) NaN, in one process and on every rank alike. Dumped FSDP weights are gathered
 in full (expert-parallel ones are each rank's own shard), with rank<R>.json: how many blocks there are,
 how many are compiled, and how many graphs dynamo compiled.
@@ -29,6 +31,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--dump")
 parser.add_argument("--die-at", type=int, default=0)
 parser.add_argument("--hang-at", type=int, default=0)
+parser.add_argument("--term-at", type=int, default=0)
 parser.add_argument("--rank-to-fail", type=int, default=1)
 parser.add_argument("--nan-at", type=int, default=-1)
 parser.add_argument("cli", nargs=argparse.REMAINDER)
@@ -40,13 +43,15 @@ train_data.get_mixture = lambda name: toy_tasks.MIXTURE
 train_data.build_data = lambda mixture, seed=0, progress=True: _build(mixture, tasks=toy_tasks.TASKS, seed=seed,
                                                                       progress=False)
 
-if args.die_at or args.hang_at:
+if args.die_at or args.hang_at or args.term_at:
     _step = Trainer.train_step
 
     def failing_step(self):
         rec = _step(self)
         if rank == args.rank_to_fail and rec["step"] == args.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if rank == args.rank_to_fail and rec["step"] == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         if rank == args.rank_to_fail and rec["step"] == args.hang_at:
             time.sleep(3600)
         return rec

@@ -261,6 +261,27 @@ def test_a_failed_rank_stops_the_other_with_a_clear_error(tmp_path, failure, tim
     assert rank0_done < (timeout if failure == "die" else 60)
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(reference, tmp_path):
+    """SIGTERM reaching rank 1 alone after step 2: both ranks stop after that step (the flag
+    travels with the step's all-reduce), join the checkpoint and exit with 143; one process resumes
+    it to the losses and state of the uninterrupted run."""
+    out = tmp_path / "run"
+    ranks = _spawn_ranks(["--term-at", "2", "--", *_train_args(out, 6, extra=["dist_timeout_s=30"])])
+    try:
+        errs = [p.communicate(timeout=90)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in ranks] == [143, 143], errs
+    lines = [line for line in re.split(r"[\r\n]+", errs[0]) if line.strip()]
+    assert lines[-1].startswith("SIGTERM received: stopped at step 2 of 6"), errs[0]
+    assert _state(out)["step"] == 2 and len(_records(out)) == 2
+    _one(out, 6, resume=True)
+    _assert_same_training(reference, out, 6)
+
+
 @pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_a_step_skipped_between_accumulated_micro_batches_leaves_nothing_behind(tmp_path, mode):
     """accum=2 and a NaN loss on step 2's second micro-batch: the step is skipped, and the next

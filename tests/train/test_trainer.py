@@ -587,3 +587,246 @@ def test_a_micro_batch_with_nothing_to_learn_from_still_steps(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     empty = [r for r in records if not r["task_loss"]]
     assert empty and all(r["loss"] == 0.0 for r in empty) and trainer.step == 5 and trainer.skipped == 0, records
+
+
+def _three_steps_and_a_longer_log(tmp_path):
+    """A run checkpointed at step 3 whose log runs on to step 5 (a kill before the next save)."""
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (4, 5)))
+    return log
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_a_kill_while_the_log_is_cut_back_on_resume_leaves_it_whole(tmp_path, monkeypatch, where):
+    """Resuming drops the log lines past the checkpoint; a kill in the middle of that (here while
+    the kept lines are written, or before they replace the log) leaves the log as it was."""
+    import generalist.train.checkpoint as checkpoint
+
+    log = _three_steps_and_a_longer_log(tmp_path)
+    before, data = log.read_bytes(), _data()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.os, "fsync" if where == "write" else "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(tmp_path, steps=5), data, resume=True, progress=False)
+    assert log.read_bytes() == before
+    monkeypatch.undo()
+    Trainer(_cfg(tmp_path, steps=5), data, resume=True, progress=False)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in log.parent.iterdir()) == ["checkpoint", "metrics.jsonl", "tensorboard"]
+
+
+def test_the_log_is_on_disk_before_the_checkpoint_that_counts_its_lines(tmp_path, monkeypatch):
+    from generalist.train import trainer as trainer_module
+
+    trainer = Trainer(_cfg(tmp_path, steps=4, ckpt_every=2), _data(), progress=False)
+    log = tmp_path / "run" / "metrics.jsonl"
+    synced = []
+    real_fsync, real_save = os.fsync, trainer.save
+    monkeypatch.setattr(trainer_module.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or real_fsync(fd))
+
+    def save():
+        assert log.stat().st_ino in synced, "the log was not fsynced before the checkpoint"
+        assert len(log.read_text().splitlines()) == trainer.step
+        synced.clear()
+        return real_save()
+    trainer.save = save
+    trainer.fit()
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("name,message", [
+    ("config.json", r"checkpoint/config.json is missing: .*checkpoint is damaged; generalist train --overwrite "
+                    r"starts the run over"),
+    ("model.safetensors", r"checkpoint/model.safetensors is missing: .*checkpoint is damaged"),
+    ("state.json", r"checkpoint/state.json is missing: .*checkpoint cannot resume training \(it still loads for "
+                   r"inference\); generalist train --overwrite starts the run over"),
+    ("meta.json", r"checkpoint/meta.json is missing: .*checkpoint is damaged \(its tasks and training options are "
+                  r"lost\); generalist train --overwrite starts the run over"),
+])
+def test_cli_resume_names_the_file_a_checkpoint_lacks(tmp_path, monkeypatch, capsys, name, message):
+    from generalist.train.checkpoint import find_checkpoint
+
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    (out / "checkpoint" / name).unlink()
+    capsys.readouterr()
+    assert train("--out", str(out), "--steps", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    if name in ("config.json", "model.safetensors"):
+        with pytest.raises(FileNotFoundError, match=message):
+            find_checkpoint(out)
+    else:
+        with pytest.raises(ValueError, match=message):
+            Trainer(_cfg(tmp_path, steps=3), _data(), resume=True, progress=False)
+
+
+def _full_disk(*args, **kwargs):  # what torch.save raises when the disk fills under it
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1216 vs 1088\nframe #0: ...")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_save_on_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, writer):
+    import safetensors.torch
+
+    import generalist.train.checkpoint as checkpoint
+
+    trainer = Trainer(_cfg(tmp_path, steps=4), _data(), progress=False)
+    trainer.fit()  # checkpoints at 3 and 4
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in (run / "checkpoint").iterdir()}
+    trainer.train_step()
+    if writer == "torch.save":
+        monkeypatch.setattr(checkpoint.torch, "save", _full_disk)
+    else:
+        def full(*args, **kwargs):
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(OSError) as error:
+        trainer.save()
+    assert re.fullmatch(rf"could not write the checkpoint to {re.escape(str(run / 'checkpoint'))} \(disk full\?\): "
+                        r".+; the previous checkpoint is unchanged", str(error.value)), error.value
+    assert ("unexpected pos 1216 vs 1088" if writer == "torch.save" else "StorageFull") in str(error.value)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "tensorboard"]  # no .checkpoint.tmp
+    assert {p.name: p.read_bytes() for p in (run / "checkpoint").iterdir()} == before
+
+    # through the command line: one line, exit 2
+    train = _toy_cli(monkeypatch)
+    capsys.readouterr()
+    assert train("--out", str(run), "--steps", "6", "--resume") == 2
+    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err) if line.strip()]
+    assert err[-1].startswith("generalist train: error: could not write the checkpoint") and \
+        not any("Traceback" in line for line in err), err
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+class _Terminated(Exception):
+    pass
+
+
+@pytest.fixture
+def sigterm_raises():
+    """SIGTERM raises _Terminated here rather than ending the test process (a trainer that let a
+    SIGTERM through would take pytest down with it)."""
+    import signal
+
+    def terminated(signum, frame):
+        raise _Terminated
+    previous = signal.signal(signal.SIGTERM, terminated)
+    yield terminated
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_after(trainer, step, signum):
+    """Makes `trainer` send itself `signum` right after its step `step`, as a scheduler would."""
+    real = trainer.train_step
+
+    def stepping():
+        rec = real()
+        if rec["step"] == step:
+            os.kill(os.getpid(), signum)
+        return rec
+    trainer.train_step = stepping
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path, capsys, sigterm_raises):
+    """SIGTERM (sent by SLURM, Kubernetes, docker stop) ends training after the current step with a
+    checkpoint at that step; resumed, the run ends with the losses and weights of one that was
+    never stopped. The signal handlers in place before training are back afterwards."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    steps = dict(steps=8, ckpt_every=3)
+    straight = Trainer(_cfg(tmp_path / "a", **steps), _data(), progress=False)
+    straight.fit()
+    assert straight.stopped_by is None
+    handlers = (sigterm_raises, signal.getsignal(signal.SIGINT))
+    stopped = Trainer(_cfg(tmp_path / "b", **steps), _data(), progress=False)
+    _signal_after(stopped, 5, signal.SIGTERM)
+    stopped.fit()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    run = tmp_path / "b" / "run"
+    assert stopped.stopped_by == signal.SIGTERM and stopped.step == 5
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 5
+    assert len(_losses(run)) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"SIGTERM received: stopped at step 5 of 8 with a checkpoint in {run / 'checkpoint'}; "
+                       f"continue with generalist train --out {run} --resume")
+    resumed = Trainer(_cfg(tmp_path / "b", **steps), _data(), resume=True, progress=False)
+    resumed.fit()
+    assert resumed.stopped_by is None and resumed.step == 8
+    assert _losses(run) == _losses(tmp_path / "a" / "run")  # bit-for-bit, step for step
+    a, b = (load_file(str(tmp_path / x / "run" / "checkpoint" / "model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_cli_exits_with_the_signals_code_after_saving(tmp_path, monkeypatch, capsys, sigterm_raises, signame, code):
+    import signal
+
+    real_step = Trainer.train_step
+
+    def stepping(self):
+        rec = real_step(self)
+        if rec["step"] == 2:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return rec
+    monkeypatch.setattr(Trainer, "train_step", stepping)
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "5", "--set", "ckpt_every=4") == code
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err) if line.strip()]
+    assert err[-1].startswith(f"{signame} received: stopped at step 2 of 5"), err
+    assert not (out / "eval.json").exists()
+
+
+def test_a_second_signal_while_stopping_ends_training_at_once(tmp_path, monkeypatch):
+    """A second SIGINT while the stop's checkpoint is written goes to the handler from before
+    training (Python's: KeyboardInterrupt) right away; the checkpoint before stays whole."""
+    import signal
+
+    from generalist.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module._StopSignals, "REPEAT_S", 0.0)  # this test's second one comes at once
+    trainer = Trainer(_cfg(tmp_path, steps=6, ckpt_every=2), _data(), progress=False)
+    _signal_after(trainer, 3, signal.SIGINT)
+    real_save, saves = trainer.save, []
+
+    def save():
+        saves.append(trainer.step)
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save()
+    trainer.save = save
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert saves == [2, 3]  # the first SIGINT let step 3 end and its save begin
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_a_signal_repeated_at_once_is_one_request_to_stop(tmp_path, sigterm_raises):
+    """Under torchrun a worker gets the terminal's (or the scheduler's) signal and, a moment
+    later, the same one forwarded by torchrun: that is still a stop after the step, not a kill."""
+    import signal
+
+    trainer = Trainer(_cfg(tmp_path, steps=6, ckpt_every=4), _data(), progress=False)
+    real = trainer.train_step
+
+    def stepping():
+        rec = real()
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+    trainer.train_step = stepping
+    trainer.fit()
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
