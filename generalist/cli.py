@@ -69,6 +69,7 @@ def _check(args) -> int:
     print("-" * len(header))
     failures = 0
     for backend in ATTENTION_BACKENDS.available():
+        skipped = []  # (case, dtype, reason): a backend that serves no case for one reason gets one line
         for name, lq, lk, h, hkv, d, causal, prefix in cases:
             for dtype in dtypes:
                 case = random_varlen(lq, lk, h, hkv, d, dtype=dtype, prefix=prefix, device=device, generator=gen)
@@ -76,7 +77,7 @@ def _check(args) -> int:
                     out = flash_attn_varlen_func(case.q, case.k, case.v, case.cu_q, case.cu_k, max(lq), max(lk),
                                                  causal=causal, prefix_lens=case.prefix_lens, backend=backend)
                 except ValueError as error:  # this backend does not serve these inputs
-                    print(f"{backend:<10} {name:<24} {str(dtype)[6:]:<9} {'':>10} {'':>10}  skipped: {error}")
+                    skipped.append((name, str(dtype)[6:], str(error)))
                     continue
                 want, _ = naive_attention(case.q, case.k, case.v, lq, lk, causal=causal, prefix_lens=case.prefix_lens)
                 same, _ = naive_attention(case.q, case.k, case.v, lq, lk, causal=causal,
@@ -86,6 +87,10 @@ def _check(args) -> int:
                 ok = err <= 2 * base + atol[dtype]
                 failures += not ok
                 print(f"{backend:<10} {name:<24} {str(dtype)[6:]:<9} {err:>10.2e} {base:>10.2e}  {'ok' if ok else 'FAIL'}")
+        if len(skipped) == len(cases) * len(dtypes) and len({why for *_, why in skipped}) == 1:
+            skipped = [("every case", "", skipped[0][2])]
+        for name, dtype, why in skipped:
+            print(f"{backend:<10} {name:<24} {dtype:<9} {'':>10} {'':>10}  skipped: {why}")
     print(f"\n{'all backends match the float64 semantics' if not failures else f'{failures} check(s) FAILED'}")
     return 1 if failures else 0
 
@@ -184,7 +189,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     from pathlib import Path
 
     from generalist.infer.generalist import Generalist, resolve_device
-    from generalist.train.checkpoint import CHECKPOINT, find_checkpoint, run_meta
+    from generalist.train.checkpoint import CHECKPOINT, PARTIAL_RESULTS, find_checkpoint, run_meta
     from generalist.train.data import build_data, load_mixtures
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
@@ -214,6 +219,12 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     # a run's checkpoint (or the one a cut-short save left) writes into its run; any other
     # checkpoint folder into itself
     run_dir = ckpt.parent if ckpt.name in (CHECKPOINT, f".{CHECKPOINT}.old") else ckpt
+    if limit is not None or tasks is not None:
+        # a part of the evaluation (fewer examples, fewer tasks; a smaller retrieval gallery reads
+        # higher) must not replace the whole one that eval.json and the report hold
+        print(f"\nwrote {write_results(run_dir, results, PARTIAL_RESULTS)} (a partial evaluation: eval.json and "
+              "report.html are left as they were)")
+        return 0
     print(f"\nwrote {write_results(run_dir, results)}")
     print(f"report: {write_report(run_dir, results, ckpt)}")
     return 0
@@ -308,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py (default: demo; with "
                                                        "--resume: the run's)")
     train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000, warm-up 50; with "
+                                                                "--resume: the run's)")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a training option, or the model's with model.KEY=VALUE (repeatable)")
@@ -321,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="per-task metrics of a trained run on its held-out splits")
     ev.add_argument("run_dir")
-    ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
-    ev.add_argument("--tasks", default=None, help="comma-separated: evaluate only these of the run's tasks "
-                                                  "(eval.json and the report then hold only them)")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task (a "
+                                                            "partial evaluation: written to eval-partial.json)")
+    ev.add_argument("--tasks", default=None, help="comma-separated: evaluate only these of the run's tasks (a "
+                                                  "partial evaluation: written to eval-partial.json)")
     _add_inference_options(ev)
     ev.set_defaults(func=_eval)
 

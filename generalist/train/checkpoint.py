@@ -102,8 +102,9 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
 
 
 # what a run writes into its directory: all that --overwrite deletes (anything else there stays)
+PARTIAL_RESULTS = "eval-partial.json"  # generalist eval --limit / --tasks: beside the whole evaluation's eval.json
 RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", ".metrics.jsonl.tmp",
-               "tensorboard", "eval.json", "report.html")
+               "tensorboard", "eval.json", PARTIAL_RESULTS, "report.html")
 
 
 def clear_run(run_dir: Path) -> None:

@@ -31,10 +31,10 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(run_dir: Path, results: dict) -> Path:
-    """run_dir/eval.json; a metric that is not a finite number (a NaN) is written as null, so
-    the file stays JSON that any reader parses."""
-    path = Path(run_dir) / "eval.json"
+def write_results(run_dir: Path, results: dict, name: str = "eval.json") -> Path:
+    """run_dir/name (eval.json); a metric that is not a finite number (a NaN) is written as null,
+    so the file stays JSON that any reader parses."""
+    path = Path(run_dir) / name
     finite = {task: {m: v if math.isfinite(v) else None for m, v in metrics.items()} for task, metrics in results.items()}
     path.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
     return path

@@ -47,8 +47,11 @@ class MixtureSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names or state["sizes"] != self.sizes:
-            raise ValueError(f"the checkpoint's mixture {dict(zip(state['names'], state['sizes']))} differs from "
-                             f"this run's {dict(zip(self.names, self.sizes))}")
+            saved, now = dict(zip(state["names"], state["sizes"])), dict(zip(self.names, self.sizes))
+            changed = [f"{t} ({saved.get(t, 'absent')} then, {now.get(t, 'absent')} now)"
+                       for t in sorted(set(saved) | set(now)) if saved.get(t) != now.get(t)]
+            raise ValueError(f"the training data changed since the checkpoint: {', '.join(changed)} training "
+                             "examples; the run cannot resume exactly on other data (--overwrite starts it over)")
         self.rng.bit_generator.state = state["rng"]
         self.order = {n: np.array(o, dtype=np.int64) for n, o in state["order"].items()}
         self.cursor = dict(state["cursor"])

@@ -338,6 +338,28 @@ def test_other_commands_name_a_bad_argument(run, tmp_path, capsys, argv, match):
     assert len(err.splitlines()) == 1 and match in err, err
 
 
+def test_check_passes_and_a_backend_that_serves_nothing_here_is_one_line(capsys, monkeypatch):
+    from generalist.ops import ATTENTION_BACKENDS
+
+    unserved = "attention: backend 'cpu' cannot serve these inputs: (stand-in) no case here"
+
+    def refuse(*args, **kwargs):
+        if kwargs.get("backend") == "cpu":
+            raise ValueError(unserved)
+        return serve(*args, **kwargs)
+
+    import generalist.ops as ops
+    serve = ops.flash_attn_varlen_func
+    monkeypatch.setattr(ops, "flash_attn_varlen_func", refuse)
+    monkeypatch.setattr(ATTENTION_BACKENDS, "available", lambda: ["reference", "cpu"])
+    assert main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[3:-2]] == ["reference"] * 15 + ["cpu"]
+    assert all(line.endswith("ok") for line in out[3:18])
+    assert "every case" in out[18] and out[18].endswith(f"skipped: {unserved}")
+    assert out[-1] == "all backends match the float64 semantics"
+
+
 def test_load_rejects_a_directory_without_checkpoint(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--task", "bars", "--text", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
@@ -438,9 +460,11 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     (copy / "report.html").unlink()
     (copy / "checkpoint").rename(copy / ".checkpoint.old")
     assert _evaluate_run(copy, data=small) == 0 and (copy / "report.html").is_file()
-    # --tasks: only those are evaluated (and written)
+    # --tasks: only those are evaluated, and written apart: the whole evaluation stays
+    whole, report = (copy / "eval.json").read_text(), (copy / "report.html").read_text()
     assert _evaluate_run(copy, data=small, tasks=["echo", "swatches"]) == 0
-    assert set(json.loads((copy / "eval.json").read_text())) == {"echo", "swatches"}
+    assert set(json.loads((copy / "eval-partial.json").read_text())) == {"echo", "swatches"}
+    assert (copy / "eval.json").read_text() == whole and (copy / "report.html").read_text() == report
     for tasks, match in [(["echo", "poetry"], r"--tasks: unknown tasks \['poetry'\]; this run has bars, echo"),
                          ([], "--tasks: no task named")]:
         with pytest.raises(ValueError, match=match):
@@ -465,6 +489,7 @@ def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, 
     monkeypatch.setattr(train_data, "build_data", lambda mixture, seed=0, **k: built.append(mixture) or
                         build_data(mixture, tasks=toy_tasks.TASKS, seed=seed, progress=False))
     assert _evaluate_run(copy, limit=2, device="cpu") == 0
+    assert (copy / "eval-partial.json").is_file()
     assert built == [{t: {"train": 0, "test": 2} for t in ("bars", "echo", "swatches")}]
     meta = copy / "checkpoint" / "meta.json"
     good = json.loads(meta.read_text())

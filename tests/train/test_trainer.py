@@ -148,6 +148,10 @@ def test_sampler_temperature_and_epochs():
     s2 = MixtureSampler({"a": 5}, seed=99)
     s2.load_state_dict(state)
     assert s.sample(7) == s2.sample(7)
+    # a task whose training split changed size since the checkpoint: named, with the way out
+    with pytest.raises(ValueError, match=r"the training data changed since the checkpoint: a \(5 then, 6 now\), "
+                                         r"b \(absent then, 2 now\) training examples; .*--overwrite"):
+        MixtureSampler({"a": 6, "b": 2}, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="no training examples"):
         MixtureSampler({"a": 0})
 
