@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 
 
 def _info(args) -> int:
@@ -379,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     from generalist.data.sources import SourceMissing
     from generalist.train.distributed import DistributedError
 
+    def show(message, *_, **__):  # one line naming the command, as errors are (not a source line and its code)
+        print(f"generalist {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return args.func(args)
     except DistributedError as error:  # a rank died or hung: one line, no traceback
         print(f"generalist {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ fp32; `bf16=True` asks for it on a CPU too).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -319,13 +320,16 @@ def resolve_device(device: str | None) -> torch.device:
 class Generalist:
     def __init__(self, model: GeneralistModel, tokenizer, tasks: Sequence[str], max_new_tokens: int = 24,
                  bf16: bool | None = None, generative: Sequence[str] | None = None,
-                 definitions: Mapping[str, Task] | None = None, contrastive: Sequence[str] | None = None):
+                 definitions: Mapping[str, Task] | None = None, contrastive: Sequence[str] | None = None,
+                 modalities: Mapping[str, Sequence[str]] | None = None):
         """`bf16`: run under bf16 autocast; None (the default) does so on a GPU only.
         `generative`: the tasks that answer in generated text (None: as their definitions say);
         `contrastive`: the tasks the contrastive head was trained on (None: as their definitions
         say), the ones `classify` ranks labels as;
         `definitions`: the tasks' `Task` objects by name (None: the task files, read when first
-        needed), for the tasks that answer otherwise (`Task.answer`)."""
+        needed), for the tasks that answer otherwise (`Task.answer`);
+        `modalities`: the input modalities each task was trained on (None or a task left out:
+        unknown), so that `predict` warns of an input its task never saw."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
@@ -336,6 +340,7 @@ class Generalist:
         self.generative = None if generative is None else set(generative)
         self.contrastive = None if contrastive is None else set(contrastive)
         self.definitions = None if definitions is None else dict(definitions)
+        self.modalities = {} if modalities is None else {t: set(m) for t, m in modalities.items()}
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, bf16: bool | None = None,
@@ -355,7 +360,13 @@ class Generalist:
             kinds[kind] = meta.get(kind)
             if kinds[kind] is not None and (not isinstance(kinds[kind], list) or not set(kinds[kind]) <= set(tasks)):
                 raise ValueError(f"{ckpt / 'meta.json'}: {kind!r} must list some of its tasks, got {kinds[kind]!r}")
-        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16, definitions=definitions, **kinds)
+        modalities = meta.get("modalities")  # absent from runs saved before it was recorded
+        if modalities is not None and not (isinstance(modalities, dict) and all(
+                isinstance(m, list) and all(isinstance(x, str) for x in m) for m in modalities.values())):
+            raise ValueError(f"{ckpt / 'meta.json'}: 'modalities' must map tasks to lists of modality names, "
+                             f"got {modalities!r}")
+        return cls(model, GeneralistModel.load_tokenizer(ckpt), tasks, bf16=bf16, definitions=definitions,
+                   modalities=modalities, **kinds)
 
     def _definition(self, task: str) -> Task | None:
         """The task's `Task` object: from `definitions`, else the task files (read once)."""
@@ -448,6 +459,11 @@ class Generalist:
         Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
         check_count("beam_size", beam_size)
         example = Example(self._segments(task, inputs), "", task)
+        seen = self.modalities.get(task)
+        unseen = sorted({m for m, _ in example.segments} - seen) if seen is not None else []
+        if unseen:
+            warnings.warn(f"task {task!r} was trained on {' and '.join(sorted(seen))} inputs; it never saw "
+                          f"{' or '.join(unseen)}, so its answer is a guess", stacklevel=2)
         if task not in self.tasks or self.answers_in_text(task):
             return self.generate([example], beam_size=beam_size)[0]  # (an unknown task is refused there)
         if beam_size != 1:

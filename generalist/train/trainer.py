@@ -477,9 +477,17 @@ class Trainer:
             if not self.main:
                 return None
         meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if self.data[t].task.generative],
-                "contrastive": [t for t in self.tasks if self.data[t].task.contrastive], "train": asdict(self.cfg)}
+                "contrastive": [t for t in self.tasks if self.data[t].task.contrastive],
+                "modalities": self.input_modalities(), "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer,
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
+
+    def input_modalities(self) -> dict[str, list[str]]:
+        """The input modalities each task's training examples hold (inference warns of others)."""
+        if getattr(self, "_input_modalities", None) is None:
+            self._input_modalities = {t: sorted({m for ex in d.train for m, _ in ex.segments})
+                                      for t, d in self.data.items() if d.train}
+        return self._input_modalities
 
     def fit(self) -> None:
         """Trains up to cfg.steps (or the time budget). SIGTERM or SIGINT meanwhile end the run

@@ -76,6 +76,38 @@ def test_predict_from_python_and_cli(run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == g.predict(task="echo", text="red blue")
 
 
+def test_an_input_its_task_never_saw_is_warned_of(run, tmp_path, capsys):
+    """meta.json records each task's training input modalities; predict answers an input of
+    another modality but warns (the CLI in one line), and a run saved before they were recorded
+    warns of nothing."""
+    import warnings
+
+    out, _ = run
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert meta["modalities"] == {"bars": ["image"], "echo": ["text"], "swatches": ["image"]}
+    g = Generalist.load(out, device="cpu")
+    with pytest.warns(UserWarning, match="task 'echo' was trained on text inputs; it never saw image, so its answer "
+                                         "is a guess"):
+        g.predict(task="echo", image=_swatch("red"), text="red")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.predict(task="echo", text="red")  # what it was trained on: no warning
+    path = tmp_path / "red.png"
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
+    assert main(["predict", str(out), "--task", "echo", "--image", str(path), "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == ("generalist predict: warning: task 'echo' was trained on text inputs; it never "
+                                       "saw image, so its answer is a guess\n")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "checkpoint" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "modalities"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Generalist.load(old, device="cpu").predict(task="echo", image=_swatch("red"))
+    (old / "checkpoint" / "meta.json").write_text(json.dumps({**meta, "modalities": {"echo": "text"}}))
+    with pytest.raises(ValueError, match="'modalities' must map tasks to lists of modality names"):
+        Generalist.load(old, device="cpu")
+
+
 def _swatch(name: str):
     return torch.tensor(toy_tasks.Swatches.RGB[name], dtype=torch.float32)[:, None, None].expand(3, 8, 8).clone()
 
@@ -305,6 +337,7 @@ def test_generate_arguments_are_checked_by_name(run):
     assert short.max_new_tokens == g.model.embedders["text"].cfg.max_len
 
 
+@pytest.mark.filterwarnings("ignore:task .* never saw")  # inputs read, not answers judged
 def test_python_inputs_that_hold_no_numbers_are_named(run):
     import torch
 
@@ -365,6 +398,7 @@ def test_load_rejects_a_directory_without_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:task .* never saw")  # inputs read, not answers judged
 def test_predict_accepts_every_modality_from_files_and_arrays(run, tmp_path):
     import wave
 
