@@ -79,7 +79,8 @@ def check_prepared(embedder: nn.Module, prepared: Prepared) -> tuple[Tensor | tu
     fields = features if isinstance(features, tuple) else (features,)
     if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.shape[1] != 3 \
             or positions.dtype not in (torch.int32, torch.int64):
-        shape = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else type(positions).__name__
+        shape = (f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor)
+                 else type(positions).__name__)
         raise ValueError(f"Prepared positions must be an int tensor (L, 3); got {shape}")
     n = positions.shape[0]
     if not all(isinstance(f, Tensor) and f.dim() >= 1 and f.shape[0] == n for f in fields):
@@ -101,9 +102,11 @@ def check_prepared(embedder: nn.Module, prepared: Prepared) -> tuple[Tensor | tu
     ids, n_ids = {"text": (features, getattr(getattr(embedder, "cfg", None), "vocab_size", 0)),
                   "table": (fields[0], getattr(getattr(embedder, "cfg", None), "n_columns", 0))}.get(
         embedder.modality, (None, 0))
+    what = "token ids" if embedder.modality == "text" else "column ids"
+    if ids is not None and ids.dtype not in (torch.int32, torch.int64):  # what `prepare` makes, and the lookup takes
+        raise ValueError(f"Prepared {what} must be int64 (or int32), got {ids.dtype}")
     if ids is not None and n and ids.device.type == "cpu" and not checks.checked_before(ids, ("prepared ids", n_ids)):
-        if ids.is_floating_point() or int(ids.min()) < 0 or int(ids.max()) >= n_ids:
-            what = "token ids" if embedder.modality == "text" else "column ids"
+        if int(ids.min()) < 0 or int(ids.max()) >= n_ids:
             raise ValueError(f"Prepared {what} must be integers in [0, {n_ids}) for this model (made by another "
                              f"config?)")
         checks.remember_checked(ids, ("prepared ids", n_ids))

@@ -286,7 +286,9 @@ def test_a_prepared_segment_of_another_config_is_named(tokenizer, gen):
             (("image", Prepared(patches, positions[:, :2])), r"positions must be an int tensor \(L, 3\)"),
             (("image", Prepared(patches[:-1], positions)), "features must be tensors of 6 rows"),
             (("text", Prepared(ids + 10_000, torch.zeros(len(ids), 3, dtype=torch.long))),
-             r"Prepared token ids must be integers in \[0, 300\)")):
+             r"Prepared token ids must be integers in \[0, 300\)"),
+            (("text", Prepared(ids.to(torch.int16), torch.zeros(len(ids), 3, dtype=torch.long))),
+             r"Prepared token ids must be int64 \(or int32\), got torch.int16")):
         with pytest.raises(ValueError, match=match):
             model([replace(enc, segments=[segment])])
 
