@@ -39,7 +39,7 @@ def replace_file(path: Path, text: str) -> None:
     one whole (writing in place would empty it first)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -104,7 +104,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
 # what a run writes into its directory: all that --overwrite deletes (anything else there stays)
 PARTIAL_RESULTS = "eval-partial.json"  # generalist eval --limit / --tasks: beside the whole evaluation's eval.json
 RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", ".metrics.jsonl.tmp",
-               "tensorboard", "eval.json", PARTIAL_RESULTS, "report.html")
+               "tensorboard", "eval.json", PARTIAL_RESULTS, "report.html", ".report.html.tmp")
 
 
 def clear_run(run_dir: Path) -> None:

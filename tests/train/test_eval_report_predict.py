@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 import sys
@@ -36,8 +37,9 @@ def test_evaluate_and_report(run):
     assert all(0.0 <= v <= 1.0 for m in results.values() for v in m.values())
     assert "bars" in format_table(results)
     page = write_report(out, results).read_text()
-    assert page.count("<img src='data:image/png;base64,") == 3  # loss, routing by task, by modality
-    assert "<td>echo</td><td>accuracy</td>" in page
+    assert page.count(" src='data:image/png;base64,") == 4  # loss, signals, routing by task, by modality
+    assert "<td rowspan='1'>echo</td><td>accuracy</td>" in page
+    assert "<th>steps</th><td>30 of 30, 0 skipped (non-finite)</td>" in page and "<th>preset</th><td>tiny</td>" in page
 
 
 def test_report_of_a_log_cut_short_and_results_holding_nan(run, tmp_path):
@@ -54,7 +56,7 @@ def test_report_of_a_log_cut_short_and_results_holding_nan(run, tmp_path):
 
     assert read_log(log) == whole
     page = write_report(out, {"echo": {"accuracy": float("nan")}}).read_text()
-    assert page.count("<img src='data:image/png;base64,") == 3 and "<td>nan</td>" in page
+    assert page.count(" src='data:image/png;base64,") == 4 and "<td>accuracy</td><td>—</td>" in page
     path = write_results(out, {"echo": {"accuracy": float("nan"), "bleu": 0.5}})
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval.json")) == \
         {"echo": {"accuracy": None, "bleu": 0.5}}
@@ -550,16 +552,37 @@ def test_report_of_a_hand_edited_log_and_a_checkpoint_without_training_state(run
                    + json.dumps({"step": 10 ** 400, "task_loss": {"echo": 1.0}}) + "\n")
     records = read_log(log)
     assert records[-1] == {"step": 31, "task_loss": {"x": 0.5}} and all(r["step"] <= 31 for r in records)
-    assert write_report(out).read_text().count("<img src='data:image/png;base64,") == 3
+    assert write_report(out).read_text().count(" src='data:image/png;base64,") == 4
     state_path = out / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())
     state["routing"]["task"] = [[1, 2]]  # not (layers, tasks, experts)
     state_path.write_text(json.dumps(state))
     page = write_report(out).read_text()
-    assert page.count("<img src='data:image/png;base64,") == 2 and f"{state['step']} steps" in page
+    assert page.count(" src='data:image/png;base64,") == 3 and f"<td>{state['step']} of 30" in page
     state_path.unlink()
     page = write_report(out).read_text()
-    assert page.count("<img src='data:image/png;base64,") == 1 and "steps unknown (no training state)" in page
+    assert page.count(" src='data:image/png;base64,") == 2 and "<th>steps</th><td>unknown (no training state)" in page
+
+
+def test_report_of_awkward_task_names_a_run_without_steps_and_results_from_eval_json(run, tmp_path):
+    """Task names are any strings: "$" (math text to matplotlib), a leading "_" (left out of a
+    legend by default) and HTML characters are drawn and written as they are. Without results
+    the report reads eval.json (a NaN there is null: shown as "—"); without logged steps it says
+    so instead of drawing empty plots."""
+    from generalist.train.report import loss_figure
+
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out)
+    names = ["$5 deals", "_hidden", "<b>&"]
+    fig = loss_figure([{"step": s, "task_loss": {n: 1.0 / s for n in names}} for s in range(1, 40)])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == sorted(names)
+    fig.savefig(io.BytesIO(), format="png")  # "$5 deals" would fail to render as math text
+    (out / "eval.json").write_text(json.dumps({"<b>&": {"accuracy": None, "bleu": 0.25}}))
+    page = write_report(out).read_text()
+    assert "<td rowspan='2'>&lt;b&gt;&amp;</td><td>accuracy</td><td>—</td>" in page and "<td>0.250</td>" in page
+    (out / "metrics.jsonl").write_text("")
+    page = write_report(out).read_text()
+    assert "No training steps logged" in page and page.count(" src='data:image/png;base64,") == 2
 
 
 def test_examples_may_name_files_and_an_empty_batch_embeds_to_nothing(run, tmp_path):
