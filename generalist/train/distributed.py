@@ -250,6 +250,7 @@ class _MicroBatch(nn.Module):
             # (the logit scale then counts as used here, with a zero gradient)
             loss = loss + 0.0 * model.logit_scale.sum()
         stats["report"] = (lm + aux + (self.weight * closs if self.group.main else 0.0)).detach()
+        stats["aux"] = aux.detach()  # this rank's 1/N of the global MoE aux loss: the all-reduce sums it
         stats["contrastive"] = closs.detach()
         return loss, stats
 
@@ -420,11 +421,12 @@ class DataParallel:
         return picks[r * n:(r + 1) * n]
 
     def micro_batch(self, picks: list, scale: float, sync: bool,
-                    extra: list = ()) -> tuple[float, dict[str, list[float]], int]:
+                    extra: list = ()) -> tuple[float, dict[str, list[float]], int, float]:
         """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
         slice of `picks` (and of `extra`, contrastive examples for the contrastive loss alone);
         gradients are all-reduced when `sync` (under FSDP reduce-scattered on every micro-batch).
-        Returns the global loss, the per-task losses and the global token count."""
+        Returns the global loss, the per-task losses, the global token count and the MoE aux loss
+        (load balance and z-loss, weighted; over the global micro-batch)."""
         tr, g = self.trainer, self.group
         task = {name: tr.data[name].task for name in tr.data}
         n_gen = sum(task[t].generative for t, _ in picks)
@@ -468,9 +470,10 @@ class DataParallel:
             self._used = None
 
     def _reduce(self, st: dict, gen_tasks: list[str], has_con: bool) -> Tensor:
-        """[loss, tokens, per-task loss sums, per-task counts, routing by task, by modality]."""
+        """[loss, tokens, per-task loss sums, per-task counts, routing by task, by modality, MoE aux loss]."""
         k, routing = len(self.names), self.trainer.routing
-        vec = torch.zeros(2 + 2 * k + routing["task"].size + routing["modality"].size, dtype=torch.float64)
+        vec = torch.zeros(2 + 2 * k + routing["task"].size + routing["modality"].size + 1, dtype=torch.float64)
+        vec[-1] = float(st["aux"])
         vec[0], vec[1] = float(st["report"]), st["tokens"]
         for t, ce in zip(gen_tasks, st["ce"].tolist() if st["ce"] is not None else []):
             vec[2 + self.names.index(t)] += ce
@@ -480,17 +483,17 @@ class DataParallel:
         if st["routing"] is not None:
             n = routing["task"].size
             vec[2 + 2 * k:2 + 2 * k + n] = st["routing"][0].flatten().double().cpu()
-            vec[2 + 2 * k + n:] = st["routing"][1].flatten().double().cpu()
+            vec[2 + 2 * k + n:-1] = st["routing"][1].flatten().double().cpu()
         return self.group.all_reduce(vec.to(self.group.device)).cpu()
 
-    def _unpack(self, vec: Tensor) -> tuple[dict[str, list[float]], int]:
+    def _unpack(self, vec: Tensor) -> tuple[dict[str, list[float]], int, float]:
         k, routing = len(self.names), self.trainer.routing
         n = routing["task"].size
         routing["task"] += vec[2 + 2 * k:2 + 2 * k + n].round().long().numpy().reshape(routing["task"].shape)
-        routing["modality"] += vec[2 + 2 * k + n:].round().long().numpy().reshape(routing["modality"].shape)
+        routing["modality"] += vec[2 + 2 * k + n:-1].round().long().numpy().reshape(routing["modality"].shape)
         per_task = {}
         for j, name in enumerate(self.names):
             count = int(round(float(vec[2 + k + j])))
             if count:  # one entry per example, so means over micro-batches weigh examples equally
                 per_task[name] = [float(vec[2 + j]) / count] * count
-        return per_task, int(round(float(vec[1])))
+        return per_task, int(round(float(vec[1]))), float(vec[-1])

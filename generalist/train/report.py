@@ -105,13 +105,15 @@ def loss_figure(records: list[dict]):
 
 
 def signals_figure(records: list[dict]):
-    """The run's own signals, where logged: total loss, learning rate, gradient norm and tokens
-    a second, with the non-finite steps that were skipped marked on the loss."""
+    """The run's own signals, where logged: total loss, learning rate, gradient norm, tokens a
+    second and the MoE router losses, with the non-finite steps that were skipped marked on the
+    loss."""
     plt = _plt()
     steps = np.array([r["step"] for r in records])
     fields = [("loss", "total loss", True), ("lr", "learning rate", False), ("grad_norm", "gradient norm", True),
-              ("tokens_per_s", "tokens / s", False)]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 5.2), sharex=True)
+              ("tokens_per_s", "tokens / s", False), ("aux_loss", "MoE router losses (weighted)", True)]
+    fig, axes = plt.subplots(3, 2, figsize=(9, 7.2), sharex=True)
+    axes.flat[-1].axis("off")
     for ax, (key, label, log) in zip(axes.flat, fields):
         have = np.array([_number(r.get(key)) and math.isfinite(r[key]) for r in records], dtype=bool)
         if have.any():
@@ -133,8 +135,9 @@ def signals_figure(records: list[dict]):
                 ax.set_title(f"{len(skipped)} non-finite step(s) skipped (red)", fontsize=8, color="tab:red")
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(which="both", labelsize=7)
-    for ax in axes[1]:
+    for ax in axes[-1][:1].tolist() + [axes[1][1]]:
         ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelbottom=True)
     fig.suptitle("training signals (grey: every step; blue: EMA)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -361,13 +361,14 @@ class Trainer:
         gen = [(t, i) for t, i in picks if self.data[t].task.generative]
         con = [(t, i) for t, i in picks if self.data[t].task.contrastive] + list(extra)
         total = torch.zeros((), device=self.device)
-        pending = {"names": [], "losses": [], "task": None, "modality": None}
+        pending = {"names": [], "losses": [], "task": None, "modality": None, "aux": None}
         tokens = 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda"):
             if gen:
                 batch = [self._encode(t, i) for t, i in gen]
                 out = self.model(batch)
                 total = total + out.loss
+                pending["aux"] = out.aux_loss.detach()
                 lens = [len(ex.target_ids) + 1 for ex in batch]
                 ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none").detach()
                 pending["names"] += [t for t, _ in gen]
@@ -406,12 +407,14 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        losses, per_task, tokens, finite = [], {}, 0, True
+        losses, per_task, tokens, finite, auxes = [], {}, 0, True, []
         for micro in range(cfg.accum):
             picks = self.sampler.sample(cfg.batch_size)
             extra = self.con_sampler.sample(cfg.contrastive_batch) if self.con_sampler is not None else []
             if self.dp is not None:  # the same global loss on every rank, so they all agree to skip
-                loss, pt, n = self.dp.micro_batch(picks, 1 / cfg.accum, sync=micro == cfg.accum - 1, extra=extra)
+                loss, pt, n, aux = self.dp.micro_batch(picks, 1 / cfg.accum, sync=micro == cfg.accum - 1,
+                                                       extra=extra)
+                auxes.append(aux)
                 if not math.isfinite(loss):
                     finite = False
                     break
@@ -429,6 +432,8 @@ class Trainer:
                     break
                 losses.append(value)
                 self._collect(pending, per_task)
+                # (a micro-batch without generative examples runs no MoE layer: 0, as under torchrun)
+                auxes.append(float(pending["aux"]) if pending["aux"] is not None else 0.0)
             tokens += n
         grad_norm = float("nan")
         if finite:
@@ -452,6 +457,7 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
                 "grad_norm": grad_norm, "skipped": not finite, "tokens": tokens,
+                "aux_loss": float(np.mean(auxes)) if auxes else float("nan"),  # the MoE router losses, weighted
                 "task_loss": {k: float(np.mean(v)) for k, v in per_task.items()}}
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -538,6 +544,8 @@ class Trainer:
                     for k, v in rec["task_loss"].items():
                         writer.add_scalar(f"loss/{k}", v, rec["step"])
                     writer.add_scalar("lr", rec["lr"], rec["step"])
+                    for key in ("grad_norm", "aux_loss", "tokens_per_s"):
+                        writer.add_scalar(key, rec[key], rec["step"])
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     log.flush()
                     bar.set_postfix_str(f"step {self.step} loss {rec['loss']:.3f} tok/s {rec['tokens_per_s']:.0f} " + " ".join(

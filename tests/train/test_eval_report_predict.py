@@ -36,6 +36,10 @@ def test_evaluate_and_report(run):
     assert set(results) == {"bars", "echo", "swatches"}
     assert all(0.0 <= v <= 1.0 for m in results.values() for v in m.values())
     assert "bars" in format_table(results)
+    from generalist.train.report import read_log
+
+    log = read_log(out / "metrics.jsonl")  # the router losses are logged each step, and plotted
+    assert len(log) == 30 and all(0 < r["aux_loss"] < 1 for r in log)
     page = write_report(out, results).read_text()
     assert page.count(" src='data:image/png;base64,") == 4  # loss, signals, routing by task, by modality
     assert "<td rowspan='1'>echo</td><td>accuracy</td>" in page
