@@ -190,8 +190,8 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     from pathlib import Path
 
     from generalist.infer.generalist import Generalist, resolve_device
-    from generalist.train.checkpoint import CHECKPOINT, PARTIAL_RESULTS, find_checkpoint, run_meta
-    from generalist.train.data import build_data, load_mixtures
+    from generalist.train.checkpoint import CHECKPOINT, PARTIAL_RESULTS, find_checkpoint, read_json, run_meta
+    from generalist.train.data import build_data, changed_splits, load_mixtures
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
 
@@ -215,6 +215,11 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
         data = build_data(mixture, seed=train["seed"])
+    changed = changed_splits(data, read_json(ckpt / "meta.json").get("test_splits"))
+    if changed:
+        warnings.warn(f"the test split of {', '.join(changed)} differs from the one this run recorded (the task's data "
+                      "or its split changed since training): those figures are not comparable with the run's, and "
+                      "their test examples may have been training examples", stacklevel=2)
     results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data)
     print(format_table(results))
     # a run's checkpoint (or the one a cut-short save left) writes into its run; any other

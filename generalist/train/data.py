@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,31 @@ class TaskData:
     task: Task
     train: list[Example]
     test: list[Example]
+
+
+SPLIT_PREFIX = 50  # test examples a split's fingerprint reads
+
+
+def split_fingerprint(examples: list[Example]) -> dict:
+    """{"n", "sha256"} of the target texts of a split's first SPLIT_PREFIX examples (a split
+    limited to fewer starts with the same ones): a run records its test splits' fingerprints, so
+    that an evaluation notices a task whose test split changed since (new task data, a new way
+    of splitting), whose figures are then not comparable with the run's, nor sure to be held out."""
+    n = min(SPLIT_PREFIX, len(examples))
+    text = "\x00".join(ex.target_text for ex in examples[:n])
+    return {"n": n, "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]}
+
+
+def changed_splits(data: dict[str, "TaskData"], recorded: dict) -> list[str]:
+    """The tasks of `data` whose test split does not begin as the `recorded` fingerprints say
+    (tasks without a record, or with fewer test examples than it read, are not compared)."""
+    changed = []
+    for t, d in data.items():
+        saved = recorded.get(t) if isinstance(recorded, dict) else None
+        if isinstance(saved, dict) and isinstance(saved.get("n"), int) and len(d.test) >= saved["n"] > 0:
+            if split_fingerprint(d.test[:saved["n"]]) != saved:
+                changed.append(t)
+    return changed
 
 
 def check_mixture(mixture: dict[str, dict], tasks: dict[str, Task]) -> None:

@@ -44,7 +44,7 @@ from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (find_checkpoint, load_training_state, replace_file, rng_state, run_meta,
                                          save_checkpoint, set_rng_state)
-from generalist.train.data import TaskData, check_requires
+from generalist.train.data import TaskData, check_requires, split_fingerprint
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
 from generalist.train.report import log_record
@@ -484,7 +484,8 @@ class Trainer:
                 return None
         meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if self.data[t].task.generative],
                 "contrastive": [t for t in self.tasks if self.data[t].task.contrastive],
-                "modalities": self.input_modalities(), "train": asdict(self.cfg)}
+                "modalities": self.input_modalities(), "train": asdict(self.cfg),
+                "test_splits": {t: split_fingerprint(d.test) for t, d in self.data.items() if d.test}}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer,
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
 

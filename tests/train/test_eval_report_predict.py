@@ -542,6 +542,33 @@ def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, 
     assert len(built) == 1
 
 
+def test_eval_warns_of_a_test_split_that_changed_since_training(run, tmp_path, capsys):
+    """meta.json records a fingerprint of each task's test split; an evaluation on a split that
+    no longer begins the same (new task data, a new way of splitting) warns, naming the task."""
+    import warnings
+
+    from generalist.cli import _evaluate_run
+    from generalist.train.data import split_fingerprint
+
+    out, data = run
+    copy = tmp_path / "toy"
+    shutil.copytree(out, copy)
+    meta_path = copy / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["test_splits"] == {t: split_fingerprint(d.test) for t, d in data.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _evaluate_run(copy, data=data) == 0  # the same splits: no warning
+    meta["test_splits"]["echo"]["sha256"] = "0" * 16
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="the test split of echo differs from the one this run recorded"):
+        assert _evaluate_run(copy, data=data) == 0
+    short = {t: type(d)(d.task, [], d.test[:1]) for t, d in data.items()}  # fewer than it read: not compared
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _evaluate_run(copy, data=short) == 0
+
+
 def test_report_of_a_hand_edited_log_and_a_checkpoint_without_training_state(run, tmp_path):
     """Log lines whose losses are not numbers lose those entries (a dict, a string, a bool); a step
     past any real count is no record; a checkpoint without state.json (one copied for inference)
