@@ -56,7 +56,10 @@ def tokenize(s: str) -> list[str]:
     return _PUNCT_RE.sub(r" \1 ", normalize_text(s)).split()
 
 
-def _check_pair(predictions: Sequence, references: Sequence, what: str) -> None:
+def check_pairs(predictions: Sequence, references: Sequence, what: str, reference_strings: bool = True) -> None:
+    """Predictions and references a score can pair: as many of each, at least one, every
+    prediction (and, with `reference_strings`, every reference) a str; else a ValueError that
+    starts with `what`."""
     if isinstance(predictions, str) or isinstance(references, str):
         raise ValueError(f"{what}: pass lists of strings, not a single str")
     if len(predictions) != len(references):
@@ -66,6 +69,8 @@ def _check_pair(predictions: Sequence, references: Sequence, what: str) -> None:
     if len(predictions) == 0:
         raise ValueError(f"{what}: no predictions to score")
     _check_strings(predictions, "predictions", what)
+    if reference_strings:
+        _check_strings(references, "references", what)
 
 
 def _check_strings(items: Sequence, name: str, what: str) -> None:
@@ -77,7 +82,7 @@ def _check_strings(items: Sequence, name: str, what: str) -> None:
 def _check_reference_sets(
     candidates: Sequence[str], references: Sequence[Sequence[str]], what: str
 ) -> None:
-    _check_pair(candidates, references, what)
+    check_pairs(candidates, references, what, reference_strings=False)
     for i, refs in enumerate(references):
         if isinstance(refs, str):
             raise ValueError(
@@ -96,8 +101,7 @@ def _check_reference_sets(
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of predictions equal to their reference after `normalize_text` (exact match)."""
-    _check_pair(predictions, references, "accuracy")
-    _check_strings(references, "references", "accuracy")
+    check_pairs(predictions, references, "accuracy")
     hits = sum(normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references))
     return hits / len(predictions)
 
@@ -107,8 +111,7 @@ def accuracy_by(
 ) -> dict[Hashable, float]:
     """`accuracy` within each group (e.g. question type), keyed by group in order of first
     appearance."""
-    _check_pair(predictions, references, "accuracy_by")
-    _check_strings(references, "references", "accuracy_by")
+    check_pairs(predictions, references, "accuracy_by")
     if len(groups) != len(predictions):
         raise ValueError(
             f"accuracy_by: got {len(groups)} groups for {len(predictions)} predictions"
@@ -126,8 +129,7 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     `normalize_text`. The labels are those seen in references or predictions, as in
     scikit-learn's `f1_score(average="macro")`, so a label that is only ever predicted counts
     with F1 = 0."""
-    _check_pair(predictions, references, "macro_f1")
-    _check_strings(references, "references", "macro_f1")
+    check_pairs(predictions, references, "macro_f1")
     preds = [normalize_text(p) for p in predictions]
     refs = [normalize_text(r) for r in references]
     tp: Counter[str] = Counter()

@@ -19,7 +19,7 @@ import torch
 
 from generalist._fields import check_count
 from generalist.data.packing import Example
-from generalist.metrics import normalize_text
+from generalist.metrics import check_pairs, normalize_text
 
 SPLITS = ("train", "test")
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
@@ -58,15 +58,10 @@ class Task(ABC):
         return {"accuracy": sum(hits) / len(hits)}
 
     def pairs(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[tuple[str, Example]]:
-        """(prediction, example) pairs for a score, checked: as many predictions as examples, at
-        least one (an accuracy of 0.0 would read as a score), every prediction a str."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"task {self.name!r}: {len(predictions)} predictions for {len(examples)} examples")
-        if not examples:
-            raise ValueError(f"task {self.name!r}: no examples to score")
-        for i, p in enumerate(predictions):
-            if not isinstance(p, str):
-                raise ValueError(f"task {self.name!r}: prediction {i} is {type(p).__name__} {p!r}, expected a str")
+        """(prediction, example) pairs for a score, checked as the metrics check theirs: as many
+        predictions as examples, at least one (an accuracy of 0.0 would read as a score), every
+        prediction a str."""
+        check_pairs(predictions, [e.target_text for e in examples], f"task {self.name!r}")
         return list(zip(predictions, examples))
 
 

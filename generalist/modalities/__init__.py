@@ -99,10 +99,11 @@ def check_prepared(embedder: nn.Module, prepared: Prepared) -> tuple[Tensor | tu
             raise ValueError(f"Prepared positions reach {tuple(top)}, but this model's {embedder.modality} embedder "
                              f"holds positions below {tuple(bound)} (made by another config?)")
         checks.remember_checked(positions, ("prepared", bound))
-    ids, n_ids = {"text": (features, getattr(getattr(embedder, "cfg", None), "vocab_size", 0)),
-                  "table": (fields[0], getattr(getattr(embedder, "cfg", None), "n_columns", 0))}.get(
-        embedder.modality, (None, 0))
-    what = "token ids" if embedder.modality == "text" else "column ids"
+    ids = None  # the ids an embedding looks up: text's tokens, a table's columns
+    if embedder.modality == "text":
+        ids, n_ids, what = features, embedder.cfg.vocab_size, "token ids"
+    elif embedder.modality == "table":
+        ids, n_ids, what = fields[0], embedder.cfg.n_columns, "column ids"
     if ids is not None and ids.dtype not in (torch.int32, torch.int64):  # what `prepare` makes, and the lookup takes
         raise ValueError(f"Prepared {what} must be int64 (or int32), got {ids.dtype}")
     if ids is not None and n and ids.device.type == "cpu" and not checks.checked_before(ids, ("prepared ids", n_ids)):

@@ -187,15 +187,8 @@ def _counts(value, n_groups: int) -> np.ndarray | None:
     return counts if ok else None
 
 
-def _facts(ckpt: Path, state: dict, train: dict, records: list[dict]) -> list[tuple[str, str]]:
+def _facts(ckpt: Path, config: dict, state: dict, train: dict, records: list[dict]) -> list[tuple[str, str]]:
     """(name, value) rows of what the run was: its model, training options, how far it went."""
-    from generalist.train.checkpoint import read_json
-
-    try:
-        config = read_json(ckpt / "config.json")
-    except (OSError, ValueError):
-        config = {}
-    config = config if isinstance(config, dict) else {}
     rows = []
     if _number(state.get("step")):
         planned = train.get("steps")
@@ -252,6 +245,11 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     # (copied for inference, edited by hand) gets a report without its counts and routing
     state = read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
     state = state if isinstance(state, dict) else {}
+    try:  # the model's shape, for the facts and the routing plots' layer names
+        config = read_json(ckpt / "config.json")
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
     if results is None and (run_dir / "eval.json").is_file():
         try:
             results = read_json(run_dir / "eval.json")
@@ -259,7 +257,7 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
             results = None
     name = html.escape(run_dir.name)
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                    for k, v in _facts(ckpt, state, train, records))
+                    for k, v in _facts(ckpt, config, state, train, records))
     parts = [f"<h1>generalist run: {name}</h1>",
              f"<p>tasks: {', '.join(map(html.escape, tasks))}</p><table>{facts}</table>"]
     if isinstance(results, dict) and results:
@@ -271,11 +269,7 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     else:
         parts.append("<p>No training steps logged (metrics.jsonl is missing or empty).</p>")
     routing = state.get("routing") if isinstance(state.get("routing"), dict) else {}
-    try:
-        config = read_json(ckpt / "config.json")
-        enc = int(config["enc_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        enc = None
+    enc = int(config["enc_layers"]) if _number(config.get("enc_layers")) else None
     for key, groups, what in (("task", tasks, "task"), ("modality", list(MODALITIES), "modality")):
         counts = _counts(routing.get(key), len(groups))
         if counts is not None:

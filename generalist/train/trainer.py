@@ -227,6 +227,14 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tasks = sorted(data)
+        # what every checkpoint's meta.json says of the data (with the training options): the
+        # tasks, how each answers, the input modalities each trained on (inference warns of
+        # others) and its test split's fingerprint (evaluation warns when a split changed)
+        self.data_meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if data[t].task.generative],
+                          "contrastive": [t for t in self.tasks if data[t].task.contrastive],
+                          "modalities": {t: sorted({m for ex in d.train for m, _ in ex.segments})
+                                         for t, d in data.items() if d.train},
+                          "test_splits": {t: split_fingerprint(d.test) for t, d in data.items() if d.test}}
         ckpt = None
         if resume:
             ckpt = find_checkpoint(self.run_dir)
@@ -482,19 +490,9 @@ class Trainer:
             model_state, opt_state = self.dp.full_state()  # expert-parallel: gathered on rank 0
             if not self.main:
                 return None
-        meta = {"tasks": self.tasks, "generative": [t for t in self.tasks if self.data[t].task.generative],
-                "contrastive": [t for t in self.tasks if self.data[t].task.contrastive],
-                "modalities": self.input_modalities(), "train": asdict(self.cfg),
-                "test_splits": {t: split_fingerprint(d.test) for t, d in self.data.items() if d.test}}
+        meta = {**self.data_meta, "train": asdict(self.cfg)}
         return save_checkpoint(self.run_dir, self.model, self.tokenizer,
                                opt_state if opt_state is not None else self.opt.state_dict(), state, meta, model_state)
-
-    def input_modalities(self) -> dict[str, list[str]]:
-        """The input modalities each task's training examples hold (inference warns of others)."""
-        if getattr(self, "_input_modalities", None) is None:
-            self._input_modalities = {t: sorted({m for ex in d.train for m, _ in ex.segments})
-                                      for t, d in self.data.items() if d.train}
-        return self._input_modalities
 
     def fit(self) -> None:
         """Trains up to cfg.steps (or the time budget). SIGTERM or SIGINT meanwhile end the run
