@@ -196,7 +196,9 @@ class MoE(nn.Module):
         if not c.n_routed:
             if not stats:
                 return y_TD, None
-            zero, ints = x_TD.new_zeros((), dtype=torch.float32), dict(dtype=torch.int64, device=x_TD.device)
+            # the router's dtype, as when there are routed experts: fp32, or fp64 for fp64 x
+            zero = x_TD.new_zeros((), dtype=torch.promote_types(x_TD.dtype, torch.float32))
+            ints = dict(dtype=torch.int64, device=x_TD.device)
             return y_TD, MoEStats(zero, zero, zero, torch.zeros((c.n_tasks, 0), **ints),
                                   torch.zeros((c.n_modalities, 0), **ints), torch.zeros((), **ints))
 

@@ -240,6 +240,10 @@ def unpermute(y_SD: Tensor, sort_idx_S: Tensor, weights_TK: Tensor, T: int | Non
     d = y_SD.shape[1]
     y_TKD = y_SD.new_zeros((t * k, d)).index_copy(0, sort_idx_S.long(), y_SD).view(t, k, d)
     w_TK = weights_TK.to(torch.promote_types(y_SD.dtype, weights_TK.dtype))
+    if y_SD.shape[0] < t * k:  # a dropped assignment's weight is left out, not multiplied by a zero row
+        # (an inf or NaN weight would make it NaN)
+        kept_TK = torch.zeros(t * k, dtype=torch.bool, device=w_TK.device).index_fill(0, sort_idx_S.long(), True)
+        w_TK = w_TK.masked_fill(~kept_TK.view(t, k), 0)
     if k == 0:
         return y_SD.new_zeros((t, d))
     out_TD = y_TKD[:, 0] * w_TK[:, 0, None]

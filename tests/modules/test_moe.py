@@ -98,6 +98,7 @@ def test_no_routed_experts_is_dense_shared_ffn(gen):
     want, _, _ = hand_forward(moe, x, None, None)
     torch.testing.assert_close(y, want)
     assert stats.aux_loss.item() == 0.0 and stats.dropped.item() == 0
+    assert stats.aux_loss.dtype == torch.float64  # the router's dtype for fp64 x, as with routed experts
     assert stats.counts_by_task.shape == (3, 0) and stats.counts_by_modality.shape == (5, 0)
     assert moe.router is None and moe.w1_EDF is None
 

@@ -194,6 +194,20 @@ def test_capacity_keeps_first_choices_before_second_ones():
     assert sort_idx.tolist() == [2, 4, 0, 3, 5] and sizes.tolist() == [2, 2, 1]
 
 
+def test_a_dropped_assignment_leaves_its_weight_out():
+    """Expert 0 keeps one assignment; the dropped one's inf or NaN weight does not reach its
+    token (0 * inf would be NaN): the token gets its kept row alone."""
+    idx = torch.tensor([[0, 0], [0, 0]])
+    x_sorted, sort_idx, _ = permute(torch.randn(2, 3), idx, 1, capacity=1)
+    assert sort_idx.tolist() == [0]
+    for bad in (float("inf"), float("nan")):
+        weights = torch.tensor([[2.0, bad], [bad, bad]], requires_grad=True)
+        out = unpermute(x_sorted, sort_idx, weights)
+        assert torch.equal(out, torch.stack([2 * x_sorted[0], torch.zeros(3)]))
+        out.sum().backward()
+        assert torch.equal(weights.grad, torch.tensor([[x_sorted[0].sum().item(), 0.0], [0.0, 0.0]]))
+
+
 def test_permute_is_stable_and_roundtrips(gen):
     idx = torch.zeros(50, 2, dtype=torch.int32)  # all ties: stability decides the order
     idx[::3, 1] = 1
