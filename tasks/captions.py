@@ -6,9 +6,9 @@ Data: apt `fonts-noto-color-emoji` rendered with Pillow (names from Unicode), an
 stamps (`bash scripts/fetch_tuxpaint.sh`) with the first line of their description; 32x32 RGB.
 A seeded 85/15 split of the distinct captions: every image of a caption goes to the same split,
 so no caption is in both (many stamps share one, e.g. "a butterfly"); captions that differ only
-in a leading article ("a horse", the stamp's, and "horse", the emoji's) count as one. The
-retrieval gallery is the set of distinct test captions (an image's positives: every gallery
-entry that is its caption, with or without the article).
+in a leading article ("a horse", the stamp's, and "horse", the emoji's), in punctuation or in
+spacing ("a t shirt", "t-shirt") count as one. The retrieval gallery is the set of distinct test
+captions (an image's positives: every gallery entry that is its caption as `caption_key` sees it).
 """
 
 import re
@@ -22,8 +22,9 @@ from generalist.metrics import bleu, cider_d, recall_at_k
 
 
 def caption_key(caption: str) -> str:
-    """What makes two captions one: the caption without its leading article."""
-    return re.sub(r"^(a|an|the) ", "", caption)
+    """What makes two captions one: the caption's letters and digits, without its leading
+    article ("a t shirt" and "t-shirt", "“hospital”" and "hospital" are one)."""
+    return re.sub(r"[\W_]+", "", re.sub(r"^(a|an|the) ", "", caption))
 
 
 def caption_split(captions, split: str, seed: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """spoken_digits — a digit word ("zero" ... "nine") spoken by espeak-ng -> the word.
 Metric: accuracy on voices never heard in training.
 
-Data: apt `espeak-ng`. Of the 24 voice variants in generalist.data.sources.VOICES a fixed
-seeded quarter is held out for testing (test voices never appear in training); every word is
+Data: apt `espeak-ng`. Of the 24 voices in generalist.data.sources.VOICES a fixed seeded
+quarter is held out for testing (`voice_split`: test voices never appear in training, nor does
+the variant of one, its timbre, in another accent); every word is
 said at 3 speeds x 3 pitches per voice. Waveforms are resampled once to 16 kHz here so training
 does not repeat it every step.
 """

@@ -2,11 +2,13 @@
 and the tiny model accepts its inputs (a few training steps on every task)."""
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from generalist.data import sources as S
 from generalist.data.packing import Example
 from generalist.data.speech import voice_split
 from generalist.data.tasks import discover, normalize, split_indices
@@ -117,10 +119,13 @@ def test_image_splits_are_disjoint(name):
 
 
 def test_captions_splits_share_no_caption():
-    """Not even one with and one without its article: the emoji's "horse" and the stamp's "a horse"."""
+    """Not even one with and one without its article (the emoji's "horse" and the stamp's "a
+    horse"), nor one spelt with other punctuation or spacing ("t-shirt" and "a t shirt",
+    "hospital" and the stamp's "“hospital”")."""
     task = TASKS["captions"]
     train, test = task.examples("train"), task.examples("test")
-    bare = lambda e: normalize(e.target_text).removeprefix("a ").removeprefix("an ").removeprefix("the ")  # noqa: E731
+    bare = lambda e: "".join(ch for ch in normalize(e.target_text).removeprefix("a ").removeprefix("an ")  # noqa: E731
+                             .removeprefix("the ") if ch.isalnum())
     train_caps, test_caps = {bare(e) for e in train}, {bare(e) for e in test}
     assert train_caps and test_caps and not train_caps & test_caps
     assert 0.12 < len(test) / (len(train) + len(test)) < 0.18  # still about 85/15
@@ -139,11 +144,22 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
     assert quote_key("Bus error -- driver executed.") != quote_key("Bus error -- please leave by the rear door.")
     assert quote_key("He is unbiased\n-- he hates all\n\t\t-- R. A. Heinlein") == "heisunbiasedhehatesall"
     assert quote_key("<>") != quote_key("()")  # no letter or digit: each its own quote
+    # a quote inside a longer one (under a title line, in a list) is that quote, from 5 words on
+    same_quotes = type(TASKS["text_topic"])._data.__globals__["same_quotes"]
+    groups = same_quotes(["Ogden's Law:\n\tThe sooner you fall behind, the more time you have to catch up.",
+                          "The sooner you fall behind, the more time you have to catch up.",
+                          "Offer void where prohibited by law.", "Void where prohibited by law.",
+                          "Void where prohibited.", "Where prohibited by law, offer void."])
+    assert groups[0] == groups[1] and groups[2] == groups[3] and len({groups[0], groups[2], groups[4], groups[5]}) == 4
     task = TASKS["text_topic"]
     train, test = task.examples("train"), task.examples("test")
     words = lambda e: quote_key(e.segments[0][1])  # noqa: E731
     train_texts, test_texts = {words(e) for e in train}, {words(e) for e in test}
     assert train_texts and test_texts and not train_texts & test_texts
+    spaced = lambda e: " " + " ".join(re.findall(r"[a-z0-9]+", e.segments[0][1].lower())) + " "  # noqa: E731
+    train_all = "\x00".join(spaced(e) for e in train)
+    inside = [e for e in test if len(spaced(e).split()) >= 8 and spaced(e) in train_all]
+    assert not inside, [e.segments[0][1] for e in inside[:3]]  # no test quote inside a training one
     labels = {}
     for e in train + test:
         labels.setdefault(words(e), set()).add(e.target_text)
@@ -155,7 +171,13 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
 def test_split_indices_and_voices_are_disjoint_partitions():
     tr, te = split_indices(1000, "train", 0.2, 0), split_indices(1000, "test", 0.2, 0)
     assert len(te) == 200 and not set(tr) & set(te) and set(tr) | set(te) == set(range(1000))
-    assert not set(voice_split("train", 0)) & set(voice_split("test", 0))
+    for seed in range(5):
+        train, test = voice_split("train", seed), voice_split("test", seed)
+        assert not set(train) & set(test) and sorted(train + test) == sorted(S.VOICES) and len(test) >= 6
+        # a variant is one timbre whatever the accent: "en-us+f2" in test, "en-gb-scotland+f2" in training
+        # would be one speaker in both
+        variant = lambda v: v.partition("+")[2]  # noqa: E731
+        assert not {variant(v) for v in train} & {variant(v) for v in test} - {""}
     voices = {e.meta["voice"] for e in TASKS["spoken_digits"].examples("test", 50)}
     assert voices <= set(voice_split("test", 0))
 
