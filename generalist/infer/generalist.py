@@ -40,6 +40,8 @@ def read_input(modality: str, value: Any):
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("--text: not valid UTF-8 text") from None
+        if not value.strip():
+            raise ValueError("--text is empty")
     if not isinstance(value, (str, Path)):
         return value
     path = Path(value)
@@ -58,6 +60,8 @@ def read_input(modality: str, value: Any):
     if not is_file:
         if modality == "text" and not looks_like_file:
             return str(value)
+        if path.exists():  # a device, a FIFO, a socket
+            raise ValueError(f"--{modality}: {path} is not a regular file")
         raise ValueError(f"--{modality}: no such file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -349,6 +353,10 @@ class Generalist:
         files, `definitions` unless given, are the installed ones). `device` defaults to the GPU
         when there is one."""
         ckpt = find_checkpoint(Path(path))
+        if not (ckpt / "meta.json").is_file() and (ckpt / "state.json").is_file():
+            # written by training, which always writes meta.json (a model saved by
+            # GeneralistModel.save has neither file: its tasks are task0, task1, ...)
+            raise ValueError(f"{ckpt / 'meta.json'} is missing: {ckpt} is damaged (the names of its tasks are lost)")
         meta = read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else {}
         model = GeneralistModel.load(ckpt, device=resolve_device(device))
         tasks = meta.get("tasks") or [f"task{i}" for i in range(model.cfg.n_tasks)]
@@ -459,20 +467,21 @@ class Generalist:
         Audio values are (waveform, sample_rate) pairs; a table is (column_ids, values)."""
         check_count("beam_size", beam_size)
         example = Example(self._segments(task, inputs), "", task)
-        seen = self.modalities.get(task)
+        if task not in self.tasks or self.answers_in_text(task):
+            answer = self.generate([example], beam_size=beam_size)[0]  # (an unknown task is refused there)
+        elif beam_size != 1:
+            raise ValueError(f"task {task!r} does not answer by decoding text: beam_size does not apply")
+        elif (definition := self._definition(task)) is None:
+            raise ValueError(f"task {task!r} does not answer in text and no task file defines it here: pass its Task "
+                             "to Generalist.load(definitions=...), or rank labels with Generalist.classify")
+        else:
+            answer = definition.answer(self, [example])[0]
+        seen = self.modalities.get(task)  # (warned once the inputs are known to be good)
         unseen = sorted({m for m, _ in example.segments} - seen) if seen is not None else []
         if unseen:
             warnings.warn(f"task {task!r} was trained on {' and '.join(sorted(seen))} inputs; it never saw "
                           f"{' or '.join(unseen)}, so its answer is a guess", stacklevel=2)
-        if task not in self.tasks or self.answers_in_text(task):
-            return self.generate([example], beam_size=beam_size)[0]  # (an unknown task is refused there)
-        if beam_size != 1:
-            raise ValueError(f"task {task!r} does not answer by decoding text: beam_size does not apply")
-        definition = self._definition(task)
-        if definition is None:
-            raise ValueError(f"task {task!r} does not answer in text and no task file defines it here: pass its Task "
-                             "to Generalist.load(definitions=...), or rank labels with Generalist.classify")
-        return definition.answer(self, [example])[0]
+        return answer
 
     def classify(self, labels: Sequence[str], task: str, prompt: str = "{}", **inputs) -> dict[str, float]:
         """Zero-shot classification through the contrastive head: the inputs (any of image=,

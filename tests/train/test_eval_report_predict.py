@@ -210,6 +210,9 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
     (["--task", "bars", "--image", "DIR"], "is a directory, not a file"),
     (["--task", "bars", "--image", "HUGE.npy"], "floating image values must be in [0, 1]; got values from 3e+38"),
     (["--task", "echo", "--text", "missing.txt"], "--text: no such file: missing.txt"),
+    (["--task", "bars", "--image", "/dev/null"], "--image: /dev/null is not a regular file"),
+    # bars never saw text: the error alone, no warning of that first
+    (["--task", "bars", "--image", "OK.npy", "--text", " "], "--text is empty"),
     (["--task", "echo", "--text", "LATIN1.txt"], "is not UTF-8 text"),
     (["--task", "bars", "--audio", "WAVE.npy"], "a .npy file holds no sample rate"),
     (["--task", "bars", "--audio", "EMPTY.wav"], "cannot read EMPTY.wav: the file ends early"),
@@ -229,13 +232,14 @@ def test_predict_user_errors_are_one_line(run, tmp_path, capsys, args, match):
         (tmp_path / name).write_bytes(content)
     np.save(tmp_path / "HUGE.npy", np.full((8, 8), 3e38, dtype=np.float32))
     np.save(tmp_path / "WAVE.npy", np.zeros(1600, dtype=np.float32))
+    np.save(tmp_path / "OK.npy", np.zeros((8, 8), dtype=np.float32))
     names = {"CORRUPT": str(corrupt), "DIR": str(tmp_path), **{n: str(tmp_path / n) for n in [*files, "HUGE.npy",
-                                                                                            "WAVE.npy"]}}
+                                                                                            "WAVE.npy", "OK.npy"]}}
     args = [names.get(a, a) for a in args]
     match = next((match.replace(n, v) for n, v in names.items() if n in match), match)
     assert main(["predict", str(out), *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("generalist predict: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("generalist predict: error:"), err
     assert match in err
 
 
@@ -270,6 +274,8 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": ["bars"]}))
     elif name == "meta-json":
         meta.write_text("{")
+    elif name == "meta-missing":  # a run's checkpoint without it: the task names are lost, not task0, task1, ...
+        meta.unlink()
     return copy
 
 
@@ -284,6 +290,7 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
     ("top-k", "config.json: model config: MoEConfig.top_k must be in [1, n_routed=4], got 9"),
     ("meta-tasks", "meta.json lists 1 tasks but the model"),
     ("meta-json", "meta.json is not valid JSON"),
+    ("meta-missing", "meta.json is missing"),
 ])
 def test_a_damaged_checkpoint_is_named_in_one_line(run, tmp_path, capsys, name, match):
     copy = _broken_copy(run[0], tmp_path, name)
