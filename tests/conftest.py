@@ -21,4 +21,13 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A fresh generator per test; the seed differs between runs unless GENERALIST_TEST_SEED is set."""
     seed = int(os.environ.get("GENERALIST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    return torch.Generator().manual_seed(seed)  # failures report gen.initial_seed()
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that drew from `gen` prints the seed that replays it."""
+    report = (yield).get_result()
+    generator = getattr(item, "funcargs", {}).get("gen")
+    if report.failed and isinstance(generator, torch.Generator):
+        report.sections.append(("seed", f"replay with GENERALIST_TEST_SEED={generator.initial_seed()}"))
