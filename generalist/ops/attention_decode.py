@@ -23,7 +23,7 @@ when the extension is built: CPU tensors in fp32 / bf16 / fp16), "triton" (split
 flash-decoding kernels in generalist/kernels/triton/decode.py: CUDA tensors in fp16 / bf16 /
 fp32; CPU tensors only under Triton's interpreter with GENERALIST_TRITON_ON_CPU=1, for tests),
 "auto" (triton where it can serve, then cpu, else the reference). `num_splits` (0 = chosen by
-the kernel) only tunes the triton backend.
+the kernel; at most 64 are used) only tunes the triton backend.
 """
 
 from __future__ import annotations

@@ -496,3 +496,10 @@ def test_default_split_count(monkeypatch):
     assert decode.default_num_splits(8, 512, 64, gpu) == 2  # 8 key blocks: 4 per split
     assert decode.default_num_splits(1, 1 << 20, 64, gpu) == decode.MAX_SPLITS
     assert decode.default_num_splits(8, 0, 64, gpu) == 1
+    # what a launch uses: the request (else the default), within the key blocks and MAX_SPLITS (a
+    # request of 100000 made the reduce kernel's tile too large for Triton at long caches)
+    assert decode.split_count(0, 8, 32768, 64, gpu) == 33
+    assert decode.split_count(7, 8, 32768, 64, gpu) == 7
+    assert decode.split_count(100000, 1, 1 << 22, 16, gpu) == decode.MAX_SPLITS
+    assert decode.split_count(100000, 1, 100, 16, gpu) == 7  # cdiv(100, 16) key blocks
+    assert decode.split_count(5, 1, 0, 16, gpu) == 1

@@ -231,6 +231,15 @@ def default_num_splits(programs: int, max_len: int, block_n: int, device: torch.
     return max(1, splits)
 
 
+def split_count(requested: int, programs: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """The key splits a launch uses: `requested`, or default_num_splits's when it is 0; never
+    more than the key blocks (waste) nor than MAX_SPLITS (the reduce kernel holds all of a row's
+    partial results in one tile, which past that grows beyond what Triton compiles well, and past
+    2^20 elements not at all)."""
+    n = requested if requested > 0 else default_num_splits(programs, max_len, block_n, device)
+    return max(1, min(n, cdiv(max_len, block_n), MAX_SPLITS))
+
+
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ def _on_device(x: torch.Tensor):
 def decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                    softmax_scale: float, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Lq, H, D), k_cache/v_cache (B, S, Hkv, D), cache_lens int32 (B,) -> out (B, Lq, H, D) in q's
-    dtype, lse (B, H, Lq) fp32. num_splits 0 picks the number of key splits (default_num_splits)."""
+    dtype, lse (B, H, Lq) fp32. num_splits 0 picks the number of key splits (split_count)."""
     _check(q, k_cache, v_cache, cache_lens)
     q, k_cache, v_cache = _rows(q), _rows(k_cache), _rows(v_cache)
     b, lq, h, d = q.shape
@@ -288,9 +297,7 @@ def decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if interp:
         block_n = _INTERPRET_BLOCK_N
     row_blocks = cdiv(group * lq, block_m)
-    if num_splits <= 0:
-        num_splits = default_num_splits(b * hkv * row_blocks, s, block_n, q.device)
-    num_splits = max(1, min(int(num_splits), cdiv(s, block_n)))  # more splits than key blocks is waste
+    num_splits = split_count(int(num_splits), b * hkv * row_blocks, s, block_n, q.device)
     launch = {} if interp else {"num_warps": warps, "num_stages": stages}
     constexprs = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                       BLOCK_M=block_m, BLOCK_N=block_n)
