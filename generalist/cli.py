@@ -191,6 +191,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
 
     from generalist.infer.generalist import Generalist, resolve_device
     from generalist.train.checkpoint import CHECKPOINT, PARTIAL_RESULTS, find_checkpoint, read_json, run_meta
+    from generalist.data.tasks import discover
     from generalist.train.data import build_data, changed_splits, load_mixtures
     from generalist.train.evaluate import evaluate, format_table, write_results
     from generalist.train.report import write_report
@@ -214,6 +215,11 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         mixture = {t: {**sizes.get(t, {}), "train": 0} for t in trained if tasks is None or t in tasks}
         if limit is not None:
             mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
+        known = discover()
+        lost = sorted(set(mixture) - set(known))
+        if lost:
+            raise ValueError(f"this run was trained on {', '.join(map(repr, lost))}, which no task file defines here "
+                             "(a task of your own: is GENERALIST_TASKS_PATH set?)")
         data = build_data(mixture, seed=train["seed"])
     changed = changed_splits(data, read_json(ckpt / "meta.json").get("test_splits"))
     if changed:
@@ -322,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one generalist on a task mixture, then evaluate it and write a report")
     train.add_argument("--preset", default=None, help="model preset: tiny, demo or base (default: demo; with "
                                                       "--resume: the run's)")
-    train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py (default: demo; with "
+    train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py or a mixtures.py on GENERALIST_TASKS_PATH (default: demo; with "
                                                        "--resume: the run's)")
     train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000, warm-up 50; with "

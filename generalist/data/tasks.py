@@ -1,7 +1,8 @@
 """Tasks: what the generalist learns. A task is one file in `tasks/` that defines `TASK`, an
 instance of a `Task` subclass: where its data comes from, how a raw sample becomes an `Example`
 (segments + target text), its splits, and its metric. Users add a task by adding one file (or
-a directory of them on GENERALIST_TASKS_PATH).
+a directory of them on GENERALIST_TASKS_PATH, whose mixtures.py, if any, adds mixtures:
+generalist.train.data.load_mixtures).
 
 Evaluation goes through a `Predictor` (generate text, embed examples), so tasks never touch
 the model's internals.
@@ -22,6 +23,7 @@ from generalist.data.packing import Example
 from generalist.metrics import check_pairs, normalize_text
 
 SPLITS = ("train", "test")
+RESERVED_NAMES = ("contrastive", "total")  # the training log's loss entries beside the tasks' own
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
 
@@ -143,6 +145,9 @@ def discover() -> dict[str, Task]:
                 raise ValueError(f"{path} must define TASK, an instance of generalist.data.tasks.Task")
             if not isinstance(task.name, str) or not task.name:
                 raise ValueError(f"{path}: its TASK has no name (set the class attribute `name`)")
+            if task.name in RESERVED_NAMES:
+                raise ValueError(f"{path}: the task name {task.name!r} is taken by the training log (its "
+                                 f"{'contrastive loss' if task.name == 'contrastive' else 'total loss'}); choose another")
             if task.name in found:
                 raise ValueError(f"two task files define the task {task.name!r} ({path})")
             found[task.name] = task

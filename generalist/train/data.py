@@ -9,23 +9,40 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from generalist.data.packing import Example
-from generalist.data.tasks import TASKS_DIR, Task, check_limit, discover
+from generalist.data.packing import MODALITY_NAMES, Example
+from generalist.data.tasks import Task, _task_dirs, check_limit, discover
 
 
-def load_mixtures(path: Path = TASKS_DIR / "mixtures.py") -> dict[str, dict[str, dict]]:
-    """MIXTURES from tasks/mixtures.py: {mixture: {task: {"train": n, "test": n}}}."""
-    spec = importlib.util.spec_from_file_location("generalist_tasks.mixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MIXTURES
+def load_mixtures(path: Path | None = None) -> dict[str, dict[str, dict]]:
+    """MIXTURES, {mixture: {task: {"train": n, "test": n}}}, of the mixtures.py in tasks/ and in
+    each folder on GENERALIST_TASKS_PATH that has one (or of the file `path` alone). A file that
+    fails to load, or a mixture two files define, is a ValueError naming them."""
+    paths = [path] if path is not None else [d / "mixtures.py" for d in _task_dirs() if (d / "mixtures.py").is_file()]
+    found: dict[str, dict] = {}
+    where: dict[str, Path] = {}
+    for file in paths:
+        spec = importlib.util.spec_from_file_location("generalist_tasks.mixtures", file)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise ValueError(f"mixtures file {file} failed to load: {type(error).__name__}: {error}") from error
+        mixtures = getattr(module, "MIXTURES", None)
+        if not isinstance(mixtures, dict) or not all(isinstance(m, str) for m in mixtures):
+            raise ValueError(f"{file} must define MIXTURES, a dict {{mixture name: {{task: {{'train': n, 'test': n}}}}}}")
+        for name, mixture in mixtures.items():
+            if name in found:
+                raise ValueError(f"two files define the mixture {name!r}: {where[name]} and {file}")
+            found[name], where[name] = mixture, file
+    return found
 
 
 def get_mixture(name: str) -> dict[str, dict]:
-    """Mixture `name` of tasks/mixtures.py, checked (`check_mixture`, `check_requires`)."""
+    """Mixture `name` (`load_mixtures`), checked (`check_mixture`, `check_requires`)."""
     mixtures = load_mixtures()
     if name not in mixtures:
-        raise ValueError(f"unknown mixture {name!r}; known: {sorted(mixtures)}")
+        raise ValueError(f"unknown mixture {name!r}; known: {sorted(mixtures)} (from tasks/mixtures.py and the "
+                         "mixtures.py of each folder on GENERALIST_TASKS_PATH)")
     tasks = discover()
     try:
         check_mixture(mixtures[name], tasks)
@@ -85,11 +102,19 @@ def check_mixture(mixture: dict[str, dict], tasks: dict[str, Task]) -> None:
                 raise ValueError(f"mixture entry {name!r}, {split}: {error}") from None
 
 
-def check_requires(names, tasks: dict[str, Task]) -> None:
+def check_requires(names, tasks: dict[str, Task], every_task: bool = True) -> None:
     """The tasks `names` (of one model) hold every task that one of them requires (`Task.requires`:
-    zero_shot is answered as captions, so a model trained without captions cannot answer it)."""
+    zero_shot is answered as captions, so a model trained without captions cannot answer it).
+    `every_task`: `tasks` holds every task there is, so a required task not in it does not exist."""
     for name in names:
-        missing = [t for t in tasks[name].requires if t not in names]
+        requires = tasks[name].requires
+        if not isinstance(requires, (tuple, list)) or not all(isinstance(t, str) for t in requires):
+            raise ValueError(f"task {name!r}: requires must be a tuple of task names, got {requires!r}")
+        unknown = [t for t in requires if t not in tasks] if every_task else []
+        if unknown:
+            raise ValueError(f"task {name!r} is answered through {', '.join(map(repr, unknown))}, which no task file "
+                             f"defines; known: {sorted(tasks)}")
+        missing = [t for t in requires if t not in names]
         if missing:
             raise ValueError(f"task {name!r} is answered through {', '.join(map(repr, missing))}, which the mixture "
                              "lacks: add it to the mixture")
@@ -102,8 +127,53 @@ def build_data(mixture: dict[str, dict], tasks: dict[str, Task] | None = None, s
     check_mixture(mixture, tasks)
     out = {}
     for name in tqdm(sorted(mixture), desc="building task data", disable=not progress):
-        limits = mixture[name]
-        task = tasks[name]
-        out[name] = TaskData(task, task.examples("train", limits.get("train"), seed),
-                             task.examples("test", limits.get("test"), seed))
+        task, splits = tasks[name], {}
+        for split in ("train", "test"):
+            limit = mixture[name].get(split)
+            try:
+                examples = task.examples(split, limit, seed)
+            except ValueError as error:  # (other errors keep their traceback, into the task's code)
+                raise ValueError(f"task {name!r}: examples({split!r}) failed: {error}") from error
+            splits[split] = check_examples(task, split, examples, limit, set(mixture))
+        out[name] = TaskData(task, splits["train"], splits["test"])
     return out
+
+
+def check_examples(task: Task, split: str, examples, limit: int | None, names: set[str]) -> list[Example]:
+    """What a task's `examples(split, limit)` returned, checked before anything trains on it: a
+    list of at most `limit` Examples, each of a task in `names` or of one the task `requires`,
+    with (modality, data) segments (text data a non-empty str) and a str target, non-empty for a
+    generative task. Else a ValueError naming the task, split and example. Returns the list."""
+    where = f"task {task.name!r}, {split} split"
+    requires = set(task.requires) if isinstance(task.requires, (tuple, list)) else set()  # (zero_shot's are captions')
+    if not isinstance(examples, list):
+        raise ValueError(f"{where}: examples() must return a list of Example, got {type(examples).__name__}")
+    if limit is not None and len(examples) > limit:
+        raise ValueError(f"{where}: examples() returned {len(examples)} examples for limit {limit}")
+    for i, ex in enumerate(examples):
+        problem = None
+        if not isinstance(ex, Example):
+            problem = f"is a {type(ex).__name__}, not an Example"
+        elif not isinstance(ex.target_text, str):
+            problem = f"target_text must be a str, got {type(ex.target_text).__name__}"
+        elif task.generative and not ex.target_text.strip():
+            problem = ("target_text is empty, and the task is generative (its text head trains on targets, and its "
+                       "answers are scored against them)")
+        elif ex.task not in names and ex.task not in requires:
+            problem = (f"its task is {ex.task!r} (Example's task=), which the mixture lacks" if isinstance(ex.task, str)
+                       else f"its task must be a str, got {type(ex.task).__name__}")
+        elif not isinstance(ex.segments, (list, tuple)) or not ex.segments:
+            problem = "has no input segments (a list of (modality, data) pairs)"
+        else:
+            for j, seg in enumerate(ex.segments):
+                if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
+                    problem = f"segment {j} must be a (modality, data) pair, got {type(seg).__name__}"
+                elif seg[0] not in MODALITY_NAMES:
+                    problem = f"segment {j} has unknown modality {seg[0]!r}; known: {MODALITY_NAMES}"
+                elif seg[0] == "text" and not (isinstance(seg[1], str) and seg[1].strip()):
+                    problem = f"segment {j} (text) must be a non-empty str, got {seg[1]!r:.40}"
+                if problem:
+                    break
+        if problem:
+            raise ValueError(f"{where}, example {i}: {problem}")
+    return examples

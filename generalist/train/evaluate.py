@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from generalist.train.data import TaskData
@@ -16,8 +18,28 @@ def evaluate(predictor, data: dict[str, TaskData], progress: bool = True) -> dic
     for name in tqdm(sorted(data), desc="evaluate", disable=not progress):
         td = data[name]
         if td.test:
-            results[name] = {k: float(v) for k, v in td.task.evaluate(predictor, td.test).items()}
+            results[name] = check_scores(name, td.task.evaluate(predictor, td.test))
     return results
+
+
+def check_scores(task: str, scores) -> dict[str, float]:
+    """A task's evaluate() result as {metric: float}; anything but {non-empty str: real number}
+    (a bool is no score), or two metrics named alike but for spaces and case, is a ValueError
+    naming the task and metric."""
+    if not isinstance(scores, dict):
+        raise ValueError(f"task {task!r}: evaluate() must return {{metric name: number}}, got {type(scores).__name__}")
+    out, seen = {}, {}
+    for key, value in scores.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"task {task!r}: evaluate() returned the metric name {key!r}; names are non-empty str")
+        if key.strip().lower() in seen:
+            raise ValueError(f"task {task!r}: evaluate() returned the metrics {seen[key.strip().lower()]!r} and {key!r}")
+        seen[key.strip().lower()] = key
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
+                isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex):
+            raise ValueError(f"task {task!r}: metric {key!r} must be a number, got {value!r:.60}")
+        out[key] = float(value)
+    return out
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -215,7 +215,7 @@ class Trainer:
                  device: str | None = None):
         self.cfg, self.data = cfg, data
         cfg.check()
-        check_requires(data, {t: d.task for t, d in data.items()})  # before hours of training, not at its evaluation
+        check_requires(data, {t: d.task for t, d in data.items()}, every_task=False)  # before hours of training, not at its evaluation
         self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
         self.main = self.group is None or self.group.main  # the rank that logs and saves
         self.progress = progress and self.main
@@ -271,6 +271,10 @@ class Trainer:
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=fused)
         trainable = {t: len(d.train) for t, d in data.items() if d.train and (d.task.generative or d.task.contrastive)}
+        untrained = sorted(t for t, d in data.items() if not d.train and (d.task.generative or d.task.contrastive))
+        if untrained and self.main:  # (zero_shot trains nothing of its own, by design: not generative)
+            warnings.warn(f"{', '.join(map(repr, untrained))} trains on no example (the mixture gives it none): it is "
+                          "evaluated untrained", stacklevel=2)
         self.sampler = MixtureSampler(trainable, cfg.temperature, cfg.seed)
         # the extra contrastive pairs have a sampler (and random stream) of their own, so the
         # mixture's batches are the same with them as without

@@ -527,6 +527,7 @@ def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, 
     """The test splits are built for the tasks the run was trained on, whatever its mixture holds
     now (here the real demo mixture, which has none of the toy tasks), and a meta.json without
     its tasks or training options is one error naming it, before any data is built."""
+    import generalist.data.tasks as tasks_module
     import generalist.train.data as train_data
     from generalist.cli import _evaluate_run
 
@@ -535,6 +536,7 @@ def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, 
     built = []
     monkeypatch.setattr(train_data, "build_data", lambda mixture, seed=0, **k: built.append(mixture) or
                         build_data(mixture, tasks=toy_tasks.TASKS, seed=seed, progress=False))
+    monkeypatch.setattr(tasks_module, "discover", lambda: toy_tasks.TASKS)  # (eval checks the run's tasks exist)
     assert _evaluate_run(copy, limit=2, device="cpu") == 0
     assert (copy / "eval-partial.json").is_file()
     assert built == [{t: {"train": 0, "test": 2} for t in ("bars", "echo", "swatches")}]

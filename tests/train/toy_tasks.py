@@ -17,7 +17,7 @@ class Bars(Task):
         check_split(split)
         rng = np.random.default_rng([seed, 0 if split == "train" else 1])
         out = []
-        for _ in range(limit or 40):
+        for _ in range(40 if limit is None else limit):
             img = rng.random((8, 8), dtype=np.float32) * 0.2
             k, vertical = rng.integers(8), bool(rng.integers(2))
             if vertical:
@@ -36,7 +36,7 @@ class Echo(Task):
         check_split(split)
         rng = np.random.default_rng([seed, 2 if split == "train" else 3])
         out = []
-        for _ in range(limit or 40):
+        for _ in range(40 if limit is None else limit):
             words = " ".join(rng.choice(COLOURS, size=2))
             out.append(Example([("text", words)], words, self.name))
         return out
@@ -53,7 +53,7 @@ class Swatches(Task):
         check_split(split)
         rng = np.random.default_rng([seed, 4 if split == "train" else 5])
         out = []
-        for _ in range(limit or 30):
+        for _ in range(30 if limit is None else limit):
             name = COLOURS[rng.integers(len(COLOURS))]
             img = torch.tensor(self.RGB[name], dtype=torch.float32)[:, None, None].expand(3, 8, 8).clone()
             img += torch.from_numpy(rng.normal(0, 0.05, (3, 8, 8)).astype(np.float32))
