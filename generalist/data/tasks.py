@@ -125,6 +125,18 @@ def _task_dirs() -> list[Path]:
     return ([TASKS_DIR] if TASKS_DIR.is_dir() else []) + extra
 
 
+def load_file(path: Path, what: str):
+    """The module that the Python file `path` makes, run apart (never imported by name, so never
+    cached); one that fails to load is a ValueError naming it as `what` ("task file")."""
+    spec = importlib.util.spec_from_file_location(f"generalist_tasks.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise ValueError(f"{what} {path} failed to load: {type(error).__name__}: {error}") from error
+    return module
+
+
 def discover() -> dict[str, Task]:
     """Every task file's TASK, by name (files starting with "_" and mixtures.py are skipped). A
     file that fails to load is a ValueError naming it; so is a directory on GENERALIST_TASKS_PATH
@@ -134,13 +146,7 @@ def discover() -> dict[str, Task]:
         for path in sorted(directory.glob("*.py")):
             if path.name.startswith("_") or path.stem == "mixtures":
                 continue
-            spec = importlib.util.spec_from_file_location(f"generalist_tasks.{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            try:
-                spec.loader.exec_module(module)
-            except Exception as error:
-                raise ValueError(f"task file {path} failed to load: {type(error).__name__}: {error}") from error
-            task = getattr(module, "TASK", None)
+            task = getattr(load_file(path, "task file"), "TASK", None)
             if not isinstance(task, Task):
                 raise ValueError(f"{path} must define TASK, an instance of generalist.data.tasks.Task")
             if not isinstance(task.name, str) or not task.name:

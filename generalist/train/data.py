@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from generalist.data.packing import MODALITY_NAMES, Example
-from generalist.data.tasks import Task, _task_dirs, check_limit, discover
+from generalist.data.tasks import Task, _task_dirs, check_limit, discover, load_file
 
 
 def load_mixtures(path: Path | None = None) -> dict[str, dict[str, dict]]:
@@ -21,13 +20,7 @@ def load_mixtures(path: Path | None = None) -> dict[str, dict[str, dict]]:
     found: dict[str, dict] = {}
     where: dict[str, Path] = {}
     for file in paths:
-        spec = importlib.util.spec_from_file_location("generalist_tasks.mixtures", file)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:
-            raise ValueError(f"mixtures file {file} failed to load: {type(error).__name__}: {error}") from error
-        mixtures = getattr(module, "MIXTURES", None)
+        mixtures = getattr(load_file(file, "mixtures file"), "MIXTURES", None)
         if not isinstance(mixtures, dict) or not all(isinstance(m, str) for m in mixtures):
             raise ValueError(f"{file} must define MIXTURES, a dict {{mixture name: {{task: {{'train': n, 'test': n}}}}}}")
         for name, mixture in mixtures.items():
