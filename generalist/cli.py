@@ -220,7 +220,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         if lost:
             raise ValueError(f"this run was trained on {', '.join(map(repr, lost))}, which no task file defines here "
                              "(a task of your own: is GENERALIST_TASKS_PATH set?)")
-        data = build_data(mixture, seed=train["seed"])
+        data = build_data(mixture, tasks=known, seed=train["seed"])
     changed = changed_splits(data, read_json(ckpt / "meta.json").get("test_splits"))
     if changed:
         warnings.warn(f"the test split of {', '.join(changed)} differs from the one this run recorded (the task's data "

@@ -36,6 +36,18 @@ class EncodedExample:
     target_ids: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (L,), no bos/eos
 
 
+def segment_problem(i: int, seg) -> str | None:
+    """What is wrong with segment `i` of an example, if anything: not a (modality, data) pair, an
+    unknown modality, text data that is not a str."""
+    if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
+        return f"segment {i} must be a (modality, data) pair, got {type(seg).__name__}"
+    if seg[0] not in MODALITY_NAMES:
+        return f"segment {i} has unknown modality {seg[0]!r}; known: {MODALITY_NAMES}"
+    if seg[0] == "text" and not isinstance(seg[1], str):
+        return f"text segment {i} must be a str, got {type(seg[1]).__name__}"
+    return None
+
+
 class ExampleEncoder:
     """Tokenizes text segments and targets and maps task names to ids, with clear errors."""
 
@@ -51,14 +63,11 @@ class ExampleEncoder:
             raise ValueError(f"example of task {example.task!r} has no input segments")
         segments = []
         for i, seg in enumerate(example.segments):
-            if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
-                raise ValueError(f"segment {i} must be a (modality, data) pair, got {type(seg).__name__}")
+            problem = segment_problem(i, seg)
+            if problem:
+                raise ValueError(problem)
             modality, data = seg
-            if modality not in MODALITY_NAMES:
-                raise ValueError(f"segment {i} has unknown modality {modality!r}; known: {MODALITY_NAMES}")
             if modality == "text":
-                if not isinstance(data, str):
-                    raise ValueError(f"text segment {i} must be a str, got {type(data).__name__}")
                 ids = self.tokenizer.encode(data)
                 if not ids:
                     raise ValueError(f"text segment {i} is empty")

@@ -23,10 +23,10 @@ def voice_split(split: str, seed: int) -> list[str]:
     groups: dict[str, list[str]] = {}
     for v in sources.VOICES:
         groups.setdefault(v.partition("+")[2] or v, []).append(v)
-    order = np.random.default_rng([seed, 71]).permutation(len(groups))
+    members = list(groups.values())
     test, train = [], []
-    for g in order:
-        (test if len(test) < len(sources.VOICES) // 4 else train).extend(list(groups.values())[g])
+    for g in np.random.default_rng([seed, 71]).permutation(len(members)):
+        (test if len(test) < len(sources.VOICES) // 4 else train).extend(members[g])
     return test if split == "test" else train
 
 

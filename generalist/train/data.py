@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from generalist.data.packing import MODALITY_NAMES, Example
+from generalist.data.packing import Example, segment_problem
 from generalist.data.tasks import Task, _task_dirs, check_limit, discover, load_file
 
 
@@ -159,12 +159,8 @@ def check_examples(task: Task, split: str, examples, limit: int | None, names: s
             problem = "has no input segments (a list of (modality, data) pairs)"
         else:
             for j, seg in enumerate(ex.segments):
-                if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
-                    problem = f"segment {j} must be a (modality, data) pair, got {type(seg).__name__}"
-                elif seg[0] not in MODALITY_NAMES:
-                    problem = f"segment {j} has unknown modality {seg[0]!r}; known: {MODALITY_NAMES}"
-                elif seg[0] == "text" and not (isinstance(seg[1], str) and seg[1].strip()):
-                    problem = f"segment {j} (text) must be a non-empty str, got {seg[1]!r:.40}"
+                problem = segment_problem(j, seg) or (f"text segment {j} is empty" if seg[0] == "text"
+                                                      and not seg[1].strip() else None)
                 if problem:
                     break
         if problem:

@@ -97,7 +97,8 @@ def _ok(target="yes"):
     (lambda s: [Example([], "a", "made")], "example 0: has no input segments"),
     (lambda s: [Example(["a b"], "a", "made")], "segment 0 must be a \\(modality, data\\) pair, got str"),
     (lambda s: [Example([("txt", "a b")], "a", "made")], "segment 0 has unknown modality 'txt'"),
-    (lambda s: [Example([("text", 3)], "a", "made")], "segment 0 \\(text\\) must be a non-empty str, got 3"),
+    (lambda s: [Example([("text", 3)], "a", "made")], "text segment 0 must be a str, got int"),
+    (lambda s: [Example([("image", 0), ("text", " ")], "a", "made")], "text segment 1 is empty"),
     (lambda s: [_ok()] * 5, "examples\\(\\) returned 5 examples for limit 2"),
     (lambda s: int("abc"), ": examples\\('train'\\) failed: invalid literal for int"),
 ])
