@@ -7,6 +7,8 @@ import math
 import numbers
 from pathlib import Path
 
+import warnings
+
 import torch
 from tqdm import tqdm
 
@@ -14,11 +16,20 @@ from generalist.train.data import TaskData
 
 
 def evaluate(predictor, data: dict[str, TaskData], progress: bool = True) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for every task with test examples; a task without any, and a
+    metric that is not a finite number (NaN, inf), is warned of by name."""
     results = {}
     for name in tqdm(sorted(data), desc="evaluate", disable=not progress):
         td = data[name]
         if td.test:
             results[name] = check_scores(name, td.task.evaluate(predictor, td.test))
+    untested = sorted(set(data) - set(results))
+    if untested:
+        warnings.warn(f"{', '.join(untested)}: no test examples, not evaluated", stacklevel=2)
+    nonfinite = [f"{t} {m} = {v}" for t, metrics in sorted(results.items()) for m, v in metrics.items()
+                 if not math.isfinite(v)]
+    if nonfinite:
+        warnings.warn(f"metrics that are not finite numbers: {'; '.join(nonfinite)}", stacklevel=2)
     return results
 
 

@@ -2,6 +2,7 @@
 mistake in them named (task, split, example, metric) before or instead of a deep traceback."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 from generalist.cli import main
 from generalist.data.packing import Example
 from generalist.data.tasks import Task, discover
-from generalist.train.data import build_data, check_requires, get_mixture, load_mixtures
-from generalist.train.evaluate import check_scores
+from generalist.train.data import TaskData, build_data, check_requires, get_mixture, load_mixtures
+from generalist.train.evaluate import check_scores, evaluate
 
 TASK_FILE = '''
 from generalist.data.packing import Example
@@ -141,6 +142,30 @@ def test_scores_of_every_number_type_are_floats():
     got = check_scores("made", {"a": 1, "b": np.float32(0.5), "c": torch.tensor(0.25), "d": float("nan")})
     assert got["a"] == 1.0 and got["b"] == 0.5 and got["c"] == 0.25 and math.isnan(got["d"])
     assert all(type(v) is float for v in got.values())
+
+
+def test_evaluate_warns_of_a_task_without_test_examples_and_of_a_nan_metric():
+    class Scored(Task):
+        name, generative = "scored", True
+
+        def examples(self, split, limit=None, seed=0):
+            return []
+
+        def evaluate(self, predictor, examples):
+            return {"accuracy": float("nan") if len(examples) == 2 else 0.5, "count": len(examples)}
+
+    one = [Example([("text", "a b")], "b a", "scored")]
+    data = {"scored": TaskData(Scored(), one, one * 2), "untested": TaskData(Scored(), one, []),
+            "fine": TaskData(Scored(), one, one)}
+    with pytest.warns(UserWarning) as caught:
+        results = evaluate(None, data, progress=False)
+    assert set(results) == {"scored", "fine"} and results["fine"] == {"accuracy": 0.5, "count": 1.0}
+    said = [str(w.message) for w in caught]
+    assert said == ["untested: no test examples, not evaluated",
+                    "metrics that are not finite numbers: scored accuracy = nan"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of
+        evaluate(None, {"fine": data["fine"]}, progress=False)
 
 
 @pytest.mark.parametrize("name", ["total", "contrastive"])
