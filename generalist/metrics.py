@@ -6,8 +6,9 @@ tokenize them with `tokenize`; `recall_at_k` takes embeddings.
 
 Text handling: `normalize_text` lower-cases, collapses whitespace and drops one trailing
 period; `tokenize` then splits off the punctuation marks . , ! ? ; : ' " ( ) as tokens of
-their own. BLEU scores these tokens (as mteval / sacrebleu's 13a tokenizer do); CIDEr-D drops
-the punctuation tokens, as the coco-caption pipeline does with its PTB tokenizer before scoring.
+their own. BLEU scores these tokens (close to sacrebleu's 13a tokenizer, which also splits off
+"-", "/" and a few more; on text with those the two differ); CIDEr-D drops the punctuation
+tokens, as the coco-caption pipeline does with its PTB tokenizer before scoring.
 
 Shapes: Q queries, B a block of queries, G gallery items, E embedding dim.
 

@@ -8,7 +8,9 @@ A seeded 85/15 split of the distinct captions: every image of a caption goes to 
 so no caption is in both (many stamps share one, e.g. "a butterfly"); captions that differ only
 in a leading article ("a horse", the stamp's, and "horse", the emoji's), in punctuation or in
 spacing ("a t shirt", "t-shirt") count as one. The retrieval gallery is the set of distinct test
-captions (an image's positives: every gallery entry that is its caption as `caption_key` sees it).
+captions (an image's positives: every gallery entry that is its caption as `caption_key` sees it);
+those same entries are its references for BLEU-4 and CIDEr-D, and `exact` counts a generated
+caption that is one of them as `caption_key` sees it.
 """
 
 import re
@@ -63,8 +65,11 @@ class Captions(Task):
         keys = [caption_key(c) for c in gallery]
         positives = [{j for j, k in enumerate(keys) if k == caption_key(r)} for r in refs]
         recall = recall_at_k(images, texts, positives, ks=(1, 5))
-        return {"bleu4": bleu(preds, [[r] for r in refs], smooth=True), "cider_d": cider_d(preds, [[r] for r in refs]),
-                "exact": sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs),
+        # an image's references: its caption, then the other test captions that are the same
+        # caption ("a horse" for the emoji captioned "horse")
+        references = [[r] + sorted(gallery[j] for j in positives[i] if gallery[j] != r) for i, r in enumerate(refs)]
+        return {"bleu4": bleu(preds, references, smooth=True), "cider_d": cider_d(preds, references),
+                "exact": sum(caption_key(normalize(p)) == caption_key(r) for p, r in zip(preds, refs)) / len(refs),
                 **{k.lower().replace("@", "_at_"): v for k, v in recall.items()}}
 
 

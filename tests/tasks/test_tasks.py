@@ -183,7 +183,8 @@ def test_split_indices_and_voices_are_disjoint_partitions():
 
 
 def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
-    """Retrieving "horse" for an image captioned "a horse" is a hit, not a miss."""
+    """Retrieving "horse" for an image captioned "a horse" is a hit, not a miss; so is writing it
+    (exact, and a reference of BLEU-4 and CIDEr-D)."""
     task = TASKS["captions"]
     captions = ["a horse", "horse", "a dog", "cat"]
     directions = {c: torch.nn.functional.one_hot(torch.tensor(i), 8).float() for i, c in enumerate(captions)}
@@ -200,6 +201,16 @@ def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
                 for ref, looks in [("a horse", "horse"), ("horse", "a horse"), ("a dog", "a dog"), ("cat", "a dog")]]
     scores = task.evaluate(Retriever(), examples)
     assert scores["r_at_1"] == 0.75 and scores["r_at_5"] == 1.0
+    assert scores["exact"] == 1.0 and scores["bleu4"] == 1.0
+
+    class Swapper(Retriever):  # writes each caption's other spelling: "horse" for "a horse"
+        def generate(self, examples):
+            return [{"a horse": "horse", "horse": "a horse."}.get(e.target_text, e.target_text) for e in examples]
+
+    swapped = task.evaluate(Swapper(), examples)
+    assert swapped["exact"] == 1.0 and swapped["bleu4"] == 1.0 and swapped["cider_d"] == pytest.approx(scores["cider_d"])
+    wrong = task.evaluate(type("Wrong", (Retriever,), {"generate": lambda self, ex: ["a dog"] * len(ex)})(), examples)
+    assert wrong["exact"] == 0.25 and wrong["bleu4"] < 0.5
 
 
 class _Oracle:
