@@ -83,8 +83,21 @@ def _require(source: str, *paths: Path) -> None:
 
 
 def _fingerprint(*paths: Path) -> str:
-    """Changes when a source file is replaced, so its cache entry is rebuilt."""
-    return ",".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    """Changes when a source file's bytes change, so its cache entry is rebuilt; the same file
+    installed again (another virtual environment, a reinstall: a new path or time) keeps it. A
+    folder is fingerprinted by its size and time."""
+    return ",".join(_digest(p, st.st_size, st.st_mtime_ns) if p.is_file() else f"{st.st_size}:{st.st_mtime_ns}"
+                    for p, st in ((p, p.stat()) for p in paths))
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """size:sha256 of a file's bytes (hashed once per process for a given size and time)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return f"{size}:{sha.hexdigest()[:16]}"
 
 
 def _check_split(split: str) -> None:

@@ -57,6 +57,23 @@ def test_fashion_mnist(cache):
         S.fashion_mnist("val")
 
 
+def test_fingerprint_follows_the_bytes_not_the_install(tmp_path):
+    """A source file installed again (another virtual environment: a new path and time) keeps
+    its cache entry; a file whose bytes change, even at its old size and time, does not (in the
+    next process)."""
+    first, second = tmp_path / "a.csv.gz", tmp_path / "b.csv.gz"
+    first.write_bytes(b"0123456789" * 1000)
+    second.write_bytes(first.read_bytes())
+    os.utime(second, ns=(1_000_000_000, 1_000_000_000))
+    assert S._fingerprint(first) == S._fingerprint(second)
+    stat = second.stat()
+    second.write_bytes(b"1" + first.read_bytes()[1:])
+    os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    S._digest.cache_clear()  # (as in the next process: one hashes a file once per size and time)
+    assert S._fingerprint(first) != S._fingerprint(second)
+    assert S._fingerprint(first, tmp_path).startswith(S._fingerprint(first) + ",")  # a folder: size and time
+
+
 def test_mnist5k(cache):
     images, labels = S.mnist5k()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and images.max() == 255
