@@ -1,7 +1,7 @@
 """av_digits — audio-visual digits (AV-MNIST style): a degraded MNIST image (noise + an
-occluding block) with a degraded spoken word of the same digit (noise at 0-10 dB SNR) -> the
-digit word. Metrics: fusion accuracy, and accuracy with the image alone and the audio alone
-(the other segment dropped) — fusion should beat both.
+occluding block that hides at most half of the digit's ink) with a degraded spoken word of the
+same digit (noise at 0-10 dB SNR) -> the digit word. Metrics: fusion accuracy, and accuracy
+with the image alone and the audio alone (the other segment dropped) — fusion should beat both.
 
 Data: MNIST-5k images (the seeded split shared with `digits`) and espeak-ng speech (the voice
 split shared with `spoken_digits`, so test voices and images are unseen). A fifth of the
@@ -17,6 +17,9 @@ from generalist.data.synth import DIGIT_WORDS, degrade_audio, degrade_image
 from generalist.data.tasks import Task, how_many, mnist_split
 
 
+MAX_HIDDEN = 0.5  # the occluder hides at most half of a digit's ink: degraded, still a digit
+
+
 class AVDigits(Task):
     name = "av_digits"
 
@@ -29,7 +32,7 @@ class AVDigits(Task):
         out = []
         for _ in range(how_many(limit, len(idx))):
             d = int(rng.integers(10))
-            image = degrade_image(images[rng.choice(by_label[d])], rng)
+            image = degrade_image(images[rng.choice(by_label[d])], rng, max_hidden=MAX_HIDDEN)
             wave = degrade_audio(clips_by_label[d][rng.integers(len(clips_by_label[d]))], rng)
             segments = [("image", image), ("audio", (wave, RATE))]
             if split == "train":

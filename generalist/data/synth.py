@@ -42,8 +42,12 @@ OPS = ("+", "-", "×")
 # Inclusive range of the table value per operator (before rejecting answers outside 0..9).
 OP_VALUES = {"+": (1, 9), "-": (1, 9), "×": (1, 3)}
 
+# scene_questions: pixels by which a digit must lie further to one side than above or below to be
+# on that side (left_of, right_of), and by which it must miss that line to leave no doubt
+SIDE_MARGIN = 4
 _PLACE_CANDIDATES = 64  # candidate positions drawn at once per digit in `digit_scene`
 _PLACE_RESTARTS = 200  # whole-scene restarts before `digit_scene` gives up
+_OCCLUDER_TRIES = 100  # sizes degrade_image draws before no size hides little enough ink
 _OCCLUDER_ASPECT = 3.0  # occluder height / width lies in [1/3, 3] when the image allows it
 _OCCLUDER_GRAY = (64, 192)  # inclusive range of the occluder's constant gray level
 
@@ -296,14 +300,16 @@ def scene_questions(
                 uniformly from the labels present (answer "yes"), otherwise from the labels
                 absent (answer "no"), so the answers are balanced; if all ten labels are
                 present it is always "yes".
-      left_of   "what digit is left of the 3?" -> the label word of the left neighbour of the
-                reference digit. Left is by center column only (rows are ignored): the left
-                neighbour is the digit with the largest center column strictly smaller than
-                the reference's. Asked only when well defined: the reference label occurs once
-                in the scene and the left neighbour exists and is unique (no two digits share
-                that column; `digit_scene` makes columns distinct). The reference is drawn
-                uniformly among the digits for which it is well defined.
-      right_of  the mirror image of left_of (smallest center column strictly larger).
+      left_of   "what digit is left of the 3?" -> the label word of the one digit to the left
+                of the reference digit, as a person reads the scene: a digit is left of the
+                reference when its center lies in the 90-degree wedge opening to the left
+                (further left than above or below: d_col > |d_row| + SIDE_MARGIN pixels).
+                Asked only when that has one answer: the reference label occurs once in the
+                scene, exactly one digit lies in its wedge, and no digit lies near the wedge's
+                edges (d_col within SIDE_MARGIN of |d_row|, where "left" and "below" are both
+                fair readings). The reference is drawn uniformly among the digits for which
+                it is well defined.
+      right_of  the mirror image of left_of (the wedge opening to the right).
       largest   "what is the largest digit?" -> the word of the highest label (by value).
       smallest  "what is the smallest digit?" -> the word of the lowest label.
 
@@ -313,12 +319,12 @@ def scene_questions(
     if not isinstance(boxes, (list, tuple)) or not 1 <= len(boxes) <= 20:
         n = len(boxes) if isinstance(boxes, (list, tuple)) else type(boxes).__name__
         raise ValueError(f"boxes must be a list of 1 to 20 (label, row, col) triples, got {n}")
-    labels, cols = [], []
+    labels, rows, cols = [], [], []
     for i, box in enumerate(boxes):
         if not isinstance(box, (tuple, list)) or len(box) != 3:
             raise ValueError(f"boxes[{i}] must be a (label, row, col) triple, got {box!r}")
         labels.append(_check_label(f"boxes[{i}] label", box[0]))
-        _check_int(f"boxes[{i}] row", box[1])
+        rows.append(_check_int(f"boxes[{i}] row", box[1]))
         cols.append(_check_int(f"boxes[{i}] col", box[2]))
 
     questions = [("how many digits are there?", number_word(len(boxes)), "count")]
@@ -331,17 +337,15 @@ def scene_questions(
     questions.append((f"is there a {asked}?", "yes" if ask_present else "no", "exists"))
 
     for qtype, word, side in (("left_of", "left", -1), ("right_of", "right", 1)):
-        refs = []  # (reference label, neighbour label)
-        for i, (label, col) in enumerate(zip(labels, cols)):
+        refs = []  # (reference label, the one digit on that side)
+        for i, (label, row, col) in enumerate(zip(labels, rows, cols)):
             if labels.count(label) != 1:
                 continue
-            others = [(c, lab) for c, lab in zip(cols, labels) if (c - col) * side > 0]
-            if not others:
-                continue
-            best = min(others, key=lambda t: (t[0] - col) * side)[0]
-            nearest = [lab for c, lab in others if c == best]
-            if len(nearest) == 1:
-                refs.append((label, nearest[0]))
+            # how much further to that side than above or below each other digit lies
+            lead = [(c - col) * side - abs(r - row) for j, (r, c) in enumerate(zip(rows, cols)) if j != i]
+            inside = [lab for j, lab in enumerate(labels[:i] + labels[i + 1:]) if lead[j] > SIDE_MARGIN]
+            if len(inside) == 1 and not any(abs(x) <= SIDE_MARGIN for x in lead):
+                refs.append((label, inside[0]))
         if refs:
             ref, answer = refs[int(rng.integers(len(refs)))]
             questions.append((f"what digit is {word} of the {ref}?", DIGIT_WORDS[answer], qtype))
@@ -361,6 +365,7 @@ def degrade_image(
     noise: float = 0.3,
     occlude: bool = True,
     area: tuple[float, float] = (0.2, 0.4),
+    max_hidden: float | None = None,
 ) -> np.ndarray:
     """A noisy, partly occluded copy of `img` (the input is not modified).
 
@@ -369,11 +374,14 @@ def degrade_image(
          area fraction h * w / (H * W) in `area` (inclusive) and aspect h / w in [1/3, 3]
          (the aspect bound is dropped if no size meets it), placed uniformly inside the image,
          filled with one gray level uniform in [64, 192] (all channels) — visibly neither
-         background nor stroke;
+         background nor stroke. With `max_hidden` in [0, 1], placed uniformly among the
+         positions that cover at most that fraction of the image's ink (the sum of its values),
+         so that what it shows stays recognisable; a size with no such position is drawn again
+         (up to _OCCLUDER_TRIES sizes);
       2. add Gaussian noise of standard deviation noise * 255 to every value (noise >= 0;
          0 disables it), then round and clip to [0, 255].
     Returns an array of img's shape, uint8. ValueError if the image is too small for any
-    rectangle in `area`.
+    rectangle in `area`, or no rectangle drawn hides little enough of its ink.
     """
     if not isinstance(img, np.ndarray):
         raise ValueError(f"img must be a numpy array, got {type(img).__name__}")
@@ -389,16 +397,39 @@ def degrade_image(
     if hi <= 0.0:
         raise ValueError(f"area must include a positive fraction, got {area!r}")
 
+    if max_hidden is not None:
+        max_hidden = _check_real("max_hidden", max_hidden, 0.0, 1.0)
+
     out = img.astype(np.float64)  # a copy: the caller's array is never written
     if occlude:
         height, width = img.shape[:2]
-        h, w = _occluder_size(height, width, lo, hi, rng)
-        r = int(rng.integers(0, height - h + 1))
-        c = int(rng.integers(0, width - w + 1))
+        for _ in range(_OCCLUDER_TRIES):
+            h, w = _occluder_size(height, width, lo, hi, rng)
+            if max_hidden is None:
+                r, c = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                break
+            rows, cols = np.nonzero(_hidden_fraction(out, h, w) <= max_hidden + 1e-12)
+            if len(rows):
+                k = int(rng.integers(len(rows)))
+                r, c = int(rows[k]), int(cols[k])
+                break
+        else:
+            raise ValueError(f"no occluder of {_OCCLUDER_TRIES} drawn sizes in area {area!r} hides at most "
+                             f"{max_hidden} of the image's ink; raise max_hidden or lower area")
         out[r : r + h, c : c + w] = int(rng.integers(_OCCLUDER_GRAY[0], _OCCLUDER_GRAY[1] + 1))
     if noise > 0:
         out += rng.normal(0.0, noise * 255.0, size=out.shape)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _hidden_fraction(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H - h + 1, W - w + 1): the fraction of img's ink (the sum of its values) an h x w
+    rectangle with its top-left corner at each position covers (0 everywhere for a blank image)."""
+    ink = img.reshape(img.shape[0], img.shape[1], -1).sum(axis=2)
+    table = np.zeros((ink.shape[0] + 1, ink.shape[1] + 1))
+    table[1:, 1:] = ink.cumsum(axis=0).cumsum(axis=1)
+    covered = table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
+    return covered / table[-1, -1] if table[-1, -1] > 0 else np.zeros_like(covered)
 
 
 def _occluder_size(height: int, width: int, lo: float, hi: float, rng: np.random.Generator) -> tuple[int, int]:

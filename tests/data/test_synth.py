@@ -10,6 +10,7 @@ from generalist.data.synth import (
     DIGIT_WORDS,
     DIRECTIONS,
     OPS,
+    SIDE_MARGIN,
     degrade_audio,
     degrade_image,
     describe_motion,
@@ -220,11 +221,8 @@ def check_answers(boxes, questions):
             side = "left" if qtype == "left_of" else "right"
             ref = int(re.fullmatch(rf"what digit is {side} of the (\d)\?", question).group(1))
             assert labels.count(ref) == 1  # the reference is unambiguous
-            order = sorted(boxes, key=lambda b: b[2])
-            pos = [b[0] for b in order].index(ref)
-            neighbour = pos - 1 if qtype == "left_of" else pos + 1
-            assert 0 <= neighbour < len(order)  # it has a neighbour on that side
-            assert answer == word(order[neighbour][0])
+            assert ref in well_defined_refs(boxes, qtype)
+            assert answer == word(well_defined_refs(boxes, qtype)[ref])
         elif qtype == "largest":
             assert answer == word(max(labels))
         elif qtype == "smallest":
@@ -234,13 +232,21 @@ def check_answers(boxes, questions):
 
 
 def well_defined_refs(boxes, qtype):
+    """{reference label: the answer's label} for the references a left_of / right_of question
+    can take: a label seen once, exactly one digit in the 90-degree wedge opening to that side
+    of it (angle under 45 degrees from the horizontal, by a margin), none near the wedge's edge."""
     labels = [b[0] for b in boxes]
-    order = [b[0] for b in sorted(boxes, key=lambda b: b[2])]
-    out = set()
-    for pos, lab in enumerate(order):
-        has = pos > 0 if qtype == "left_of" else pos < len(order) - 1
-        if labels.count(lab) == 1 and has:
-            out.add(lab)
+    out = {}
+    for label, row, col in boxes:
+        sides = []  # (how far the other digit is inside the wedge, its label)
+        for other, r, c in boxes:
+            if (other, r, c) != (label, row, col):
+                toward = c - col if qtype == "right_of" else col - c
+                sides.append((toward - abs(r - row), other))
+        inside = [other for lead, other in sides if lead > SIDE_MARGIN]
+        doubtful = [other for lead, other in sides if -SIDE_MARGIN <= lead <= SIDE_MARGIN]
+        if labels.count(label) == 1 and len(inside) == 1 and not doubtful:
+            out[label] = inside[0]
     return out
 
 
@@ -265,28 +271,40 @@ def test_scene_questions_answers_match_boxes():
                 total_exists += 1
                 yes += answer == "yes"
     assert 0.3 <= yes / total_exists <= 0.7
-    assert asked_left > 300 and asked_right > 300
+    assert asked_left > 200 and asked_right > 200
 
 
 def test_scene_questions_left_of_only_when_well_defined():
     rng = np.random.default_rng(0)
     # Only the 3 occurs once, and it is the leftmost digit: no left_of; right_of names the 7.
-    boxes = [(3, 10, 5), (7, 10, 30), (7, 40, 50)]
+    boxes = [(3, 10, 5), (7, 10, 30), (7, 45, 20)]
     for seed in range(20):
         questions = scene_questions(boxes, np.random.default_rng(seed))
         types = {q[2]: q for q in questions}
         assert "left_of" not in types
         assert types["right_of"][:2] == ("what digit is right of the 3?", "seven")
-    # Rows are ignored: the 5 high up is still right of the 2 below it.
+    # The 5 high above the 2 is above it, not right of it: no left_of or right_of.
     boxes = [(2, 50, 10), (5, 5, 20)]
     types = {q[2]: q for q in scene_questions(boxes, rng)}
-    assert types["left_of"][:2] == ("what digit is left of the 5?", "two")
-    assert types["right_of"][:2] == ("what digit is right of the 2?", "five")
+    assert "left_of" not in types and "right_of" not in types
+    # The 6 on the 4's row is left of it; the 3 further down, nearer by column, is below-left,
+    # so the 4 has one digit on its left: the 6 (the scene of a test example that was answered
+    # "three" when only columns counted).
+    boxes = [(3, 35, 26), (4, 9, 38), (6, 8, 16)]
+    for seed in range(20):
+        types = {q[2]: q for q in scene_questions(boxes, np.random.default_rng(seed))}
+        assert types["left_of"][:2] == ("what digit is left of the 4?", "six")
+    # On the diagonal (as far to the side as below, within SIDE_MARGIN): not asked.
+    boxes = [(1, 10, 10), (8, 10 + 20 + SIDE_MARGIN, 30)]
+    assert [q[2] for q in scene_questions(boxes, rng)] == ["count", "exists", "largest", "smallest"]
+    boxes = [(1, 10, 10), (8, 10 + 20 - SIDE_MARGIN - 1, 30)]
+    types = {q[2]: q for q in scene_questions(boxes, rng)}
+    assert types["left_of"][:2] == ("what digit is left of the 8?", "one")
     # A single digit: count, exists, largest, smallest only.
     types = [q[2] for q in scene_questions([(4, 30, 30)], rng)]
     assert types == ["count", "exists", "largest", "smallest"]
-    # A tie for the nearest neighbour makes left_of of the 9 ill-defined.
-    boxes = [(1, 10, 10), (2, 40, 10), (9, 20, 40)]
+    # Two digits to its left make left_of of the 9 ill-defined.
+    boxes = [(1, 10, 10), (2, 32, 10), (9, 21, 40)]
     for seed in range(20):
         types = {q[2]: q for q in scene_questions(boxes, np.random.default_rng(seed))}
         assert "left_of" not in types
@@ -332,6 +350,27 @@ def test_degrade_image_occluder_area_and_no_in_place_change():
     img = stroke_digit()
     out = degrade_image(img, np.random.default_rng(0), noise=0.0, occlude=False)
     assert np.array_equal(out, img) and out is not img
+
+
+@pytest.mark.parametrize("kind", [0, 2])  # (values outside the occluder's grays 64..192)
+def test_degrade_image_max_hidden_keeps_most_of_the_ink(kind):
+    img = stroke_digit(kind)
+    hidden = {}
+    for limit in (None, 0.5, 0.2):
+        hidden[limit] = []
+        for seed in range(200):
+            out = degrade_image(img, np.random.default_rng(seed), noise=0.0, max_hidden=limit)
+            changed = out != img  # the occluder: every pixel it covers changes
+            hidden[limit].append(img[changed].sum(dtype=np.int64) / img.sum(dtype=np.int64))
+            assert 0.2 <= changed.mean() <= 0.4  # the area as before
+        assert limit is None or max(hidden[limit]) <= limit + 1e-9
+    assert max(hidden[None]) > 0.5  # without the bound, occluders do hide more (the bound matters)
+    # a blank image has no ink to hide: any position will do
+    assert degrade_image(np.zeros((28, 28), np.uint8), np.random.default_rng(0), noise=0.0, max_hidden=0.0).any()
+    with pytest.raises(ValueError, match="hides at most 0.0 of the image's ink"):
+        degrade_image(np.full((28, 28), 255, np.uint8), np.random.default_rng(0), max_hidden=0.0)
+    with pytest.raises(ValueError, match="max_hidden must lie in"):
+        degrade_image(img, np.random.default_rng(0), max_hidden=1.5)
 
 
 def test_degrade_image_noise_level():

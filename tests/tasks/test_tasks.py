@@ -213,6 +213,24 @@ def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
     assert wrong["exact"] == 0.25 and wrong["bleu4"] < 0.5
 
 
+def test_av_digits_images_keep_at_least_half_their_ink(monkeypatch):
+    """The occluder hides at most half of a digit's ink (before: all of it in 1% of test images,
+    unanswerable from the image alone); measured without the noise."""
+    from generalist.data.synth import degrade_image
+
+    task_globals = type(TASKS["av_digits"]).examples.__globals__  # (task files are not imported by name)
+    hidden = []
+
+    def noiseless(img, rng, **kwargs):
+        out = degrade_image(img, rng, noise=0.0, **kwargs)
+        hidden.append(img[out != img].sum(dtype=np.int64) / img.sum(dtype=np.int64))
+        return out
+
+    monkeypatch.setitem(task_globals, "degrade_image", noiseless)
+    TASKS["av_digits"].examples("test", 200)
+    assert len(hidden) == 200 and max(hidden) <= 0.5 + 1e-9 and np.mean(hidden) > 0.2
+
+
 class _Oracle:
     """A predictor that answers with the reference (to check metrics reach their maximum)."""
 
