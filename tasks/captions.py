@@ -7,7 +7,10 @@ stamps (`bash scripts/fetch_tuxpaint.sh`) with the first line of their descripti
 A seeded 85/15 split of the distinct captions: every image of a caption goes to the same split,
 so no caption is in both (many stamps share one, e.g. "a butterfly"); captions that differ only
 in a leading article ("a horse", the stamp's, and "horse", the emoji's), in punctuation or in
-spacing ("a t shirt", "t-shirt") count as one. The retrieval gallery is the set of distinct test
+spacing ("a t shirt", "t-shirt") count as one. Pictures no reader could caption are left out:
+a caption that differs from another only by size words when the two pictures are the same once
+cropped to fill the frame ("small blue diamond", "large blue diamond"), and the letter stamps I
+and l (one bar). The retrieval gallery is the set of distinct test
 captions (an image's positives: every gallery entry that is its caption as `caption_key` sees it);
 those same entries are its references for BLEU-4 and CIDEr-D, and `exact` counts a generated
 caption that is one of them as `caption_key` sees it.
@@ -27,6 +30,30 @@ def caption_key(caption: str) -> str:
     """What makes two captions one: the caption's letters and digits, without its leading
     article ("a t shirt" and "t-shirt", "“hospital”" and "hospital" are one)."""
     return re.sub(r"[\W_]+", "", re.sub(r"^(a|an|the) ", "", caption))
+
+
+# Captions no picture tells apart: Tux Paint draws the capital I and the small l as one bar.
+SAME_GLYPH = ("the letter i", "the letter l")
+SIZE_WORDS = re.compile(r"\b(small|medium|large)\b")
+NEAR_SAME = 6.0  # mean absolute pixel difference (of 255) under which two pictures are one
+
+
+def distinct_pictures(images: np.ndarray, captions: list[str]) -> list[int]:
+    """Indices of the images to keep: every one but the SAME_GLYPH captions' and those whose
+    caption differs from an earlier kept one's only by size words while the pictures are the
+    same (NEAR_SAME): every picture is cropped to fill the frame, so "white medium square" and
+    "white large square", "small blue diamond" and "large blue diamond" are one picture."""
+    keep, seen = [], {}  # seen: caption without size words -> indices kept
+    for i, caption in enumerate(captions):
+        if caption in SAME_GLYPH:
+            continue
+        sizeless = caption_key(SIZE_WORDS.sub(" ", caption))
+        earlier = [j for j in seen.get(sizeless, ()) if caption_key(captions[j]) != caption_key(caption)]
+        if any(np.abs(images[i].astype(np.int16) - images[j]).mean() <= NEAR_SAME for j in earlier):
+            continue
+        keep.append(i)
+        seen.setdefault(sizeless, []).append(i)
+    return keep
 
 
 def caption_split(captions, split: str, seed: int) -> np.ndarray:
@@ -49,7 +76,9 @@ class Captions(Task):
     def _all(self):
         images, names = sources.emoji(32)
         t_images, t_captions, _ = sources.tuxpaint(32)
-        return np.concatenate([images, t_images]), [normalize(c) for c in list(names) + list(t_captions)]
+        images, captions = np.concatenate([images, t_images]), [normalize(c) for c in list(names) + list(t_captions)]
+        keep = distinct_pictures(images, captions)
+        return images[keep], [captions[i] for i in keep]
 
     def examples(self, split, limit=None, seed=0):
         images, captions = self._all()

@@ -182,6 +182,23 @@ def test_split_indices_and_voices_are_disjoint_partitions():
     assert voices <= set(voice_split("test", 0))
 
 
+def test_captions_leave_out_pictures_no_reader_could_caption():
+    """A caption that differs from an earlier one only by size words, on the same picture (every
+    picture is cropped to fill the frame), is left out, as are the letters I and l (one bar);
+    other pictures stay, a caption's own repeats and other size words on other pictures too."""
+    distinct = type(TASKS["captions"])._all.__globals__["distinct_pictures"]
+    square, dot = np.full((32, 32, 3), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
+    almost = square.copy()
+    almost[0, :8] = 180  # a mean difference of 0.16: the same picture
+    captions = ["white large square", "white medium square", "small airplane", "airplane", "the letter i",
+                "white large square", "red square", "small red square", "the letter l"]
+    images = np.stack([square, almost, square, dot, dot, square, dot, square, square])
+    assert distinct(images, captions) == [0, 2, 3, 5, 6, 7]
+    images, captions = TASKS["captions"]._all()
+    assert not {"the letter i", "the letter l"} & set(captions)
+    assert "large blue diamond" in captions and "small blue diamond" not in captions
+
+
 def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
     """Retrieving "horse" for an image captioned "a horse" is a hit, not a miss; so is writing it
     (exact, and a reference of BLEU-4 and CIDEr-D)."""
