@@ -1,6 +1,7 @@
 """Every built-in task builds examples from real data, its splits never leak, its metric works,
 and the tiny model accepts its inputs (a few training steps on every task)."""
 
+import difflib
 import hashlib
 import re
 
@@ -151,6 +152,15 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
                           "Offer void where prohibited by law.", "Void where prohibited by law.",
                           "Void where prohibited.", "Where prohibited by law, offer void."])
     assert groups[0] == groups[1] and groups[2] == groups[3] and len({groups[0], groups[2], groups[4], groups[5]}) == 4
+    # a word or two changed, or a heading added, is the same quote; a parody with another point is not
+    groups = same_quotes(["A verbal contract isn't worth the paper it's written on.\n\t\t-- Samuel Goldwyn",
+                          '"A verbal contract isn\'t worth the paper it\'s printed on." -- Samuel Goldwyn',
+                          "Old age and treachery will overcome youth and skill.",
+                          "Age and treachery will always overcome youth and skill.",
+                          "You will be divorced within a year.", "You will be married within a year.",
+                          "Today is the first day of the rest of your life.", "The road to hell is paved with NAND gates."])
+    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[4] == groups[5]
+    assert len({groups[0], groups[2], groups[4], groups[6], groups[7]}) == 5
     task = TASKS["text_topic"]
     train, test = task.examples("train"), task.examples("test")
     words = lambda e: quote_key(e.segments[0][1])  # noqa: E731
@@ -160,6 +170,18 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
     train_all = "\x00".join(spaced(e) for e in train)
     inside = [e for e in test if len(spaced(e).split()) >= 8 and spaced(e) in train_all]
     assert not inside, [e.segments[0][1] for e in inside[:3]]  # no test quote inside a training one
+    # nor nearly a training one (difflib, against the training quotes of its first word and length)
+    by_start = {}
+    for e in train:
+        w = spaced(e).split()
+        by_start.setdefault((tuple(w[:1]), len(w)), []).append(w)
+
+    def nearly_trained(w):
+        alike = [t for n in range(-2, 3) for t in by_start.get((tuple(w[:1]), len(w) + n), [])]
+        return any(difflib.SequenceMatcher(None, w, t, autojunk=False).ratio() >= 0.9 for t in alike)
+
+    near = [e for e in test if nearly_trained(spaced(e).split())]
+    assert not near, [e.segments[0][1] for e in near[:3]]
     labels = {}
     for e in train + test:
         labels.setdefault(words(e), set()).add(e.target_text)
