@@ -15,10 +15,11 @@ SPEEDS, PITCHES, RATE = (130, 165, 200), (30, 50, 70), 16000
 
 
 def voice_split(split: str, seed: int) -> list[str]:
-    """A fixed seeded quarter of sources.VOICES (at least) is for testing only; the rest for
+    """A fixed seeded quarter of sources.VOICES (6 of 24) is for testing only; the rest for
     training. Voices with the same espeak-ng variant ("en-us+f2", "en-gb-scotland+f2": one
     timbre in two accents, as alike as one speaker) fall on the same side, so no test voice's
-    variant is heard in training."""
+    variant is heard in training: the groups are taken in a seeded order, each into the test
+    split while it fits in the quarter, else into training."""
     check_split(split)
     groups: dict[str, list[str]] = {}
     for v in sources.VOICES:
@@ -26,7 +27,7 @@ def voice_split(split: str, seed: int) -> list[str]:
     members = list(groups.values())
     test, train = [], []
     for g in np.random.default_rng([seed, 71]).permutation(len(members)):
-        (test if len(test) < len(sources.VOICES) // 4 else train).extend(members[g])
+        (test if len(test) + len(members[g]) <= len(sources.VOICES) // 4 else train).extend(members[g])
     return test if split == "test" else train
 
 
