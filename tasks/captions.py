@@ -10,10 +10,10 @@ in a leading article ("a horse", the stamp's, and "horse", the emoji's), in punc
 spacing ("a t shirt", "t-shirt") count as one. Pictures no reader could caption are left out:
 a caption that differs from another only by size words when the two pictures are the same once
 cropped to fill the frame ("small blue diamond", "large blue diamond"), and the letter stamps I
-and l (one bar). The retrieval gallery is the set of distinct test
-captions (an image's positives: every gallery entry that is its caption as `caption_key` sees it);
-those same entries are its references for BLEU-4 and CIDEr-D, and `exact` counts a generated
-caption that is one of them as `caption_key` sees it.
+and l (one bar). The retrieval gallery is the set of distinct test captions (an image's
+positives: every gallery entry that is its caption as `caption_key` sees it); those same
+entries are its references for BLEU-4 and CIDEr-D, and `exact` counts a generated caption that
+is one of them as `caption_key` sees it.
 """
 
 import re

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
