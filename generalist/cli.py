@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one generalist on a task mixture, then evaluate it and write a report")
     train.add_argument("--preset", default=None, help="model preset: tiny, demo or base (default: demo; with "
                                                       "--resume: the run's)")
-    train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py or a mixtures.py on GENERALIST_TASKS_PATH (default: demo; with "
-                                                       "--resume: the run's)")
+    train.add_argument("--mixture", default=None, help="task mixture from tasks/mixtures.py or a mixtures.py on "
+                                                       "GENERALIST_TASKS_PATH (default: demo; with --resume: the run's)")
     train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000, warm-up 50; with "
                                                                 "--resume: the run's)")

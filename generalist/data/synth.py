@@ -341,10 +341,11 @@ def scene_questions(
         for i, (label, row, col) in enumerate(zip(labels, rows, cols)):
             if labels.count(label) != 1:
                 continue
-            # how much further to that side than above or below each other digit lies
-            lead = [(c - col) * side - abs(r - row) for j, (r, c) in enumerate(zip(rows, cols)) if j != i]
-            inside = [lab for j, lab in enumerate(labels[:i] + labels[i + 1:]) if lead[j] > SIDE_MARGIN]
-            if len(inside) == 1 and not any(abs(x) <= SIDE_MARGIN for x in lead):
+            # each other digit, and how much further to that side than above or below it lies
+            others = [(lab, (c - col) * side - abs(r - row))
+                      for j, (lab, r, c) in enumerate(zip(labels, rows, cols)) if j != i]
+            inside = [lab for lab, lead in others if lead > SIDE_MARGIN]
+            if len(inside) == 1 and not any(abs(lead) <= SIDE_MARGIN for _, lead in others):
                 refs.append((label, inside[0]))
         if refs:
             ref, answer = refs[int(rng.integers(len(refs)))]
@@ -403,12 +404,13 @@ def degrade_image(
     out = img.astype(np.float64)  # a copy: the caller's array is never written
     if occlude:
         height, width = img.shape[:2]
+        ink = None if max_hidden is None else _ink_table(out)
         for _ in range(_OCCLUDER_TRIES):
             h, w = _occluder_size(height, width, lo, hi, rng)
-            if max_hidden is None:
+            if ink is None:
                 r, c = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
                 break
-            rows, cols = np.nonzero(_hidden_fraction(out, h, w) <= max_hidden + 1e-12)
+            rows, cols = np.nonzero(_hidden_fraction(ink, h, w) <= max_hidden + 1e-12)
             if len(rows):
                 k = int(rng.integers(len(rows)))
                 r, c = int(rows[k]), int(cols[k])
@@ -422,12 +424,17 @@ def degrade_image(
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _hidden_fraction(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(H - h + 1, W - w + 1): the fraction of img's ink (the sum of its values) an h x w
-    rectangle with its top-left corner at each position covers (0 everywhere for a blank image)."""
+def _ink_table(img: np.ndarray) -> np.ndarray:
+    """(H + 1, W + 1): table[r, c] is the ink (the sum of the values) of img[:r, :c]."""
     ink = img.reshape(img.shape[0], img.shape[1], -1).sum(axis=2)
     table = np.zeros((ink.shape[0] + 1, ink.shape[1] + 1))
     table[1:, 1:] = ink.cumsum(axis=0).cumsum(axis=1)
+    return table
+
+
+def _hidden_fraction(table: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H - h + 1, W - w + 1): the fraction of the ink (`_ink_table`) an h x w rectangle with its
+    top-left corner at each position covers (0 everywhere for a blank image)."""
     covered = table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
     return covered / table[-1, -1] if table[-1, -1] > 0 else np.zeros_like(covered)
 

@@ -215,7 +215,8 @@ class Trainer:
                  device: str | None = None):
         self.cfg, self.data = cfg, data
         cfg.check()
-        check_requires(data, {t: d.task for t, d in data.items()}, every_task=False)  # before hours of training, not at its evaluation
+        # before hours of training, not at its evaluation
+        check_requires(data, {t: d.task for t, d in data.items()}, every_task=False)
         self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
         self.main = self.group is None or self.group.main  # the rank that logs and saves
         self.progress = progress and self.main
