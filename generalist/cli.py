@@ -190,10 +190,11 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     from pathlib import Path
 
     from generalist.infer.generalist import Generalist, resolve_device
-    from generalist.train.checkpoint import CHECKPOINT, PARTIAL_RESULTS, find_checkpoint, read_json, run_meta
+    from generalist.train.checkpoint import (CHECKPOINT, PARTIAL_PREDICTIONS, PARTIAL_RESULTS, PREDICTIONS,
+                                             find_checkpoint, read_json, run_meta)
     from generalist.data.tasks import discover
     from generalist.train.data import build_data, changed_splits, load_mixtures
-    from generalist.train.evaluate import evaluate, format_table, write_results
+    from generalist.train.evaluate import evaluate, format_table, write_predictions, write_results
     from generalist.train.report import write_report
 
     ckpt = find_checkpoint(Path(run_dir))
@@ -226,7 +227,8 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         warnings.warn(f"the test split of {', '.join(changed)} differs from the one this run recorded (the task's data "
                       "or its split changed since training): those figures are not comparable with the run's, and "
                       "their test examples may have been training examples", stacklevel=2)
-    results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data)
+    answers = {}
+    results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data, answers=answers)
     print(format_table(results))
     # a run's checkpoint (or the one a cut-short save left) writes into its run; any other
     # checkpoint folder into itself
@@ -234,11 +236,12 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     if limit is not None or tasks is not None:
         # a part of the evaluation (fewer examples, fewer tasks; a smaller retrieval gallery reads
         # higher) must not replace the whole one that eval.json and the report hold
-        print(f"\nwrote {write_results(run_dir, results, PARTIAL_RESULTS)} (a partial evaluation: eval.json and "
-              "report.html are left as they were)")
+        print(f"\nwrote {write_results(run_dir, results, PARTIAL_RESULTS)} and "
+              f"{write_predictions(run_dir, data, answers, PARTIAL_PREDICTIONS).name} (a partial evaluation: "
+              f"eval.json, {PREDICTIONS} and report.html are left as they were)")
         return 0
-    print(f"\nwrote {write_results(run_dir, results)}")
-    print(f"report: {write_report(run_dir, results, ckpt)}")
+    print(f"\nwrote {write_results(run_dir, results)} and {write_predictions(run_dir, data, answers).name}")
+    print(f"report: {write_report(run_dir, results, ckpt, data=data, answers=answers)}")
     return 0
 
 

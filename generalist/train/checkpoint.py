@@ -103,8 +103,10 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
 
 # what a run writes into its directory: all that --overwrite deletes (anything else there stays)
 PARTIAL_RESULTS = "eval-partial.json"  # generalist eval --limit / --tasks: beside the whole evaluation's eval.json
+PREDICTIONS, PARTIAL_PREDICTIONS = "predictions.jsonl", "predictions-partial.jsonl"  # every test example's answer
 RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", ".metrics.jsonl.tmp",
-               "tensorboard", "eval.json", PARTIAL_RESULTS, "report.html", ".report.html.tmp")
+               "tensorboard", "eval.json", PARTIAL_RESULTS, PREDICTIONS, f".{PREDICTIONS}.tmp", PARTIAL_PREDICTIONS,
+               f".{PARTIAL_PREDICTIONS}.tmp", "report.html", ".report.html.tmp")
 
 
 def clear_run(run_dir: Path) -> None:

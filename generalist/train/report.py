@@ -1,7 +1,8 @@
 """The run report: one self-contained report.html (plots inlined as PNG) with the loss curves
-per task, the per-task metric table and the routing heatmaps — the fraction of each task's and
+per task, the per-task metric table, the routing heatmaps — the fraction of each task's and
 each modality's tokens that every layer sends to each routed expert, the picture that shows
-whether task pathways formed."""
+whether task pathways formed — and the answers: a confusion matrix per task of a few labels and
+a few test examples of every task, inputs drawn, next to their targets (generalist.train.gallery)."""
 
 from __future__ import annotations
 
@@ -228,13 +229,20 @@ def _metric_rows(results: dict) -> str:
     return "".join(rows)
 
 
-def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None, ckpt: Path | None = None) -> Path:
+def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None, ckpt: Path | None = None,
+                 data: dict | None = None, answers: dict[str, list[str]] | None = None) -> Path:
     """run_dir/report.html from the run's log, its checkpoint (`ckpt`, found in run_dir when not
-    given) and held-out `results` (None: the run's eval.json, if it has one)."""
+    given), held-out `results` (None: the run's eval.json, if it has one) and the answers to the
+    test examples: `answers` ({task: [answer per test example of `data`]}, as `evaluate` gives
+    them), or else the run's predictions.jsonl. With `data` the examples shown are drawn;
+    from predictions.jsonl alone they are named in words."""
+    from generalist.train.evaluate import answer_records, read_predictions
+    from generalist.train.gallery import confusion, confusion_figure, gallery_html
+
     plt = _plt()
 
     from generalist.modalities import MODALITIES
-    from generalist.train.checkpoint import find_checkpoint, read_json, replace_file, run_meta
+    from generalist.train.checkpoint import PREDICTIONS, find_checkpoint, read_json, replace_file, run_meta
 
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
@@ -278,9 +286,23 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
             figures.append((f"Routing by {what}", routing_figure(counts, groups,
                                                                  f"fraction of each {what}'s tokens per expert",
                                                                  layers)))
+    if answers is not None and data is not None:
+        answered = answer_records(data, answers)
+    elif (run_dir / PREDICTIONS).is_file():
+        answered, data = read_predictions(run_dir / PREDICTIONS), None
+    else:
+        answered = {}
+    tables = {task: table for task, rows in answered.items() if rows and (table := confusion(rows)) is not None}
+    if tables:
+        with plt.rc_context(_PLAIN_TEXT):
+            figures.append(("Answers by target (test split)", confusion_figure(tables)))
     for title, fig in figures:
         parts.append(f"<h2>{title}</h2><img alt='{title.lower()}' src='data:image/png;base64,{_png(fig)}'>")
         plt.close(fig)
+    if answered:
+        parts.append("<h2>Test examples</h2>")
+        parts += [gallery_html(task, rows, data[task].test if data is not None and task in data else None)
+                  for task, rows in sorted(answered.items()) if rows]
     style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
              "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:left;vertical-align:top}img{max-width:100%}</style>")

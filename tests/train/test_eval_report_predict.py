@@ -504,6 +504,17 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     assert _evaluate_run(copy / "checkpoint", data=small) == 0
     assert (copy / "eval.json").is_file() and (copy / "report.html").is_file()
     assert not (copy / "checkpoint" / "eval.json").exists()
+    # every test example's answer, in predictions.jsonl and in the report, its inputs drawn
+    lines = [json.loads(line) for line in (copy / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["index"]) for r in lines] == [(t, i) for t in ("bars", "echo", "swatches") for i in range(2)]
+    assert [r["target"] for r in lines] == [e.target_text for t in ("bars", "echo", "swatches") for e in small[t].test]
+    page = (copy / "report.html").read_text()
+    assert all(f"<h3>{t}</h3>" in page for t in small) and page.count("<img alt='image'") == 4  # bars, swatches
+    for r in lines:
+        assert f"<td>{r['index']}</td>" in page and f"{'✓' if r['match'] else '✗'} {r['answer']}" in page
+    # the report rebuilt from predictions.jsonl alone names the inputs in words
+    words = write_report(copy).read_text()
+    assert "<img alt='image'" not in words and "<i>image 8x8</i>" in words and "<i>3x8x8</i>" not in words
     (copy / "report.html").unlink()
     (copy / "checkpoint").rename(copy / ".checkpoint.old")
     assert _evaluate_run(copy, data=small) == 0 and (copy / "report.html").is_file()
@@ -511,7 +522,10 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     whole, report = (copy / "eval.json").read_text(), (copy / "report.html").read_text()
     assert _evaluate_run(copy, data=small, tasks=["echo", "swatches"]) == 0
     assert set(json.loads((copy / "eval-partial.json").read_text())) == {"echo", "swatches"}
+    assert {json.loads(line)["task"] for line in (copy / "predictions-partial.jsonl").read_text().splitlines()} == \
+        {"echo", "swatches"}
     assert (copy / "eval.json").read_text() == whole and (copy / "report.html").read_text() == report
+    assert len((copy / "predictions.jsonl").read_text().splitlines()) == 6
     for tasks, match in [(["echo", "poetry"], r"--tasks: unknown tasks \['poetry'\]; this run has bars, echo"),
                          ([], "--tasks: no task named")]:
         with pytest.raises(ValueError, match=match):
