@@ -30,6 +30,7 @@ MAX_PLAYER_SECONDS = 10.0  # a longer sound gets its spectrogram only (the page 
 MAX_TEXT = 300
 MAX_CELLS = 8
 MAX_LABELS = 30  # a task whose test targets are more labels than this (captions) gets no confusion matrix
+MANY_LABELS = 12  # a task of more labels than this gets a figure of its own, twice as wide
 NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -187,21 +188,22 @@ def confusion(rows: list[dict]) -> tuple[list[str], np.ndarray] | None:
     return labels, counts
 
 
-def confusion_figure(tables: dict[str, tuple[list[str], np.ndarray]]):
-    """One panel per task: the fraction of each target's examples given each answer."""
+def confusion_figure(tables: dict[str, tuple[list[str], np.ndarray]], cols: int = 3, panel: float = 4.6):
+    """One panel per task, `panel` inches a side, `cols` to a row: the fraction of each target's
+    examples given each answer, and their count."""
     import matplotlib.pyplot as plt
 
     names = sorted(tables)
-    cols = min(3, len(names))
+    cols = min(cols, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * 0.95 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         labels, counts = tables[name]
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-        small = 7 if len(labels) <= 10 else 5 if len(labels) <= 20 else 4
+        small = min(7, 7 * panel / 4.6 * 10 / max(10, len(labels) + 1))  # labels as dense as the panel allows
         for (i, j), n in np.ndenumerate(counts):
             if n:
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=small,

@@ -237,7 +237,7 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     them), or else the run's predictions.jsonl. With `data` the examples shown are drawn;
     from predictions.jsonl alone they are named in words."""
     from generalist.train.evaluate import answer_records, read_predictions
-    from generalist.train.gallery import confusion, confusion_figure, gallery_html
+    from generalist.train.gallery import MANY_LABELS, confusion, confusion_figure, gallery_html
 
     plt = _plt()
 
@@ -293,9 +293,13 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     else:
         answered = {}
     tables = {task: table for task, rows in answered.items() if rows and (table := confusion(rows)) is not None}
-    if tables:
-        with plt.rc_context(_PLAIN_TEXT):
-            figures.append(("Answers by target (test split)", confusion_figure(tables)))
+    with plt.rc_context(_PLAIN_TEXT):
+        few = {t: table for t, table in tables.items() if len(table[0]) <= MANY_LABELS}
+        if few:
+            figures.append(("Answers by target (test split)", confusion_figure(few)))
+        for task in sorted(set(tables) - set(few)):
+            figures.append((f"Answers by target (test split): {html.escape(task)}",
+                            confusion_figure({task: tables[task]}, cols=1, panel=9.0)))
     for title, fig in figures:
         parts.append(f"<h2>{title}</h2><img alt='{title.lower()}' src='data:image/png;base64,{_png(fig)}'>")
         plt.close(fig)
