@@ -66,17 +66,19 @@ def task_answers(task: Task, predictor, examples: Sequence[Example]) -> list[str
 
 
 class Answered:
-    """`predictor` with the answers to one list of examples already decoded: `generate` of those
-    very examples (the same objects, in order, with no other arguments) gives the answers back
-    instead of decoding again; everything else goes to `predictor`."""
+    """`predictor` with the answers to one list of examples already decoded: the first `generate`
+    of those very examples (the same objects, in order, with no other arguments) gives the
+    answers back instead of decoding again; every later call (the task may have changed the
+    examples in place since), and everything else, goes to `predictor`."""
 
     def __init__(self, predictor, examples: Sequence[Example], answers: list[str]):
         self._predictor, self._examples, self._answers = predictor, list(examples), answers
 
     def generate(self, examples: Sequence[Example], *args, **kwargs) -> list[str]:
-        if not args and not kwargs and len(examples) == len(self._examples) and all(
+        if self._answers is not None and not args and not kwargs and len(examples) == len(self._examples) and all(
                 a is b for a, b in zip(examples, self._examples)):
-            return list(self._answers)
+            answers, self._answers = self._answers, None
+            return list(answers)
         return self._predictor.generate(examples, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -177,7 +179,7 @@ def read_predictions(path: Path) -> dict[str, list[dict]]:
             continue
         if isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("index"), int) \
                 and isinstance(r.get("target"), str) and isinstance(r.get("answer"), str):
-            r["match"] = bool(r.get("match"))
+            r["match"] = r.get("match") is True
             r["inputs"] = r["inputs"] if isinstance(r.get("inputs"), list) else []
             out.setdefault(r["task"], []).append(r)
     return {task: sorted(rows, key=lambda r: r["index"]) for task, rows in out.items()}

@@ -16,7 +16,6 @@ import io
 import math
 import wave
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +25,9 @@ from generalist.data.tasks import normalize
 SHOWN = 6  # examples per task: the first wrong ones (up to SHOWN_WRONG), then the first right ones
 SHOWN_WRONG = 4
 THUMB_PX = 96  # the longer side of a picture or clip on the page
-MAX_PLAYER_SECONDS = 10.0  # a longer sound gets its spectrogram only (the page would grow by ~44 kB a second)
+MAX_PLAYER_SECONDS = 10.0  # a longer sound gets its spectrogram only
+PLAYER_RATE = 16000  # the player's samples a second at most (16-bit: ~43 kB of page a second)
+MAX_FRAMES = 16  # a longer clip's GIF shows this many of its frames, evenly spaced
 MAX_TEXT = 300
 MAX_CELLS = 8
 MAX_LABELS = 30  # a task whose test targets are more labels than this (captions) gets no confusion matrix
@@ -54,22 +55,41 @@ def _uri(mime: str, raw: bytes) -> str:
 
 def _img(rgb: np.ndarray, alt: str, px: int = THUMB_PX, frames: list | None = None,
          size: tuple[int, int] | None = None) -> str:
-    """An <img> of an (H, W, 3) uint8 picture (or an animated GIF of `frames`), drawn with its
-    longer side `px` pixels wide (or `size`, (width, height)), pixels kept sharp."""
+    """An <img> of an (H, W, 3) uint8 picture (or an animated GIF of `frames`, each (H, W, 3)),
+    drawn with its longer side `px` pixels wide (or `size`, (width, height)), pixels kept sharp.
+    A picture stored larger than twice the size it is drawn at is shrunk first (box filter): the
+    page holds no more pixels than a screen shows."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    if frames:
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
-    else:
-        Image.fromarray(rgb).save(buf, format="PNG")
     h, w = rgb.shape[:2]
     scale = px / max(h, w, 1)
     width, height = size or (max(1, round(w * scale)), max(1, round(h * scale)))
+    stored = (min(w, 2 * width), min(h, 2 * height))
+    images = [Image.fromarray(f) for f in (frames or [rgb])]
+    if stored != (w, h):
+        images = [im.resize(stored, Image.BOX) for im in images]
+    buf = io.BytesIO()
+    if frames:
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
+    else:
+        images[0].save(buf, format="PNG")
     return (f"<img alt='{html.escape(alt)}' src='{_uri('image/gif' if frames else 'image/png', buf.getvalue())}' "
             f"width='{width}' height='{height}' "
             "style='image-rendering:pixelated;border:1px solid #ccc'>")
+
+
+def _host(x: Any) -> Any:
+    """A tensor as the drawing code reads it: detached, on the CPU, a float type numpy holds
+    (bf16 and fp16 as fp32); tuples element by element; anything else as it is."""
+    import torch
+
+    if isinstance(x, tuple):
+        return tuple(_host(v) for v in x)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+    return x
 
 
 def _to_uint8(x_CHW) -> np.ndarray:
@@ -103,12 +123,14 @@ def segment_html(modality: str, value: Any) -> str:
 
     try:
         if modality == "text":
-            text = read_input("text", value) if isinstance(value, Path) else value
+            if isinstance(value, str) and not value.strip():
+                return "<i>(empty text)</i>"
+            text = read_input("text", value)  # a .txt file's text, or the text itself
             if not isinstance(text, str):
                 raise TypeError("not a text")
             short = text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "…"
             return f"<div style='max-width:32em;white-space:pre-wrap'>{html.escape(short)}</div>"
-        value = read_input(modality, value)
+        value = _host(read_input(modality, value))
         if modality == "image":
             from generalist.modalities.image import image_to_chw
 
@@ -116,30 +138,43 @@ def segment_html(modality: str, value: Any) -> str:
         if modality == "video":
             from generalist.modalities.video import video_to_cthw
 
-            frames = list(_to_uint8(video_to_cthw(value, 3).numpy()))
-            return _img(frames[0], "video", frames=frames) + f"<br><small>{len(frames)} frames</small>"
+            frames = _to_uint8(video_to_cthw(value, 3).numpy())
+            keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), MAX_FRAMES)).round().astype(int))
+            shown = "" if len(keep) == len(frames) else f", {len(keep)} shown"
+            return (_img(frames[0], "video", frames=list(frames[keep]))
+                    + f"<br><small>{len(frames)} frames{shown}</small>")
         if modality == "audio":
-            from generalist.modalities.audio import log_mel
-
-            samples, rate = value
-            samples = np.asarray(samples, dtype=np.float32)
-            spec = _spectrogram(log_mel(samples, rate).numpy())
-            seconds = len(samples) / rate
-            # two screen pixels a frame (100 frames a second), at most four thumbnails wide
-            out = _img(spec, "log-mel spectrogram", size=(min(4 * THUMB_PX, 2 * spec.shape[1]), THUMB_PX))
-            if seconds <= MAX_PLAYER_SECONDS and float(rate).is_integer():
-                out += f"<br><audio controls preload='none' src='{_uri('audio/wav', _wav(samples, int(rate)))}'></audio>"
-            return out + f"<br><small>{seconds:.2f} s</small>"
+            return _audio_html(*value)
         if modality == "table":
             columns, values = (np.asarray(v).reshape(-1) for v in value)
             cells = ", ".join(f"{int(c)}: {float(v):.3g}" for c, v in zip(columns[:MAX_CELLS], values[:MAX_CELLS]))
             more = f" … ({len(columns)} cells)" if len(columns) > MAX_CELLS else ""
             return f"<small>table {html.escape(cells)}{more}</small>"
-    except (ValueError, TypeError, OSError, IndexError):
+    except Exception:  # noqa: BLE001 - whatever an input holds, the report is written (the input named)
         pass
     from generalist.train.evaluate import input_summary
 
     return f"<i>{html.escape(input_summary([(modality, value)])[0])}</i>"
+
+
+def _audio_html(samples: Any, rate: Any) -> str:
+    """A sound's log-mel spectrogram, with a player (at most PLAYER_RATE samples a second) when
+    it lasts at most MAX_PLAYER_SECONDS."""
+    import torch
+
+    from generalist.modalities.audio import AudioConfig, log_mel, resample
+
+    samples = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+    spec = _spectrogram(log_mel(samples, rate, AudioConfig(max_seconds=math.inf)).numpy())
+    seconds = len(samples) / rate
+    # two screen pixels a frame (100 frames a second), at most four thumbnails wide
+    out = _img(spec, "log-mel spectrogram", size=(min(4 * THUMB_PX, 2 * spec.shape[1]), THUMB_PX))
+    if seconds <= MAX_PLAYER_SECONDS:
+        played = rate if float(rate).is_integer() and rate <= PLAYER_RATE else PLAYER_RATE
+        if played != rate:
+            samples = resample(samples, float(rate), PLAYER_RATE)
+        out += f"<br><audio controls preload='none' src='{_uri('audio/wav', _wav(samples.numpy(), int(played)))}'></audio>"
+    return out + f"<br><small>{seconds:.2f} s</small>"
 
 
 def gallery_html(task: str, rows: list[dict], examples: Sequence | None = None) -> str:
@@ -147,8 +182,8 @@ def gallery_html(task: str, rows: list[dict], examples: Sequence | None = None) 
     order ({"index", "inputs", "target", "answer", "match"}); examples: the task's test examples
     (their inputs are drawn), or None (the inputs are named from the records)."""
     hits = sum(bool(r["match"]) for r in rows)
-    parts = [f"<h3>{html.escape(task)}</h3><p>{hits} of {len(rows)} answers are the target (after normalizing "
-             "case, punctuation and spaces); shown: the first wrong answers, then the first right ones.</p>",
+    parts = [f"<h3>{html.escape(task)}</h3><p>{hits} of {len(rows)} answers are the target (lower case, single "
+             "spaces, a final period dropped); shown: the first wrong answers, then the first right ones.</p>",
              "<table><tr><th>#</th><th>input</th><th>target</th><th>answer</th></tr>"]
     for i in pick([bool(r["match"]) for r in rows]):
         r = rows[i]

@@ -1,3 +1,4 @@
+import html
 import io
 import json
 import shutil
@@ -511,7 +512,8 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     page = (copy / "report.html").read_text()
     assert all(f"<h3>{t}</h3>" in page for t in small) and page.count("<img alt='image'") == 4  # bars, swatches
     for r in lines:
-        assert f"<td>{r['index']}</td>" in page and f"{'✓' if r['match'] else '✗'} {r['answer']}" in page
+        shown = html.escape(r["answer"]) or "<i>(empty)</i>"
+        assert f"<td>{r['index']}</td>" in page and f"{'✓' if r['match'] else '✗'} {shown}</td>" in page
     # the report rebuilt from predictions.jsonl alone names the inputs in words
     words = write_report(copy).read_text()
     assert "<img alt='image'" not in words and "<i>image 8x8</i>" in words and "<i>3x8x8</i>" not in words

@@ -108,6 +108,36 @@ def test_every_modality_is_drawn_as_it_was_given(gen):
     assert segment_html("text", "w" * 1000).count("w") < 400
 
 
+def test_inputs_as_the_model_takes_them_are_drawn_and_the_page_stays_small(gen, tmp_path):
+    """Tensors that need a gradient or are bf16 are drawn; a picture, clip or sound larger than
+    its thumbnail is stored at most twice the size it is drawn at (a clip at 16 of its frames, a
+    sound's player at 16 kHz); a .txt named by a str shows its text, as the model reads it."""
+    image = torch.rand(3, 6, 6, generator=gen, requires_grad=True)
+    png = Image.open(io.BytesIO(_decoded(segment_html("image", image.bfloat16()), "image/png")[0]))
+    assert png.size == (6, 6)
+    png = Image.open(io.BytesIO(_decoded(segment_html("image", image), "image/png")[0]))
+    assert np.abs(np.asarray(png).astype(float) / 255 - image.detach().permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+    sound = (torch.rand(16000, generator=gen) - 0.5).requires_grad_()
+    assert len(_decoded(segment_html("audio", (sound, 16000)), "audio/wav")) == 1
+    assert "table 3: 0.5" in segment_html("table", (torch.tensor([3]), torch.tensor([0.5], requires_grad=True)))
+
+    big = torch.randint(0, 256, (1000, 700), dtype=torch.uint8, generator=gen).numpy()
+    page = segment_html("image", big)
+    assert Image.open(io.BytesIO(_decoded(page, "image/png")[0])).size == (134, 192) and len(page) < 200_000
+    clip = torch.randint(0, 256, (100, 8, 8), dtype=torch.uint8, generator=gen).numpy()
+    page = segment_html("video", clip)
+    assert Image.open(io.BytesIO(_decoded(page, "image/gif")[0])).n_frames == 16 and "100 frames, 16 shown" in page
+    page = segment_html("audio", ((torch.rand(44100 * 9, generator=gen) - 0.5).numpy() * 0.5, 44100))
+    with wave.open(io.BytesIO(_decoded(page, "audio/wav")[0])) as w:
+        assert (w.getframerate(), w.getnframes()) == (16000, 16000 * 9)
+    assert Image.open(io.BytesIO(_decoded(page, "image/png")[0])).size == (768, 64)  # 901 frames, drawn 384 wide
+
+    note = tmp_path / "note.txt"
+    note.write_text("what the model read")
+    assert "what the model read" in segment_html("text", str(note))
+    assert segment_html("text", "") == "<i>(empty text)</i>"
+
+
 def test_an_input_that_cannot_be_drawn_is_named_instead(tmp_path):
     missing = tmp_path / "gone.png"
     assert "<i>image " + str(missing) in segment_html("image", str(missing))
@@ -196,9 +226,12 @@ def test_answered_hands_back_only_the_same_examples_with_no_other_arguments():
     examples = _Words().examples("test")
     inner = _Counting()
     answered = Answered(inner, examples, ["a", "b", "c"])
-    assert answered.generate(examples) == ["a", "b", "c"] and inner.calls == []
-    assert answered.generate(list(examples)) == ["a", "b", "c"]  # another list of the same examples
+    assert answered.generate(list(examples)) == ["a", "b", "c"] and inner.calls == []  # another list, same examples
+    # once: a task may have changed its examples in place before it generates for them again
+    assert answered.generate(examples) == ["RED", "GREEN", "purple"] and inner.calls == [3]
+    answered = Answered(inner, examples, ["a", "b", "c"])
     assert answered.generate(_Words().examples("test")) == ["RED", "GREEN", "purple"]  # equal, not the same
     assert answered.generate(examples, beam_size=2) == ["RED", "GREEN", "purple"]
     assert answered.generate(examples[:2]) == ["RED", "purple"]
+    assert answered.generate(examples) == ["a", "b", "c"]  # (not yet handed back)
     assert answered.calls is inner.calls  # anything else is the predictor's

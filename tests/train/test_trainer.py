@@ -544,11 +544,13 @@ def test_cli_overwrite_deletes_the_run_and_nothing_else(tmp_path, monkeypatch, c
     (out / "notes" / "thesis.txt").write_text("precious")
     (out / "results.csv").write_text("data")
     (out / "eval.json").write_text("{}")
-    (out / "predictions-partial.jsonl").write_text("{}")
-    assert train("--out", str(out), "--steps", "2", "--overwrite", "--no-eval") == 0
+    for name in ("predictions.jsonl", ".predictions.jsonl.tmp", "predictions-partial.jsonl"):
+        (out / name).write_text("{}")
+    assert train("--out", str(out), "--steps", "2", "--overwrite") == 0
     assert (out / "notes" / "thesis.txt").read_text() == "precious" and (out / "results.csv").read_text() == "data"
     assert not (out / "eval.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    assert not (out / "predictions-partial.jsonl").exists() and not (out / "predictions.jsonl").exists()
+    assert not any((out / name).exists() for name in ("predictions.jsonl", ".predictions.jsonl.tmp",
+                                                      "predictions-partial.jsonl"))
     (tmp_path / "afile").write_text("x")
     assert train("--out", str(tmp_path / "afile"), "--steps", "2") == 2
     assert "--out" in capsys.readouterr().err
