@@ -92,7 +92,7 @@ PRESETS: dict[str, dict] = {
                  n_routed=4, top_k=2, embed_dim=16),
     "demo": dict(d_model=128, n_heads=4, n_kv_heads=2, enc_layers=3, dec_layers=2, d_ff=256, n_shared=1,
                  n_routed=8, top_k=2, embed_dim=64,
-                 modalities={"image": {"patch": 7}, "video": {"patch": 8}}),
+                 modalities={"image": {"patch": 7}, "video": {"patch": 8, "tubelet_time": 8}}),
     "base": dict(d_model=512, n_heads=8, n_kv_heads=4, enc_layers=8, dec_layers=6, d_ff=1024, n_shared=2,
                  n_routed=32, top_k=2, embed_dim=256),
 }
