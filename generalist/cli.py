@@ -269,10 +269,19 @@ def _predict(args) -> int:
         return 0
     if args.beam != 1:
         raise ValueError("--beam does not apply to --labels (nothing is decoded)")
-    scores = g.classify([x.strip() for x in args.labels.split(",")], task=args.task,
-                        prompt="{}" if args.prompt is None else args.prompt, **inputs)
+    labels = [x.strip() for x in args.labels.split(",")]
+    by = args.by
+    if by == "auto":  # the contrastive head where it was trained for the task, else the text head
+        by = "contrastive" if args.task in g.tasks and g.trained_contrastively(args.task) else "text"
+    if by == "text":
+        if args.prompt is not None:
+            raise ValueError("--prompt goes with the contrastive head (--by contrastive); the text head scores each "
+                             "label as the whole answer")
+        scores = g.rank(labels, task=args.task, **inputs)
+    else:
+        scores = g.classify(labels, task=args.task, prompt="{}" if args.prompt is None else args.prompt, **inputs)
     best = next(iter(scores))
-    print(json.dumps({"task": args.task, "prediction": best, "scores": scores}) if args.json else best)
+    print(json.dumps({"task": args.task, "prediction": best, "scores": scores, "by": by}) if args.json else best)
     return 0
 
 
@@ -357,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="ask a trained generalist: any mix of inputs in, text out")
     pr.add_argument("run_dir")
-    pr.add_argument("--task", required=True, help="one of the run's tasks (with --labels: one trained through the "
-                                                   "contrastive head, e.g. captions)")
+    pr.add_argument("--task", required=True, help="one of the run's tasks")
     pr.add_argument("--image", help="PNG/JPEG/BMP/GIF/WebP/TIFF or .npy")
     pr.add_argument("--audio", help="WAV (8/16/24/32-bit PCM or float, any channels); .mp3/.flac/.ogg/... "
                                     "or a video's soundtrack (needs ffmpeg)")
@@ -368,8 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(empty or ? for missing)")
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
-    pr.add_argument("--labels", help="comma-separated labels: rank them against the inputs through the contrastive "
-                                     "head (zero-shot classification) instead of generating text")
+    pr.add_argument("--labels", help="comma-separated labels: rank them against the inputs instead of generating "
+                                     "text, a probability each (--json)")
+    pr.add_argument("--by", choices=("auto", "text", "contrastive"), default="auto",
+                    help="with --labels: 'text' scores each label as the task's whole answer through the text head; "
+                         "'contrastive' compares embeddings through the contrastive head (zero-shot); 'auto' "
+                         "(default): contrastive for a task trained contrastively, else text")
     pr.add_argument("--prompt", help="with --labels: the text each label is put into, e.g. 'a photo of a {}' "
                                      "(default: the label alone)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")

@@ -97,6 +97,21 @@ def read_input(modality: str, value: Any):
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
 
 
+def _check_labels(labels) -> list[str]:
+    """`classify`'s and `rank`'s labels as a list of str: any iterable of non-empty strings (a
+    numpy array's become str), none twice; anything else is a ValueError."""
+    given = labels
+    try:
+        labels = [] if isinstance(labels, str) else [str(x) if isinstance(x, str) else x for x in labels]
+    except TypeError:
+        labels = []
+    if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise ValueError(f"labels must be a non-empty list of non-empty strings, got {given!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels holds {sorted(x for x in set(labels) if labels.count(x) > 1)[0]!r} twice")
+    return labels
+
+
 def picture_rgb(im) -> np.ndarray:
     """A decoded Pillow image -> (H, W, 3) uint8 as training pictures are made: turned upright as
     its EXIF orientation says, transparency composited onto white (the background of the
@@ -490,15 +505,7 @@ class Generalist:
         e.g. "captions"), scored by cosine similarity at the model's learned temperature. A
         probability per label (a softmax over them), highest first; labels may be any iterable
         of strings (a list, a tuple, a numpy array)."""
-        given = labels
-        try:
-            labels = [] if isinstance(labels, str) else [str(x) if isinstance(x, str) else x for x in labels]
-        except TypeError:
-            labels = []
-        if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise ValueError(f"labels must be a non-empty list of non-empty strings, got {given!r}")
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"labels holds {sorted(x for x in set(labels) if labels.count(x) > 1)[0]!r} twice")
+        labels = _check_labels(labels)
         if not isinstance(prompt, str) or "{}" not in prompt:
             raise ValueError(f"prompt must be a string holding '{{}}' (where each label goes), got {prompt!r}")
         segments = self._segments(task, inputs)
@@ -510,6 +517,36 @@ class Generalist:
         input_E = self.embed([Example(segments, "", task)])
         scale = self.model.logit_scale.detach().float().exp().clamp(max=100)
         probs = torch.softmax(scale * (input_E @ label_E.t())[0], dim=0).tolist()
+        return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
+
+    @torch.no_grad()
+    def rank(self, labels: Sequence[str], task: str, **inputs) -> dict[str, float]:
+        """Closed-set classification through the text head: the probability the decoder gives
+        each label as the whole answer of `task` (its tokens, then the end of the text) to the
+        inputs (any of image=, audio=, video=, table=, text=, as for `predict`), normalized over
+        the labels (a softmax of their log-probabilities). Highest first; labels as for
+        `classify`. Works for any task that answers in text, the ones `classify` cannot rank (a
+        task never trained contrastively, fashion say); the labels need not be answers the task
+        was trained on, but only those it was are likely."""
+        labels = _check_labels(labels)
+        segments = self._segments(task, inputs)
+        if task in self.tasks and not self.answers_in_text(task):
+            raise ValueError(f"task {task!r} does not answer in text, so its text head ranks nothing; rank labels "
+                             "through the contrastive head with classify (--labels --by contrastive)")
+        examples = [Example(segments, label, task) for label in labels]
+        logps = []
+        for i, encoded in self._batches(examples, 64):
+            try:
+                with self._precision():
+                    out = self.model(encoded)
+                token_logp = torch.log_softmax(out.logits.float(), dim=-1).gather(1, out.labels[:, None])[:, 0]
+                batch_logp = torch.stack([part.sum() for part in token_logp.split([len(e.target_ids) + 1
+                                                                                   for e in encoded])])
+                check_finite_stream(batch_logp[:, None], None)  # (names the labels whose scores overflowed)
+            except ValueError as error:
+                raise self._in_batch(error, i, "rank") from None
+            logps.append(batch_logp)
+        probs = torch.softmax(torch.cat(logps), dim=0).tolist()
         return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
 
     def _segments(self, task: str, inputs: dict) -> list:

@@ -187,10 +187,53 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
                  "--prompt", "a {} swatch", "--json", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["prediction"] == next(iter(scores)) and printed["scores"] == pytest.approx(scores)
+    assert printed["by"] == "contrastive"  # (the task trained the contrastive head)
     assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red,green",
                  "--device", "cpu"]) == 0  # plain text: the best label alone
     best = g.classify(["red", "green"], task="swatches", image=np.load(path))
     assert capsys.readouterr().out.strip() == next(iter(best))
+
+
+def test_rank_scores_each_label_as_the_whole_answer_through_the_text_head(run, tmp_path, capsys, gen):
+    """rank: a softmax over the labels of the decoder's log-probability of each label (its tokens
+    and the end of text) as the answer, checked against the model's own loss on each label alone;
+    labels in any order and in several batches (70 labels) score the same."""
+    out, data = run
+    g = Generalist.load(out, device="cpu")
+    image = data["bars"].test[int(torch.randint(0, len(data["bars"].test), (1,), generator=gen))].segments[0][1]
+    words = ["horizontal", "vertical", "diagonal", "red", "blue bars"]
+    labels = words + [f"{w} {k}" for k in range(13) for w in words][:65]
+    scores = g.rank(labels, task="bars", image=image)
+    assert sorted(scores) == sorted(labels) and abs(sum(scores.values()) - 1) < 1e-5
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    logp = []
+    for label in labels:  # one at a time: the loss is the mean over the label's tokens and the end
+        encoded = g.encoder.encode(Example([("image", image)], label, "bars"))
+        with torch.no_grad():
+            logp.append(-g.model([encoded]).lm_loss * (len(encoded.target_ids) + 1))
+    torch.testing.assert_close(torch.tensor([scores[x] for x in labels]), torch.softmax(torch.stack(logp), 0))
+    shuffled = [labels[i] for i in torch.randperm(len(labels), generator=gen).tolist()]
+    assert g.rank(shuffled, task="bars", image=image) == pytest.approx(scores, abs=1e-6)
+    with pytest.raises(ValueError, match="labels holds 'red' twice"):
+        g.rank(["red", "red"], task="bars", image=image)
+    with pytest.raises(ValueError, match=r"task 'swatches' does not answer in text, so its text head ranks nothing"):
+        g.rank(["red", "green"], task="swatches", image=_swatch("red"))
+    # the command line: --labels goes through the text head for a task never trained contrastively
+    path = tmp_path / "bars.npy"
+    np.save(path, np.asarray(image))
+    argv = ["predict", str(out), "--task", "bars", "--image", str(path), "--labels", "horizontal,vertical", "--json",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["by"] == "text" and printed["scores"] == pytest.approx(
+        g.rank(["horizontal", "vertical"], task="bars", image=np.load(path)))
+    assert main(argv + ["--by", "contrastive"]) == 2
+    assert "task 'bars' was not trained through the contrastive head" in capsys.readouterr().err
+    assert main(argv + ["--prompt", "a {}"]) == 2
+    assert "--prompt goes with the contrastive head" in capsys.readouterr().err
+    assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red,green", "--json",
+                 "--by", "text", "--device", "cpu"]) == 2
+    assert "does not answer in text" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [
