@@ -264,6 +264,8 @@ def _predict(args) -> int:
     if args.labels is None:
         if args.prompt is not None:
             raise ValueError("--prompt goes with --labels")
+        if args.by != "auto":
+            raise ValueError("--by goes with --labels")
         answer = g.predict(task=args.task, beam_size=args.beam, **inputs)
         print(json.dumps({"task": args.task, "prediction": answer}) if args.json else answer)
         return 0
@@ -271,8 +273,11 @@ def _predict(args) -> int:
         raise ValueError("--beam does not apply to --labels (nothing is decoded)")
     labels = [x.strip() for x in args.labels.split(",")]
     by = args.by
-    if by == "auto":  # the contrastive head where it was trained for the task, else the text head
-        by = "contrastive" if args.task in g.tasks and g.trained_contrastively(args.task) else "text"
+    if by == "auto":  # the contrastive head where it was trained for the task (or the text head cannot
+        # answer it), else the text head
+        known = args.task in g.tasks
+        by = "contrastive" if known and (g.trained_contrastively(args.task) or not g.answers_in_text(args.task)) \
+            else "text"
     if by == "text":
         if args.prompt is not None:
             raise ValueError("--prompt goes with the contrastive head (--by contrastive); the text head scores each "

@@ -531,8 +531,10 @@ class Generalist:
         labels = _check_labels(labels)
         segments = self._segments(task, inputs)
         if task in self.tasks and not self.answers_in_text(task):
-            raise ValueError(f"task {task!r} does not answer in text, so its text head ranks nothing; rank labels "
-                             "through the contrastive head with classify (--labels --by contrastive)")
+            trained = [t for t in self.tasks if self.trained_contrastively(t)]
+            how = (f"classify as a task trained through the contrastive head ({', '.join(trained)})" if trained else
+                   "and no task of this run was trained through the contrastive head")
+            raise ValueError(f"task {task!r} does not answer in text, so its text head ranks nothing; {how}")
         examples = [Example(segments, label, task) for label in labels]
         logps = []
         for i, encoded in self._batches(examples, 64):

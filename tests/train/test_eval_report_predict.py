@@ -216,7 +216,8 @@ def test_rank_scores_each_label_as_the_whole_answer_through_the_text_head(run, t
     assert g.rank(shuffled, task="bars", image=image) == pytest.approx(scores, abs=1e-6)
     with pytest.raises(ValueError, match="labels holds 'red' twice"):
         g.rank(["red", "red"], task="bars", image=image)
-    with pytest.raises(ValueError, match=r"task 'swatches' does not answer in text, so its text head ranks nothing"):
+    with pytest.raises(ValueError, match=r"task 'swatches' does not answer in text, so its text head ranks nothing; "
+                                         r"classify as a task trained through the contrastive head \(swatches\)"):
         g.rank(["red", "green"], task="swatches", image=_swatch("red"))
     # the command line: --labels goes through the text head for a task never trained contrastively
     path = tmp_path / "bars.npy"
@@ -234,6 +235,8 @@ def test_rank_scores_each_label_as_the_whole_answer_through_the_text_head(run, t
     assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red,green", "--json",
                  "--by", "text", "--device", "cpu"]) == 2
     assert "does not answer in text" in capsys.readouterr().err
+    assert main(["predict", str(out), "--task", "bars", "--image", str(path), "--by", "text", "--device", "cpu"]) == 2
+    assert "--by goes with --labels" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [
