@@ -15,6 +15,7 @@ fp32; `bf16=True` asks for it on a CPU too).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -412,11 +413,21 @@ class Generalist:
         definition = self._definition(task)
         return definition is None or definition.contrastive
 
+    @contextlib.contextmanager
     def _precision(self):
-        """bf16 autocast on the model's device when asked for (by default: on a GPU)."""
+        """The model in eval mode (as `generate` runs it: one a caller set training would route
+        with its training-only behaviour, e.g. dropping tokens over an MoE capacity, so a
+        score would depend on the batch) under bf16 autocast on its device when asked for (by
+        default: on a GPU); its mode is restored after."""
         device = self.model.boundary.device.type
         on = self.bf16 if self.bf16 is not None else device == "cuda"
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=on)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=on):
+                yield
+        finally:
+            self.model.train(training)
 
     def _encode(self, example: Example):
         """An `Example` whose segments may name files -> the encoder's tokens (files read first)."""

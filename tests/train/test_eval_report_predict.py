@@ -212,6 +212,24 @@ def test_rank_scores_each_label_as_the_whole_answer_through_the_text_head(run, t
         with torch.no_grad():
             logp.append(-g.model([encoded]).lm_loss * (len(encoded.target_ids) + 1))
     torch.testing.assert_close(torch.tensor([scores[x] for x in labels]), torch.softmax(torch.stack(logp), 0))
+    # in eval mode whatever mode the caller left the model in, which is restored after
+    modes = {"rank": [], "classify": []}
+    for what in modes:
+        hooks = [m.register_forward_pre_hook(lambda module, args, seen=modes[what]: seen.append(module.training))
+                 for m in g.model.modules()]
+        g.model.train()
+        try:
+            if what == "rank":
+                want = torch.softmax(torch.stack(logp[:3]), 0).tolist()
+                assert g.rank(labels[:3], task="bars", image=image) == pytest.approx(dict(zip(labels[:3], want)))
+            else:
+                g.classify(["red", "green"], task="swatches", image=_swatch("red"))
+            assert g.model.training
+        finally:
+            for hook in hooks:
+                hook.remove()
+            g.model.eval()
+        assert modes[what] and not any(modes[what]), what
     shuffled = [labels[i] for i in torch.randperm(len(labels), generator=gen).tolist()]
     assert g.rank(shuffled, task="bars", image=image) == pytest.approx(scores, abs=1e-6)
     with pytest.raises(ValueError, match="labels holds 'red' twice"):
