@@ -194,7 +194,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
                                              find_checkpoint, read_json, run_meta)
     from generalist.data.tasks import discover
     from generalist.train.data import build_data, changed_splits, load_mixtures
-    from generalist.train.evaluate import evaluate, format_table, write_predictions, write_results
+    from generalist.train.evaluate import answer_records, evaluate, format_table, write_predictions, write_results
     from generalist.train.report import write_report
 
     ckpt = find_checkpoint(Path(run_dir))
@@ -230,6 +230,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
     answers = {}
     results = evaluate(Generalist.load(ckpt, device=device, bf16=bf16), data, answers=answers)
     print(format_table(results))
+    records = answer_records(data, answers)
     # a run's checkpoint (or the one a cut-short save left) writes into its run; any other
     # checkpoint folder into itself
     run_dir = ckpt.parent if ckpt.name in (CHECKPOINT, f".{CHECKPOINT}.old") else ckpt
@@ -237,11 +238,11 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         # a part of the evaluation (fewer examples, fewer tasks; a smaller retrieval gallery reads
         # higher) must not replace the whole one that eval.json and the report hold
         print(f"\nwrote {write_results(run_dir, results, PARTIAL_RESULTS)} and "
-              f"{write_predictions(run_dir, data, answers, PARTIAL_PREDICTIONS).name} (a partial evaluation: "
+              f"{write_predictions(run_dir, records, PARTIAL_PREDICTIONS).name} (a partial evaluation: "
               f"eval.json, {PREDICTIONS} and report.html are left as they were)")
         return 0
-    print(f"\nwrote {write_results(run_dir, results)} and {write_predictions(run_dir, data, answers).name}")
-    print(f"report: {write_report(run_dir, results, ckpt, data=data, answers=answers)}")
+    print(f"\nwrote {write_results(run_dir, results)} and {write_predictions(run_dir, records).name}")
+    print(f"report: {write_report(run_dir, results, ckpt, records, data)}")
     return 0
 
 

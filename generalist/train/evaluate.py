@@ -7,7 +7,6 @@ import math
 import numbers
 import warnings
 from pathlib import Path
-
 from typing import Sequence
 
 import torch
@@ -156,13 +155,11 @@ def answer_records(data: dict[str, TaskData], answers: dict[str, list[str]]) -> 
             for task, said in answers.items()}
 
 
-def write_predictions(run_dir: Path, data: dict[str, TaskData], answers: dict[str, list[str]],
-                      name: str = "predictions.jsonl") -> Path:
+def write_predictions(run_dir: Path, records: dict[str, list[dict]], name: str = "predictions.jsonl") -> Path:
     """run_dir/name: `answer_records` as JSON lines, each with its task, written whole or not at all."""
     from generalist.train.checkpoint import replace_file
 
-    lines = [json.dumps({"task": task, **r}, ensure_ascii=False)
-             for task, rows in sorted(answer_records(data, answers).items()) for r in rows]
+    lines = [json.dumps({"task": task, **r}, ensure_ascii=False) for task, rows in sorted(records.items()) for r in rows]
     path = Path(run_dir) / name
     replace_file(path, "".join(line + "\n" for line in lines))
     return path

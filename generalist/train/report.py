@@ -230,13 +230,13 @@ def _metric_rows(results: dict) -> str:
 
 
 def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = None, ckpt: Path | None = None,
-                 data: dict | None = None, answers: dict[str, list[str]] | None = None) -> Path:
+                 answered: dict[str, list[dict]] | None = None, data: dict | None = None) -> Path:
     """run_dir/report.html from the run's log, its checkpoint (`ckpt`, found in run_dir when not
     given), held-out `results` (None: the run's eval.json, if it has one) and the answers to the
-    test examples: `answers` ({task: [answer per test example of `data`]}, as `evaluate` gives
-    them), or else the run's predictions.jsonl. With `data` the examples shown are drawn;
-    from predictions.jsonl alone they are named in words."""
-    from generalist.train.evaluate import answer_records, read_predictions
+    test examples: `answered` (`evaluate.answer_records`; None: the run's predictions.jsonl, if it
+    has one). The examples shown are drawn from `data`'s test splits when given, else named in
+    words."""
+    from generalist.train.evaluate import read_predictions
     from generalist.train.gallery import MANY_LABELS, confusion, confusion_figure, gallery_html
 
     plt = _plt()
@@ -286,12 +286,8 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
             figures.append((f"Routing by {what}", routing_figure(counts, groups,
                                                                  f"fraction of each {what}'s tokens per expert",
                                                                  layers)))
-    if answers is not None and data is not None:
-        answered = answer_records(data, answers)
-    elif (run_dir / PREDICTIONS).is_file():
-        answered, data = read_predictions(run_dir / PREDICTIONS), None
-    else:
-        answered = {}
+    if answered is None:
+        answered = read_predictions(run_dir / PREDICTIONS) if (run_dir / PREDICTIONS).is_file() else {}
     tables = {task: table for task, rows in answered.items() if rows and (table := confusion(rows)) is not None}
     with plt.rc_context(_PLAIN_TEXT):
         few = {t: table for t, table in tables.items() if len(table[0]) <= MANY_LABELS}

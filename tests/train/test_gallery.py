@@ -16,7 +16,7 @@ from PIL import Image
 from generalist.data.packing import Example
 from generalist.data.tasks import Task, normalize
 from generalist.train.data import TaskData
-from generalist.train.evaluate import Answered, evaluate, read_predictions, write_predictions
+from generalist.train.evaluate import Answered, answer_records, evaluate, read_predictions, write_predictions
 from generalist.train.gallery import MAX_LABELS, confusion, pick, segment_html
 
 
@@ -199,7 +199,7 @@ def test_evaluate_records_the_answers_and_decodes_each_test_split_once(tmp_path)
     # back); its reversed copy is other examples, decoded again
     assert predictor.calls == [3, 3]
     assert answers == {"words": ["RED", "GREEN", "purple"], "nearest": ["red", "red", "red"]}  # silent: no answer()
-    path = write_predictions(tmp_path, data, answers)
+    path = write_predictions(tmp_path, answer_records(data, answers))
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["task"], r["index"], r["answer"], r["match"]) for r in lines] == [
         ("nearest", 0, "red", True), ("nearest", 1, "red", False), ("nearest", 2, "red", False),
