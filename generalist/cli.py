@@ -129,7 +129,9 @@ def _train(args) -> int:
         # the run's own time budget unless --max-minutes gives another
         budget = saved.get("max_minutes") if args.max_minutes is None else args.max_minutes
         # built from a copy, which --set changes while `saved` stays as the run was built
-        cfg = TrainConfig(**{**json.loads(json.dumps(saved)), "out": args.out, "max_minutes": budget})
+        # (runs saved before freq_warp existed trained without it)
+        cfg = TrainConfig(**{"freq_warp": 0.0, **json.loads(json.dumps(saved)), "out": args.out,
+                             "max_minutes": budget})
         for name in ("preset", "mixture"):  # what the run is made of: as it was built
             given = getattr(args, name)
             if given is not None and given != getattr(cfg, name):

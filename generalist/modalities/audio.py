@@ -23,13 +23,16 @@ import math
 import numbers
 from fractions import Fraction
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .image import PatchEmbed, check_finite, grid_positions, to_tensor
+
+if TYPE_CHECKING:
+    from . import Prepared
 
 LOG_EPS = 1e-6
 
@@ -134,12 +137,26 @@ def resample(waveform_N: Tensor, orig_sr: float, new_sr: float, *, zero_crossing
     return torch.cat(out)
 
 
+def _to_mel(hz: Tensor) -> Tensor:
+    return 2595.0 * torch.log10(1.0 + hz / 700.0)
+
+
+def _to_hz(mel: Tensor) -> Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def mel_edges(cfg: AudioConfig) -> Tensor:
+    """(M + 2,) float64 mel values of the filterbank's edges, evenly spaced: filter m rises from
+    edge m, peaks at edge m + 1 (its center) and falls to edge m + 2."""
+    f_max = cfg.sample_rate / 2 if cfg.f_max is None else cfg.f_max
+    return torch.linspace(float(_to_mel(torch.tensor(float(cfg.f_min), dtype=torch.float64))),
+                          float(_to_mel(torch.tensor(float(f_max), dtype=torch.float64))), cfg.n_mels + 2,
+                          dtype=torch.float64)
+
+
 def mel_filterbank(cfg: AudioConfig, device: torch.device | None = None) -> Tensor:
     """(S, M) float32 triangular filters on the HTK mel scale, mel = 2595 log10(1 + f / 700)."""
-    f_max = cfg.sample_rate / 2 if cfg.f_max is None else cfg.f_max
-    to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
-    mel_P = torch.linspace(to_mel(cfg.f_min), to_mel(f_max), cfg.n_mels + 2, dtype=torch.float64)
-    hz_P = 700.0 * (10.0 ** (mel_P / 2595.0) - 1.0)  # the M + 2 filter edges
+    hz_P = _to_hz(mel_edges(cfg))  # the M + 2 filter edges
     freqs_S = torch.arange(cfg.n_fft // 2 + 1, dtype=torch.float64) * (cfg.sample_rate / cfg.n_fft)  # the STFT bins
     lo, mid, hi = hz_P[:-2], hz_P[1:-1], hz_P[2:]
     up_SM = (freqs_S[:, None] - lo) / (mid - lo)
@@ -196,6 +213,26 @@ def log_mel(waveform_N: Any, sample_rate: float, cfg: AudioConfig | None = None)
     return torch.log(mel_TM + LOG_EPS)
 
 
+def warp_frequencies(spec_TM: Tensor, alpha: float, cfg: AudioConfig) -> Tensor:
+    """The log-mel spectrogram (T, M) of the same sound with every frequency f moved to alpha * f:
+    vocal tract length perturbation (Jaitly & Hinton 2013), which makes a voice sound as from a
+    vocal tract 1 / alpha as long. Bin m takes the value at its center frequency / alpha, read
+    on the mel axis by linear interpolation between the two nearest bin centers; below the first
+    center and above the last the nearest bin's value is taken. alpha 1 gives `spec_TM` back."""
+    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"warp_frequencies: alpha must be a positive number; got {alpha!r}")
+    if alpha == 1:
+        return spec_TM
+    edges_P = mel_edges(cfg)
+    step = float(edges_P[1] - edges_P[0])
+    source_M = _to_mel(_to_hz(edges_P[1:-1]) / alpha)  # where each bin center's value comes from
+    pos_M = ((source_M - edges_P[1]) / step).clamp(0, cfg.n_mels - 1).to(spec_TM.device)
+    lo_M = pos_M.floor().long()
+    hi_M = (lo_M + 1).clamp(max=cfg.n_mels - 1)
+    w_M = (pos_M - lo_M).to(spec_TM.dtype)
+    return spec_TM[:, lo_M] * (1 - w_M) + spec_TM[:, hi_M] * w_M
+
+
 class AudioEmbed(PatchEmbed):
     """(waveform, sample_rate) -> (tokens_LD, positions_L3); see the module docstring."""
 
@@ -217,8 +254,12 @@ class AudioEmbed(PatchEmbed):
         the checks and the features, no parameters."""
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError("audio input must be a pair (waveform, sample_rate)")
+        return self.patches(log_mel(data[0], data[1], self.cfg))
+
+    def patches(self, spec_TM: Tensor) -> tuple[Tensor, Tensor]:
+        """A log-mel spectrogram (T, M) -> patches (L, Q), positions (L, 3): the last time patch
+        padded with the floor."""
         c = self.cfg
-        spec_TM = log_mel(data[0], data[1], c)
         T = spec_TM.shape[0]
         A, B = math.ceil(T / c.patch_time), c.n_mels // c.patch_freq
         assert A <= self.max_positions[0]
@@ -226,3 +267,22 @@ class AudioEmbed(PatchEmbed):
         patches_LQ = (spec_TM.reshape(A, c.patch_time, B, c.patch_freq).permute(0, 2, 1, 3)
                       .reshape(A * B, c.patch_time * c.patch_freq))
         return patches_LQ, grid_positions(A, B, 1, device=spec_TM.device)
+
+    def spectrogram(self, patches_LQ: Tensor) -> Tensor:
+        """`patches`' inverse: patches (L, Q) -> the spectrogram (A * pt, M), padding included."""
+        c = self.cfg
+        B = c.n_mels // c.patch_freq
+        if patches_LQ.dim() != 2 or patches_LQ.shape[0] % B or patches_LQ.shape[1] != c.patch_time * c.patch_freq:
+            raise ValueError(f"audio patches must be (L, {c.patch_time * c.patch_freq}) with L a multiple of {B}; "
+                             f"got {tuple(patches_LQ.shape)}")
+        A = patches_LQ.shape[0] // B
+        return (patches_LQ.reshape(A, B, c.patch_time, c.patch_freq).permute(0, 2, 1, 3)
+                .reshape(A * c.patch_time, c.n_mels))
+
+    def warp(self, prepared: Prepared, alpha: float) -> Prepared:
+        """A prepared clip with its frequencies moved by `alpha` (`warp_frequencies`), its
+        positions unchanged: the training-time augmentation (TrainConfig.freq_warp)."""
+        from . import Prepared  # (defined beside the embedders, which this module is one of)
+
+        spec_TM = warp_frequencies(self.spectrogram(prepared.features), alpha, self.cfg)
+        return Prepared(self.patches(spec_TM)[0], prepared.positions)

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     temperature: float = 2.0
     contrastive_weight: float = 0.5
+    freq_warp: float = 0.15  # training clips only: each audio segment's frequencies are moved by a random
+    # factor in [1 - w, 1 + w], drawn anew each time the example is drawn (vocal tract length
+    # perturbation: AudioEmbed.warp), so that a model that heard a few voices understands others. 0: off
     contrastive_batch: int = 0  # pairs drawn for the contrastive loss alone, per micro-batch, from the
     # contrastive tasks (0: only the ones the mixture puts into the batch, a few when such tasks are few)
     vocab_size: int = 1024
@@ -104,6 +108,8 @@ class TrainConfig:
         for name in ("warmup", "seed", "weight_decay", "contrastive_weight", "contrastive_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.freq_warp < 1:
+            raise ValueError(f"freq_warp must be in [0, 1), got {self.freq_warp}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -342,7 +348,8 @@ class Trainer:
     def _encode(self, task: str, i: int):
         """A training example tokenized and its segments prepared (`Prepared`), once: an example
         seen again costs no checks, no patch cutting and no spectrogram. Past PREPARED_CACHE_BYTES
-        of prepared features, examples are kept tokenized only (the model prepares them)."""
+        of prepared features, examples are kept tokenized only (the model prepares them). Then
+        augmented for this step (`_augment`)."""
         key = (task, i)
         if key not in self._encoded:
             ex = self.encoder.encode(self.data[task].train[i])
@@ -351,7 +358,24 @@ class Trainer:
                 self._prepared_bytes += nbytes
                 ex = kept
             self._encoded[key] = ex
-        return self._encoded[key]
+        return self._augment(task, i, self._encoded[key])
+
+    def _augment(self, task: str, i: int, ex: EncodedExample) -> EncodedExample:
+        """`ex` with its audio segments' frequencies warped (`freq_warp`). The factor is drawn
+        from the run's seed, the step, the task and the example's index alone, so a resumed run
+        and a run under torchrun (any number of ranks) draw the same factors as one process."""
+        embedder = self.model.embedders["audio"] if "audio" in self.model.embedders else None
+        if not self.cfg.freq_warp or embedder is None or not any(m == "audio" for m, _ in ex.segments):
+            return ex
+        rng = np.random.default_rng([self.cfg.seed, self.step, zlib.crc32(task.encode()), i])
+        segments = []
+        for modality, data in ex.segments:
+            if modality == "audio":
+                if not isinstance(data, Prepared):  # kept raw past the prepared cache's bytes (checked by then)
+                    data = Prepared(*embedder.prepare(data))
+                data = embedder.warp(data, float(rng.uniform(1 - self.cfg.freq_warp, 1 + self.cfg.freq_warp)))
+            segments.append((modality, data))
+        return replace(ex, segments=segments)
 
     def _contrastive_pairs(self, con: list[tuple[str, int]]) -> tuple[list, list]:
         """Encoded (non-text inputs, target text) pairs of contrastive examples, from the kept

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from generalist.modalities import AudioConfig, AudioEmbed, build_embedders, log_mel, resample
-from generalist.modalities.audio import LOG_EPS, mel_filterbank
+from generalist.modalities import Prepared
+from generalist.modalities.audio import LOG_EPS, mel_filterbank, warp_frequencies
 
 
 def _tone(freq, sr, seconds=1.0, phase=0.0):
@@ -194,3 +195,50 @@ def test_max_positions_bound_the_longest_clip(gen):
     assert embed.max_positions == (26, 4, 1)  # 1 + 16000 // 160 = 101 frames -> 26 patches
     _, positions_L3 = embed((torch.randn(44100, generator=gen), 44100))
     assert tuple(int(m) + 1 for m in positions_L3.max(0).values) == embed.max_positions
+
+
+@pytest.mark.parametrize("hz,alpha", [(1000, 1.2), (2000, 0.85), (600, 1.1), (3000, 0.9)])
+def test_warp_moves_a_tone_to_alpha_times_its_frequency(hz, alpha):
+    cfg = AudioConfig()
+    warped = warp_frequencies(log_mel(_tone(hz, 16000), 16000), alpha, cfg)
+    target = log_mel(_tone(hz * alpha, 16000), 16000)
+    moved = int(warped[5:-5].mean(0).argmax())
+    assert moved != int(log_mel(_tone(hz, 16000), 16000)[5:-5].mean(0).argmax())
+    assert abs(moved - int(target[5:-5].mean(0).argmax())) <= 1
+
+
+def test_warp_frequencies_by_hand(gen):
+    """Bin m reads the spectrogram at mel(hz(center m) / alpha) by linear interpolation between
+    bin centers, clamped at the first and last (numpy's interp)."""
+    cfg = AudioConfig(n_mels=32, patch_freq=16, f_min=50.0, f_max=7000.0)
+    spec_TM = torch.randn(7, 32, generator=gen)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)  # noqa: E731
+    centers = np.linspace(mel(50), mel(7000), 34)[1:-1]
+    for alpha in (0.8, 0.93, 1.0001, 1.17, 2.5):
+        expect = np.stack([np.interp(mel(hz(centers) / alpha), centers, row) for row in spec_TM.double().numpy()])
+        got = warp_frequencies(spec_TM, alpha, cfg)
+        assert got.shape == spec_TM.shape and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), expect, atol=1e-5)
+    assert warp_frequencies(spec_TM, 1.0, cfg) is spec_TM
+    for bad in (0, -1.1, float("nan"), float("inf"), "1.1", None):
+        with pytest.raises(ValueError, match="alpha must be a positive number"):
+            warp_frequencies(spec_TM, bad, cfg)
+
+
+def test_embed_warp_round_trips_the_patches(gen):
+    embed = _embed(gen)
+    wave = torch.randn(5000, generator=gen) * 0.1  # 32 frames: 8 whole time patches
+    prepared = Prepared(*embed.prepare((wave, 16000)))
+    spec_TM = embed.spectrogram(prepared.features)
+    assert torch.equal(spec_TM, log_mel(wave, 16000))
+    assert torch.equal(embed.patches(spec_TM)[0], prepared.features)
+    for alpha in (0.87, 1.13):
+        warped = embed.warp(prepared, alpha)
+        assert warped.positions is prepared.positions
+        torch.testing.assert_close(embed.spectrogram(warped.features), warp_frequencies(spec_TM, alpha, embed.cfg))
+        assert not torch.allclose(warped.features, prepared.features)
+    assert torch.equal(embed.warp(prepared, 1.0).features, prepared.features)
+    for bad in (torch.zeros(6, 64), torch.zeros(8, 63), torch.zeros(8)):
+        with pytest.raises(ValueError, match=r"audio patches must be \(L, 64\) with L a multiple of 4"):
+            embed.spectrogram(bad)

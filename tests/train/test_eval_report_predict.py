@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 def test_evaluate_and_report(run):
     out, data = run
     results = evaluate(Generalist.load(out, device="cpu"), data, progress=False)
-    assert set(results) == {"bars", "echo", "swatches"}
+    assert set(results) == {"bars", "echo", "swatches", "beeps"}
     assert all(0.0 <= v <= 1.0 for m in results.values() for v in m.values())
     assert "bars" in format_table(results)
     from generalist.train.report import read_log
@@ -91,7 +91,7 @@ def test_an_input_its_task_never_saw_is_warned_of(run, tmp_path, capsys):
 
     out, _ = run
     meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    assert meta["modalities"] == {"bars": ["image"], "echo": ["text"], "swatches": ["image"]}
+    assert meta["modalities"] == {"bars": ["image"], "echo": ["text"], "swatches": ["image"], "beeps": ["audio"]}
     g = Generalist.load(out, device="cpu")
     with pytest.warns(UserWarning, match="task 'echo' was trained on text inputs; it never saw image, so its answer "
                                          "is a guess"):
@@ -124,7 +124,7 @@ def test_a_task_that_does_not_answer_in_text_answers_through_its_definition(run,
     nearest colour name), not with text the model was never trained to decode for it."""
     out, _ = run
     meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    assert meta["generative"] == ["bars", "echo"]
+    assert meta["generative"] == ["bars", "beeps", "echo"]
     g = Generalist.load(out, device="cpu", definitions=toy_tasks.TASKS)
     names = sorted(toy_tasks.Swatches.RGB)
     texts = g.embed([Example([("text", n)], "", "swatches") for n in names])
@@ -571,8 +571,9 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     assert not (copy / "checkpoint" / "eval.json").exists()
     # every test example's answer, in predictions.jsonl and in the report, its inputs drawn
     lines = [json.loads(line) for line in (copy / "predictions.jsonl").read_text().splitlines()]
-    assert [(r["task"], r["index"]) for r in lines] == [(t, i) for t in ("bars", "echo", "swatches") for i in range(2)]
-    assert [r["target"] for r in lines] == [e.target_text for t in ("bars", "echo", "swatches") for e in small[t].test]
+    tasks = ("bars", "beeps", "echo", "swatches")
+    assert [(r["task"], r["index"]) for r in lines] == [(t, i) for t in tasks for i in range(2)]
+    assert [r["target"] for r in lines] == [e.target_text for t in tasks for e in small[t].test]
     page = (copy / "report.html").read_text()
     assert all(f"<h3>{t}</h3>" in page for t in small) and page.count("<img alt='image'") == 4  # bars, swatches
     for r in lines:
@@ -591,8 +592,8 @@ def test_eval_of_a_checkpoint_directory_or_of_a_save_cut_short_writes_into_the_r
     assert {json.loads(line)["task"] for line in (copy / "predictions-partial.jsonl").read_text().splitlines()} == \
         {"echo", "swatches"}
     assert (copy / "eval.json").read_text() == whole and (copy / "report.html").read_text() == report
-    assert len((copy / "predictions.jsonl").read_text().splitlines()) == 6
-    for tasks, match in [(["echo", "poetry"], r"--tasks: unknown tasks \['poetry'\]; this run has bars, echo"),
+    assert len((copy / "predictions.jsonl").read_text().splitlines()) == 8
+    for tasks, match in [(["echo", "poetry"], r"--tasks: unknown tasks \['poetry'\]; this run has bars, beeps, echo"),
                          ([], "--tasks: no task named")]:
         with pytest.raises(ValueError, match=match):
             _evaluate_run(copy, data=small, tasks=tasks)
@@ -619,7 +620,7 @@ def test_eval_builds_the_runs_own_tasks_and_names_a_damaged_meta(run, tmp_path, 
     monkeypatch.setattr(tasks_module, "discover", lambda: toy_tasks.TASKS)  # (eval checks the run's tasks exist)
     assert _evaluate_run(copy, limit=2, device="cpu") == 0
     assert (copy / "eval-partial.json").is_file()
-    assert built == [{t: {"train": 0, "test": 2} for t in ("bars", "echo", "swatches")}]
+    assert built == [{t: {"train": 0, "test": 2} for t in ("bars", "echo", "swatches", "beeps")}]
     meta = copy / "checkpoint" / "meta.json"
     good = json.loads(meta.read_text())
     for damaged, match in [({}, "it lists no tasks"), ([], "it lists no tasks"),

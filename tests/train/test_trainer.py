@@ -838,3 +838,45 @@ def test_a_signal_repeated_at_once_is_one_request_to_stop(tmp_path, sigterm_rais
     trainer.fit()
     assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_freq_warp_draws_a_factor_per_step_and_example(tmp_path, monkeypatch):
+    """Training audio is warped by a factor in [1 - w, 1 + w] drawn from (seed, step, task,
+    example) alone: the same at the same step, new at the next; other segments and freq_warp=0
+    leave the kept example as it is; an example kept raw (past the prepared bytes) is warped too."""
+    import generalist.train.trainer as trainer_module
+    from generalist.modalities import Prepared
+
+    tr = Trainer(_cfg(tmp_path, freq_warp=0.2), _data(), progress=False)
+    embed = tr.model.embedders["audio"]
+    alphas = []
+    real = embed.warp
+    monkeypatch.setattr(embed, "warp", lambda prepared, alpha: alphas.append(alpha) or real(prepared, alpha))
+    first = tr._encode("beeps", 3)
+    kept = tr._encoded[("beeps", 3)]
+    assert isinstance(kept.segments[0][1], Prepared) and not torch.equal(first.segments[0][1].features,
+                                                                           kept.segments[0][1].features)
+    torch.testing.assert_close(first.segments[0][1].features, real(kept.segments[0][1], alphas[0]).features)
+    assert torch.equal(tr._encode("beeps", 3).segments[0][1].features, first.segments[0][1].features)
+    tr._encode("beeps", 4)
+    tr.step = 1
+    tr._encode("beeps", 3)
+    assert alphas[0] == alphas[1] and len(set(alphas[1:])) == 3 and all(0.8 <= a <= 1.2 for a in alphas)
+    assert tr._encode("bars", 0) is tr._encoded[("bars", 0)]  # no audio: untouched
+    assert len(alphas) == 4
+    # the same factors in another trainer of the same seed (a resumed run, another rank)
+    again = Trainer(_cfg(tmp_path / "again", freq_warp=0.2), _data(), progress=False)
+    again.step = 1
+    assert torch.equal(again._encode("beeps", 3).segments[0][1].features, tr._encode("beeps", 3).segments[0][1].features)
+
+    off = Trainer(_cfg(tmp_path / "off", freq_warp=0.0), _data(), progress=False)
+    assert off._encode("beeps", 3) is off._encoded[("beeps", 3)]
+
+    monkeypatch.setattr(trainer_module, "PREPARED_CACHE_BYTES", 0)
+    raw = Trainer(_cfg(tmp_path / "raw", freq_warp=0.2), _data(), progress=False)
+    raw.step = 1
+    warped = raw._encode("beeps", 3)
+    assert not isinstance(raw._encoded[("beeps", 3)].segments[0][1], Prepared)
+    assert torch.equal(warped.segments[0][1].features, tr._encode("beeps", 3).segments[0][1].features)
+    with pytest.raises(ValueError, match=r"freq_warp must be in \[0, 1\), got 1.0"):
+        _cfg(tmp_path, freq_warp=1.0)

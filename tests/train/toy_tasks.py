@@ -61,8 +61,26 @@ class Swatches(Task):
         return out
 
 
-TASKS = {t.name: t for t in (Bars(), Echo(), Swatches())}
-MIXTURE = {"bars": {"train": 40, "test": 16}, "echo": {"train": 40, "test": 16}, "swatches": {"train": 30, "test": 12}}
+class Beeps(Task):
+    """A tenth of a second of a tone at 8 kHz -> "low" (200-500 Hz) / "high" (1.5-3 kHz): the audio
+    the trainer warps (freq_warp)."""
+    name = "beeps"
+
+    def examples(self, split, limit=None, seed=0):
+        check_split(split)
+        rng = np.random.default_rng([seed, 6 if split == "train" else 7])
+        out, t = [], np.arange(800) / 8000
+        for _ in range(30 if limit is None else limit):
+            high = bool(rng.integers(2))
+            hz = rng.uniform(1500, 3000) if high else rng.uniform(200, 500)
+            wave = (0.5 * np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+            out.append(Example([("audio", (wave, 8000))], "high" if high else "low", self.name))
+        return out
+
+
+TASKS = {t.name: t for t in (Bars(), Echo(), Swatches(), Beeps())}
+MIXTURE = {"bars": {"train": 40, "test": 16}, "echo": {"train": 40, "test": 16}, "swatches": {"train": 30, "test": 12},
+           "beeps": {"train": 30, "test": 12}}
 
 
 def _swatch_evaluate(self, predictor, examples):
