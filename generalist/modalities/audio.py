@@ -219,17 +219,21 @@ def warp_frequencies(spec_TM: Tensor, alpha: float, cfg: AudioConfig) -> Tensor:
     vocal tract 1 / alpha as long. Bin m takes the value at its center frequency / alpha, read
     on the mel axis by linear interpolation between the two nearest bin centers; below the first
     center and above the last the nearest bin's value is taken. alpha 1 gives `spec_TM` back."""
-    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"warp_frequencies: alpha must be a positive number; got {alpha!r}")
+    if spec_TM.dim() != 2 or spec_TM.shape[1] != cfg.n_mels:
+        raise ValueError(f"warp_frequencies: the spectrogram must be (T, {cfg.n_mels}) (n_mels); got "
+                         f"{tuple(spec_TM.shape)}")
     if alpha == 1:
         return spec_TM
-    edges_P = mel_edges(cfg)
+    edges_P = mel_edges(cfg)  # (float64, on the host: some devices have no float64)
     step = float(edges_P[1] - edges_P[0])
     source_M = _to_mel(_to_hz(edges_P[1:-1]) / alpha)  # where each bin center's value comes from
-    pos_M = ((source_M - edges_P[1]) / step).clamp(0, cfg.n_mels - 1).to(spec_TM.device)
+    pos_M = ((source_M - edges_P[1]) / step).clamp(0, cfg.n_mels - 1)
     lo_M = pos_M.floor().long()
     hi_M = (lo_M + 1).clamp(max=cfg.n_mels - 1)
-    w_M = (pos_M - lo_M).to(spec_TM.dtype)
+    w_M = (pos_M - lo_M).to(device=spec_TM.device, dtype=spec_TM.dtype)
+    lo_M, hi_M = lo_M.to(spec_TM.device), hi_M.to(spec_TM.device)
     return spec_TM[:, lo_M] * (1 - w_M) + spec_TM[:, hi_M] * w_M
 
 

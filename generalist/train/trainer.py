@@ -69,9 +69,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     temperature: float = 2.0
     contrastive_weight: float = 0.5
-    freq_warp: float = 0.15  # training clips only: each audio segment's frequencies are moved by a random
-    # factor in [1 - w, 1 + w], drawn anew each time the example is drawn (vocal tract length
-    # perturbation: AudioEmbed.warp), so that a model that heard a few voices understands others. 0: off
+    freq_warp: float = 0.15  # training sounds only: the frequencies of an example's audio segments are moved
+    # by a random factor in [1 - w, 1 + w], drawn anew at every step that draws the example (vocal tract
+    # length perturbation: AudioEmbed.warp), so that a model that heard a few voices understands others. 0: off
     contrastive_batch: int = 0  # pairs drawn for the contrastive loss alone, per micro-batch, from the
     # contrastive tasks (0: only the ones the mixture puts into the batch, a few when such tasks are few)
     vocab_size: int = 1024
@@ -361,19 +361,22 @@ class Trainer:
         return self._augment(task, i, self._encoded[key])
 
     def _augment(self, task: str, i: int, ex: EncodedExample) -> EncodedExample:
-        """`ex` with its audio segments' frequencies warped (`freq_warp`). The factor is drawn
-        from the run's seed, the step, the task and the example's index alone, so a resumed run
-        and a run under torchrun (any number of ranks) draw the same factors as one process."""
+        """`ex` with its audio segments' frequencies warped (`freq_warp`), all of them by one
+        factor (one speaker). The factor is drawn from the run's seed, the step, the task and the
+        example's index alone, so a resumed run and a run under torchrun (any number of ranks)
+        draw the same factors as one process; an example drawn twice in one step (an epoch ending
+        inside the batch, accumulated micro-batches, extra contrastive pairs) is warped alike."""
         embedder = self.model.embedders["audio"] if "audio" in self.model.embedders else None
         if not self.cfg.freq_warp or embedder is None or not any(m == "audio" for m, _ in ex.segments):
             return ex
         rng = np.random.default_rng([self.cfg.seed, self.step, zlib.crc32(task.encode()), i])
+        alpha = float(rng.uniform(1 - self.cfg.freq_warp, 1 + self.cfg.freq_warp))
         segments = []
         for modality, data in ex.segments:
             if modality == "audio":
                 if not isinstance(data, Prepared):  # kept raw past the prepared cache's bytes (checked by then)
                     data = Prepared(*embedder.prepare(data))
-                data = embedder.warp(data, float(rng.uniform(1 - self.cfg.freq_warp, 1 + self.cfg.freq_warp)))
+                data = embedder.warp(data, alpha)
             segments.append((modality, data))
         return replace(ex, segments=segments)
 

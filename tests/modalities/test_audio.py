@@ -221,9 +221,12 @@ def test_warp_frequencies_by_hand(gen):
         assert got.shape == spec_TM.shape and got.dtype == torch.float32
         np.testing.assert_allclose(got.numpy(), expect, atol=1e-5)
     assert warp_frequencies(spec_TM, 1.0, cfg) is spec_TM
-    for bad in (0, -1.1, float("nan"), float("inf"), "1.1", None):
+    for bad in (0, -1.1, float("nan"), float("inf"), "1.1", None, True):
         with pytest.raises(ValueError, match="alpha must be a positive number"):
             warp_frequencies(spec_TM, bad, cfg)
+    for shape in ((7, 64), (7, 31), (32,)):
+        with pytest.raises(ValueError, match=r"the spectrogram must be \(T, 32\) \(n_mels\); got"):
+            warp_frequencies(torch.zeros(shape), 1.1, cfg)
 
 
 def test_embed_warp_round_trips_the_patches(gen):
@@ -239,6 +242,13 @@ def test_embed_warp_round_trips_the_patches(gen):
         torch.testing.assert_close(embed.spectrogram(warped.features), warp_frequencies(spec_TM, alpha, embed.cfg))
         assert not torch.allclose(warped.features, prepared.features)
     assert torch.equal(embed.warp(prepared, 1.0).features, prepared.features)
+    # a clip whose last time patch is padded (35 frames in 9 patches of 4): the padding stays silence
+    wave = torch.randn(5500, generator=gen) * 0.1
+    prepared = Prepared(*embed.prepare((wave, 16000)))
+    floor = torch.full((1, 64), math.log(LOG_EPS))
+    assert torch.equal(embed.spectrogram(prepared.features), torch.cat([log_mel(wave, 16000), floor]))
+    torch.testing.assert_close(embed.spectrogram(embed.warp(prepared, 0.9).features),
+                               torch.cat([warp_frequencies(log_mel(wave, 16000), 0.9, embed.cfg), floor]))
     for bad in (torch.zeros(6, 64), torch.zeros(8, 63), torch.zeros(8)):
         with pytest.raises(ValueError, match=r"audio patches must be \(L, 64\) with L a multiple of 4"):
             embed.spectrogram(bad)

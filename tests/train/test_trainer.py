@@ -232,12 +232,14 @@ def test_a_run_saved_with_a_warmup_longer_than_its_steps_resumes_with_more_steps
     meta_path = out / "checkpoint" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["train"]["warmup"] = 50
+    del meta["train"]["freq_warp"]  # (saved before the option existed: resumed without it)
     meta_path.write_text(json.dumps(meta))
     resume = ["train", "--out", str(out), "--resume", "--no-eval"]
     assert main([*resume, "--steps", "3"]) == 2
     assert "warmup (50 steps) is longer than the run (3 steps)" in capsys.readouterr().err
     assert main([*resume, "--steps", "3", "--set", "warmup=3"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert json.loads(meta_path.read_text())["train"]["freq_warp"] == 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -844,6 +846,8 @@ def test_freq_warp_draws_a_factor_per_step_and_example(tmp_path, monkeypatch):
     """Training audio is warped by a factor in [1 - w, 1 + w] drawn from (seed, step, task,
     example) alone: the same at the same step, new at the next; other segments and freq_warp=0
     leave the kept example as it is; an example kept raw (past the prepared bytes) is warped too."""
+    from dataclasses import replace
+
     import generalist.train.trainer as trainer_module
     from generalist.modalities import Prepared
 
@@ -864,6 +868,19 @@ def test_freq_warp_draws_a_factor_per_step_and_example(tmp_path, monkeypatch):
     assert alphas[0] == alphas[1] and len(set(alphas[1:])) == 3 and all(0.8 <= a <= 1.2 for a in alphas)
     assert tr._encode("bars", 0) is tr._encoded[("bars", 0)]  # no audio: untouched
     assert len(alphas) == 4
+    # another task name or seed draws another factor; an example's clips share one (one speaker)
+    kept = tr._encoded[("beeps", 3)]
+    tr._augment("other", 3, kept)
+    two = replace(kept, segments=[kept.segments[0], ("text", kept.segments[0][1].features[:0, 0].long()),
+                                  kept.segments[0]])
+    warped = tr._augment("beeps", 3, two)
+    assert alphas[4] != alphas[3] and alphas[5] == alphas[6] == alphas[3]
+    assert warped.segments[1][1] is two.segments[1][1] and torch.equal(warped.segments[0][1].features,
+                                                                 warped.segments[2][1].features)
+    tr.cfg.seed = 1
+    tr._encode("beeps", 3)
+    assert alphas[7] not in alphas[:7]
+    tr.cfg.seed = 0
     # the same factors in another trainer of the same seed (a resumed run, another rank)
     again = Trainer(_cfg(tmp_path / "again", freq_warp=0.2), _data(), progress=False)
     again.step = 1
