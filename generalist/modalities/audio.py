@@ -149,9 +149,8 @@ def mel_edges(cfg: AudioConfig) -> Tensor:
     """(M + 2,) float64 mel values of the filterbank's edges, evenly spaced: filter m rises from
     edge m, peaks at edge m + 1 (its center) and falls to edge m + 2."""
     f_max = cfg.sample_rate / 2 if cfg.f_max is None else cfg.f_max
-    return torch.linspace(float(_to_mel(torch.tensor(float(cfg.f_min), dtype=torch.float64))),
-                          float(_to_mel(torch.tensor(float(f_max), dtype=torch.float64))), cfg.n_mels + 2,
-                          dtype=torch.float64)
+    lo, hi = _to_mel(torch.tensor([cfg.f_min, f_max], dtype=torch.float64)).tolist()
+    return torch.linspace(lo, hi, cfg.n_mels + 2, dtype=torch.float64)
 
 
 def mel_filterbank(cfg: AudioConfig, device: torch.device | None = None) -> Tensor:
