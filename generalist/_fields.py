@@ -12,6 +12,11 @@ from dataclasses import fields
 from pathlib import Path
 
 
+class MissingFileError(FileNotFoundError, ValueError):
+    """A file that should be there is not (a checkpoint's, a run's): an OSError to code that
+    catches those and, like every other bad input, a ValueError."""
+
+
 def read_json(path: Path):
     """A JSON file's value; a damaged file is a ValueError naming it."""
     try:

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--video", help=".npy clip (frames x H x W [x C]), animated .gif, or .mp4/.mov/.avi/.mkv/.webm "
                                     "(needs ffmpeg)")
     pr.add_argument("--table", help="comma-separated feature values in column order, or COLUMN=VALUE pairs "
-                                    "(empty or ? for missing)")
+                                    "in any order (empty or ? for missing)")
     pr.add_argument("--text", help="text, or a .txt file")
     pr.add_argument("--beam", type=int, default=1, help="beam size")
     pr.add_argument("--labels", help="comma-separated labels: rank them against the inputs instead of generating "

@@ -28,14 +28,17 @@ from generalist.data.packing import Example, ExampleEncoder
 from generalist.data.tasks import Task, discover
 from generalist.models.decoding import NonFiniteError, check_finite_stream, generate
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import find_checkpoint, read_json
+from generalist.train.checkpoint import find_checkpoint, meta_tasks, read_json
 
 MODALITY_ARGS = ("image", "audio", "video", "table", "text")
 
 
-def read_input(modality: str, value: Any):
+def read_input(modality: str, value: Any, cfg: Any = None):
     """A path or an in-memory value -> what that modality's embedder accepts. A text that names
-    no file is the text itself, unless it ends in .txt or is a Path."""
+    no file is the text itself, unless it ends in .txt or is a Path. `cfg`, the embedder's config
+    (ImageConfig, AudioConfig, VideoConfig), if given: a file larger than it accepts (max_size,
+    max_frames, max_seconds) is refused from its header, or after decoding one frame or second
+    more than it takes, not decoded whole first (a phone's video would need gigabytes)."""
     if isinstance(value, str) and modality == "text":
         try:
             value.encode("utf-8")
@@ -45,6 +48,8 @@ def read_input(modality: str, value: Any):
             raise ValueError("--text is empty")
     if not isinstance(value, (str, Path)):
         return value
+    if not str(value):
+        raise ValueError(f"--{modality} is empty: give a file")
     path = Path(value)
     looks_like_file = isinstance(value, Path) or path.suffix.lower() == ".txt"
     try:
@@ -74,28 +79,56 @@ def read_input(modality: str, value: Any):
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
-                return picture_rgb(im)
+            with Image.open(path) as im:  # (the header only, so far)
+                if (too_large := _too_large(cfg, im.size)) is None:
+                    return picture_rgb(im)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"--image: cannot read {path}: {error}") from None
+        raise ValueError(f"--image: {path} {too_large}")
     if modality == "audio" and suffix in (".wav", *FFMPEG_AUDIO, *FFMPEG_VIDEO):  # (a video: its sound)
-        data = path.read_bytes() if suffix == ".wav" else _ffmpeg(path, "audio", ["-map", "0:a:0", "-f", "wav"])
+        limit = getattr(cfg, "max_seconds", None)
+        cut = [] if limit is None else ["-t", f"{limit + 1:g}"]  # a second more than the model takes: refused below
+        data = path.read_bytes() if suffix == ".wav" else _ffmpeg(path, "audio", ["-map", "0:a:0", *cut, "-f", "wav"])
         try:
-            return read_wav(data)
+            waveform, rate = read_wav(data)
         except ValueError as error:
             raise ValueError(f"--audio: cannot read {path}: {error}") from None
+        if limit is not None and len(waveform) > limit * rate:
+            longer = "more than " if suffix != ".wav" and len(waveform) >= (limit + 0.99) * rate else ""  # (cut)
+            raise ValueError(f"--audio: {path} lasts {longer}{len(waveform) / rate:.1f} s; the model hears at most "
+                             f"{limit:g} s (max_seconds): cut the clip first")
+        return waveform, rate
     if modality == "video" and suffix == ".gif":
-        return _read_gif(path)
+        return _read_gif(path, cfg)
     if modality == "video" and suffix in FFMPEG_VIDEO:
-        return _read_with_ffmpeg(path)
+        return _read_with_ffmpeg(path, cfg)
     if modality == "text" and suffix == ".txt":
         raw = path.read_bytes()
         bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark is not part of the text
         try:  # nor is the file's last line break
-            return raw[bom:].decode("utf-8").removesuffix("\n").removesuffix("\r")
+            text = raw[bom:].decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as error:
             raise ValueError(f"--text: {path} is not UTF-8 text ({error.reason} at byte {bom + error.start})") from None
+        if not text.strip():
+            raise ValueError(f"--text: {path} holds no text")
+        return text
     raise ValueError(f"--{modality}: unsupported file type {suffix!r} for {path}")
+
+
+def _too_large(cfg: Any, size: tuple[int, int], frames: int | None = None, more: bool = False) -> str | None:
+    """What is too large about a picture or clip of `size` (width, height) and `frames` (read
+    from its file's header, or, with `more`, where reading stopped: the clip has at least that
+    many) for `cfg`'s max_size and max_frames, if any: a sentence, or None if it fits."""
+    problems = []
+    side = getattr(cfg, "max_size", None)
+    if side is not None and max(size) > side:
+        problems.append(f"is {size[0]}x{size[1]}, and the model reads at most {side} pixels a side (max_size): "
+                        f"resize it first (the size it was trained on is best)")
+    most = getattr(cfg, "max_frames", None)
+    if frames is not None and most is not None and frames > most:
+        problems.append(f"has {'more than ' + str(most) if more else frames} frames, and the model reads at most "
+                        f"{most} (max_frames): cut it first")
+    return "; ".join(problems) or None
 
 
 def _check_labels(labels) -> list[str]:
@@ -250,35 +283,48 @@ def _ffmpeg(path: Path, modality: str, output: list[str]) -> bytes:
     run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), *output, "-"], capture_output=True)
     if run.returncode != 0 or not run.stdout:
         reason = run.stderr.decode(errors="replace").strip()
-        raise ValueError(f"--{modality}: cannot decode {path}: {reason or f'no {modality} in it'}")
+        if "matches no streams" in reason:  # what -map 0:a:0 / 0:v:0 says of a file without one
+            reason = f"it has no {'sound' if modality == 'audio' else 'video'} stream"
+        # one line: ffmpeg's last, which says what (its others say where, or how to silence it)
+        reason = (reason.splitlines() or [f"no {modality} in it"])[-1].strip().removeprefix(f"{path}: ")
+        raise ValueError(f"--{modality}: cannot decode {path}: {reason}")
     return run.stdout
 
 
-def _read_gif(path: Path) -> np.ndarray:
-    """An animated GIF -> (T, H, W, 3) uint8 frames."""
+def _read_gif(path: Path, cfg: Any = None) -> np.ndarray:
+    """An animated GIF -> (T, H, W, 3) uint8 frames; its size and frame count checked against
+    `cfg` (see `read_input`) before any frame is decoded."""
     import struct
 
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
-            return np.stack([picture_rgb(f) for f in ImageSequence.Iterator(im)])
+            if (too_large := _too_large(cfg, im.size, getattr(im, "n_frames", 1))) is None:
+                return np.stack([picture_rgb(f) for f in ImageSequence.Iterator(im)])
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"--video: cannot read {path}: {error}") from None
     except (IndexError, struct.error):  # Pillow, on damaged frames
         raise ValueError(f"--video: cannot read {path}: damaged frames") from None
+    raise ValueError(f"--video: {path} {too_large}")
 
 
-def _read_with_ffmpeg(path: Path) -> np.ndarray:
+def _read_with_ffmpeg(path: Path, cfg: Any = None) -> np.ndarray:
     """A video file -> (T, H, W, 3) uint8 frames, decoded by the ffmpeg on PATH. ffmpeg turns
     them upright as the file's rotation says (phones store portrait video sideways) and writes
     them as PPM pictures, each naming its own size, so the frames never depend on a guess of
-    what the rotation does to the width and height."""
-    data = _ffmpeg(path, "video", ["-map", "0:v:0", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24"])
+    what the rotation does to the width and height. With `cfg` (see `read_input`) ffmpeg stops
+    one frame past max_frames, and the size is checked on the first frame."""
+    limit = getattr(cfg, "max_frames", None)
+    cut = [] if limit is None else ["-frames:v", str(limit + 1)]
+    data = _ffmpeg(path, "video", ["-map", "0:v:0", *cut, "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24"])
     try:
-        return ppm_frames(data)
+        frames = ppm_frames(data)
     except ValueError as error:
         raise ValueError(f"--video: cannot decode {path}: {error}") from None
+    if (too_large := _too_large(cfg, (frames.shape[2], frames.shape[1]), len(frames), more=bool(cut))) is not None:
+        raise ValueError(f"--video: {path} {too_large}")
+    return frames
 
 
 def ppm_frames(data: bytes) -> np.ndarray:
@@ -373,16 +419,19 @@ class Generalist:
             # written by training, which always writes meta.json (a model saved by
             # GeneralistModel.save has neither file: its tasks are task0, task1, ...)
             raise ValueError(f"{ckpt / 'meta.json'} is missing: {ckpt} is damaged (the names of its tasks are lost)")
-        meta = read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else {}
+        has_meta = (ckpt / "meta.json").is_file()
+        meta = read_json(ckpt / "meta.json") if has_meta else {}
+        tasks = meta_tasks(meta, ckpt / "meta.json") if has_meta else None
         model = GeneralistModel.load(ckpt, device=resolve_device(device))
-        tasks = meta.get("tasks") or [f"task{i}" for i in range(model.cfg.n_tasks)]
-        if len(tasks) != model.cfg.n_tasks or not all(isinstance(t, str) for t in tasks):
+        tasks = tasks or [f"task{i}" for i in range(model.cfg.n_tasks)]
+        if len(tasks) != model.cfg.n_tasks:
             raise ValueError(f"{ckpt / 'meta.json'} lists {len(tasks)} tasks but the model in {ckpt} was built for "
                              f"{model.cfg.n_tasks}")
         kinds = {}
         for kind in ("generative", "contrastive"):  # absent from runs saved before they were recorded
             kinds[kind] = meta.get(kind)
-            if kinds[kind] is not None and (not isinstance(kinds[kind], list) or not set(kinds[kind]) <= set(tasks)):
+            if kinds[kind] is not None and (not isinstance(kinds[kind], list) or not all(
+                    isinstance(t, str) and t in tasks for t in kinds[kind])):
                 raise ValueError(f"{ckpt / 'meta.json'}: {kind!r} must list some of its tasks, got {kinds[kind]!r}")
         modalities = meta.get("modalities")  # absent from runs saved before it was recorded
         if modalities is not None and not (isinstance(modalities, dict) and all(
@@ -435,12 +484,21 @@ class Generalist:
             raise ValueError(f"expected an Example, got {type(example).__name__}")
         segments = example.segments
         if isinstance(segments, (list, tuple)):  # (anything else is the encoder's to refuse)
-            segments = [(s[0], read_input(*s)) if _names_file(s) else s for s in segments]
+            segments = [(s[0], read_input(*s, self._input_config(s[0]))) if _names_file(s) else s for s in segments]
         return self.encoder.encode(Example(segments, example.target_text, example.task, example.meta))
+
+    def _input_config(self, modality: str):
+        """The config of the model's embedder of `modality` (None if it has none): the limits a
+        file of it is read within (`read_input`)."""
+        embedder = self.model.embedders[modality] if modality in self.model.embedders else None
+        return getattr(embedder, "cfg", None)
 
     def _batches(self, examples: Sequence[Example], batch_size: int):
         """(index of its first example, encoded examples) for each batch of `examples`; an
         example that cannot be encoded is named by its index in a list of more than one."""
+        if isinstance(examples, Example) or not isinstance(examples, Sequence):
+            what = "one Example (pass [example])" if isinstance(examples, Example) else type(examples).__name__
+            raise ValueError(f"examples must be a list of Example, got {what}")
         for i in range(0, len(examples), batch_size):
             encoded = []
             for k, example in enumerate(examples[i:i + batch_size], i):
@@ -502,12 +560,24 @@ class Generalist:
                              "to Generalist.load(definitions=...), or rank labels with Generalist.classify")
         else:
             answer = definition.answer(self, [example])[0]
-        seen = self.modalities.get(task)  # (warned once the inputs are known to be good)
-        unseen = sorted({m for m, _ in example.segments} - seen) if seen is not None else []
-        if unseen:
-            warnings.warn(f"task {task!r} was trained on {' and '.join(sorted(seen))} inputs; it never saw "
-                          f"{' or '.join(unseen)}, so its answer is a guess", stacklevel=2)
+        self._warn_unseen(task, example.segments)  # (once the inputs are known to be good)
         return answer
+
+    def _warn_unseen(self, task: str, segments) -> None:
+        """Warns when `segments` hold a modality that `task` was never trained on. A task trained
+        on nothing (zero_shot) is answered through the tasks it requires (captions), so theirs
+        count."""
+        seen, how = self.modalities.get(task), f"task {task!r} was trained"
+        if seen is None:
+            definition = self._definition(task) if task in self.tasks else None
+            through = getattr(definition, "requires", ())
+            if through and all(t in self.modalities for t in through):
+                seen = set().union(*(self.modalities[t] for t in through))
+                how = f"task {task!r} is answered through {' and '.join(through)}, trained"
+        unseen = sorted({m for m, _ in segments} - seen) if seen is not None else []
+        if unseen:
+            warnings.warn(f"{how} on {' and '.join(sorted(seen))} inputs; it never saw {' or '.join(unseen)}, so its "
+                          "answer is a guess", stacklevel=3)
 
     def classify(self, labels: Sequence[str], task: str, prompt: str = "{}", **inputs) -> dict[str, float]:
         """Zero-shot classification through the contrastive head: the inputs (any of image=,
@@ -528,6 +598,7 @@ class Generalist:
         input_E = self.embed([Example(segments, "", task)])
         scale = self.model.logit_scale.detach().float().exp().clamp(max=100)
         probs = torch.softmax(scale * (input_E @ label_E.t())[0], dim=0).tolist()
+        self._warn_unseen(task, segments)
         return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
 
     @torch.no_grad()
@@ -560,6 +631,7 @@ class Generalist:
                 raise self._in_batch(error, i, "rank") from None
             logps.append(batch_logp)
         probs = torch.softmax(torch.cat(logps), dim=0).tolist()
+        self._warn_unseen(task, segments)
         return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
 
     def _segments(self, task: str, inputs: dict) -> list:
@@ -568,7 +640,18 @@ class Generalist:
         unknown = sorted(set(inputs) - set(MODALITY_ARGS))
         if unknown:
             raise ValueError(f"unknown inputs {unknown}; use any of {MODALITY_ARGS}")
-        segments = [(m, read_input(m, inputs[m])) for m in MODALITY_ARGS if inputs.get(m) is not None]
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this model knows {self.tasks}")
+        segments = [(m, read_input(m, inputs[m], self._input_config(m))) for m in MODALITY_ARGS
+                    if inputs.get(m) is not None]
         if not segments:
             raise ValueError(f"task {task!r} needs at least one input ({', '.join(MODALITY_ARGS)})")
+        table = dict(segments).get("table")
+        if isinstance(table, (tuple, list)) and len(table) == 2:  # (anything else is the embedder's to refuse)
+            try:
+                values = np.asarray(table[1].cpu() if isinstance(table[1], torch.Tensor) else table[1], dtype=np.float64)
+            except (TypeError, ValueError):
+                values = None
+            if values is not None and values.size and np.isnan(values).all():
+                raise ValueError("table has no value, only missing ones (NaN): there is nothing to answer from")
         return segments

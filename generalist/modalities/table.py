@@ -6,7 +6,10 @@ Input is one row as a pair (column_ids (F,), values (F,)): integer column ids in
 [0, n_columns), each at most once, and real values where NaN means "missing". Token i is
     column_embedding[column_ids[i]] + value_embedding(values[i])        (value present)
     column_embedding[column_ids[i]] + missing                          (value NaN)
-with `missing` a learned (D,) vector. Positions are (i, 0, 0) in the order given.
+with `missing` a learned (D,) vector. A row is a set of features: they are taken in the order of
+their column ids, whatever the order given, and the i-th of them has position (i, 0, 0) (a
+row's tokens in another order would be another input to the blocks, whose self-attention
+rotates by token order).
 
 The value embedding is a 2-layer MLP of the features (clip(v), symlog(v)), clip(v) = v within
 [-VALUE_CLIP, VALUE_CLIP] and symlog(v) = sign(v) log(1 + |v|): the clipped v lets it represent
@@ -93,8 +96,8 @@ class TableEmbed(nn.Module):
 
     def prepare(self, row: Any) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """row: (column_ids (F,) int, values (F,) real, NaN = missing) -> ((column ids (F,)
-        int64, values (F,) in the weights' dtype), positions (F, 3) int64 (i, 0, 0)), all where
-        the row is: the checks, no parameters."""
+        int64, values (F,) in the weights' dtype), both in column-id order, positions (F, 3) int64
+        (i, 0, 0)), all where the row is: the checks, no parameters."""
         if not isinstance(row, (tuple, list)) or len(row) != 2:
             raise ValueError("table input must be a pair (column_ids, values)")
         ids_F = _as_1d(row[0], "column_ids")
@@ -125,6 +128,8 @@ class TableEmbed(nn.Module):
             raise ValueError(f"value {big:g} overflows the model's {str(dtype).removeprefix('torch.')} "
                              f"(largest {torch.finfo(dtype).max:g}); scale the column down")
         values_F = cast
+        order_F = torch.argsort(ids_F)  # (ids are distinct: one order)
+        ids_F, values_F = ids_F[order_F], values_F[order_F]
         positions_F3 = torch.zeros(n, 3, dtype=torch.int64, device=ids_F.device)
         positions_F3[:, 0] = torch.arange(n, device=ids_F.device)
         return (ids_F.to(torch.int64), values_F), positions_F3

@@ -94,14 +94,17 @@ class VideoEmbed(PatchEmbed):
         c = self.cfg
         x_CTHW = video_to_cthw(clip, c.channels)
         C, T, H, W = x_CTHW.shape
+        problems = []  # (all of them at once: fixing one should not reveal the next)
         for axis, n, unit, unit_name, limit, limit_name in (
                 ("frame count", T, c.tubelet_time, "tubelet_time", c.max_frames, "max_frames"),
                 ("height", H, c.patch, "patch", c.max_size, "max_size"),
                 ("width", W, c.patch, "patch", c.max_size, "max_size")):
             if n == 0 or n % unit:
-                raise ValueError(f"video {axis} {n} is not a positive multiple of {unit_name} {unit}")
-            if n > limit:
-                raise ValueError(f"video {axis} {n} exceeds {limit_name} {limit}")
+                problems.append(f"video {axis} {n} is not a positive multiple of {unit_name} {unit}")
+            elif n > limit:
+                problems.append(f"video {axis} {n} exceeds {limit_name} {limit}")
+        if problems:
+            raise ValueError("; ".join(problems))
         t, p = c.tubelet_time, c.patch
         A, R, Q = T // t, H // p, W // p
         tubelets_LK = (x_CTHW.reshape(C, A, t, R, p, Q, p).permute(1, 3, 5, 0, 2, 4, 6)

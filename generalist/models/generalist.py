@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generalist._fields import read_json
+from generalist._fields import MissingFileError, read_json
 from generalist.data.packing import EncodedExample, pack
 from generalist.modalities import (MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features,
                                    check_prepared)
@@ -292,7 +292,7 @@ class GeneralistModel(nn.Module):
     def load_tokenizer(directory: str | Path) -> TextTokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no tokenizer.json")
+            raise MissingFileError(f"{directory} has no tokenizer.json")
         try:
             return TextTokenizer.from_json(path.read_text())
         except (ValueError, UnicodeDecodeError) as error:  # a file cut short or damaged: named
@@ -305,9 +305,13 @@ class GeneralistModel(nn.Module):
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} is not a generalist checkpoint: {name} is missing")
+                raise MissingFileError(f"{directory} is not a generalist checkpoint: {name} is missing")
         config = directory / "config.json"
-        model = cls(GeneralistConfig.from_dict(read_json(config), f"{config}: "))
+        cfg = GeneralistConfig.from_dict(read_json(config), f"{config}: ")
+        try:
+            model = cls(cfg)
+        except ValueError as error:  # fields of the right types that build nothing (a modality's unknown key)
+            raise ValueError(f"{config}: {error}") from None
         weights = directory / "model.safetensors"
         stored = _stored_float_dtype(weights)
         if stored is not None:  # weights saved in one other floating dtype come back in it, exactly

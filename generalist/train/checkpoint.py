@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from generalist._fields import read_json
+from generalist._fields import MissingFileError, read_json
 
 CHECKPOINT = "checkpoint"
 START_OVER = "generalist train --overwrite starts the run over"  # what to do about a damaged one
@@ -119,6 +119,17 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
+def meta_tasks(meta, path: Path) -> list[str]:
+    """The task names of a checkpoint's meta.json, read as `meta`: a JSON object listing at
+    least one task, by distinct names; anything else is a ValueError naming `path`."""
+    tasks = meta.get("tasks") if isinstance(meta, dict) else None
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"{path} is damaged: it lists no tasks")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"{path} is damaged: it lists a task twice")
+    return tasks
+
+
 def run_meta(ckpt: Path) -> tuple[list[str], dict]:
     """(task names, training options) from the meta.json of a checkpoint that training wrote; a
     meta.json without them is a ValueError naming it."""
@@ -127,10 +138,8 @@ def run_meta(ckpt: Path) -> tuple[list[str], dict]:
         raise ValueError(f"{path} is missing: {ckpt} is damaged (its tasks and training options are lost); "
                          f"{START_OVER}")
     meta = read_json(path)
-    tasks = meta.get("tasks") if isinstance(meta, dict) else None
-    train = meta.get("train") if isinstance(meta, dict) else None
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"{path} is damaged: it lists no tasks")
+    tasks = meta_tasks(meta, path)
+    train = meta.get("train")
     if not isinstance(train, dict) or not isinstance(train.get("mixture"), str) or \
             not isinstance(train.get("seed"), int):
         raise ValueError(f"{path} is damaged: it holds no training options ('train' with its mixture and seed)")
@@ -149,8 +158,8 @@ def find_checkpoint(path: Path) -> Path:
     for candidate in candidates:  # one that holds half of what it needs is damaged, not absent
         missing = [name for name in needed if not (candidate / name).is_file()]
         if len(missing) < len(needed):
-            raise FileNotFoundError(f"{candidate / missing[0]} is missing: {candidate} is damaged; {START_OVER}")
-    raise FileNotFoundError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
+            raise MissingFileError(f"{candidate / missing[0]} is missing: {candidate} is damaged; {START_OVER}")
+    raise MissingFileError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
 
 
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:

@@ -359,3 +359,89 @@ def test_more_image_formats(tmp_path, suffix):
     pixels[:, :, 0] = 200
     Image.fromarray(pixels).save(tmp_path / f"a{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
     np.testing.assert_array_equal(read_input("image", str(tmp_path / f"a{suffix}")), pixels)
+
+
+def _recording_ffmpeg(bin_dir, payload: bytes = b"", stderr: str = ""):
+    """A stand-in ffmpeg that writes its arguments to args.txt, `stderr` to its stderr, and
+    `payload` to its stdout (failing when there is none)."""
+    bin_dir.mkdir()
+    (bin_dir / "out.bin").write_bytes(payload)
+    (bin_dir / "err.txt").write_text(stderr)
+    exe = bin_dir / "ffmpeg"
+    exe.write_text(f'#!/bin/sh\necho "$@" > {bin_dir / "args.txt"}\ncat {bin_dir / "err.txt"} >&2\n'
+                   f'cat {bin_dir / "out.bin"}\n[ -s {bin_dir / "out.bin"} ]\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return bin_dir / "args.txt"
+
+
+def test_large_files_are_refused_before_they_are_decoded(tmp_path, monkeypatch):
+    """With the embedder's config, a picture or clip beyond its max_size / max_frames is refused
+    from the file's header (Pillow) or from ffmpeg stopped one frame past max_frames, never
+    decoded whole: a phone's video would take gigabytes."""
+    import generalist.infer.generalist as infer
+    from generalist.modalities import AudioConfig, ImageConfig, VideoConfig
+
+    def never(*args):
+        raise AssertionError("decoded")
+
+    Image.new("L", (300, 40)).save(tmp_path / "wide.png")
+    monkeypatch.setattr(infer, "picture_rgb", never)
+    with pytest.raises(ValueError, match=r"^--image: .*wide.png is 300x40, and the model reads at most 64 pixels a "
+                                         r"side \(max_size\)"):
+        read_input("image", str(tmp_path / "wide.png"), ImageConfig(max_size=64))
+    frames = [Image.new("L", (16, 16), color=i * 10) for i in range(5)]
+    frames[0].save(tmp_path / "long.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match=r"long.gif has 5 frames, and the model reads at most 4 \(max_frames\)"):
+        read_input("video", str(tmp_path / "long.gif"), VideoConfig(max_frames=4, tubelet_time=2))
+    monkeypatch.undo()
+    assert read_input("video", str(tmp_path / "long.gif"), VideoConfig(max_frames=8)).shape == (5, 16, 16, 3)
+    assert read_input("image", str(tmp_path / "wide.png")).shape == (40, 300, 3)  # no config: no limit
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"x")
+    args = _recording_ffmpeg(tmp_path / "bin", b"".join(_ppm(np.zeros((8, 8, 3), np.uint8)) for _ in range(5)))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + "/usr/bin:/bin")
+    with pytest.raises(ValueError, match=r"clip.mp4 has more than 4 frames, and the model reads at most 4"):
+        read_input("video", str(video), VideoConfig(max_frames=4, tubelet_time=2))
+    assert "-frames:v 5" in args.read_text()  # ffmpeg stops one frame past the limit
+    assert read_input("video", str(video), VideoConfig(max_frames=8, max_size=8, patch=4)).shape == (5, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"clip.mp4 is 8x8, and the model reads at most 4 pixels a side"):
+        read_input("video", str(video), VideoConfig(max_frames=8, max_size=4, patch=4))
+    assert "-frames:v" not in (read_input("video", str(video)), args.read_text())[1]  # no config: every frame
+
+    sound = tmp_path / "a.mp3"
+    sound.write_bytes(b"x")
+    args = _recording_ffmpeg(tmp_path / "bin2", _wav_bytes(tmp_path / "long.wav", frames=16000 * 3))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin2") + os.pathsep + "/usr/bin:/bin")
+    with pytest.raises(ValueError, match=r"a.mp3 lasts more than 3.0 s; the model hears at most 2 s"):
+        read_input("audio", str(sound), AudioConfig(max_seconds=2.0))
+    assert "-t 3" in args.read_text()  # ffmpeg stops a second past the limit
+    with pytest.raises(ValueError, match=r"long.wav lasts 3.0 s; the model hears at most 2 s"):
+        read_input("audio", str(tmp_path / "long.wav"), AudioConfig(max_seconds=2.0))
+    assert read_input("audio", str(tmp_path / "long.wav"), AudioConfig(max_seconds=3.0))[1] == 16000
+
+
+@pytest.mark.parametrize("stderr, modality, message", [
+    ("[mov,mp4 @ 0x55] moov atom not found\n{path}: Invalid data found when processing input\n", "video",
+     r"cannot decode .*clip.mp4: Invalid data found when processing input$"),
+    ("Stream map '0:a:0' matches no streams.\nTo ignore this, add a trailing '?' to the map.\n", "audio",
+     r"cannot decode .*clip.mp4: it has no sound stream$"),
+    ("Stream map '0:v:0' matches no streams.\nTo ignore this, add a trailing '?' to the map.\n", "video",
+     r"cannot decode .*clip.mp4: it has no video stream$"),
+], ids=["damaged", "no_sound", "no_picture"])
+def test_ffmpeg_failures_are_one_line(tmp_path, monkeypatch, stderr, modality, message):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"x")
+    _recording_ffmpeg(tmp_path / "bin", stderr=stderr.format(path=video))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + "/usr/bin:/bin")
+    with pytest.raises(ValueError, match=message) as info:
+        read_input(modality, str(video))
+    assert "\n" not in str(info.value)
+
+
+def test_empty_inputs_are_refused(tmp_path):
+    (tmp_path / "blank.txt").write_text("  \n\t\n")
+    with pytest.raises(ValueError, match=r"--text: .*blank.txt holds no text"):
+        read_input("text", str(tmp_path / "blank.txt"))
+    with pytest.raises(ValueError, match="--image is empty: give a file"):
+        read_input("image", "")

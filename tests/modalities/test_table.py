@@ -33,7 +33,7 @@ def test_tokens_and_positions_by_hand(gen):
     assert tokens_LD.shape == (4, D) and tokens_LD.dtype == torch.float32
     assert positions_L3.dtype == torch.int64
     assert positions_L3.tolist() == [[i, 0, 0] for i in range(4)]
-    for i, (c, v) in enumerate(zip(columns, values)):
+    for i, (c, v) in enumerate(sorted(zip(columns, values))):  # taken in column-id order
         torch.testing.assert_close(tokens_LD[i], _by_hand(embed, c, v))
     for other in ((columns, values), (np.array(columns), np.array(values)),
                   (torch.tensor(columns, dtype=torch.int32), torch.tensor(values, dtype=torch.float64)),
@@ -43,10 +43,14 @@ def test_tokens_and_positions_by_hand(gen):
 
 def test_order_and_magnitude(gen):
     embed = _embed(gen)
-    tokens_LD, _ = embed(([1, 2, 3], [0.5, 3.0, NAN]))
-    swapped_LD, positions_L3 = embed(([3, 1, 2], [NAN, 0.5, 3.0]))
-    torch.testing.assert_close(swapped_LD, tokens_LD[[2, 0, 1]])  # a feature's token ignores order
-    assert positions_L3[:, 0].tolist() == [0, 1, 2]  # positions follow the given order
+    tokens_LD, positions_L3 = embed(([1, 2, 3], [0.5, 3.0, NAN]))
+    for order in ([2, 0, 1], [1, 2, 0], [2, 1, 0]):  # a row is a set: the order given changes nothing
+        swapped_LD, swapped_L3 = embed((torch.tensor([1, 2, 3])[order], torch.tensor([0.5, 3.0, NAN])[order]))
+        assert torch.equal(swapped_LD, tokens_LD) and torch.equal(swapped_L3, positions_L3)
+    assert positions_L3[:, 0].tolist() == [0, 1, 2]
+    (ids_L, values_L), _ = embed.prepare((np.array([9, 4, 6]), np.array([1.0, 2.0, NAN])))
+    assert ids_L.tolist() == [4, 6, 9]
+    torch.testing.assert_close(values_L, torch.tensor([2.0, NAN, 1.0]), equal_nan=True)
     scale_LD, _ = embed(([5] * 1, [1e6]))
     assert torch.isfinite(scale_LD).all()
     values = [-1e6, -3.0, -0.1, 0.0, 0.1, 3.0, 1e6]

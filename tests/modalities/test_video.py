@@ -50,6 +50,8 @@ def test_layouts_agree(gen):
     (torch.rand(18, 8, 8, 3), "video frame count 18 exceeds max_frames 16"),
     (torch.rand(2, 68, 8), "video height 68 exceeds max_size 64"),
     (torch.rand(2, 8, 68, 1), "video width 68 exceeds max_size 64"),
+    (torch.rand(3, 68, 6), "^video frame count 3 is not a positive multiple of tubelet_time 2; video height 68 exceeds "
+                           "max_size 64; video width 6 is not a positive multiple of patch 4$"),  # all at once
     (torch.rand(2, 8, 8, 2),
      r"channel-last \(T, H, W, C\) with C in \{1, 3\}; got shape \(2, 8, 8, 2\) with 2 channels"),
     (torch.zeros(2, 8, 8, 4, dtype=torch.uint8), "with 4 channels"),

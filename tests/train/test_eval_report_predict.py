@@ -1,6 +1,7 @@
 import html
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,6 +100,18 @@ def test_an_input_its_task_never_saw_is_warned_of(run, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g.predict(task="echo", text="red")  # what it was trained on: no warning
+        g.classify(["red", "blue"], task="swatches", image=_swatch("red"))
+    with pytest.warns(UserWarning, match="task 'swatches' was trained on image inputs; it never saw text"):
+        g.classify(["red", "blue"], task="swatches", text="red")  # labels ranked through the contrastive head
+    with pytest.warns(UserWarning, match="task 'bars' was trained on image inputs; it never saw text"):
+        g.rank(["red", "blue"], task="bars", text="red")  # and through the text head
+    # a task trained on nothing (as zero_shot) is answered through the tasks it requires: theirs count
+    through = Generalist.load(out, device="cpu", definitions={"echo": type("ThroughBars", (toy_tasks.Echo,), {
+        "requires": ("bars",)})()})
+    del through.modalities["echo"]
+    with pytest.warns(UserWarning, match="task 'echo' is answered through bars, trained on image inputs; it never saw "
+                                         "text"):
+        through.predict(task="echo", text="red")
     path = tmp_path / "red.png"
     Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(path)
     assert main(["predict", str(out), "--task", "echo", "--image", str(path), "--device", "cpu"]) == 0
@@ -339,6 +352,17 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": ["bars"]}))
     elif name == "meta-json":
         meta.write_text("{")
+    elif name == "meta-list":
+        meta.write_text("[]")
+    elif name == "meta-no-tasks":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": []}))
+    elif name == "meta-str-tasks":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "tasks": "bars"}))
+    elif name == "meta-nested":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "generative": [["bars"]]}))
+    elif name == "modality-key":  # fields of the right types that build no embedder
+        values = json.loads(config.read_text())
+        config.write_text(json.dumps({**values, "modalities": {**values["modalities"], "image": {"bogus": 1}}}))
     elif name == "meta-missing":  # a run's checkpoint without it: the task names are lost, not task0, task1, ...
         meta.unlink()
     return copy
@@ -356,12 +380,19 @@ def _broken_copy(run_dir, tmp_path, name: str) -> Path:
     ("meta-tasks", "meta.json lists 1 tasks but the model"),
     ("meta-json", "meta.json is not valid JSON"),
     ("meta-missing", "meta.json is missing"),
+    ("meta-list", "meta.json is damaged: it lists no tasks"),
+    ("meta-no-tasks", "meta.json is damaged: it lists no tasks"),
+    ("meta-str-tasks", "meta.json is damaged: it lists no tasks"),
+    ("meta-nested", "meta.json: 'generative' must list some of its tasks, got [['bars']]"),
+    ("modality-key", "config.json: configs['image']: ImageConfig.__init__() got an unexpected keyword argument"),
 ])
 def test_a_damaged_checkpoint_is_named_in_one_line(run, tmp_path, capsys, name, match):
     copy = _broken_copy(run[0], tmp_path, name)
     assert main(["predict", str(copy), "--task", "echo", "--text", "red", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
+    with pytest.raises(ValueError, match=re.escape(match)):  # and in Python, a ValueError
+        Generalist.load(copy, device="cpu")
 
 
 def test_non_finite_weights_are_never_saved(run, tmp_path):
@@ -427,9 +458,18 @@ def test_python_inputs_that_hold_no_numbers_are_named(run):
         (dict(text="caf\ud800"), "not valid UTF-8 text"),
         (dict(text="x", beam_size=2.5), "beam_size must be an integer >= 1, got 2.5"),
         (dict(text="x", beam_size=True), "beam_size must be an integer >= 1, got True"),
+        (dict(table=([3, 4], [float("nan")] * 2)), "table has no value, only missing ones"),  # as --table refuses it
+        (dict(table=(np.arange(2), torch.full((2,), float("nan")))), "table has no value, only missing ones"),
     ]:
         with pytest.raises(ValueError, match=match.replace("(", "\\(")):
             g.predict(task="bars", **kwargs)
+    assert isinstance(g.predict(task="bars", table=([3, 4], [float("nan"), 1.0])), str)  # one missing: answered
+    with pytest.raises(ValueError, match="examples must be a list of Example, got one Example"):
+        g.generate(Example([("text", "x")], "", "bars"))
+    for call in (lambda: g.classify(["a", "b"], task="nosuch", text="x"), lambda: g.rank(["a", "b"], task="nosuch",
+                                                                                            text="x")):
+        with pytest.raises(ValueError, match=r"^unknown task 'nosuch'; this model knows \["):
+            call()
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -474,6 +514,10 @@ def test_check_passes_and_a_backend_that_serves_nothing_here_is_one_line(capsys,
 def test_load_rejects_a_directory_without_checkpoint(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--task", "bars", "--text", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no checkpoint in"):  # bad input is a ValueError in Python
+        Generalist.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):  # and still the OSError it was
+        Generalist.load(tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:task .* never saw")  # inputs read, not answers judged
