@@ -184,7 +184,8 @@ def _check_waveform(waveform: Any, sample_rate: Any, cfg: AudioConfig) -> Tensor
     check_finite(x, "waveform")
     peak = float(x.abs().max())
     if peak > MAX_PEAK:
-        raise ValueError(f"waveform samples must be in [-1, 1]; its peak is {peak:g} (16-bit samples: divide by 32768)")
+        hint = "16-bit samples: divide by 32768" if 1000 < peak <= 32768 else "scale it to [-1, 1]"
+        raise ValueError(f"waveform samples must be in [-1, 1]; its peak is {peak:g} ({hint})")
     seconds = x.shape[0] / sample_rate
     if seconds > cfg.max_seconds:
         raise ValueError(f"waveform lasts {seconds:.3f} s; max_seconds is {cfg.max_seconds}")

@@ -173,6 +173,7 @@ def test_gradients_reach_parameters(gen):
     (torch.zeros(16000), r"audio input must be a pair \(waveform, sample_rate\)"),
     (([0.0] * 1000, 16000), "waveform must be a torch.Tensor or numpy array; got list"),
     ((torch.linspace(-20000, 30000, 1600), 16000), r"samples must be in \[-1, 1\]; its peak is 30000 .*divide by 32768"),
+    ((torch.linspace(-20, 300, 1600), 16000), r"its peak is 300 \(scale it to \[-1, 1\]\)$"),  # no 16-bit scale
 ])
 def test_bad_inputs_raise(gen, data, match):
     with pytest.raises(ValueError, match=match):
