@@ -113,7 +113,7 @@ def _train(args) -> int:
     saves a checkpoint after the current step and exits with 143 or 130."""
     from generalist.train.data import build_data, get_mixture
     from generalist.train.distributed import Distributed, check_batch
-    from generalist.train.trainer import TrainConfig, Trainer, set_option
+    from generalist.train.trainer import TrainConfig, Trainer, check_mixture_options, set_option
 
     cfg = TrainConfig(preset=args.preset or "demo", mixture=args.mixture or "demo", out=args.out,
                       max_minutes=args.max_minutes)
@@ -121,8 +121,9 @@ def _train(args) -> int:
         from pathlib import Path
 
         from generalist._fields import check_keys
-        from generalist.train.checkpoint import find_checkpoint, run_meta
+        from generalist.train.checkpoint import check_run_dir, find_checkpoint, run_meta
 
+        check_run_dir(Path(args.out))  # (a checkpoint folder would be found, then nested into)
         ckpt = find_checkpoint(Path(args.out))
         _, saved = run_meta(ckpt)
         check_keys(TrainConfig, saved, f"{ckpt / 'meta.json'}, training options of another version: ")
@@ -151,6 +152,7 @@ def _train(args) -> int:
 
     preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
     mixture = get_mixture(cfg.mixture)  # and the mixture, before --overwrite deletes anything
+    check_mixture_options(cfg, mixture)
     from pathlib import Path
 
     group = Distributed.from_env(cfg.dist_timeout_s)  # None without torchrun
@@ -161,6 +163,9 @@ def _train(args) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a directory")
+        from generalist.train.checkpoint import check_run_dir
+
+        check_run_dir(out)
         if not args.resume and ((out / "checkpoint").exists() or (out / ".checkpoint.old").exists()):
             if not args.overwrite:
                 raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
@@ -353,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, report)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000, warm-up 50; with "
                                                                 "--resume: the run's)")
-    train.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="stop (with a checkpoint) after this many minutes of training, counted over every resume")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a training option, or the model's with model.KEY=VALUE (repeatable)")
     again = train.add_mutually_exclusive_group()

@@ -105,8 +105,9 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict, stat
 PARTIAL_RESULTS = "eval-partial.json"  # generalist eval --limit / --tasks: beside the whole evaluation's eval.json
 PREDICTIONS, PARTIAL_PREDICTIONS = "predictions.jsonl", "predictions-partial.jsonl"  # every test example's answer
 RUN_ENTRIES = (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "metrics.jsonl", ".metrics.jsonl.tmp",
-               "tensorboard", "eval.json", PARTIAL_RESULTS, PREDICTIONS, f".{PREDICTIONS}.tmp", PARTIAL_PREDICTIONS,
-               f".{PARTIAL_PREDICTIONS}.tmp", "report.html", ".report.html.tmp")
+               "tensorboard", "eval.json", ".eval.json.tmp", PARTIAL_RESULTS, f".{PARTIAL_RESULTS}.tmp", PREDICTIONS,
+               f".{PREDICTIONS}.tmp", PARTIAL_PREDICTIONS, f".{PARTIAL_PREDICTIONS}.tmp", "report.html",
+               ".report.html.tmp")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -162,6 +163,17 @@ def find_checkpoint(path: Path) -> Path:
     raise MissingFileError(f"no checkpoint in {path} (expected {path / CHECKPOINT}/model.safetensors)")
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A ValueError if `run_dir`, where training writes its checkpoint, logs and report, is itself
+    a checkpoint folder: training would nest a new checkpoint inside it, and the run's own
+    folder would keep the old one."""
+    run_dir = Path(run_dir)
+    if all((run_dir / name).is_file() for name in ("model.safetensors", "config.json")):
+        parent = f" ({run_dir.parent})" if run_dir.name in (CHECKPOINT, f".{CHECKPOINT}.old") else ""
+        raise ValueError(f"{run_dir} is a checkpoint folder, not a run folder: train into the run folder that "
+                         f"holds it{parent}, or into a new one")
+
+
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
     expert-parallel rank keeps its slice) and returns state.json."""
@@ -171,7 +183,9 @@ def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
             raise ValueError(f"{ckpt / name} is missing: {ckpt} cannot resume training (it still loads for "
                              f"inference); {START_OVER}")
     try:
-        saved = torch.load(path, weights_only=True)
+        # on the host first: a run saved on a GPU resumes anywhere (the optimizer moves its state
+        # to its parameters' device)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # a truncated or foreign file: torch's own errors, one line of them
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{path} is damaged and cannot resume training ({reason})") from None

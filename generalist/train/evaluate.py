@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from generalist.data.packing import Example
 from generalist.data.tasks import Task, normalize
+from generalist.train.checkpoint import replace_file
 from generalist.train.data import TaskData
 
 
@@ -120,7 +121,7 @@ def write_results(run_dir: Path, results: dict, name: str = "eval.json") -> Path
     so the file stays JSON that any reader parses."""
     path = Path(run_dir) / name
     finite = {task: {m: v if math.isfinite(v) else None for m, v in metrics.items()} for task, metrics in results.items()}
-    path.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
+    replace_file(path, json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))  # (a kill leaves one whole)
     return path
 
 

@@ -22,7 +22,10 @@ class MixtureSampler:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.names = sorted(sizes)
         self.sizes = [sizes[n] for n in self.names]
-        weights = np.array(self.sizes, dtype=np.float64) ** (1.0 / temperature)
+        # relative to the largest task, so no power overflows however small the temperature (a
+        # task far smaller than the largest then gets probability 0, as in the limit T -> 0)
+        sizes = np.array(self.sizes, dtype=np.float64)
+        weights = (sizes / sizes.max()) ** (1.0 / temperature)
         self.probs = weights / weights.sum()
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.order = {n: np.zeros(0, dtype=np.int64) for n in self.names}
@@ -45,13 +48,31 @@ class MixtureSampler:
         return {"rng": self.rng.bit_generator.state, "order": {n: o.tolist() for n, o in self.order.items()},
                 "cursor": dict(self.cursor), "names": self.names, "sizes": self.sizes}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, damaged: str = "") -> None:
+        """Restores `state_dict()`'s output; the training data must be the same. A state that no
+        sampler wrote is a ValueError starting with `damaged` (its file, say)."""
+        if not isinstance(state, dict) or not all(k in state for k in ("rng", "order", "cursor", "names", "sizes")):
+            raise ValueError(f"{damaged}not a sampler's state (rng, order, cursor, names, sizes)")
         if state["names"] != self.names or state["sizes"] != self.sizes:
             saved, now = dict(zip(state["names"], state["sizes"])), dict(zip(self.names, self.sizes))
             changed = [f"{t} ({saved.get(t, 'absent')} then, {now.get(t, 'absent')} now)"
                        for t in sorted(set(saved) | set(now)) if saved.get(t) != now.get(t)]
             raise ValueError(f"the training data changed since the checkpoint: {', '.join(changed)} training "
                              "examples; the run cannot resume exactly on other data (--overwrite starts it over)")
-        self.rng.bit_generator.state = state["rng"]
-        self.order = {n: np.array(o, dtype=np.int64) for n, o in state["order"].items()}
-        self.cursor = dict(state["cursor"])
+        order, cursor = state["order"], state["cursor"]
+        if not isinstance(order, dict) or not isinstance(cursor, dict) or set(order) != set(self.names) or \
+                set(cursor) != set(self.names):
+            raise ValueError(f"{damaged}order and cursor must hold one entry per task ({', '.join(self.names)})")
+        for name, n in zip(self.names, self.sizes):
+            o, c = order[name], cursor[name]
+            if not isinstance(o, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in o) or \
+                    (o and sorted(o) != list(range(n))):
+                raise ValueError(f"{damaged}order[{name!r}] is not an order of its {n} examples")
+            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= len(o):
+                raise ValueError(f"{damaged}cursor[{name!r}] is {c!r}, not a place in its order of {len(o)}")
+        try:
+            self.rng.bit_generator.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{damaged}rng is not a PCG64 state ({error})") from None
+        self.order = {n: np.array(order[n], dtype=np.int64) for n in self.names}
+        self.cursor = {n: cursor[n] for n in self.names}

@@ -18,6 +18,7 @@ shows progress and writes checkpoints, holding the global numbers.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
@@ -38,13 +39,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from generalist.data.packing import EncodedExample, ExampleEncoder
+from generalist.data.tasks import discover
 from generalist.modalities import MODALITIES, Prepared, TextTokenizer
 from generalist.modalities.text import N_BYTES, SPECIAL_TOKENS
 from generalist._fields import check_keys, check_types
 from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
-from generalist.train.checkpoint import (find_checkpoint, load_training_state, replace_file, rng_state, run_meta,
-                                         save_checkpoint, set_rng_state)
+from generalist.train.checkpoint import (check_run_dir, find_checkpoint, load_training_state, replace_file, rng_state,
+                                         run_meta, save_checkpoint, set_rng_state)
 from generalist.train.data import TaskData, check_requires, split_fingerprint
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
@@ -108,6 +110,10 @@ class TrainConfig:
         for name in ("warmup", "seed", "weight_decay", "contrastive_weight", "contrastive_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, most in (("seed", MAX_SEED), ("vocab_size", MAX_VOCAB), ("batch_size", MAX_BATCH), ("accum", MAX_BATCH),
+                           ("contrastive_batch", MAX_BATCH)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be <= {most:,}, got {getattr(self, name):,}")
         if not 0 <= self.freq_warp < 1:
             raise ValueError(f"freq_warp must be in [0, 1), got {self.freq_warp}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -147,6 +153,9 @@ def prepare_example(model: GeneralistModel, ex: EncodedExample, name: str = "exa
 
 
 MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # the tokenizer's fixed symbols, before any merge
+# the largest values taken: torch's seeds are 64-bit (and the extra pairs' sampler takes seed + 1);
+# beyond these a tokenizer or a batch would fail deep inside, not name its option
+MAX_SEED, MAX_VOCAB, MAX_BATCH = 2 ** 63 - 2, 2 ** 24, 2 ** 20
 
 # model options the trainer sets itself, from the tokenizer and the mixture
 TRAINER_SETS = {"vocab_size": "the tokenizer's size, set with --set vocab_size=N",
@@ -156,14 +165,18 @@ TRAINER_SETS = {"vocab_size": "the tokenizer's size, set with --set vocab_size=N
 
 def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     """Applies one `key=value` (`model.key=value` for the model config), values parsed as JSON
-    when possible (numbers, true/false, null), else taken as strings."""
+    when possible (numbers, true/false, null, lists, objects), else as a Python literal (.001,
+    1., +2, True, None), else taken as strings."""
     if "=" not in assignment:
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = raw
     if key.startswith("model."):
         check_keys(GeneralistConfig, {key[6:]: value}, "model: ")
         cfg.model[key[6:]] = value
@@ -177,6 +190,19 @@ def set_option(cfg: TrainConfig, assignment: str) -> TrainConfig:
     setattr(cfg, key, value)
     cfg.check(schedule=False)  # the warm-up against the steps once every option is in (TrainConfig.check)
     return cfg
+
+
+def check_mixture_options(cfg: TrainConfig, mixture: dict[str, dict]) -> None:
+    """The options that depend on the mixture, from its sizes alone (`get_mixture`'s output):
+    before its data is built, and before --overwrite deletes a run. (Trainer checks them on the
+    data it gets.)"""
+    tasks = discover()
+    if any(t not in tasks for t in mixture):  # (get_mixture refuses those; Trainer checks the data it gets)
+        return
+    contrastive = [t for t, sizes in mixture.items() if tasks[t].contrastive and sizes.get("train") != 0]
+    if cfg.contrastive_batch and not contrastive:
+        raise ValueError(f"contrastive_batch is {cfg.contrastive_batch}, but no task of mixture {cfg.mixture!r} trains "
+                         "the contrastive head")
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -232,6 +258,7 @@ class Trainer:
         else:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(cfg.out)
+        check_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tasks = sorted(data)
         # what every checkpoint's meta.json says of the data (with the training options): the
@@ -330,10 +357,13 @@ class Trainer:
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_in_row = state.get("bad_in_row", 0)  # a streak of non-finite steps goes on counting
         self.elapsed = float(elapsed)
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(state["sampler"], f"{path} is damaged: sampler: ")
         if self.con_sampler is not None and "con_sampler" in state:  # (absent: saved without extra pairs)
-            self.con_sampler.load_state_dict(state["con_sampler"])
-        routing = {k: np.array(state["routing"][k], dtype=np.int64) for k in self.routing}
+            self.con_sampler.load_state_dict(state["con_sampler"], f"{path} is damaged: con_sampler: ")
+        try:
+            routing = {k: np.array(state["routing"][k], dtype=np.int64) for k in self.routing}
+        except (ValueError, OverflowError) as error:
+            raise ValueError(f"{path} is damaged: routing holds something other than counts ({error})") from None
         for k, counts in routing.items():
             if counts.shape != self.routing[k].shape:
                 raise ValueError(f"{path} is damaged: routing[{k!r}] has shape {counts.shape}, this model's "
@@ -556,6 +586,13 @@ class Trainer:
         # all three are closed however the loop ends, so an error prints after the bar's last line
         with open(self.run_dir / "metrics.jsonl" if self.main else os.devnull, "a") as log, bar, \
                 (writer if writer is not None else contextlib.nullcontext()):
+            if self.main and self.step >= cfg.steps and self.step:  # a finished run, resumed as it was
+                tqdm.write(f"the run is already at step {self.step} of {cfg.steps}: nothing to train (pass more --steps "
+                           "to train on)")
+            elif self.main and timed and self.elapsed > 60 * cfg.max_minutes:
+                tqdm.write(f"the time budget of {cfg.max_minutes:g} min is already spent ({self.elapsed / 60:.2f} min "
+                           f"trained, up to step {self.step}): nothing to train (--max-minutes counts the run's whole "
+                           "training time: pass a larger one to train on)")
             while self.step < cfg.steps:
                 if timed and self.elapsed > 60 * cfg.max_minutes:  # resumed after its budget ran out
                     break

@@ -154,6 +154,21 @@ def test_sampler_temperature_and_epochs():
         MixtureSampler({"a": 6, "b": 2}, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="no training examples"):
         MixtureSampler({"a": 0})
+    # a temperature near 0 samples the largest task alone (n^(1/T) overflowed into NaNs)
+    s = MixtureSampler({"a": 6000, "b": 4000, "c": 6000}, temperature=0.01, seed=0)
+    assert np.allclose(s.probs, [0.5, 0.0, 0.5], rtol=0, atol=1e-15) and {t for t, _ in s.sample(50)} == {"a", "c"}
+    assert MixtureSampler({"a": 6000, "b": 40}, temperature=1e-4, seed=0).probs.tolist() == [1.0, 0.0]
+    # a state no sampler wrote: named, not an IndexError at the first step
+    for edit, message in [(lambda st: st["order"].update(a=[0, 1, 2, 3, 9]), r"order\['a'\] is not an order of its 5"),
+                          (lambda st: st["cursor"].update(a="2"), r"cursor\['a'\] is '2', not a place in its order"),
+                          (lambda st: st["cursor"].update(a=6), r"cursor\['a'\] is 6"),
+                          (lambda st: st.update(order={}), "order and cursor must hold one entry per task"),
+                          (lambda st: st.update(rng={"state": 1}), "rng is not a PCG64 state"),
+                          (lambda st: st.clear(), "not a sampler's state")]:
+        bad = json.loads(json.dumps(state))
+        edit(bad)
+        with pytest.raises(ValueError, match="^state.json: " + message):
+            MixtureSampler({"a": 5}, seed=99).load_state_dict(bad, "state.json: ")
 
 
 def test_lr_schedule_and_options(tmp_path):
@@ -199,12 +214,26 @@ def test_lr_schedule_and_options(tmp_path):
     ("max_minutes=0", "max_minutes must be > 0, got 0"),
     ("model=3", "model must be a mapping, got 3"),
     ("model.bogus=1", "model: unknown field 'bogus'"),
+    ("seed=99999999999999999999", "seed must be <= 9,223,372,036,854,775,806, got 99,999,999,999,999,999,999"),
+    ("vocab_size=99999999999", "vocab_size must be <= 16,777,216"),  # (the tokenizer library aborted the process)
+    ("batch_size=100000000000", "batch_size must be <= 1,048,576"),  # (a MemoryError)
 ])
 def test_every_option_is_checked_when_it_is_set(tmp_path, assignment, message):
     cfg = _cfg(tmp_path)
     with pytest.raises(ValueError) as error:
         set_option(cfg, assignment)
     assert message in str(error.value)
+
+
+def test_set_reads_numbers_as_python_writes_them_too(tmp_path):
+    cfg = _cfg(tmp_path)
+    for assignment, name, value in [("lr=.001", "lr", 0.001), ("lr=+0.002", "lr", 0.002), ("lr=1.", "lr", 1.0),
+                                    ("temperature=2.", "temperature", 2.0), ("max_minutes=None", "max_minutes", None),
+                                    ("max_minutes=1e-1", "max_minutes", 0.1), ("bf16=True", "bf16", True),
+                                    ("bf16=false", "bf16", False), ("steps=1_000", "steps", 1000)]:
+        assert getattr(set_option(cfg, assignment), name) == value, assignment
+    set_option(cfg, "model.attention_backend=cpu")  # a word is a str
+    assert cfg.model["attention_backend"] == "cpu"
 
 
 def test_a_warmup_longer_than_the_run_is_refused_once_every_option_is_in(tmp_path):
@@ -351,7 +380,14 @@ def test_a_run_resumed_after_its_time_budget_trains_no_further(tmp_path, monkeyp
     trainer.train_step = lambda: (clock.__setitem__(0, clock[0] + 20.0), real_step())[1]
     trainer.fit()
     resumed = Trainer(_cfg(tmp_path, steps=100, max_minutes=1.0), _data(), resume=True, progress=False)
+    printed = []
+    monkeypatch.setattr("generalist.train.trainer.tqdm.write", printed.append)
     resumed.fit()
+    assert printed == ["the time budget of 1 min is already spent (1.33 min trained, up to step 4): nothing to train "
+                       "(--max-minutes counts the run's whole training time: pass a larger one to train on)"]
+    resumed = Trainer(_cfg(tmp_path, steps=4), _data(), resume=True, progress=False)
+    resumed.fit()
+    assert printed[1] == "the run is already at step 4 of 4: nothing to train (pass more --steps to train on)"
     assert resumed.step == 4 and [json.loads(line)["step"] for line in
                                   (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
@@ -444,17 +480,33 @@ def _edit_state(edit):
     (lambda st: st.update(elapsed="1.5"), "elapsed is '1.5', not a number of seconds"),
     (lambda st: st["rng"].pop("numpy"), "no 'numpy'"),
     (lambda st: st["rng"].update(torch=[1, 2]), ""),
-    (lambda st: st["sampler"].pop("names"), "no 'names'"),
+    (lambda st: st["sampler"].pop("names"), r"sampler: not a sampler's state \(rng, order, cursor, names, sizes\)"),
     (lambda st: st["routing"].pop("modality"), "no 'modality'"),
     (lambda st: st["routing"].update(task=[[1, 2]]), r"routing\['task'\] has shape \(1, 2\)"),
     (lambda st: st.update(routing=None), ""),
-], ids=["step", "elapsed", "rng", "torch_rng", "sampler", "routing", "routing_shape", "routing_none"])
+    (lambda st: st["routing"].update(task="abc"), "routing holds something other than counts"),
+    (lambda st: st["sampler"]["order"].update(bars=[0, 0]), r"sampler: order\['bars'\] is not an order of its"),
+    (lambda st: st["sampler"]["cursor"].update(bars="1"), r"sampler: cursor\['bars'\] is '1'"),
+], ids=["step", "elapsed", "rng", "torch_rng", "sampler", "routing", "routing_shape", "routing_none", "routing_str",
+        "sampler_order", "sampler_cursor"])
 def test_a_hand_edited_state_is_named(tmp_path, edit, message):
     """state.json edited by hand (or by another version) is one ValueError naming it, before any step."""
     Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
     _edit_state(edit)(tmp_path / "run" / "checkpoint")
     with pytest.raises(ValueError, match=r"state.json is damaged: " + message):
         Trainer(_cfg(tmp_path, steps=6), _data(), resume=True, progress=False)
+
+
+def test_optimizer_state_loads_to_the_host_first(tmp_path, monkeypatch):
+    """A run saved on a GPU holds CUDA tensors in optimizer.pt: read onto the host, they resume
+    on a machine without one (the optimizer moves them to its parameters' device)."""
+    import generalist.train.checkpoint as checkpoint
+
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    Trainer(_cfg(tmp_path, steps=4), _data(), resume=True, progress=False)
+    assert calls and all(str(k.get("map_location")) == "cpu" for k in calls)
 
 
 def test_log_lines_whose_step_is_no_count_are_dropped_on_resume(tmp_path):
@@ -536,6 +588,28 @@ def test_cli_resume_names_a_damaged_or_foreign_meta(tmp_path, monkeypatch, capsy
     assert train("--out", str(out), "--steps", "3", "--resume") == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_cli_refuses_before_overwrite_deletes_and_a_checkpoint_folder_as_the_run(tmp_path, monkeypatch, capsys):
+    """An option that the mixture makes impossible is refused before --overwrite deletes the run;
+    a checkpoint folder given as --out (to resume, or to train anew) is refused, not nested into."""
+    import generalist.train.trainer as trainer_module
+
+    train = _toy_cli(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--steps", "2") == 0
+    monkeypatch.setattr(trainer_module, "discover", lambda: {**toy_tasks.TASKS, "swatches": toy_tasks.Bars()})
+    capsys.readouterr()
+    assert train("--out", str(out), "--steps", "2", "--overwrite", "--set", "contrastive_batch=4") == 2
+    assert "contrastive_batch is 4, but no task of mixture 'demo' trains the contrastive head" in capsys.readouterr().err
+    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    for args in (["--resume", "--steps", "3"], ["--steps", "3"]):
+        assert train("--out", str(out / "checkpoint"), *args) == 2
+        assert (f"{out / 'checkpoint'} is a checkpoint folder, not a run folder: train into the run folder that holds "
+                f"it ({out})") in capsys.readouterr().err
+    assert not (out / "checkpoint" / "checkpoint").exists()
+    with pytest.raises(ValueError, match="is a checkpoint folder, not a run folder"):
+        Trainer(_cfg(tmp_path, steps=3, out=str(out / "checkpoint")), _data(), resume=True, progress=False)
 
 
 def test_cli_overwrite_deletes_the_run_and_nothing_else(tmp_path, monkeypatch, capsys):
