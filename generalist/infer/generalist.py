@@ -617,20 +617,12 @@ class Generalist:
             how = (f"classify as a task trained through the contrastive head ({', '.join(trained)})" if trained else
                    "and no task of this run was trained through the contrastive head")
             raise ValueError(f"task {task!r} does not answer in text, so its text head ranks nothing; {how}")
-        examples = [Example(segments, label, task) for label in labels]
-        logps = []
-        for i, encoded in self._batches(examples, 64):
-            try:
-                with self._precision():
-                    out = self.model(encoded)
-                token_logp = torch.log_softmax(out.logits.float(), dim=-1).gather(1, out.labels[:, None])[:, 0]
-                batch_logp = torch.stack([part.sum() for part in token_logp.split([len(e.target_ids) + 1
-                                                                                   for e in encoded])])
-                check_finite_stream(batch_logp[:, None], None)  # (names the labels whose scores overflowed)
-            except ValueError as error:
-                raise self._in_batch(error, i, "rank") from None
-            logps.append(batch_logp)
-        probs = torch.softmax(torch.cat(logps), dim=0).tolist()
+        encoded = self._encode(Example(segments, "", task))  # the inputs, encoded once for every label
+        targets = [torch.tensor(self.tokenizer.encode(label), dtype=torch.long) for label in labels]
+        with self._precision():
+            logp = self.model.answer_logprobs(encoded, targets)
+        check_finite_stream(logp[:, None], None)  # (names the labels whose scores overflowed, as examples)
+        probs = torch.softmax(logp, dim=0).tolist()
         self._warn_unseen(task, segments)
         return dict(sorted(zip(labels, probs), key=lambda pair: -pair[1]))
 

@@ -244,6 +244,25 @@ class GeneralistModel(nn.Module):
         aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits_TV.device))
         return ModelOutput(lm_loss + aux, lm_loss, aux, logits_TV, labels, stats, h_SM.shape[0])
 
+    def answer_logprobs(self, example: EncodedExample, targets: list[Tensor], batch_size: int = 64) -> Tensor:
+        """(N,) float32: the log-probability the decoder gives each of `targets` (token ids, no
+        bos or eos) as the whole answer to `example` (its tokens, then eos), the inputs encoded
+        once: each target's decoder reads its own copy of the one encoding."""
+        h_SM, enc, _ = self.encode([example])
+        S, bos_1, eos_1 = h_SM.shape[0], torch.tensor([self.cfg.bos_id]), torch.tensor([self.cfg.eos_id])
+        out = []
+        for i in range(0, len(targets), batch_size):
+            chunk = [t.long() for t in targets[i:i + batch_size]]
+            n = len(chunk)
+            cu = torch.arange(n + 1, dtype=torch.int32, device=h_SM.device) * S
+            copies = self._stream(cu, S, enc.task_ids.repeat(n), enc.modality_ids.repeat(n))
+            ids_T, dec = self._decoder_stream([[bos_1, t] for t in chunk], [example.task_id] * n)
+            logits_TV, _ = self.decode(ids_T, dec, h_SM.repeat(n, 1), copies)
+            labels_T = torch.cat([x for t in chunk for x in (t, eos_1)]).to(logits_TV.device)
+            logp_T = torch.log_softmax(logits_TV.float(), dim=-1).gather(1, labels_T[:, None])[:, 0]
+            out += [part.sum() for part in logp_T.split([len(t) + 1 for t in chunk])]
+        return torch.stack(out) if out else torch.zeros(0)
+
     def embed(self, batch: list[EncodedExample]) -> Tensor:
         """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected.
         An empty batch gives (0, E), after running the encoder on zero tokens."""
