@@ -99,7 +99,17 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, vocab_size: int, n_tasks: int = 1, **overrides) -> GeneralistConfig:
+    """The preset's config with `overrides` replacing its fields, but for `modalities`, which is
+    merged: {"audio": {"patch_time": 8}} changes that one field of the audio config and keeps the
+    preset's others (demo's image and video patches among them); None leaves a modality out."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     check_keys(GeneralistConfig, overrides, "model: ")
-    return replace(GeneralistConfig(vocab_size=vocab_size, n_tasks=n_tasks, **PRESETS[name]), **overrides)
+    fields = dict(PRESETS[name])
+    given = overrides.get("modalities")
+    if isinstance(given, dict):  # (anything else is refused by the config's own check)
+        ours = fields.get("modalities", {})
+        overrides = {**overrides, "modalities": {**ours, **{
+            m: {**ours[m], **v} if isinstance(v, dict) and isinstance(ours.get(m), dict) else v
+            for m, v in given.items()}}}
+    return replace(GeneralistConfig(vocab_size=vocab_size, n_tasks=n_tasks, **fields), **overrides)

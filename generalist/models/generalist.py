@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generalist._fields import MissingFileError, read_json
+from generalist._fields import MissingFileError, check_count, read_json
 from generalist.data.packing import EncodedExample, pack
 from generalist.modalities import (MODALITIES, Prepared, TextTokenizer, build_embedders, cat_features,
                                    check_prepared)
@@ -248,6 +248,7 @@ class GeneralistModel(nn.Module):
         """(N,) float32: the log-probability the decoder gives each of `targets` (token ids, no
         bos or eos) as the whole answer to `example` (its tokens, then eos), the inputs encoded
         once: each target's decoder reads its own copy of the one encoding."""
+        check_count("batch_size", batch_size)
         h_SM, enc, _ = self.encode([example])
         S, bos_1, eos_1 = h_SM.shape[0], torch.tensor([self.cfg.bos_id]), torch.tensor([self.cfg.eos_id])
         out = []
@@ -261,7 +262,7 @@ class GeneralistModel(nn.Module):
             labels_T = torch.cat([x for t in chunk for x in (t, eos_1)]).to(logits_TV.device)
             logp_T = torch.log_softmax(logits_TV.float(), dim=-1).gather(1, labels_T[:, None])[:, 0]
             out += [part.sum() for part in logp_T.split([len(t) + 1 for t in chunk])]
-        return torch.stack(out) if out else torch.zeros(0)
+        return torch.stack(out) if out else torch.zeros(0, device=h_SM.device)
 
     def embed(self, batch: list[EncodedExample]) -> Tensor:
         """Unit-norm (B, E) embeddings: the mean of each example's encoder tokens, projected.

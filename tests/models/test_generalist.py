@@ -247,6 +247,30 @@ def test_every_preset_instantiates(name):
         preset("huge", vocab_size=1000)
 
 
+def test_preset_modalities_are_merged_into_the_presets_own():
+    """model.modalities changes the fields it names and keeps the preset's others (it replaced
+    the whole dict, so an audio option silently dropped demo's image and video patches)."""
+    cfg = preset("demo", vocab_size=1000, modalities={"audio": {"patch_time": 8}, "image": {"max_size": 32}})
+    assert cfg.modalities == {"image": {"patch": 7, "max_size": 32}, "video": {"patch": 8, "tubelet_time": 8},
+                              "audio": {"patch_time": 8}}
+    assert preset("demo", vocab_size=1000, modalities={"image": None}).modalities["image"] is None  # left out
+    assert preset("demo", vocab_size=1000, d_model=64).modalities == PRESETS["demo"]["modalities"]
+    assert PRESETS["demo"]["modalities"]["image"] == {"patch": 7}  # the preset itself untouched
+
+
+def test_answer_logprobs_checks_its_batch_size(tokenizer, gen):
+    model = _model(tokenizer, seed=1).eval()
+    example = _encode(tokenizer, _examples(gen))[0]
+    targets = [torch.tensor(tokenizer.encode(t)) for t in ("a cat", "a dog", "three")]
+    with torch.no_grad():
+        whole = model.answer_logprobs(example, targets)
+        torch.testing.assert_close(model.answer_logprobs(example, targets, batch_size=2), whole)
+        assert model.answer_logprobs(example, []).shape == (0,)
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+                model.answer_logprobs(example, targets, batch_size=bad)
+
+
 @pytest.mark.parametrize("segments,task,match", [
     ([("image", torch.rand(2, 8, 8))], "vqa", "channel"),
     ([("image", torch.rand(3, 9, 80))], "vqa", "width 80 exceeds max_size"),
