@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -122,18 +123,32 @@ def _task_dirs() -> list[Path]:
     for directory in extra:
         if not directory.is_dir():
             raise ValueError(f"GENERALIST_TASKS_PATH names {directory}, which is not a directory")
-    return ([TASKS_DIR] if TASKS_DIR.is_dir() else []) + extra
+    dirs = ([TASKS_DIR] if TASKS_DIR.is_dir() else []) + extra
+    seen = set()  # a folder named twice (or the project's own tasks/ on the path) is read once
+    return [d for d in dirs if not (d.resolve() in seen or seen.add(d.resolve()))]
 
 
 def load_file(path: Path, what: str):
     """The module that the Python file `path` makes, run apart (never imported by name, so never
-    cached); one that fails to load is a ValueError naming it as `what` ("task file")."""
-    spec = importlib.util.spec_from_file_location(f"generalist_tasks.{path.stem}", path)
+    cached); one that fails to load is a ValueError naming it as `what` ("task file"). While it
+    runs it is in sys.modules (dataclasses look their module up there) and its folder is on
+    sys.path (so it can import a helper file beside it, `_common.py` say)."""
+    name = f"generalist_tasks.{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    before, folder = sys.modules.get(name), str(Path(path).resolve().parent)
+    sys.modules[name] = module
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as error:
         raise ValueError(f"{what} {path} failed to load: {type(error).__name__}: {error}") from error
+    finally:
+        sys.path.remove(folder)
+        if before is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = before
     return module
 
 
@@ -142,6 +157,7 @@ def discover() -> dict[str, Task]:
     file that fails to load is a ValueError naming it; so is a directory on GENERALIST_TASKS_PATH
     that does not exist."""
     found: dict[str, Task] = {}
+    where: dict[str, Path] = {}
     for directory in _task_dirs():
         for path in sorted(directory.glob("*.py")):
             if path.name.startswith("_") or path.stem == "mixtures":
@@ -155,8 +171,8 @@ def discover() -> dict[str, Task]:
                 raise ValueError(f"{path}: the task name {task.name!r} is taken by the training log (its "
                                  f"{'contrastive loss' if task.name == 'contrastive' else 'total loss'}); choose another")
             if task.name in found:
-                raise ValueError(f"two task files define the task {task.name!r} ({path})")
-            found[task.name] = task
+                raise ValueError(f"two task files define the task {task.name!r}: {where[task.name]} and {path}")
+            found[task.name], where[task.name] = task, path
     return found
 
 

@@ -249,6 +249,9 @@ class Trainer:
         cfg.check()
         # before hours of training, not at its evaluation
         check_requires(data, {t: d.task for t, d in data.items()}, every_task=False)
+        if not any(d.train for d in data.values() if d.task.generative or d.task.contrastive):
+            raise ValueError(f"no task of mixture {cfg.mixture!r} gives a training example (every train split is empty "
+                             f"or its task trains nothing: {', '.join(sorted(data)) or 'no tasks'}): nothing to train on")
         self.group = Distributed.from_env(cfg.dist_timeout_s, device)  # None: one process, no torchrun
         self.main = self.group is None or self.group.main  # the rank that logs and saves
         self.progress = progress and self.main
@@ -325,6 +328,7 @@ class Trainer:
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
         self._prepared_bytes = 0  # held by the prepared segments in self._encoded
+        self._check_segments()
         self._signals = _StopSignals()  # fit() installs its handlers while it trains
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
@@ -373,6 +377,23 @@ class Trainer:
         if self.group is not None and len(state.get("rng_ranks", [])) == self.group.world:
             rng = state["rng_ranks"][self.group.rank]
         set_rng_state(rng)
+
+    def _check_segments(self) -> None:
+        """Every segment of both splits through its embedder's checks (`prepare`: shapes, sizes,
+        values) before the first step: a bad image, clip or table row is named by task, split
+        and example now, not when a step first draws it or when the final evaluation reaches it
+        (the data's build checked only the examples' form)."""
+        todo = [(t, split, i, ex) for t in self.tasks for split in ("train", "test")
+                for i, ex in enumerate(getattr(self.data[t], split))]
+        for t, split, i, ex in tqdm(todo, desc="check data", unit="ex", disable=not self.progress, mininterval=1,
+                                    dynamic_ncols=True):
+            for j, (modality, data) in enumerate(ex.segments):
+                if modality != "text" and modality in self.model.embedders and not isinstance(data, Prepared):
+                    try:
+                        self.model.embedders[modality].prepare(data)
+                    except ValueError as error:
+                        raise ValueError(f"task {t!r}, {split} example {i}, segment {j} ({modality}): {error}") \
+                            from None
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):

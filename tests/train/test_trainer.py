@@ -372,6 +372,20 @@ def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, m
         trainer._encode("bars", 3)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_bad_segment_is_named_before_the_first_step(tmp_path, split):
+    """A picture the model cannot read, anywhere in either split, stops the trainer before it
+    trains (it was found when a step first drew it, or at the final evaluation)."""
+    from dataclasses import replace
+
+    data = _data()
+    examples = getattr(data["bars"], split)
+    examples[-1] = replace(examples[-1], segments=[("image", np.zeros((200, 8), np.uint8))])
+    with pytest.raises(ValueError, match=rf"^task 'bars', {split} example {len(examples) - 1}, segment 0 \(image\): "
+                                         r"image height 200 exceeds max_size"):
+        Trainer(_cfg(tmp_path), data, progress=False)
+
+
 def test_a_run_resumed_after_its_time_budget_trains_no_further(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("generalist.train.trainer.time.time", lambda: clock[0])

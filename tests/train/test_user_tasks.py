@@ -175,6 +175,55 @@ def test_a_task_may_not_take_a_name_of_the_log(user_dir, name):
         discover()
 
 
+def test_a_task_file_may_hold_dataclasses_and_import_a_helper_beside_it(user_dir):
+    """A task file runs as a module of its own (dataclasses look it up in sys.modules) with its
+    folder on sys.path (a helper file beside it imports; files starting with "_" are no tasks)."""
+    import sys
+
+    (user_dir / "_words.py").write_text('WORDS = ["red", "cat", "sun"]\n')
+    (user_dir / "reverse.py").write_text("from __future__ import annotations\n" + TASK_FILE.replace(
+        "class Reverse(Task):", """from dataclasses import dataclass
+from _words import WORDS
+
+@dataclass
+class Options:
+    n: int = 3
+
+class Reverse(Task):""").replace('words = ["red", "cat", "sun", "blue", "dog"]', "words = WORDS + ['blue', 'dog']"))
+    tasks = discover()
+    assert tasks["reverse"].examples("test", 2)[0].target_text == "sun cat red"
+    assert str(user_dir) not in sys.path and not any(m.startswith("generalist_tasks.") for m in sys.modules)
+    sys.modules.pop("_words", None)
+
+
+def test_a_task_defined_twice_names_both_files_and_a_folder_named_twice_is_read_once(user_dir, tmp_path, monkeypatch):
+    import os
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "again.py").write_text(TASK_FILE)
+    monkeypatch.setenv("GENERALIST_TASKS_PATH", os.pathsep.join([str(user_dir), str(other)]))
+    with pytest.raises(ValueError, match=r"two task files define the task 'reverse': .*mine/reverse.py and "
+                                         r".*other/again.py"):
+        discover()
+    monkeypatch.setenv("GENERALIST_TASKS_PATH", os.pathsep.join([str(user_dir), f"{user_dir}/"]))
+    assert "reverse" in discover() and "mine" in load_mixtures()  # (not "two files define the mixture")
+
+
+def test_a_mixture_that_gives_no_training_example_is_named(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from generalist.train.trainer import TrainConfig, Trainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import toy_tasks
+
+    data = build_data({"bars": {"train": 0, "test": 2}}, toy_tasks.TASKS, progress=False)
+    with pytest.raises(ValueError, match=r"no task of mixture 'demo' gives a training example .*bars.*nothing to train"):
+        Trainer(TrainConfig(preset="tiny", out=str(tmp_path / "run"), steps=2, warmup=1), data, progress=False)
+
+
 def test_a_task_that_trains_on_nothing_is_warned_of(tmp_path):
     import sys
     from pathlib import Path
