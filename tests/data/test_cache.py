@@ -60,6 +60,10 @@ def test_builds_once_then_reads_back(tmp_cache):
     assert payload.suffix == ".npz" and entry_bytes("thing") == payload.stat().st_size + sidecar.stat().st_size
     assert entry_bytes("thin") == 0 and entry_bytes() == entry_bytes("thing")
     assert _leftovers(payload.parent) == ["thing.json", "thing.npz"]  # no temp files
+    # a family made from a source's data under another name counts as the source's
+    cached_arrays("spoken16k-abc", "1", Builder())
+    derived = sum(p.stat().st_size for p in entry_paths("spoken16k-abc"))
+    assert entry_bytes("spoken_words") == derived and entry_bytes() == entry_bytes("thing") + derived
 
 
 def test_failed_build_leaves_no_entry(tmp_cache):

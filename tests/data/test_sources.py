@@ -285,6 +285,8 @@ def test_missing_source_names_its_install_line(name, monkeypatch, tmp_path):
     state = S.status(name)
     assert not state.present and state.size_bytes == 0 and INSTALL_LINES[name] in state.install
     assert not (tmp_path / "cache" / "arrays").exists()  # nothing half-built
+    if name == "tuxpaint":  # the fetch goes where this cache looks (the script's default is another's)
+        assert state.install == f"bash scripts/fetch_tuxpaint.sh {S.tuxpaint_dir()}" and str(tmp_path) in state.install
 
 
 def test_available_lists_every_source(cache):
@@ -339,8 +341,20 @@ def test_data_prepare(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_data_prepare_everything(tmp_path, real_tuxpaint):
+def test_data_prepare_everything(tmp_path, real_tuxpaint, monkeypatch):
     (tmp_path / "tuxpaint").symlink_to(real_tuxpaint, target_is_directory=True)
     assert _run(["data", "prepare", "--cache", str(tmp_path)]) == 0
     for state in S.available():
         assert state.present
+    # what the tasks read is what was prepared: building their examples makes no new entry
+    from generalist.data.cache import entry_bytes
+    from generalist.data.tasks import get_task
+
+    monkeypatch.setenv("GENERALIST_CACHE", str(tmp_path))
+    entries = sorted(p.name for p in (tmp_path / "arrays").iterdir())
+    for name in ("spoken_digits", "av_digits"):
+        get_task(name).examples("train", 5)
+        get_task(name).examples("test", 5)
+    assert sorted(p.name for p in (tmp_path / "arrays").iterdir()) == entries
+    assert entry_bytes("spoken_words") == sum(p.stat().st_size for p in (tmp_path / "arrays").iterdir()
+                                              if p.name.startswith(("spoken_words-", "spoken16k-")))
