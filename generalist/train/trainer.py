@@ -328,7 +328,6 @@ class Trainer:
                         "modality": np.zeros((n_layers, len(MODALITIES), self.model.cfg.n_routed), dtype=np.int64)}
         self._encoded: dict[tuple[str, int], object] = {}
         self._prepared_bytes = 0  # held by the prepared segments in self._encoded
-        self._check_segments()
         self._signals = _StopSignals()  # fit() installs its handlers while it trains
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
@@ -347,6 +346,7 @@ class Trainer:
         elif self.main:  # a fresh run: the logs of one killed before its first checkpoint go
             self._truncate_log(0)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        self._check_segments()  # (after the checks of a resumed state, which take no time)
 
     def _restore(self, state: dict, path: Path) -> None:
         """The counters, samplers, routing counts and random streams of a saved state (read from
@@ -386,7 +386,7 @@ class Trainer:
         todo = [(t, split, i, ex) for t in self.tasks for split in ("train", "test")
                 for i, ex in enumerate(getattr(self.data[t], split))]
         for t, split, i, ex in tqdm(todo, desc="check data", unit="ex", disable=not self.progress, mininterval=1,
-                                    dynamic_ncols=True):
+                                    delay=2, dynamic_ncols=True):  # (shown only when it takes a while)
             for j, (modality, data) in enumerate(ex.segments):
                 if modality != "text" and modality in self.model.embedders and not isinstance(data, Prepared):
                     try:
