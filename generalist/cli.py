@@ -121,9 +121,8 @@ def _train(args) -> int:
         from pathlib import Path
 
         from generalist._fields import check_keys
-        from generalist.train.checkpoint import check_run_dir, find_checkpoint, run_meta
+        from generalist.train.checkpoint import find_checkpoint, run_meta
 
-        check_run_dir(Path(args.out))  # (a checkpoint folder would be found, then nested into)
         ckpt = find_checkpoint(Path(args.out))
         _, saved = run_meta(ckpt)
         check_keys(TrainConfig, saved, f"{ckpt / 'meta.json'}, training options of another version: ")
@@ -165,7 +164,7 @@ def _train(args) -> int:
             raise ValueError(f"--out {out} is a file, not a directory")
         from generalist.train.checkpoint import check_run_dir
 
-        check_run_dir(out)
+        check_run_dir(out)  # (before the data is built; Trainer checks it too)
         if not args.resume and ((out / "checkpoint").exists() or (out / ".checkpoint.old").exists()):
             if not args.overwrite:
                 raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")

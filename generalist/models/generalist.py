@@ -219,19 +219,24 @@ class GeneralistModel(nn.Module):
         return ids_T.to(device), self._stream(cu.to(device), max_len, tasks.to(device),
                                               torch.zeros_like(tasks).to(device))
 
+    def _teacher_forced(self, targets: list[Tensor], task_ids: list[int]) -> tuple[Tensor, StreamInfo, Tensor]:
+        """The decoder stream of `targets` (token ids, no bos or eos) read teacher-forced: inputs
+        (bos, target) and labels (target, eos) of each, each packed by one concatenation on the
+        host (not two small tensors and a concatenation per target). -> (ids_T, stream, labels_T
+        on the host)."""
+        bos_1, eos_1 = torch.tensor([self.cfg.bos_id]), torch.tensor([self.cfg.eos_id])
+        targets = [t.long() for t in targets]
+        labels = torch.cat([t for tgt in targets for t in (tgt, eos_1)] or [eos_1[:0]])
+        ids_T, dec = self._decoder_stream([[bos_1, tgt] for tgt in targets], task_ids)
+        return ids_T, dec, labels
+
     # ---- training --------------------------------------------------------------------------
     def forward(self, batch: list[EncodedExample]) -> ModelOutput:
         """Losses over `batch`. An empty batch runs every layer on zero tokens and gives zero
         losses that still depend on every block (so a process with nothing to do takes part in
         the exchanges of expert parallelism, forward and backward, like the others)."""
         h_SM, enc, enc_stats = self.encode(batch)
-        bos, eos = self.cfg.bos_id, self.cfg.eos_id
-        # every example's decoder input (bos, target) and labels (target, eos), each packed by one
-        # concatenation on the host (not two small tensors and a concatenation per example)
-        bos_1, eos_1 = torch.tensor([bos]), torch.tensor([eos])
-        targets = [ex.target_ids.long() for ex in batch]
-        labels = torch.cat([t for tgt in targets for t in (tgt, eos_1)] or [eos_1[:0]])
-        ids_T, dec = self._decoder_stream([[bos_1, tgt] for tgt in targets], [ex.task_id for ex in batch])
+        ids_T, dec, labels = self._teacher_forced([ex.target_ids for ex in batch], [ex.task_id for ex in batch])
         logits_TV, dec_stats = self.decode(ids_T, dec, h_SM, enc)
         labels = labels.to(logits_TV.device)
         # each example counts once, whatever its target's length: a caption's dozen tokens must
@@ -250,16 +255,15 @@ class GeneralistModel(nn.Module):
         once: each target's decoder reads its own copy of the one encoding."""
         check_count("batch_size", batch_size)
         h_SM, enc, _ = self.encode([example])
-        S, bos_1, eos_1 = h_SM.shape[0], torch.tensor([self.cfg.bos_id]), torch.tensor([self.cfg.eos_id])
-        out = []
+        S, out = h_SM.shape[0], []
         for i in range(0, len(targets), batch_size):
-            chunk = [t.long() for t in targets[i:i + batch_size]]
+            chunk = targets[i:i + batch_size]
             n = len(chunk)
             cu = torch.arange(n + 1, dtype=torch.int32, device=h_SM.device) * S
             copies = self._stream(cu, S, enc.task_ids.repeat(n), enc.modality_ids.repeat(n))
-            ids_T, dec = self._decoder_stream([[bos_1, t] for t in chunk], [example.task_id] * n)
+            ids_T, dec, labels_T = self._teacher_forced(chunk, [example.task_id] * n)
             logits_TV, _ = self.decode(ids_T, dec, h_SM.repeat(n, 1), copies)
-            labels_T = torch.cat([x for t in chunk for x in (t, eos_1)]).to(logits_TV.device)
+            labels_T = labels_T.to(logits_TV.device)
             logp_T = torch.log_softmax(logits_TV.float(), dim=-1).gather(1, labels_T[:, None])[:, 0]
             out += [part.sum() for part in logp_T.split([len(t) + 1 for t in chunk])]
         return torch.stack(out) if out else torch.zeros(0, device=h_SM.device)

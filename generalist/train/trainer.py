@@ -346,7 +346,7 @@ class Trainer:
         elif self.main:  # a fresh run: the logs of one killed before its first checkpoint go
             self._truncate_log(0)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-        self._check_segments()  # (after the checks of a resumed state, which take no time)
+        self._prepare_data()  # (after the checks of a resumed state, which take no time)
 
     def _restore(self, state: dict, path: Path) -> None:
         """The counters, samplers, routing counts and random streams of a saved state (read from
@@ -378,29 +378,36 @@ class Trainer:
             rng = state["rng_ranks"][self.group.rank]
         set_rng_state(rng)
 
-    def _check_segments(self) -> None:
+    def _prepare_data(self) -> None:
         """Every segment of both splits through its embedder's checks (`prepare`: shapes, sizes,
         values) before the first step: a bad image, clip or table row is named by task, split
         and example now, not when a step first draws it or when the final evaluation reaches it
-        (the data's build checked only the examples' form)."""
-        todo = [(t, split, i, ex) for t in self.tasks for split in ("train", "test")
-                for i, ex in enumerate(getattr(self.data[t], split))]
-        for t, split, i, ex in tqdm(todo, desc="check data", unit="ex", disable=not self.progress, mininterval=1,
-                                    delay=2, dynamic_ncols=True):  # (shown only when it takes a while)
-            for j, (modality, data) in enumerate(ex.segments):
+        (the data's build checked only the examples' form). The training examples are kept as
+        `_encode` keeps them, so no step prepares one again; the test examples are only checked."""
+        todo = [(t, split, i) for t in self.tasks for split in ("train", "test")
+                for i in range(len(getattr(self.data[t], split)))]
+        for t, split, i in tqdm(todo, desc="check data", unit="ex", disable=not self.progress, mininterval=1,
+                                delay=2, dynamic_ncols=True):  # (shown only when it takes a while)
+            if split == "train":
+                self._kept(t, i)
+                continue
+            for j, (modality, data) in enumerate(self.data[t].test[i].segments):
                 if modality != "text" and modality in self.model.embedders and not isinstance(data, Prepared):
                     try:
                         self.model.embedders[modality].prepare(data)
                     except ValueError as error:
-                        raise ValueError(f"task {t!r}, {split} example {i}, segment {j} ({modality}): {error}") \
-                            from None
+                        raise ValueError(f"task {t!r}, test example {i}, segment {j} ({modality}): {error}") from None
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
-        """A training example tokenized and its segments prepared (`Prepared`), once: an example
-        seen again costs no checks, no patch cutting and no spectrogram. Past PREPARED_CACHE_BYTES
-        of prepared features, examples are kept tokenized only (the model prepares them). Then
-        augmented for this step (`_augment`)."""
+        """A training example as `_kept` keeps it, augmented for this step (`_augment`)."""
+        return self._augment(task, i, self._kept(task, i))
+
+    def _kept(self, task: str, i: int) -> EncodedExample:
+        """A training example tokenized and its segments prepared (`Prepared`), once (all of
+        them before the first step, `_prepare_data`): an example seen again costs no checks, no
+        patch cutting and no spectrogram. Past PREPARED_CACHE_BYTES of prepared features,
+        examples are kept tokenized only (the model prepares them)."""
         key = (task, i)
         if key not in self._encoded:
             ex = self.encoder.encode(self.data[task].train[i])
@@ -409,7 +416,7 @@ class Trainer:
                 self._prepared_bytes += nbytes
                 ex = kept
             self._encoded[key] = ex
-        return self._augment(task, i, self._encoded[key])
+        return self._encoded[key]
 
     def _augment(self, task: str, i: int, ex: EncodedExample) -> EncodedExample:
         """`ex` with its audio segments' frequencies warped (`freq_warp`), all of them by one

@@ -363,10 +363,20 @@ def test_training_examples_are_kept_prepared_within_the_cache_budget(tmp_path, m
         assert torch.equal(trainer.model.embed(inputs), trainer.model.embed(raw_inputs))
         assert torch.equal(trainer.model.embed(texts), trainer.model.embed(raw_texts))
 
-    monkeypatch.setattr(trainer_module, "PREPARED_CACHE_BYTES", trainer._prepared_bytes)
-    ex = trainer._encode("bars", 2)
-    assert not any(isinstance(data, Prepared) for _, data in ex.segments)
+    # every training example is kept before the first step: no step prepares one again
+    n_train = sum(len(d.train) for d in trainer.data.values())
+    assert len(trainer._encoded) == n_train
+    prepare = trainer.model.embedders["image"].prepare
+    monkeypatch.setattr(trainer.model.embedders["image"], "prepare", lambda *a: pytest.fail("prepared again"))
+    trainer.train_step()
+    monkeypatch.setattr(trainer.model.embedders["image"], "prepare", prepare)
 
+    monkeypatch.setattr(trainer_module, "PREPARED_CACHE_BYTES", 0)  # no room: kept tokenized only
+    tight = Trainer(_cfg(tmp_path / "tight"), _data(), progress=False)
+    assert tight._prepared_bytes == 0 and len(tight._encoded) == n_train
+    assert not any(isinstance(data, Prepared) for _, data in tight._encode("bars", 2).segments)
+
+    del trainer._encoded[("bars", 3)]  # one not kept yet (the data changed since): prepared, and named, at first use
     trainer.data["bars"].train[3].segments[0] = ("image", torch.rand(3, 0, 4))
     with pytest.raises(ValueError, match=r"task 'bars', training example 3, segment 0 \(image\): image height 0"):
         trainer._encode("bars", 3)
@@ -381,7 +391,8 @@ def test_a_bad_segment_is_named_before_the_first_step(tmp_path, split):
     data = _data()
     examples = getattr(data["bars"], split)
     examples[-1] = replace(examples[-1], segments=[("image", np.zeros((200, 8), np.uint8))])
-    with pytest.raises(ValueError, match=rf"^task 'bars', {split} example {len(examples) - 1}, segment 0 \(image\): "
+    which = "training" if split == "train" else "test"
+    with pytest.raises(ValueError, match=rf"^task 'bars', {which} example {len(examples) - 1}, segment 0 \(image\): "
                                          r"image height 200 exceeds max_size"):
         Trainer(_cfg(tmp_path), data, progress=False)
 
