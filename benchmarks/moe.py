@@ -24,6 +24,7 @@ gradient) are as many bytes as the FLOPs can hide. Benchmarks never assert.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -81,6 +82,45 @@ def _host_seconds(fn, grads=(), calls=10) -> float:
     sec = (time.perf_counter() - start) / calls
     torch.cuda.synchronize()
     return sec
+
+
+# the --kernels rows whose host time is measured too: each kernel path, and the autograd ones
+HOST_TIMED = ("fwd", "dx+dw, as planned", "fwd+dx+dw", "autograd fwd", "autograd fwd+bwd",
+              "autograd fwd+bwd, one thread")
+
+
+def _one_thread(fn):
+    """fn() with autograd's backward on the calling thread (no handoff to its device thread)."""
+    with torch.autograd.set_multithreading_enabled(False):
+        return fn()
+
+
+def _host_profile(fn, grads, title: str, calls=20, top=12) -> list[str]:
+    """Markdown lines: cProfile of `calls` back-to-back calls of fn (host side; the GPU is waited on
+    once, at the end), the `top` functions by their own time."""
+    import cProfile
+    import pstats
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        for g in grads:
+            g.grad = None
+        fn()
+    profile.disable()
+    sync()
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    lines = ["", f"Host profile (cProfile), {title}: {calls} calls, the functions taking the most time of their own "
+             "(us per call):", "", "| function | own | with callees | calls a call |", "|---|---|---|---|"]
+    for (path, line, name), (_, primitive, own, cumulative, _) in ranked:
+        where = f"{os.path.basename(path)}:{line}" if line else path
+        lines.append(f"| {name} ({where}) | {own / calls * 1e6:.1f} | {cumulative / calls * 1e6:.1f} | "
+                     f"{primitive / calls:g} |")
+    return lines
 
 
 def _timed_modes(make, inputs):
@@ -160,8 +200,11 @@ def gpu_grid(args):
 
 def kernels_in(part: str) -> int:
     """How many matmuls of 2·T·D·F FLOPs a row of `--kernels` times: "fwd+dx+dw" 3, "dx+dw, ..." 2,
-    "autograd fwd+bwd" 3 (its forward and two backward kernels), one kernel 1."""
-    return 3 if part.startswith("autograd") else part.split(",")[0].count("+") + 1
+    "autograd fwd+bwd" 3 (its forward and two backward kernels; so with ", ..." after it),
+    "autograd fwd" 1, one kernel 1."""
+    if part.startswith("autograd"):
+        return 3 if part.split(",")[0].endswith("bwd") else 1
+    return part.split(",")[0].count("+") + 1
 
 
 def record(rows, shape, largest, part, name, sec, fl):
@@ -290,7 +333,7 @@ def kernel_breakdown(args):
     x, dy = torch.randn(t, d, dtype=dtype, device="cuda"), torch.randn(t, f, dtype=dtype, device="cuda")
     w_dense = torch.randn(d, f, dtype=dtype, device="cuda")
     dense = {"fwd": lambda: x @ w_dense, "dx": lambda: dy @ w_dense.T, "dw": lambda: x.T @ dy}
-    rows, notes, dims, candidates = [], [], {}, []
+    rows, notes, dims, candidates, host_profile = [], [], {}, [], []
     host = ["", "Triton, GPU time (do_bench) against host time per call (the calls' Python and launches, "
             "timed without waiting for the GPU): where the host's is the larger, the GPU waits on it.", "",
             "| shape | kernels | GPU ms | host ms |", "|---|---|---|---|"]
@@ -329,14 +372,22 @@ def kernel_breakdown(args):
             providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
             # the same three kernels through the public function and autograd, as training runs them
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            providers[("autograd fwd+bwd", "triton")] = lambda: grouped_mm(
-                xg, wg, gs, backend="triton", check_values=False).backward(dy)
+            autograd_fwd = lambda: grouped_mm(xg, wg, gs, backend="triton", check_values=False)  # noqa: E731
+            providers[("autograd fwd", "triton")] = autograd_fwd  # the forward recording its graph
+            providers[("autograd fwd+bwd", "triton")] = lambda: autograd_fwd().backward(dy)
+            # the same with the backward run on the calling thread, not handed to autograd's thread
+            # for the GPU: the difference is that handoff (the host rows say whether it matters)
+            providers[("autograd fwd+bwd, one thread", "triton")] = lambda: _one_thread(
+                lambda: autograd_fwd().backward(dy))
             for (part, name), fn in providers.items():
                 grads = (xg, wg) if part.startswith("autograd") else ()
                 sec = _bench_gpu(fn, grads)
                 record(rows, shape, max(sizes), part, name, sec, flops(t, d, f) * kernels_in(part))
-                if name == "triton" and part in ("fwd+dx+dw", "autograd fwd+bwd"):
+                if name == "triton" and part in HOST_TIMED:
                     host.append(f"| {shape} | {part} | {sec * 1e3:.3f} | {_host_seconds(fn, grads) * 1e3:.3f} |")
+            if e == 8:  # where the host time comes from: the Python of the autograd call, by function
+                host_profile = _host_profile(lambda: _one_thread(lambda: autograd_fwd().backward(dy)), (xg, wg),
+                                             f"{shape}, autograd fwd+bwd, one thread")
             if skew == "balanced":
                 mm_candidates(x, dy, w, gs, e, candidates)
             if e == 64 and skew == "balanced":
@@ -345,7 +396,7 @@ def kernel_breakdown(args):
              "TFLOP/s = 2·T·D·F per kernel, 2× that for dx+dw, 3× for the three together and for autograd fwd+bwd", ""]
     roofline = roofline_lines(rows, dims, copy_bandwidth()) if not notes else []
     out = args.out.replace(".md", "-kernels.md") if args.out else None
-    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + roofline + candidates
+    emit(lines + pivot(rows, ("shape", "largest group", "kernel")) + host + host_profile + roofline + candidates
          + backward_plans_chosen() + notes, out,
          "shape,largest_group,kernel,provider,seconds,tflops", rows)
 

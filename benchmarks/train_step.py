@@ -85,6 +85,18 @@ def gpu_busy_fraction(step, steps: int, step_s: float) -> tuple[float, list[str]
     return total / 1e6 / step_s, lines
 
 
+def graph_breaks() -> str:
+    """What torch.compile split the compiled blocks at, so far in this process: each reason once,
+    with its count (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    if not breaks:
+        return "Graph breaks in the compiled blocks: none."
+    reasons = "; ".join(f"{n}x {' '.join(str(reason).split())[:200]}" for reason, n in breaks.most_common())
+    return f"Graph breaks in the compiled blocks: {sum(breaks.values())} ({reasons})."
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="model preset (default: demo on a GPU, tiny on a CPU)")
@@ -136,6 +148,7 @@ def main():
                 step(batch)
                 sync()
                 notes.append(f"\nThe compiled row's first step, which compiles: {time.perf_counter() - start:.1f} s.")
+                notes.append(graph_breaks())
             for _ in range(2):  # warm-up: kernel compiles and tuning, allocator
                 step(batch)
             sync()

@@ -133,7 +133,36 @@ def test_moe_roofline_floors_each_kernel_by_its_flops_or_its_bytes():
 def test_moe_kernels_counts_the_matmuls_a_row_times():
     moe = _moe_benchmark()
     assert [moe.kernels_in(p) for p in ("fwd", "dw, gradient in L2", "dx+dw, side by side", "dx+dw, one after the other",
-                                        "fwd+dx+dw", "autograd fwd+bwd")] == [1, 1, 2, 2, 3, 3]
+                                        "fwd+dx+dw", "autograd fwd+bwd", "autograd fwd",
+                                        "autograd fwd+bwd, one thread")] == [1, 1, 2, 2, 3, 3, 1, 3]
+
+
+def test_moe_host_profile_names_where_the_time_goes():
+    """--kernels profiles the autograd call's host side: the table ranks functions by their own
+    time per call, so a slow helper inside the call comes first, with its calls per call; the
+    backward runs on the calling thread there, with the same gradients."""
+    import time
+
+    import torch
+
+    moe = _moe_benchmark()
+    w = torch.randn(3, 4, requires_grad=True)
+
+    def slow_helper():
+        time.sleep(0.002)
+
+    def step():
+        slow_helper()
+        slow_helper()
+        moe._one_thread(lambda: (w * 2).sum().backward())
+
+    lines = moe._host_profile(step, (w,), "a test", calls=5, top=3)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| function")]
+    assert len(rows) == 3 and "a test: 5 calls" in "".join(lines)
+    first = rows[0].split(" | ")
+    assert "sleep" in first[0] and first[3].rstrip(" |") == "2"  # time.sleep, twice a call
+    assert float(first[1]) > 3000  # two 2 ms sleeps a call, in microseconds
+    assert torch.equal(w.grad, torch.full((3, 4), 2.0))
 
 
 def test_moe_ncu_summary_reads_a_raw_report(tmp_path):

@@ -87,8 +87,10 @@ def _swiglu(x_TD: Tensor, w1_DH: Tensor, w3_DH: Tensor, w2_HD: Tensor) -> Tensor
 
 
 def _autocast_on(x: Tensor) -> bool:
-    device = x.device.type  # (autocast knows no "meta" device, for one)
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    device = x.device.type
+    # autocast knows no "meta" device, for one, so other devices ask first; CPU and CUDA skip the
+    # question, which torch.compile cannot trace in torch 2.11 (a graph break in every MoE layer)
+    return (device in ("cpu", "cuda") or torch.amp.is_autocast_available(device)) and torch.is_autocast_enabled(device)
 
 
 def _matmul_dtype(x: Tensor) -> torch.dtype:
