@@ -370,10 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="per-task metrics of a trained run on its held-out splits")
     ev.add_argument("run_dir")
-    ev.add_argument("--limit", type=int, default=None, help="at most this many test examples per task (a "
-                                                            "partial evaluation: written to eval-partial.json)")
-    ev.add_argument("--tasks", default=None, help="comma-separated: evaluate only these of the run's tasks (a "
-                                                  "partial evaluation: written to eval-partial.json)")
+    partial = "a partial evaluation: written to eval-partial.json and predictions-partial.jsonl"
+    ev.add_argument("--limit", type=int, default=None, help=f"at most this many test examples per task ({partial})")
+    ev.add_argument("--tasks", default=None, help=f"comma-separated: evaluate only these of the run's tasks ({partial})")
     _add_inference_options(ev)
     ev.set_defaults(func=_eval)
 

@@ -583,19 +583,26 @@ class Generalist:
         """Zero-shot classification through the contrastive head: the inputs (any of image=,
         audio=, video=, table=, text=, as for `predict`) and each label's text (`prompt` with
         its "{}" replaced by the label), both embedded as `task` (one trained contrastively,
-        e.g. "captions"), scored by cosine similarity at the model's learned temperature. A
+        e.g. "captions"; a task answered through one, as zero_shot through captions, embeds as
+        that one), scored by cosine similarity at the model's learned temperature. A
         probability per label (a softmax over them), highest first; labels may be any iterable
         of strings (a list, a tuple, a numpy array)."""
         labels = _check_labels(labels)
         if not isinstance(prompt, str) or "{}" not in prompt:
             raise ValueError(f"prompt must be a string holding '{{}}' (where each label goes), got {prompt!r}")
         segments = self._segments(task, inputs)
+        as_task = task
         if task in self.tasks and not self.trained_contrastively(task):
-            trained = [t for t in self.tasks if self.trained_contrastively(t)]
-            raise ValueError(f"task {task!r} was not trained through the contrastive head, so its embeddings rank "
-                             f"nothing; classify as one that was ({', '.join(trained) or 'none in this run'})")
-        label_E = self.embed([Example([("text", prompt.replace("{}", x))], "", task) for x in labels])
-        input_E = self.embed([Example(segments, "", task)])
+            # a task answered through one trained contrastively (zero_shot through captions) embeds as that one
+            definition = self._definition(task)
+            through = [t for t in getattr(definition, "requires", ()) if t in self.tasks and self.trained_contrastively(t)]
+            if not through:
+                trained = [t for t in self.tasks if self.trained_contrastively(t)]
+                raise ValueError(f"task {task!r} was not trained through the contrastive head, so its embeddings rank "
+                                 f"nothing; classify as one that was ({', '.join(trained) or 'none in this run'})")
+            as_task = through[0]
+        label_E = self.embed([Example([("text", prompt.replace("{}", x))], "", as_task) for x in labels])
+        input_E = self.embed([Example(segments, "", as_task)])
         scale = self.model.logit_scale.detach().float().exp().clamp(max=100)
         probs = torch.softmax(scale * (input_E @ label_E.t())[0], dim=0).tolist()
         self._warn_unseen(task, segments)

@@ -1,7 +1,8 @@
 """Images: ViT-style non-overlapping patches, each linearly projected to one token.
 
-Shapes: C channels, H height, W width, P patch side, R = H // P patch rows, Q = W // P patch
-columns, L = R * Q tokens, K = C * P * P values per patch, D d_model.
+Shapes: C channels, H height, W width, P patch side, R = ceil(H / P) patch rows, Q = ceil(W / P)
+patch columns (a picture is zero-padded to whole patches), L = R * Q tokens, K = C * P * P values
+per patch, D d_model.
 
 Accepted layouts (the dtype decides the layout, so there is never a guess):
     floating tensor or numpy array   (H, W) grayscale, or (C, H, W) channel-first with C in {1, 3};

@@ -74,7 +74,8 @@ class SelfAttention(nn.Module):
         cache["len"] positions are filled; set cache["capacity"] before the first step to size them
         (else they start at 64 positions; they double when full), so a step copies no cache, and
         the keys are read through views of the filled part by the split-K decoding op
-        (attention_decode: "auto" is the Triton kernel on CUDA, the reference on CPU; the layer's
+        (attention_decode: "auto" is the Triton kernel on CUDA, the C++ kernel on CPU when the
+        extension is built, else the reference; the layer's
         backend when the op knows that name). With grad enabled (the decoding op has no
         backward) the cache is instead the concatenation of every step's k/v, so gradients
         reach all of them, and flash_attn_func attends."""

@@ -11,7 +11,7 @@ and Triton backends register themselves when they can run). Masks, GQA and the n
 rule are documented in attention_reference.py.
 
 Shapes: B batch, Sq/Sk dense lengths, Tq/Tk packed lengths, H query heads, Hkv key/value
-heads, D head dim. lse is fp32: (B, H, Sq) dense, (H, Tq) varlen.
+heads, D head dim. lse is fp32 (fp64 for fp64 inputs): (B, H, Sq) dense, (H, Tq) varlen.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     cumulative lengths starting at 0; max_seqlen_* at least the longest sequence. Causal masks
     are bottom-right aligned; `prefix_lens` int32 (B,) makes the first keys of each sequence
     visible to all of its queries (needs causal=True). Returns out (Tq, H, D) in q's dtype, and
-    lse (H, Tq) fp32 too when `return_lse`.
+    lse (H, Tq) fp32 (fp64 for fp64 inputs) too when `return_lse`.
     """
     BACKENDS.check_name(backend)
     causal = checks.check_causal(causal)
@@ -155,7 +155,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
                     *, return_lse: bool = False, backend: str = "auto"):
     """Attention over a dense batch: q (B, Sq, H, D); k, v (B, Sk, Hkv, D) with H % Hkv == 0.
 
-    Returns out (B, Sq, H, D) in q's dtype, and lse (B, H, Sq) fp32 too when `return_lse`.
+    Returns out (B, Sq, H, D) in q's dtype, and lse (B, H, Sq) fp32 (fp64 for fp64
+    inputs) too when `return_lse`.
     """
     BACKENDS.check_name(backend)
     checks.check_dense(q, k, v)

@@ -194,6 +194,11 @@ def test_classify_ranks_labels_through_the_contrastive_head(run, tmp_path, capsy
     with pytest.raises(ValueError, match=r"task 'echo' was not trained through the contrastive head, so its "
                                          r"embeddings rank nothing; classify as one that was \(swatches\)"):
         g.classify(labels, task="echo", text="red")
+    # a task answered through one trained contrastively (zero_shot through captions) classifies as that one
+    through = Generalist.load(out, device="cpu", definitions={"echo": type("ThroughSwatches", (toy_tasks.Echo,), {
+        "requires": ("swatches",)})()})
+    assert (through.classify(labels, task="echo", image=_swatch("green"))
+            == g.classify(labels, task="swatches", image=_swatch("green")))
     path = tmp_path / "green.npy"
     np.save(path, _swatch("green").numpy())
     assert main(["predict", str(out), "--task", "swatches", "--image", str(path), "--labels", "red, green,blue,white",
