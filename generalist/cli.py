@@ -192,6 +192,17 @@ def _train(args) -> int:
     return 0
 
 
+def eval_mixture(sizes: dict, trained, tasks=None, limit=None) -> dict:
+    """The held-out splits to build for evaluating a run: each of its `trained` tasks (those of
+    `tasks` only, if given) with no training examples and the test examples its mixture's `sizes`
+    give (all, for a task they leave out), at most `limit` each; a test split of 0 stays 0."""
+    mixture = {t: {**sizes.get(t, {}), "train": 0} for t in trained if tasks is None or t in tasks}
+    if limit is not None:
+        mixture = {t: {**m, "test": limit if m.get("test") is None else min(limit, m["test"])}
+                   for t, m in mixture.items()}
+    return mixture
+
+
 def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=None) -> int:
     from pathlib import Path
 
@@ -218,10 +229,7 @@ def _evaluate_run(run_dir, data=None, limit=None, device=None, bf16=None, tasks=
         # the same without the training ones (whose generation is most of the build's time). The
         # run's own tasks, sized as its mixture sizes them now (a task the mixture no longer
         # holds, or a mixture since removed: its whole test split)
-        sizes = load_mixtures().get(train["mixture"], {})
-        mixture = {t: {**sizes.get(t, {}), "train": 0} for t in trained if tasks is None or t in tasks}
-        if limit is not None:
-            mixture = {t: {**m, "test": min(limit, m.get("test") or limit)} for t, m in mixture.items()}
+        mixture = eval_mixture(load_mixtures().get(train["mixture"], {}), trained, tasks, limit)
         known = discover()
         lost = sorted(set(mixture) - set(known))
         if lost:

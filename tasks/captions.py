@@ -85,6 +85,9 @@ class Captions(Task):
         idx = take(caption_split(captions, split, seed), limit)
         return [Example([("image", images[i])], captions[i], self.name) for i in idx]
 
+    def matches(self, answer, example):
+        return caption_key(normalize(answer)) == caption_key(example.target_text)
+
     def evaluate(self, predictor, examples):
         refs = [e.target_text for e in examples]
         preds = predictor.generate(examples)
@@ -98,7 +101,7 @@ class Captions(Task):
         # caption ("a horse" for the emoji captioned "horse")
         references = [[r] + sorted(gallery[j] for j in positives[i] if gallery[j] != r) for i, r in enumerate(refs)]
         return {"bleu4": bleu(preds, references, smooth=True), "cider_d": cider_d(preds, references),
-                "exact": sum(caption_key(normalize(p)) == caption_key(r) for p, r in zip(preds, refs)) / len(refs),
+                "exact": sum(self.matches(p, e) for p, e in zip(preds, examples)) / len(refs),
                 **{k.lower().replace("@", "_at_"): v for k, v in recall.items()}}
 
 

@@ -60,6 +60,12 @@ class Task(ABC):
         hits = [normalize(p) == normalize(e.target_text) for p, e in self.pairs(predictions, examples)]
         return {"accuracy": sum(hits) / len(hits)}
 
+    def matches(self, answer: str, example: Example) -> bool:
+        """Whether `answer` counts as right for `example` in predictions.jsonl and the report: by
+        default the normalised text equals the target. A task whose metric forgives more (captions'
+        `exact`) says so here, so the report's right and wrong agree with its metric table."""
+        return normalize(answer) == normalize(example.target_text)
+
     def pairs(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[tuple[str, Example]]:
         """(prediction, example) pairs for a score, checked as the metrics check theirs: as many
         predictions as examples, at least one (an accuracy of 0.0 would read as a score), every

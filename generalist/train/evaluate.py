@@ -151,7 +151,7 @@ def answer_records(data: dict[str, TaskData], answers: dict[str, list[str]]) -> 
     """{task: one record per test example}: its index in the test split, a summary of its inputs,
     target, answer, and whether the answer is the target (both normalized)."""
     return {task: [{"index": i, "inputs": input_summary(e.segments), "target": e.target_text, "answer": a,
-                    "match": normalize(a) == normalize(e.target_text)}
+                    "match": bool(data[task].task.matches(a, e))}
                    for i, (e, a) in enumerate(zip(data[task].test, said))]
             for task, said in answers.items()}
 

@@ -32,6 +32,7 @@ MAX_TEXT = 300
 MAX_CELLS = 8
 MAX_LABELS = 30  # a task whose test targets are more labels than this (captions) gets no confusion matrix
 MANY_LABELS = 12  # a task of more labels than this gets a figure of its own, twice as wide
+MAX_LABEL_CHARS = 40  # a longer label is cut short on the confusion matrix's axes
 NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -182,8 +183,9 @@ def gallery_html(task: str, rows: list[dict], examples: Sequence | None = None) 
     order ({"index", "inputs", "target", "answer", "match"}); examples: the task's test examples
     (their inputs are drawn), or None (the inputs are named from the records)."""
     hits = sum(bool(r["match"]) for r in rows)
-    parts = [f"<h3>{html.escape(task)}</h3><p>{hits} of {len(rows)} answers are the target (lower case, single "
-             "spaces, a final period dropped); shown: the first wrong answers, then the first right ones.</p>",
+    parts = [f"<h3>{html.escape(task)}</h3><p>{hits} of {len(rows)} answers are the target (as the task "
+             "compares them: by default lower case, single spaces, a final period dropped); shown: the first "
+             "wrong answers, then the first right ones.</p>",
              "<table><tr><th>#</th><th>input</th><th>target</th><th>answer</th></tr>"]
     for i in pick([bool(r["match"]) for r in rows]):
         r = rows[i]
@@ -243,8 +245,9 @@ def confusion_figure(tables: dict[str, tuple[list[str], np.ndarray]], cols: int 
             if n:
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=small,
                         color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(labels) + 1), [*labels, "(other)"], rotation=90, fontsize=small)
-        ax.set_yticks(range(len(labels)), labels, fontsize=small)
+        shown = [x if len(x) <= MAX_LABEL_CHARS else x[:MAX_LABEL_CHARS - 1] + "…" for x in labels]
+        ax.set_xticks(range(len(labels) + 1), [*shown, "(other)"], rotation=90, fontsize=small)
+        ax.set_yticks(range(len(labels)), shown, fontsize=small)
         accuracy = np.trace(counts[:, :len(labels)]) / max(counts.sum(), 1)
         ax.set_title(f"{name} (accuracy {accuracy:.2f})", fontsize=9)
         ax.set_xlabel("answer", fontsize=8)

@@ -250,6 +250,13 @@ def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
     assert swapped["exact"] == 1.0 and swapped["bleu4"] == 1.0 and swapped["cider_d"] == pytest.approx(scores["cider_d"])
     wrong = task.evaluate(type("Wrong", (Retriever,), {"generate": lambda self, ex: ["a dog"] * len(ex)})(), examples)
     assert wrong["exact"] == 0.25 and wrong["bleu4"] < 0.5
+    # predictions.jsonl and the report's right and wrong agree with exact
+    from generalist.train.data import TaskData
+    from generalist.train.evaluate import answer_records
+
+    for answers, exact in ((Swapper().generate(examples), 1.0), (["a dog"] * len(examples), 0.25)):
+        rows = answer_records({"captions": TaskData(task, [], examples)}, {"captions": answers})["captions"]
+        assert sum(r["match"] for r in rows) / len(rows) == exact
 
 
 def test_av_digits_images_keep_at_least_half_their_ink(monkeypatch):

@@ -17,7 +17,7 @@ from generalist.data.packing import Example
 from generalist.data.tasks import Task, normalize
 from generalist.train.data import TaskData
 from generalist.train.evaluate import Answered, answer_records, evaluate, read_predictions, write_predictions
-from generalist.train.gallery import MAX_LABELS, confusion, pick, segment_html
+from generalist.train.gallery import MAX_LABELS, confusion, confusion_figure, pick, segment_html
 
 
 def _numbers(gen, n, high):
@@ -235,3 +235,27 @@ def test_answered_hands_back_only_the_same_examples_with_no_other_arguments():
     assert answered.generate(examples[:2]) == ["RED", "purple"]
     assert answered.generate(examples) == ["a", "b", "c"]  # (not yet handed back)
     assert answered.calls is inner.calls  # anything else is the predictor's
+
+
+def test_a_confusion_matrix_of_long_labels_stays_page_sized():
+    """Labels of thousands of characters (free-text answers) are cut short on the axes: the
+    figure stays the size of a page, not 12,000 pixels a side."""
+    from generalist.train.report import _png
+
+    rows = [{"target": f"label {i} " + "x" * 3000, "answer": f"label {i} " + "x" * 3000} for i in range(5)]
+    png = Image.open(io.BytesIO(base64.b64decode(_png(confusion_figure({"t": confusion(rows)})))))
+    assert max(png.size) < 2500
+
+
+def test_eval_builds_the_test_splits_its_mixture_gives():
+    """`generalist eval` builds each trained task's test split as the mixture sizes it, capped by
+    --limit; a task the mixture gives no test examples keeps none under --limit too."""
+    from generalist.cli import eval_mixture
+
+    sizes = {"digits": {"train": 10, "test": 0}, "fashion": {"train": 10, "test": 300}}
+    trained = ["digits", "fashion", "vqa"]
+    assert eval_mixture(sizes, trained) == {"digits": {"train": 0, "test": 0}, "fashion": {"train": 0, "test": 300},
+                                            "vqa": {"train": 0}}
+    assert eval_mixture(sizes, trained, limit=50) == {"digits": {"train": 0, "test": 0},
+                                                      "fashion": {"train": 0, "test": 50}, "vqa": {"train": 0, "test": 50}}
+    assert eval_mixture(sizes, trained, tasks=["fashion"], limit=500) == {"fashion": {"train": 0, "test": 300}}
