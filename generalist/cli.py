@@ -112,7 +112,7 @@ def _train(args) -> int:
     rank 0 alone clears --overwrite, logs, saves and evaluates. SIGTERM or SIGINT during training
     saves a checkpoint after the current step and exits with 143 or 130."""
     from generalist.train.data import build_data, get_mixture
-    from generalist.train.distributed import Distributed, check_batch
+    from generalist.train.distributed import Distributed, check_batch, check_expert_parallel
     from generalist.train.trainer import TrainConfig, Trainer, check_mixture_options, set_option
 
     cfg = TrainConfig(preset=args.preset or "demo", mixture=args.mixture or "demo", out=args.out,
@@ -149,7 +149,7 @@ def _train(args) -> int:
                                  f"not {getattr(cfg, name)!r} (start a new run with --overwrite or another --out)")
     from generalist.models.config import preset
 
-    preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
+    mcfg = preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model)  # the model's options, before the data is built
     mixture = get_mixture(cfg.mixture)  # and the mixture, before --overwrite deletes anything
     check_mixture_options(cfg, mixture)
     from pathlib import Path
@@ -159,6 +159,8 @@ def _train(args) -> int:
     try:
         if group is not None:
             check_batch(cfg.batch_size, group.world, cfg.contrastive_batch)  # before --overwrite deletes anything
+            if cfg.expert_parallel:
+                check_expert_parallel(mcfg.n_routed, group.world)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a directory")

@@ -89,6 +89,13 @@ def check_batch(batch_size: int, world: int, contrastive_batch: int = 0) -> None
                              f"each process takes {name} / {world} examples of every global batch")
 
 
+def check_expert_parallel(n_routed: int, world: int) -> None:
+    """expert_parallel=true needs every MoE layer's routed experts split evenly over the ranks."""
+    if n_routed % world:
+        raise ValueError(f"expert_parallel: model.n_routed ({n_routed}) must be a multiple of the number of processes "
+                         f"({world}): each process holds n_routed / {world} of every MoE layer's routed experts")
+
+
 @dataclass
 class Distributed:
     rank: int

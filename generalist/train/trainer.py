@@ -298,7 +298,8 @@ class Trainer:
         if self.group is not None and self.model.cfg.capacity_factor is not None and self.main:
             warnings.warn("model.capacity_factor caps each expert by the tokens of each rank's own slice, so a run "
                           "under torchrun drops other tokens than one process with the same batch", stacklevel=2)
-        if self.group is None and (cfg.expert_parallel or cfg.fsdp):
+        if self.group is None and (cfg.expert_parallel or cfg.fsdp) and not resume:  # (resumed: the run's options,
+            # set when it ran under torchrun, which one process may resume)
             warnings.warn("expert_parallel and fsdp have no effect in a single process; launch with torchrun "
                           "--nproc-per-node N", stacklevel=2)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]

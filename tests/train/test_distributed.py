@@ -330,3 +330,17 @@ def test_batch_must_split_evenly_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "generalist", "train", "--help"], env=ENV, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_expert_parallel_with_indivisible_experts_is_refused_before_overwrite_deletes_the_run(tmp_path):
+    """n_routed=3 on 2 ranks cannot be sharded by expert: refused by option name before the data is
+    built and before --overwrite deletes the run in --out (it used to be refused only once the
+    model was built, with the run already gone)."""
+    out = tmp_path / "run"
+    _torchrun(out, 2)
+    args = [*_train_args(out, 2, extra=["expert_parallel=true", "model.n_routed=3"]), "--overwrite"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(SCRIPT), "--", *args], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error: expert_parallel: model.n_routed (3) must be a multiple of the number of processes (2)" in done.stderr
+    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()

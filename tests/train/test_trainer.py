@@ -425,6 +425,18 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
+def test_parallel_options_in_one_process_warn_on_a_fresh_run_only(tmp_path):
+    """expert_parallel and fsdp do nothing in one process: a fresh run says so; a run trained under
+    torchrun with them (its saved options) and resumed in one process, as the README allows, does not."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="expert_parallel and fsdp have no effect in a single process"):
+        Trainer(_cfg(tmp_path, steps=3, expert_parallel=True), _data(), progress=False).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(_cfg(tmp_path, steps=4, expert_parallel=True), _data(), resume=True, progress=False).fit()
+
+
 def test_a_fresh_run_starts_fresh_logs(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; the next run in its directory
     must not append to its log."""
