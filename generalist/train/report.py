@@ -271,6 +271,9 @@ def write_report(run_dir: Path, results: dict[str, dict[str, float]] | None = No
     if isinstance(results, dict) and results:
         parts.append("<h2>Held-out metrics</h2><table><tr><th>task</th><th>metric</th><th>value</th></tr>"
                      f"{_metric_rows(results)}</table>")
+        missing = [t for t in tasks if t not in results]
+        if missing:  # (a task whose mixture gives it no test examples, or left out of a partial evaluation)
+            parts.append(f"<p>Not evaluated: {', '.join(map(html.escape, missing))}.</p>")
     figures = []
     if records:
         figures += [("Training loss", loss_figure(records)), ("Training signals", signals_figure(records))]

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     return out, data
 
 
-def test_evaluate_and_report(run):
+def test_evaluate_and_report(run, tmp_path):
     out, data = run
     results = evaluate(Generalist.load(out, device="cpu"), data, progress=False)
     assert set(results) == {"bars", "echo", "swatches", "beeps"}
@@ -46,6 +46,10 @@ def test_evaluate_and_report(run):
     assert page.count(" src='data:image/png;base64,") == 4  # loss, signals, routing by task, by modality
     assert "<td rowspan='1'>echo</td><td>accuracy</td>" in page
     assert "<th>steps</th><td>30 of 30, 0 skipped (non-finite)</td>" in page and "<th>preset</th><td>tiny</td>" in page
+    assert "Not evaluated" not in page
+    shutil.copytree(out, tmp_path / "copy")  # a task with no test examples is named, not silently left out
+    page = write_report(tmp_path / "copy", {t: m for t, m in results.items() if t != "beeps"}).read_text()
+    assert "<p>Not evaluated: beeps.</p>" in page
 
 
 def test_report_of_a_log_cut_short_and_results_holding_nan(run, tmp_path):
