@@ -57,12 +57,12 @@ def value_features(values_F: Tensor) -> Tensor:
                        dim=-1)
 
 
-def _as_1d(x: Any, name: str) -> Tensor:
+def _as_1d(x: Any, name: str, dtype: torch.dtype | None = None) -> Tensor:
     if isinstance(x, (list, tuple)):
         if any(isinstance(v, bool) for v in x):  # torch.tensor([True, 2]) would read True as 1
             raise ValueError(f"{name} must be numbers, not bools; got {str(x)[:80]}")
         try:
-            t = torch.tensor(x)
+            t = torch.tensor(x, dtype=dtype)  # (values as float64: not rounded or overflowed to float32 here)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name} must be a list of numbers; got {str(x)[:80]}") from None
     else:
@@ -101,7 +101,7 @@ class TableEmbed(nn.Module):
         if not isinstance(row, (tuple, list)) or len(row) != 2:
             raise ValueError("table input must be a pair (column_ids, values)")
         ids_F = _as_1d(row[0], "column_ids")
-        values_F = _as_1d(row[1], "values")
+        values_F = _as_1d(row[1], "values", torch.float64)
         n = ids_F.shape[0]
         if n != values_F.shape[0]:
             raise ValueError(f"column_ids has {n} entries but values has {values_F.shape[0]}")

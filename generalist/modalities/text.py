@@ -64,6 +64,11 @@ class TextTokenizer:
                 raise ValueError(f"special tokens must be non-empty strings; got {t!r}")
             if t in specials:
                 raise ValueError(f"special token {t!r} is given twice or is built in")
+            # one that the pre-tokenizer keeps whole ("|", "<->") could be a byte symbol or a
+            # learned merge too, and share that id with the typed text that spells it
+            if len(pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(t)) == 1:
+                raise ValueError(f"special token {t!r} could share an id with typed text that spells it; mix "
+                                 "letters and punctuation, as in '<task:name>'")
             specials.append(t)
         if isinstance(texts, str):
             raise ValueError("texts must be an iterable of strings, not one string")
@@ -144,7 +149,20 @@ class TextTokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside [0, {self.vocab_size})")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        # special tokens are written as they are named: the byte-level decoder would read a
+        # name's Latin-1 letters ("<task:légende>") as single bytes
+        names = {i: t for t, i in self._special.items()}
+        parts, run = [], []
+        for i in ids:
+            if i in names:
+                parts += [self._tok.decode(run, skip_special_tokens=False) if run else "", names[i]]
+                run = []
+            else:
+                run.append(i)
+        parts.append(self._tok.decode(run, skip_special_tokens=False) if run else "")
+        return "".join(parts)
 
 
 @dataclass

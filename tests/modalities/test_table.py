@@ -70,6 +70,18 @@ def test_large_values_keep_their_column_and_their_size_apart(gen):
         assert (direction(5, a) - direction(5, b)).norm() > 3e-3, (a, b)
 
 
+def test_values_given_as_a_list_are_read_as_an_array_of_them_is(gen):
+    """A list of values is checked at full precision, as an ndarray of them is: 1e300 overflows
+    the model's float32 (not "contains inf"), and a float64 model keeps 16777217."""
+    embed = _embed(gen)
+    for values in ([1e300, 1.0], np.array([1e300, 1.0])):
+        with pytest.raises(ValueError, match="overflows the model's float32"):
+            embed.prepare(([1, 2], values))
+    wide = _embed(gen).double()
+    assert wide.prepare(([1], [16777217.0]))[0][1].item() == wide.prepare(([1], np.array([16777217.0])))[0][1].item() \
+        == 16777217.0
+
+
 def test_gradients_are_finite_with_missing_values(gen):
     embed = _embed(gen)
     tokens_LD, _ = embed(([0, 1, 2], [NAN, 2.0, -1.0]))

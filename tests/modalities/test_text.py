@@ -1,6 +1,8 @@
 """TextTokenizer (training, round trips, special tokens, serialization), TextEmbed, and the
 modality registry."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,21 @@ def test_special_tokens_are_single_ids(tok):
     seq = [tok.token_id("<bos>"), tok.token_id("<task:caption>")] + body + [tok.token_id("<eos>")]
     assert tok.decode(seq) == "a cat"
     assert tok.decode(seq, skip_special_tokens=False) == "<bos><task:caption>a cat<eos>"
+
+
+def test_special_tokens_never_share_an_id_with_text_and_decode_as_named():
+    """An extra special token the pre-tokenizer keeps whole ("|", "<->") could be a byte symbol or
+    a learned merge, and typed text would encode to it (and decode drop it): refused. One named
+    with Latin-1 letters decodes as named, not byte by byte."""
+    corpus = ["a | b <-> c ## d"] * 50
+    for bad in ("|", "<->", "##"):
+        with pytest.raises(ValueError, match=f"special token '{re.escape(bad)}' could share an id with typed text"):
+            TextTokenizer.train(corpus, 400, extra_special_tokens=[bad])
+    tok = TextTokenizer.train(corpus, 400, extra_special_tokens=["<task:légende>", "‹é>"])
+    for name in tok.special_tokens:
+        assert tok.decode([tok.token_id(name)], skip_special_tokens=False) == name
+    ids = tok.encode("é | ") + [tok.token_id("<task:légende>")] + tok.encode("<->x")
+    assert tok.decode(ids, skip_special_tokens=False) == "é | <task:légende><->x" and tok.decode(ids) == "é | <->x"
 
 
 def test_json_round_trip(tok):
