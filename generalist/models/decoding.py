@@ -63,7 +63,9 @@ def generate(model, batch: list[EncodedExample], max_new_tokens: int = 32, beam_
     decodes in eval mode (no capacity dropping in its MoE layers, which would make the answer
     depend on the batch) and is left in the mode it came in. The decoder reads at most the text
     embedder's max_len tokens (bos and all but the last one generated), so max_new_tokens is at
-    most that."""
+    most that. A beam search answers with the highest sum of token log-probabilities among its
+    final beams and every hypothesis that finished on the way. Activations that are not finite
+    (in the encoder, or the decoder's logits) raise a NonFiniteError naming the examples."""
     check_count("beam_size", beam_size)
     check_count("max_new_tokens", max_new_tokens, 0)
     max_len = model.embedders["text"].cfg.max_len
@@ -96,6 +98,11 @@ def _generate(model, batch: list[EncodedExample], max_new_tokens: int, beam_size
     finished_N = torch.zeros(b * w, dtype=torch.bool, device=device)
     done_V = torch.full((v,), float("-inf"), device=device)  # the log-probs of a finished row
     done_V[cfg.eos_id] = 0.0
+    bad_N = torch.zeros(b * w, dtype=torch.bool, device=device)  # rows whose logits were not finite
+    # each example's best finished hypothesis so far (its tokens, bos dropped, eos-padded): a
+    # finished beam can be pushed out by unfinished ones that end up scoring less than it
+    best_done_B = torch.full((b,), float("-inf"), device=device)
+    best_done_Bs = torch.full((b, max_new_tokens), cfg.eos_id, dtype=torch.long, device=device)
     cu_N = torch.arange(b * w + 1, dtype=torch.int32, device=device)  # one query per row, shared by the layers
     caches = ([{"memory": blk.cross.memory(h_SM), "capacity": max_new_tokens, "cu_q": cu_N} for blk in model.decoder]
               if use_cache else None)
@@ -113,6 +120,7 @@ def _generate(model, batch: list[EncodedExample], max_new_tokens: int, beam_size
             ids_T, dec = model._decoder_stream([[s] for s in tokens_Ns], task_N.tolist())
             logits_TV, _ = model.decode(ids_T, dec, h_SM, enc)
             logits_NV = logits_TV[dec.cu_seqlens[1:].long() - 1]
+        bad_N |= ~finished_N & ~torch.isfinite(logits_NV).all(dim=-1)  # (read once, after the loop: no sync)
         # finished rows may only add eos, at no cost (torch.where: a boolean index would sync on a GPU)
         logp_NV = torch.where(finished_N[:, None], done_V, torch.log_softmax(logits_NV.float(), dim=-1))
         cand_BX = (scores_BW[:, :, None] + logp_NV.view(b, w, v)).view(b, w * v)
@@ -121,15 +129,24 @@ def _generate(model, batch: list[EncodedExample], max_new_tokens: int, beam_size
         token_N = (flat_BW % v).flatten()
         tokens_Ns = torch.cat([tokens_Ns[origin_N], token_N[:, None]], dim=1)
         finished_N = finished_N[origin_N] | (token_N == cfg.eos_id)
+        if w > 1:  # (one beam: a finished row stays, adding eos at no cost)
+            top_B, beam_B = torch.where(finished_N.view(b, w), scores_BW, float("-inf")).max(dim=-1)
+            better_B = top_B > best_done_B
+            best_done_B = torch.where(better_B, top_B, best_done_B)
+            rows_Bs = tokens_Ns.view(b, w, -1)[torch.arange(b, device=device), beam_B, 1:]
+            best_done_Bs[:, :step + 1] = torch.where(better_B[:, None], rows_Bs, best_done_Bs[:, :step + 1])
         if use_cache and w > 1:  # beams of one example share its encoder memory; only self-attn reorders
             for cache in caches:
                 reorder_cache(cache, origin_N)
         if finished_N.all():
             break
 
+    if bool(bad_N.any()):  # the decoder overflowed: NaN logits would decode as an empty (or bos-only) answer
+        raise NonFiniteError(bad_N.view(b, w).any(dim=1).nonzero().flatten().tolist())
     best_B = scores_BW.argmax(dim=-1)
+    from_done_B = (best_done_B >= scores_BW.max(dim=-1).values).tolist()
     out = []
     for i in range(b):
-        row = tokens_Ns[i * w + best_B[i], 1:].tolist()
+        row = best_done_Bs[i].tolist() if from_done_B[i] else tokens_Ns[i * w + best_B[i], 1:].tolist()
         out.append(row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row)
     return out

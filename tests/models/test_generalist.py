@@ -130,6 +130,54 @@ def test_kv_cache_decoding_equals_recompute(tokenizer, gen, beam_size):
             generate(model, [ex], max_new_tokens=12, beam_size=beam_size, use_cache=False)
 
 
+def test_beam_search_keeps_a_finished_hypothesis_that_later_beams_do_not_beat(tokenizer, gen):
+    """A finished hypothesis pushed out of the beam by unfinished ones that then score less than
+    it is still the answer (the sum of its tokens' log-probabilities is the highest): a decoder
+    of fixed next-token probabilities, where "C eos" (0.1) loses its place at step 2 to the two
+    children of "A A" (0.45 each), which end at 0.054."""
+    model = _model(tokenizer)
+    v, eos, (a, b, c) = model.cfg.vocab_size, model.cfg.eos_id, (10, 11, 12)
+
+    def next_token(prefix):
+        if not prefix:
+            return {a: 0.9, c: 0.1}
+        if prefix == [c]:
+            return {eos: 1.0}
+        if prefix == [a]:
+            return {a: 1.0}
+        return {a: 0.495, b: 0.495, eos: 0.01} if len(prefix) < 6 else {eos: 1.0}
+
+    def decode(ids_T, dec, h, enc):
+        cu = dec.cu_seqlens.tolist()
+        logits = torch.full((ids_T.shape[0], v), -1e4)
+        for start, end in zip(cu, cu[1:]):
+            for token, p in next_token(ids_T[start + 1:end].tolist()).items():
+                logits[end - 1, token] = math.log(p)
+        return logits, []
+
+    model.decode = decode
+    batch = _encode(tokenizer, _examples(gen))[:2]
+    assert generate(model, batch, max_new_tokens=8, beam_size=2, use_cache=False) == [[c], [c]]
+    assert generate(model, batch, max_new_tokens=8, beam_size=1, use_cache=False) == [[a] * 6] * 2  # greedy
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_decoder_that_overflows_is_refused_not_answered_empty(tokenizer, gen, use_cache, beam_size):
+    """Finite encoder, decoder logits NaN (its FFN weights scaled out of range): an error naming
+    the examples, not a NaN argmax decoded as an empty answer."""
+    from generalist.models.decoding import NonFiniteError
+
+    model = _model(tokenizer)
+    with torch.no_grad():
+        for p in model.decoder[0].moe.parameters():
+            if p.dim() >= 2:
+                p.mul_(1e30)
+    batch = _encode(tokenizer, _examples(gen))
+    with pytest.raises(NonFiniteError, match=r"not finite for example\(s\) \[0, 1, 2, 3, 4\]"):
+        generate(model, batch, max_new_tokens=4, beam_size=beam_size, use_cache=use_cache)
+
+
 def test_generate_decodes_in_eval_mode_and_restores_the_mode(tokenizer, gen):
     """A model left in training mode (as a training loop leaves it) drops tokens at its MoE
     layers' capacity; generate decodes as in eval mode and hands the model back in training mode."""
