@@ -517,7 +517,9 @@ struct BwdBlock {
         vstore(ds, pv * (vload(ds) - delta));
       }
     }
-    if (qt.n_first < j0 + key_rows) {  // hidden keys: P = dS = 0 (also where lse = -inf made P inf)
+    // hidden keys, and the zero padding columns past the tile's last query (a -inf or inf key
+    // makes their score 0 * inf = NaN, which would reach dk and dv): P = dS = 0
+    if (qt.n_first < j0 + key_rows || qt.rows < qt.cols) {
       mask_scores(st, key_rows, j0, qt, 0.0f);
       mask_scores(dst, key_rows, j0, qt, 0.0f);
     }

@@ -101,6 +101,28 @@ def test_non_finite_inputs_reach_the_rows_that_see_them(gen, where, causal, back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens_q,lens_k", [([5], [8]), ([5], [70]), ([3, 13], [8, 21])])
+def test_a_key_every_query_scores_minus_inf_gets_zero_gradients(gen, backend, lens_q, lens_k):
+    """A key holding -inf where every query is positive scores -inf for all of them: no weight,
+    so gradients of zero for it, as the float64 reference has (query tiles of fewer than 8 rows
+    once gave it NaN, from their padding: 0 * -inf)."""
+    case = random_varlen(lens_q, lens_k, 2, 1, 4, generator=gen, requires_grad=True)
+    _require(backend, case, False)
+    with torch.no_grad():
+        case.q.abs_()
+        case.k[3, 0, 2] = float("-inf")
+    dout = torch.randn(case.q.shape, generator=gen)
+    grads = torch.autograd.grad(_run(case, False, backend), (case.q, case.k, case.v), dout)
+    leaves = [x.detach().double().requires_grad_() for x in (case.q, case.k, case.v)]
+    want, _ = naive_attention(*leaves, lens_q, lens_k, causal=False)
+    wants = torch.autograd.grad(want, leaves, dout.double())
+    for name, got, ref in zip("qkv", grads, wants):  # (dq: NaN where it multiplies the -inf, as the reference)
+        assert name == "q" or torch.isfinite(got).all(), f"{backend}: d{name} not finite"
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4, equal_nan=True, msg=f"{backend}: d{name}")
+    assert torch.equal(grads[2][3], torch.zeros_like(grads[2][3]))  # dv of the key no query weighs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_equals_each_sequence_alone(gen, backend):
     lens_q, lens_k = [13, 0, 50, 1], [20, 3, 50, 8]
     case = random_varlen(lens_q, lens_k, 4, 2, 32, prefix=[5, 0, 20, 8], generator=gen)
