@@ -25,12 +25,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from generalist.ops import _attention_checks as checks
 from generalist.ops.moe import grouped_mm, permute, unpermute
 
 INIT_STD = 0.02
 ROUTER_INIT_STD = 0.002  # near-uniform routing at the start, so load starts out balanced
+
+# Bumped after every optimizer step: fused optimizers (AdamW(fused=True), which the trainer picks)
+# write the parameters without bumping their version counters, so the kept casts also key on this.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @dataclass
@@ -115,7 +128,8 @@ class MoE(nn.Module):
     (So with top_k == 1 the weight is always 1 and the router learns from the aux losses only.)
     In training with a capacity factor, an assignment over its expert's capacity contributes
     zero and the other weights are not renormalised again; eval mode is always dropless, so
-    incremental decoding routes exactly like a full forward. Counts cover kept assignments;
+    incremental decoding routes like a full forward (up to rounding: where two experts' router
+    logits tie to the last bits, a batch and a token alone may pick apart). Counts cover kept assignments;
     the balance loss uses the router's choices before drops.
     `init_scale` multiplies the std of the output projections (w2), e.g. 1/sqrt(2 * n_layers).
     """
@@ -216,7 +230,8 @@ class MoE(nn.Module):
 
         capacity = None
         if self.training and c.capacity_factor is not None:
-            capacity = math.ceil(c.capacity_factor * t * k / e)
+            # less a rounding margin: 1.1 * 200 / 4 is 55.000000000000007 in floats, whose ceil is 56
+            capacity = math.ceil(c.capacity_factor * t * k / e - 1e-9)
         # the rows are cast before they are permuted (half the bytes moved under bf16 autocast)
         x_SD, sort_idx_S, sizes_E = permute(x_TD.to(_matmul_dtype(x_TD)), expert_idx_TK, e, capacity,
                                             check_values=False)
@@ -269,7 +284,7 @@ class MoE(nn.Module):
         each token; with grad they are made anew and anything kept is dropped."""
         w1, w3, w2 = self.w1_EDF, self.w3_EDF, self.w2_EFD
         keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = (dt, w1.device, *((w._version, w.data_ptr()) for w in (w1, w3, w2))) if keep else None
+        key = (dt, w1.device, _optimizer_steps, *((w._version, w.data_ptr()) for w in (w1, w3, w2))) if keep else None
         if keep and self._kept_casts is not None and self._kept_casts[0] == key:
             return self._kept_casts[1]
         e, d, f = w1.shape

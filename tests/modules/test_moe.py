@@ -423,3 +423,40 @@ def test_meta_tensors_pass(gen):
     finally:
         set_value_checks(True)
     assert y.shape == (5, 16) and y.device.type == "meta"
+
+
+def test_inference_casts_follow_a_fused_optimizer_step(gen):
+    """AdamW(fused=True) (the trainer's choice) writes the weights without bumping their version
+    counters: inference after a step must not reuse the casts made before it."""
+    moe = MoE(MoEConfig(d_model=16, d_ff=8, n_routed=4, top_k=2)).eval()
+    x, ids = torch.randn(6, 16, generator=gen), torch.zeros(6, dtype=torch.int64)
+
+    def call():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return moe(x, ids, ids, stats=False)[0]
+
+    call()
+    opt = torch.optim.AdamW(moe.parameters(), lr=0.5, fused=True)
+    for p in moe.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    after = call()
+    moe._kept_casts = None
+    torch.testing.assert_close(after, call(), rtol=0, atol=0)
+
+
+def test_capacity_is_the_documented_ceiling_without_float_noise(gen, monkeypatch):
+    """ceil(1.1 * 200 * 1 / 4) = 55, though 1.1 * 200 / 4 is 55.000000000000007 in floats."""
+    import generalist.modules.moe as moe_module
+
+    seen = []
+
+    def spy(x, idx, e, capacity, **kw):
+        seen.append(capacity)
+        return permute(x, idx, e, capacity, **kw)
+
+    permute = moe_module.permute
+    monkeypatch.setattr(moe_module, "permute", spy)
+    moe = MoE(MoEConfig(d_model=8, d_ff=4, n_routed=4, top_k=1, capacity_factor=1.1)).train()
+    moe(torch.randn(200, 8, generator=gen), torch.zeros(200, dtype=torch.int64), torch.zeros(200, dtype=torch.int64))
+    assert seen == [55]
