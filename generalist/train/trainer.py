@@ -332,8 +332,9 @@ class Trainer:
         self._signals = _StopSignals()  # fit() installs its handlers while it trains
         if ckpt is not None:
             state = load_training_state(ckpt, self.opt, self.dp.shard_optimizer_state if self.dp else None)
-            for group in self.opt.param_groups:  # a checkpoint's own choice was for its own layout
-                group["fused"] = fused
+            for group, decay_rate in zip(self.opt.param_groups, (cfg.weight_decay, 0.0)):
+                group["fused"] = fused  # a checkpoint's own choice was for its own layout
+                group["weight_decay"] = decay_rate  # the run's option (--set on resume), not the saved one
             try:
                 self._restore(state, ckpt / "state.json")
             except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:

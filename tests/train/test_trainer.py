@@ -437,6 +437,15 @@ def test_parallel_options_in_one_process_warn_on_a_fresh_run_only(tmp_path):
         Trainer(_cfg(tmp_path, steps=4, expert_parallel=True), _data(), resume=True, progress=False).fit()
 
 
+def test_resume_takes_the_runs_weight_decay(tmp_path):
+    """--set weight_decay on --resume is the run's option from then on (meta.json records it), not
+    the saved optimizer state's; the other group stays undecayed."""
+    data = _data()
+    Trainer(_cfg(tmp_path, steps=3), data, progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path, steps=6, weight_decay=0.5), data, resume=True, progress=False)
+    assert [g["weight_decay"] for g in resumed.opt.param_groups] == [0.5, 0.0]
+
+
 def test_a_fresh_run_starts_fresh_logs(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; the next run in its directory
     must not append to its log."""
