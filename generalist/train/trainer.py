@@ -508,6 +508,7 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         losses, per_task, tokens, finite, auxes = [], {}, 0, True, []
+        routing = {k: v.copy() for k, v in self.routing.items()}  # (restored if the step is skipped)
         for micro in range(cfg.accum):
             picks = self.sampler.sample(cfg.batch_size)
             extra = self.con_sampler.sample(cfg.contrastive_batch) if self.con_sampler is not None else []
@@ -547,6 +548,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             if self.dp is not None:
                 self.dp.discard()
+            # a skipped step's micro-batches count nowhere: not in the routing, nor in the log's losses
+            self.routing, losses, per_task, auxes = routing, [], {}, []
             self.bad_in_row += 1
             self.skipped += 1
             if self.main:

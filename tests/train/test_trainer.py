@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import subprocess
@@ -134,6 +135,27 @@ def test_non_finite_loss_skips_the_step_and_stops_after_k(tmp_path, monkeypatch)
     trainer.train_step()
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
         trainer.train_step()
+
+
+def test_a_skipped_step_logs_and_counts_none_of_its_micro_batches(tmp_path, monkeypatch):
+    """accum=2, the second micro-batch's loss NaN: the step is skipped, and the first micro-batch's
+    finite loss and routing counts are dropped with it (they were logged as the step's loss)."""
+    trainer = Trainer(_cfg(tmp_path, accum=2), _data(), progress=False)
+    trainer.train_step()
+    routing = {k: v.copy() for k, v in trainer.routing.items()}
+    real_forward, calls = trainer.model.forward, []
+
+    def second_nan(batch):
+        out = real_forward(batch)
+        calls.append(1)
+        if len(calls) == 2:
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(trainer.model, "forward", second_nan)
+    rec = trainer.train_step()
+    assert rec["skipped"] and len(calls) == 2
+    assert math.isnan(rec["loss"]) and math.isnan(rec["aux_loss"]) and rec["task_loss"] == {}
+    assert all(np.array_equal(trainer.routing[k], routing[k]) for k in routing)
 
 
 def test_sampler_temperature_and_epochs():
