@@ -34,6 +34,11 @@ def caption_key(caption: str) -> str:
 
 # Captions no picture tells apart: Tux Paint draws the capital I and the small l as one bar.
 SAME_GLYPH = ("the letter i", "the letter l")
+# ... nor the American Sign Language letters and numbers that are one handshape (O and 0, V and 2,
+# W and 6, F and 9)
+SAME_GLYPH += tuple(f"the sign for the {x} in american sign language" for pair in
+                    (("letter o", "number 0"), ("letter v", "number 2"), ("letter w", "number 6"), ("letter f", "number 9"))
+                    for x in pair)
 SIZE_WORDS = re.compile(r"\b(small|medium|large)\b")
 NEAR_SAME = 6.0  # mean absolute pixel difference (of 255) under which two pictures are one
 

@@ -23,7 +23,8 @@ def voice_split(split: str, seed: int) -> list[str]:
     check_split(split)
     groups: dict[str, list[str]] = {}
     for v in sources.VOICES:
-        groups.setdefault(v.partition("+")[2] or v, []).append(v)
+        # a voice with no variant speaks with espeak-ng's default timbre: those are one group too
+        groups.setdefault(v.partition("+")[2] or "(default)", []).append(v)
     members = list(groups.values())
     test, train = [], []
     for g in np.random.default_rng([seed, 71]).permutation(len(members)):

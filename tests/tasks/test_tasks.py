@@ -161,6 +161,11 @@ def test_text_topic_splits_share_no_quote_and_no_quote_has_two_labels():
                           "Today is the first day of the rest of your life.", "The road to hell is paved with NAND gates."])
     assert groups[0] == groups[1] and groups[2] == groups[3] and groups[4] == groups[5]
     assert len({groups[0], groups[2], groups[4], groups[6], groups[7]}) == 5
+    # the same words under a title line ("QOTD:", "X's Law:") and bare, however short
+    groups = same_quotes(["O'Toole's commentary on Murphy's Law:\n\tMurphy was an optimist.", "Murphy was an optimist.",
+                          "Law of Continuity:\n\tExperiments should be reproducible.  They should all fail the same way.",
+                          "Experiments must be reproducible; they should all fail in the same way."])
+    assert groups[0] == groups[1] and groups[2] == groups[3]
     task = TASKS["text_topic"]
     train, test = task.examples("train"), task.examples("test")
     words = lambda e: quote_key(e.segments[0][1])  # noqa: E731
@@ -198,8 +203,8 @@ def test_split_indices_and_voices_are_disjoint_partitions():
         assert not set(train) & set(test) and sorted(train + test) == sorted(S.VOICES) and len(test) == len(S.VOICES) // 4 == 6
         # a variant is one timbre whatever the accent: "en-us+f2" in test, "en-gb-scotland+f2" in training
         # would be one speaker in both
-        variant = lambda v: v.partition("+")[2]  # noqa: E731
-        assert not {variant(v) for v in train} & {variant(v) for v in test} - {""}
+        variant = lambda v: v.partition("+")[2] or "(default)"  # noqa: E731  (no variant: the default timbre)
+        assert not {variant(v) for v in train} & {variant(v) for v in test}
     voices = {e.meta["voice"] for e in TASKS["spoken_digits"].examples("test", 50)}
     assert voices <= set(voice_split("test", 0))
 
@@ -219,6 +224,9 @@ def test_captions_leave_out_pictures_no_reader_could_caption():
     images, captions = TASKS["captions"]._all()
     assert not {"the letter i", "the letter l"} & set(captions)
     assert "large blue diamond" in captions and "small blue diamond" not in captions
+    kept = {e.target_text for split in ("train", "test") for e in TASKS["captions"].examples(split)}
+    for a, b in (("letter o", "number 0"), ("letter v", "number 2"), ("letter w", "number 6"), ("letter f", "number 9")):
+        assert not {f"the sign for the {x} in american sign language" for x in (a, b)} & kept  # one ASL handshape
 
 
 def test_captions_retrieval_counts_a_caption_with_or_without_its_article():
