@@ -67,7 +67,7 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 50  # steps of linear warm-up (at most `steps`)
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's, on the matrices (not embedding tables, norms, biases: decay_split)
     grad_clip: float = 1.0
     temperature: float = 2.0
     contrastive_weight: float = 0.5
@@ -242,6 +242,24 @@ def train_tokenizer(data: dict[str, TaskData], vocab_size: int) -> TextTokenizer
     return TextTokenizer.train(texts(), vocab_size=vocab_size)
 
 
+def decay_split(model, rule: str = "modules") -> tuple[list, list]:
+    """(parameters AdamW decays, those it does not). "modules": the matrices decay; embedding
+    tables (token, task, modality, axial positions), the boundary markers, norms, biases and the
+    logit scale do not. "names", the split of runs saved before that one: matrices whose name
+    holds no "emb" (which also left the embedders' projections undecayed, and decayed the axial
+    tables and the boundary markers)."""
+    if rule == "names":
+        kept = [p.dim() >= 2 and "emb" not in n for n, p in model.named_parameters()]
+    elif rule == "modules":
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        tables.add(id(model.boundary))
+        kept = [p.dim() >= 2 and id(p) not in tables for p in model.parameters()]
+    else:
+        raise ValueError(f"unknown weight-decay rule {rule!r}")
+    params = list(model.parameters())
+    return [p for p, k in zip(params, kept) if k], [p for p, k in zip(params, kept) if not k]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: dict[str, TaskData], resume: bool = False, progress: bool = True,
                  device: str | None = None):
@@ -302,8 +320,20 @@ class Trainer:
             # set when it ran under torchrun, which one process may resume)
             warnings.warn("expert_parallel and fsdp have no effect in a single process; launch with torchrun "
                           "--nproc-per-node N", stacklevel=2)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        # which parameters decay: by module type; a run saved before that keeps the split it had,
+        # by name (its optimizer state holds those two groups)
+        self.decay_rule = "modules"
+        if ckpt is not None:
+            try:
+                saved = json.loads((ckpt / "state.json").read_text())
+            except (OSError, ValueError):
+                saved = None  # (load_training_state names the problem below)
+            whole = isinstance(saved, dict) and all(k in saved for k in ("step", "skipped", "sampler", "rng", "routing"))
+            self.decay_rule = saved.get("decay_rule", "names") if whole else "modules"  # (damaged: named below)
+            if self.decay_rule not in ("names", "modules"):
+                raise ValueError(f"{ckpt / 'state.json'} is damaged: decay_rule is {self.decay_rule!r}, not "
+                                 "'modules' or 'names'")
+        decay, no_decay = decay_split(self.model, self.decay_rule)
         fused = _fused_adamw_serves(decay + no_decay) or None
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
@@ -576,6 +606,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Every rank calls it; rank 0 writes the (unwrapped) model and returns the checkpoint."""
         state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row, "elapsed": self.elapsed,
+                 "decay_rule": self.decay_rule,
                  "sampler": self.sampler.state_dict(), "rng": rng_state(),
                  **({"con_sampler": self.con_sampler.state_dict()} if self.con_sampler is not None else {}),
                  "routing": {k: v.tolist() for k, v in self.routing.items()}}

@@ -15,7 +15,7 @@ import toy_tasks  # noqa: E402
 
 from generalist.train.data import build_data  # noqa: E402
 from generalist.train.mixture import MixtureSampler  # noqa: E402
-from generalist.train.trainer import TrainConfig, Trainer, _fused_adamw_serves, lr_at, set_option  # noqa: E402
+from generalist.train.trainer import decay_split, TrainConfig, Trainer, _fused_adamw_serves, lr_at, set_option  # noqa: E402
 
 
 def _cfg(tmp_path, **over):
@@ -468,6 +468,35 @@ def test_resume_takes_the_runs_weight_decay(tmp_path):
     assert [g["weight_decay"] for g in resumed.opt.param_groups] == [0.5, 0.0]
 
 
+def test_weight_decay_is_chosen_by_module_type_and_a_run_keeps_its_split(tmp_path, monkeypatch):
+    """Matrices decay (the embedders' projections too); embedding tables (the axial position
+    tables too), the boundary markers, norms and biases do not. A run saved before that split,
+    with the split by name, resumes with its own (its optimizer state holds those groups)."""
+    import generalist.train.trainer as trainer_module
+
+    trainer = Trainer(_cfg(tmp_path, steps=3), _data(), progress=False)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decayed = {names[id(p)] for p in trainer.opt.param_groups[0]["params"]}
+    kept = {names[id(p)] for p in trainer.opt.param_groups[1]["params"]}
+    assert {"embedders.image.proj.weight", "embed_proj.weight", "encoder.0.moe.w1_EDF"} <= decayed
+    assert {"axial.image.tables.0.weight", "boundary", "embedders.text.embed.weight", "task_emb.weight",
+            "logit_scale", "enc_norm.weight"} <= kept and not decayed & kept
+    assert len(decayed | kept) == len(names)
+    # a run saved with the split by name (and no record of it), resumed
+    monkeypatch.setattr(trainer_module, "decay_split", lambda model, rule: decay_split(model, "names"))
+    Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
+    monkeypatch.undo()
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["decay_rule"]  # (a run of that time recorded none)
+    state.write_text(json.dumps(saved))
+    resumed = Trainer(_cfg(tmp_path, steps=5), _data(), resume=True, progress=False)
+    assert resumed.decay_rule == "names"
+    assert [len(g["params"]) for g in resumed.opt.param_groups] == [len(x) for x in decay_split(resumed.model, "names")]
+    resumed.fit()
+    assert json.loads(state.read_text())["decay_rule"] == "names"
+
+
 def test_a_fresh_run_starts_fresh_logs(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; the next run in its directory
     must not append to its log."""
@@ -555,8 +584,9 @@ def _edit_state(edit):
     (lambda st: st["routing"].update(task="abc"), "routing holds something other than counts"),
     (lambda st: st["sampler"]["order"].update(bars=[0, 0]), r"sampler: order\['bars'\] is not an order of its"),
     (lambda st: st["sampler"]["cursor"].update(bars="1"), r"sampler: cursor\['bars'\] is '1'"),
+    (lambda st: st.update(decay_rule="all"), r"decay_rule is 'all', not 'modules' or 'names'"),
 ], ids=["step", "elapsed", "rng", "torch_rng", "sampler", "routing", "routing_shape", "routing_none", "routing_str",
-        "sampler_order", "sampler_cursor"])
+        "sampler_order", "sampler_cursor", "decay_rule"])
 def test_a_hand_edited_state_is_named(tmp_path, edit, message):
     """state.json edited by hand (or by another version) is one ValueError naming it, before any step."""
     Trainer(_cfg(tmp_path, steps=3), _data(), progress=False).fit()
