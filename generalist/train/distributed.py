@@ -219,10 +219,12 @@ class _MicroBatch(nn.Module):
         self.model, self.group, self.weight = model, group, contrastive_weight
         self.root_params = root_params
 
-    def forward(self, gen: list, con_inputs: list, con_texts: list, n_gen: int, con_counts: list[int]):
+    def forward(self, gen: list, con_inputs: list, con_texts: list, n_gen: int, con_counts: list[int],
+                lm_scale: float = 1.0, con_scale: float = 1.0):
         """gen: this rank's encoded generative examples; con_*: its contrastive pairs (encoded);
         n_gen: generative examples in the global micro-batch; con_counts: contrastive pairs on
-        each rank. Returns (the loss this rank back-propagates, detached statistics)."""
+        each rank; lm_scale, con_scale: the weights of the text and contrastive losses. Returns
+        (the loss this rank back-propagates, detached statistics)."""
         model, world = self.model, self.group.world
         zero = torch.zeros((), device=model.boundary.device)
         lm = aux = closs = zero
@@ -231,7 +233,7 @@ class _MicroBatch(nn.Module):
         # layer call exchanges router statistics (and, expert-parallel, tokens) with every rank.
         if n_gen:
             out = model(gen)
-            lm = out.lm_loss * (len(gen) / n_gen)  # this rank's share of the global mean over examples
+            lm = out.lm_loss * (lm_scale * len(gen) / n_gen)  # this rank's share of the global mean over examples
             aux = out.aux_loss / world  # global: the same on every rank
             if gen:
                 with torch.no_grad():
@@ -247,7 +249,8 @@ class _MicroBatch(nn.Module):
             # Every rank computes the same loss, so the gradient of the one parameter it shares
             # across rows (the logit scale) would count N times: the second term, with the
             # embeddings detached, takes N - 1 of them back (its value cancels out).
-            closs_for_grad = world * closs - (world - 1) * model.contrastive_loss(a_CE.detach(), b_CE.detach())
+            closs_for_grad = con_scale * (world * closs - (world - 1) * model.contrastive_loss(a_CE.detach(),
+                                                                                               b_CE.detach()))
         else:
             closs_for_grad = closs
         loss = world * (lm + aux) + self.weight * closs_for_grad
@@ -256,7 +259,7 @@ class _MicroBatch(nn.Module):
         if not loss.requires_grad:  # nothing to do on any rank: still take part in the all-reduce
             # (the logit scale then counts as used here, with a zero gradient)
             loss = loss + 0.0 * model.logit_scale.sum()
-        stats["report"] = (lm + aux + (self.weight * closs if self.group.main else 0.0)).detach()
+        stats["report"] = (lm + aux + (self.weight * con_scale * closs if self.group.main else 0.0)).detach()
         stats["aux"] = aux.detach()  # this rank's 1/N of the global MoE aux loss: the all-reduce sums it
         stats["contrastive"] = closs.detach()
         return loss, stats
@@ -427,11 +430,12 @@ class DataParallel:
         r = self.group.rank if rank is None else rank
         return picks[r * n:(r + 1) * n]
 
-    def micro_batch(self, picks: list, scale: float, sync: bool,
-                    extra: list = ()) -> tuple[float, dict[str, list[float]], int, float]:
+    def micro_batch(self, picks: list, scale: float, sync: bool, extra: list = (), lm_scale: float = 1.0,
+                    con_scale: float = 1.0) -> tuple[float, dict[str, list[float]], int, float]:
         """Forward and (if the global loss is finite) backward of (loss * scale) for this rank's
         slice of `picks` (and of `extra`, contrastive examples for the contrastive loss alone);
         gradients are all-reduced when `sync` (under FSDP reduce-scattered on every micro-batch).
+        `lm_scale`, `con_scale` weigh the text and contrastive losses (Trainer.step_scales).
         Returns the global loss, the per-task losses, the global token count and the MoE aux loss
         (load balance and z-loss, weighted; over the global micro-batch)."""
         tr, g = self.trainer, self.group
@@ -451,7 +455,7 @@ class DataParallel:
         with g.guard(), (contextlib.nullcontext() if sync or self.fsdp else self.wrapped.no_sync()):
             with torch.autocast(tr.device.type, dtype=torch.bfloat16,
                                 enabled=tr.cfg.bf16 and tr.device.type == "cuda"):
-                loss, st = self.wrapped(gen, con_inputs, con_texts, n_gen, con_counts)
+                loss, st = self.wrapped(gen, con_inputs, con_texts, n_gen, con_counts, lm_scale, con_scale)
             vec = self._reduce(st, gen_tasks, sum(con_counts) >= 2)
             total = float(vec[0])
             if torch.isfinite(vec[0]):

@@ -483,8 +483,10 @@ class Trainer:
             texts.append(EncodedExample([("text", ex.target_ids)], ex.task_id))
         return inputs, texts
 
-    def _micro_batch_loss(self, picks: list[tuple[str, int]], extra: list[tuple[str, int]] = ()):
+    def _micro_batch_loss(self, picks: list[tuple[str, int]], extra: list[tuple[str, int]] = (),
+                          lm_scale: float = 1.0, con_scale: float = 1.0):
         """(loss, pending, tokens). `extra`: contrastive examples for the contrastive loss alone.
+        `lm_scale`, `con_scale` weigh the text loss and the contrastive loss (`step_scales`).
         `pending` holds the per-example losses and the routing counts on the device; _collect
         reads them back after the backward is queued, in one transfer each, rather than syncing
         with the device once per example before it."""
@@ -497,7 +499,7 @@ class Trainer:
             if gen:
                 batch = [self._encode(t, i) for t, i in gen]
                 out = self.model(batch)
-                total = total + out.loss
+                total = total + lm_scale * out.lm_loss + out.aux_loss
                 pending["aux"] = out.aux_loss.detach()
                 lens = [len(ex.target_ids) + 1 for ex in batch]
                 ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none").detach()
@@ -512,13 +514,28 @@ class Trainer:
                 a = self.model.embed(inputs)
                 b = self.model.embed(texts)
                 closs = self.model.contrastive_loss(a, b)
-                total = total + self.cfg.contrastive_weight * closs
+                total = total + self.cfg.contrastive_weight * con_scale * closs
                 pending["names"].append("contrastive")
                 pending["losses"].append(closs.detach().float().reshape(1))
         if not total.requires_grad:  # nothing to learn from (one contrastive pair, no text target):
             # a zero gradient for the logit scale, as under torchrun, so that the backward runs
             total = total + 0.0 * self.model.logit_scale.sum()
         return total, pending, tokens
+
+    def step_scales(self, draws: list[tuple[list, list]]) -> list[tuple[float, float]]:
+        """(lm_scale, con_scale) of each micro-batch of a step, from its (picks, extra): the text
+        loss is each micro-batch's mean over its generative examples, and the contrastive loss is
+        each one's over its pairs; each step divides their sum by accum. Scaled by accum times the
+        micro-batch's share of the step's examples, every example of the step weighs the same, as
+        in one batch of them all (1 with accum = 1). A micro-batch of fewer than two pairs has no
+        contrastive loss, and takes no share."""
+        task = {name: self.data[name].task for name in self.data}
+        gen = [sum(task[t].generative for t, _ in picks) for picks, _ in draws]
+        con = [sum(task[t].contrastive for t, _ in picks) + len(extra) for picks, extra in draws]
+        con = [n if n >= 2 else 0 for n in con]
+        k = len(draws)
+        return [(k * g / sum(gen) if sum(gen) else 1.0, k * c / sum(con) if sum(con) else 1.0)
+                for g, c in zip(gen, con)]
 
     def _collect(self, pending: dict, per_task: dict[str, list[float]]) -> None:
         """Adds a micro-batch's per-example losses to per_task and its routing counts to
@@ -539,12 +556,15 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         losses, per_task, tokens, finite, auxes = [], {}, 0, True, []
         routing = {k: v.copy() for k, v in self.routing.items()}  # (restored if the step is skipped)
-        for micro in range(cfg.accum):
-            picks = self.sampler.sample(cfg.batch_size)
-            extra = self.con_sampler.sample(cfg.contrastive_batch) if self.con_sampler is not None else []
+        # every micro-batch's picks first (two samplers, two random streams: the same picks as
+        # drawn one by one), so that each example weighs the same however they fall (step_scales)
+        draws = [(self.sampler.sample(cfg.batch_size),
+                  self.con_sampler.sample(cfg.contrastive_batch) if self.con_sampler is not None else [])
+                 for _ in range(cfg.accum)]
+        for micro, ((picks, extra), (lm_scale, con_scale)) in enumerate(zip(draws, self.step_scales(draws))):
             if self.dp is not None:  # the same global loss on every rank, so they all agree to skip
                 loss, pt, n, aux = self.dp.micro_batch(picks, 1 / cfg.accum, sync=micro == cfg.accum - 1,
-                                                       extra=extra)
+                                                       extra=extra, lm_scale=lm_scale, con_scale=con_scale)
                 auxes.append(aux)
                 if not math.isfinite(loss):
                     finite = False
@@ -553,7 +573,7 @@ class Trainer:
                 for k, v in pt.items():
                     per_task.setdefault(k, []).extend(v)
             else:
-                loss, pending, n = self._micro_batch_loss(picks, extra)
+                loss, pending, n = self._micro_batch_loss(picks, extra, lm_scale, con_scale)
                 # backward first, then read the loss: the check needs the host, and a non-finite
                 # loss's (non-finite) gradients are dropped with the step below
                 (loss / cfg.accum).backward()

@@ -497,6 +497,25 @@ def test_weight_decay_is_chosen_by_module_type_and_a_run_keeps_its_split(tmp_pat
     assert json.loads(state.read_text())["decay_rule"] == "names"
 
 
+def test_accumulation_weighs_each_example_once(tmp_path):
+    """accum=2 of 4 examples gives the gradient of one batch of the 8, however they fall: one
+    generative example and three contrastive ones in the first micro-batch, four generative in
+    the second (each micro-batch's mean counted alike made the lone example weigh 4x, and the
+    contrastive pairs half)."""
+    def gradient(accum, micro, name):
+        trainer = Trainer(_cfg(tmp_path / name, accum=accum, batch_size=len(micro[0]), grad_clip=1e9, freq_warp=0.0,
+                               model={"aux_loss_weight": 0.0, "z_loss_weight": 0.0}), _data(), progress=False)
+        queue = list(micro)
+        trainer.sampler.sample = lambda n: queue.pop(0)
+        trainer.opt.step = lambda *args, **kwargs: None
+        trainer.train_step()
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+    a = [("bars", 0), ("swatches", 0), ("swatches", 1), ("swatches", 2)]
+    b = [("bars", 1), ("bars", 2), ("echo", 0), ("echo", 1)]
+    torch.testing.assert_close(gradient(2, [a, b], "two"), gradient(1, [a + b], "one"), rtol=1e-4, atol=1e-6)
+
+
 def test_a_fresh_run_starts_fresh_logs(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; the next run in its directory
     must not append to its log."""
