@@ -499,7 +499,7 @@ class Trainer:
             if gen:
                 batch = [self._encode(t, i) for t, i in gen]
                 out = self.model(batch)
-                total = total + lm_scale * out.lm_loss + out.aux_loss
+                total = total + out.loss + (lm_scale - 1) * out.lm_loss  # (out.loss: lm_loss + aux_loss)
                 pending["aux"] = out.aux_loss.detach()
                 lens = [len(ex.target_ids) + 1 for ex in batch]
                 ce = F.cross_entropy(out.logits.float(), out.labels, reduction="none").detach()
