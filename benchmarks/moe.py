@@ -372,8 +372,10 @@ def kernel_breakdown(args):
             providers[("fwd+dx+dw", "dense")] = lambda: (dense["fwd"](), dense["dx"](), dense["dw"]())
             # the same three kernels through the public function and autograd, as training runs them
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            autograd_fwd = lambda: grouped_mm(xg, wg, gs, backend="triton", check_values=False)  # noqa: E731
-            providers[("autograd fwd", "triton")] = autograd_fwd  # the forward recording its graph
+            def autograd_fwd(xg=xg, wg=wg, gs=gs):  # the forward recording its graph
+                return grouped_mm(xg, wg, gs, backend="triton", check_values=False)
+
+            providers[("autograd fwd", "triton")] = autograd_fwd
             providers[("autograd fwd+bwd", "triton")] = lambda: autograd_fwd().backward(dy)
             # the same with the backward run on the calling thread, not handed to autograd's thread
             # for the GPU: the difference is that handoff (the host rows say whether it matters)

@@ -174,6 +174,9 @@ def check_run_dir(run_dir: Path) -> None:
                          f"holds it{parent}, or into a new one")
 
 
+STATE_KEYS = ("step", "skipped", "sampler", "rng", "routing")  # what every state.json holds
+
+
 def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     """Loads optimizer.pt into `optimizer` (through `shard(state_dict)` first, if given: an
     expert-parallel rank keeps its slice) and returns state.json."""
@@ -194,7 +197,7 @@ def load_training_state(ckpt: Path, optimizer, shard=None) -> dict:
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise ValueError(f"{path} does not match this model's parameters ({error})") from None
     state = read_json(ckpt / "state.json")
-    missing = [key for key in ("step", "skipped", "sampler", "rng", "routing") if key not in state] \
+    missing = [key for key in STATE_KEYS if key not in state] \
         if isinstance(state, dict) else ["all of them"]
     if missing:
         raise ValueError(f"{ckpt / 'state.json'} is damaged: it lacks {', '.join(missing)}")

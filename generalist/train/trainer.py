@@ -46,7 +46,7 @@ from generalist._fields import check_keys, check_types
 from generalist.models.config import GeneralistConfig, preset
 from generalist.models.generalist import GeneralistModel
 from generalist.train.checkpoint import (check_run_dir, find_checkpoint, load_training_state, replace_file, rng_state,
-                                         run_meta, save_checkpoint, set_rng_state)
+                                         run_meta, save_checkpoint, set_rng_state, STATE_KEYS)
 from generalist.train.data import TaskData, check_requires, split_fingerprint
 from generalist.train.distributed import DEFAULT_TIMEOUT_S, DataParallel, Distributed, check_batch
 from generalist.train.mixture import MixtureSampler
@@ -328,7 +328,7 @@ class Trainer:
                 saved = json.loads((ckpt / "state.json").read_text())
             except (OSError, ValueError):
                 saved = None  # (load_training_state names the problem below)
-            whole = isinstance(saved, dict) and all(k in saved for k in ("step", "skipped", "sampler", "rng", "routing"))
+            whole = isinstance(saved, dict) and all(k in saved for k in STATE_KEYS)
             self.decay_rule = saved.get("decay_rule", "names") if whole else "modules"  # (damaged: named below)
             if self.decay_rule not in ("names", "modules"):
                 raise ValueError(f"{ckpt / 'state.json'} is damaged: decay_rule is {self.decay_rule!r}, not "
@@ -422,13 +422,8 @@ class Trainer:
                                 delay=2, dynamic_ncols=True):  # (shown only when it takes a while)
             if split == "train":
                 self._kept(t, i)
-                continue
-            for j, (modality, data) in enumerate(self.data[t].test[i].segments):
-                if modality != "text" and modality in self.model.embedders and not isinstance(data, Prepared):
-                    try:
-                        self.model.embedders[modality].prepare(data)
-                    except ValueError as error:
-                        raise ValueError(f"task {t!r}, test example {i}, segment {j} ({modality}): {error}") from None
+            else:
+                prepare_example(self.model, self.encoder.encode(self.data[t].test[i]), f"task {t!r}, test example {i}")
 
     # ---- one step -----------------------------------------------------------------------------
     def _encode(self, task: str, i: int):
